@@ -1,0 +1,7 @@
+"""Lightning callbacks of vq4dit: YAML can say ``class_path: callbacks.CandidatePruning``."""
+
+from .calibration_stop import CalibrationStop
+from .candidate_pruning import CandidatePruning
+from .final_assignment import FinalAssignment
+
+__all__ = ["CalibrationStop", "CandidatePruning", "FinalAssignment"]

@@ -1,0 +1,100 @@
+"""CandidatePruning: decides when soft rows harden, candidates are pruned and layers finalise."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from vq4dit.nn import replace_in_optimizer_
+
+
+class CandidatePruning(pl.Callback):
+    """Harden confident rows, prune weak candidates, finalise nearly-hard layers.
+
+    Runs after the optimiser step every ``every_n_steps`` steps. Rows (sub-vectors) whose top
+    ratio exceeds ``harden_threshold`` take that candidate for good; candidates whose ratio fell
+    below ``prune_floor`` leave the candidate set; a layer with at least ``finalize_fraction`` hard
+    rows takes the argmax for all rows (official code: 0.99 / 0.99). The optimiser state of the
+    shrunk ratio logits shrinks with them.
+
+    Args:
+        every_n_steps: how often to act.
+        harden_threshold: top ratio above which a row hardens, in (0.5, 1].
+        prune_floor: ratio below which a candidate is removed, in [0, 0.5); 0 disables pruning.
+        finalize_fraction: hard fraction at which a whole layer is finalised, in (0, 1].
+        histogram_every_n_steps: ratio histograms to TensorBoard (0 disables).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1,
+        harden_threshold: float = 0.99,
+        prune_floor: float = 0.01,
+        finalize_fraction: float = 0.99,
+        histogram_every_n_steps: int = 200,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if not 0.5 < harden_threshold <= 1.0:
+            raise ValueError(f"harden_threshold must be in (0.5, 1], got {harden_threshold}")
+        if not 0.0 <= prune_floor < 0.5:
+            raise ValueError(f"prune_floor must be in [0, 0.5), got {prune_floor}")
+        if not 0.0 < finalize_fraction <= 1.0:
+            raise ValueError(f"finalize_fraction must be in (0, 1], got {finalize_fraction}")
+        self.every_n_steps = every_n_steps
+        self.harden_threshold = harden_threshold
+        self.prune_floor = prune_floor
+        self.finalize_fraction = finalize_fraction
+        self.histogram_every_n_steps = histogram_every_n_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        layers = pl_module.vq_layers()
+        for layer in layers.values():
+            if layer.is_hard:
+                continue
+            self._apply(optimizer, layer, lambda: layer.harden_rows_(self.harden_threshold))
+            if self.prune_floor > 0 and not layer.is_hard:
+                self._apply(optimizer, layer, lambda: layer.prune_candidates_(self.prune_floor))
+            if not layer.is_hard and layer.hard_fraction >= self.finalize_fraction:
+                self._apply(optimizer, layer, layer.finalize_)
+        pl_module.update_codebook_trainability()
+        self._log(trainer, pl_module, layers)
+
+    @staticmethod
+    def _apply(optimizer, layer, mutate) -> None:
+        old = layer.candidate_logits
+        reindex = mutate()
+        if optimizer is not None and layer.candidate_logits is not old:
+            replace_in_optimizer_(optimizer, old, layer.candidate_logits, reindex)
+
+    def _log(self, trainer: pl.Trainer, pl_module, layers) -> None:
+        total = sum(l.num_subvectors for l in layers.values())
+        soft = sum(l.num_soft for l in layers.values())
+        candidates = sum(l.num_soft * l.num_candidates for l in layers.values())
+        hard_layers = sum(l.is_hard for l in layers.values())
+        pl_module.log_dict(
+            {
+                "calibration/hard_fraction": 1.0 - soft / max(total, 1),
+                "calibration/hard_layers": float(hard_layers),
+                "calibration/mean_candidates_per_soft_row": candidates / max(soft, 1),
+            },
+            on_step=True, on_epoch=False,
+        )
+        pl_module.log("hard", 1.0 - soft / max(total, 1), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        step = trainer.global_step
+        if trainer.logger is None or step % max(trainer.log_every_n_steps, 1):
+            return
+        metrics = {f"hard_fraction/{name}": layer.hard_fraction for name, layer in layers.items()}
+        trainer.logger.log_metrics(metrics, step=step)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if (
+            self.histogram_every_n_steps
+            and step % self.histogram_every_n_steps == 0
+            and hasattr(experiment, "add_histogram")
+            and soft
+        ):
+            top = torch.cat([l.ratios().max(dim=1).values.detach().cpu() for l in layers.values() if l.num_soft])
+            experiment.add_histogram("calibration/top_ratio_of_soft_rows", top, step)

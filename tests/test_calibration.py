@@ -1,0 +1,119 @@
+"""End-to-end calibration through the real CLI on the tiny model (CPU, a few seconds each)."""
+
+import pytest
+import torch
+import yaml
+
+from train import cli_main
+from vq4dit.calibration import CalibrationModule
+from vq4dit.export import load_quantized
+from vq4dit.sampling import SamplerConfig, sample
+
+
+def fit_args(tmp_path, *extra):
+    return [
+        "fit", "--config", "configs/demo.yaml",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.export_dir={tmp_path / 'packed'}",
+        "--data.num_trajectories=2", "--data.num_steps=8", "--data.val_trajectories=1",
+        *extra,
+    ]
+
+
+@torch.no_grad()
+def hard_block_mse(module: CalibrationModule, batches) -> float:
+    values = [float(module.block_losses(b)[0].mean()) for b in batches]
+    return sum(values) / len(values)
+
+
+def test_fit_calibrates_exports_and_samples(tmp_path):
+    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=6"))
+    module, data = cli.model, cli.datamodule
+    assert not module.teacher.training and not module.student.training  # eval mode inside fit
+    assert all(layer.is_hard for layer in module.vq_layers().values())
+    batches = list(data.val_dataloader())
+    calibrated = hard_block_mse(module, batches)
+
+    # the k-means-only start: same layers, nearest codeword, no calibration
+    baseline = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2, num_candidates=1)
+    baseline.configure_model()
+    kmeans_only = hard_block_mse(baseline, batches)
+    assert calibrated < 0.7 * kmeans_only, (calibrated, kmeans_only)
+
+    loaded = load_quantized(tmp_path / "packed")
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 500])
+    y = torch.tensor([1, 1000])
+    assert torch.equal(loaded(x, timestep=t, class_labels=y).sample, module.student(x, timestep=t, class_labels=y).sample)
+    images = sample(loaded, torch.tensor([3, 7]), [0, 1], SamplerConfig(num_steps=4, guidance_scale=4.0))
+    assert images.shape == (2, 4, 8, 8) and torch.isfinite(images).all()
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", "configs/demo.yaml", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["model"] == "tiny"
+    assert config["model"]["lr_logits"] == 0.05 and config["model"]["optimizer"] == "rmsprop"
+    assert config["data"]["num_steps"] == 20
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--model.model=no/such-model-dir/", "no/such"),
+        ("--model.bits=5", "bits must be 2 or 3"),
+        ("--data.guidance_scale=0.5", "guidance_scale"),
+        ("--data.num_steps=0", "num_steps"),
+        ("--model.export_dir={tmp}/a_file/packed", "not writable"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(tmp_path, override, message):
+    import subprocess
+    import sys
+
+    (tmp_path / "a_file").write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "train.py", *fit_args(tmp_path), override.format(tmp=tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def packed_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_gives_the_same_model(tmp_path):
+    common = []
+    straight = tmp_path / "straight"
+    cli_main(fit_args(straight, "--trainer.max_epochs=4", *common))
+    interrupted = tmp_path / "interrupted"
+    cli_main(fit_args(interrupted, "--trainer.max_epochs=2", *common))
+    last = next(interrupted.rglob("last.ckpt"))
+    cli_main(fit_args(interrupted, "--trainer.max_epochs=4", f"--ckpt_path={last}", *common))
+    a, b = packed_tensors(straight / "packed"), packed_tensors(interrupted / "packed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_from_other_config_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    cli_main(fit_args(tmp_path / "a", "--trainer.max_epochs=1"))
+    last = next((tmp_path / "a").rglob("last.ckpt"))
+    result = subprocess.run(
+        [sys.executable, "train.py", *fit_args(tmp_path / "b", "--model.codebook_size=32", f"--ckpt_path={last}")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "another configuration" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,155 @@
+"""VQ math: config validation, k-means quality and determinism, candidates, reconstruction."""
+
+import math
+
+import pytest
+import torch
+
+from vq4dit.quantizer import (
+    VQConfig,
+    index_dtype,
+    init_candidate_logits,
+    kmeans,
+    nearest_codewords,
+    ratio_regularizer,
+    relative_error,
+    soft_reconstruct,
+    to_subvectors,
+)
+
+
+def test_presets_match_official_code():
+    w2, w3 = VQConfig.preset("w2"), VQConfig.preset("w3")
+    assert (w2.codebook_size, w2.subvector_dim, w2.nominal_bits_per_weight) == (256, 4, 2.0)
+    assert (w3.codebook_size, w3.subvector_dim, w3.nominal_bits_per_weight) == (64, 2, 3.0)
+    assert VQConfig.from_bits(3) == w3
+    assert VQConfig(codebook_size=4096, subvector_dim=4).nominal_bits_per_weight == 3.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"codebook_size": 100}, "power of two"),
+        ({"codebook_size": 1}, "power of two"),
+        ({"subvector_dim": 0}, "subvector_dim"),
+        ({"num_candidates": 0}, "num_candidates"),
+        ({"codebook_size": 4, "num_candidates": 5}, "cannot exceed"),
+        ({"ratio_init": "random"}, "ratio_init"),
+    ],
+)
+def test_invalid_config_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VQConfig(**kwargs)
+
+
+def test_invalid_for_layer_raises():
+    with pytest.raises(ValueError, match="does not divide in_features=6"):
+        VQConfig(subvector_dim=4).validate_for(8, 6)
+    with pytest.raises(ValueError, match="exceeds the number of sub-vectors"):
+        VQConfig(codebook_size=256, subvector_dim=4).validate_for(8, 16)
+    with pytest.raises(ValueError, match="bits must be 2 or 3"):
+        VQConfig.from_bits(4)
+    with pytest.raises(ValueError, match="unknown VQ preset"):
+        VQConfig.preset("w5")
+
+
+def test_index_dtype_is_smallest():
+    assert index_dtype(256) == torch.uint8
+    assert index_dtype(257) == torch.int16
+    assert index_dtype(2**15) == torch.int16
+    assert index_dtype(2**16) == torch.int32
+
+
+def test_subvectors_are_row_contiguous():
+    weight = torch.arange(24.0).reshape(3, 8)
+    pieces = to_subvectors(weight, 4)
+    assert pieces.shape == (6, 4)
+    assert torch.equal(pieces[1], weight[0, 4:8])
+    assert torch.equal(pieces[2], weight[1, :4])
+
+
+def test_nearest_codewords_matches_brute_force():
+    torch.manual_seed(0)
+    points, codebook = torch.randn(5000, 4), torch.randn(64, 4)
+    idx, dist = nearest_codewords(points, codebook, 3)
+    brute = torch.cdist(points, codebook).pow(2)
+    ref_dist, ref_idx = brute.topk(3, dim=1, largest=False)
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(dist, ref_dist, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_kmeans_recovers_separated_clusters(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(1)
+    centers = torch.randn(16, 2, generator=generator) * 10
+    points = centers.repeat_interleave(200, 0) + 0.01 * torch.randn(3200, 2, generator=generator)
+    codebook = kmeans(points, 16, iters=10, backend=backend)
+    # every true center has a codeword within noise distance
+    assert torch.cdist(centers, codebook).min(dim=1).values.max() < 0.05
+
+
+def test_kmeans_deterministic_and_backends_agree():
+    pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    points = torch.randn(20000, 4)
+    a = kmeans(points, 64, iters=5, seed=3, backend="torch")
+    b = kmeans(points, 64, iters=5, seed=3, backend="torch")
+    c = kmeans(points, 64, iters=5, seed=3, backend="faiss")
+    assert torch.equal(a, b)
+    idx_a, _ = nearest_codewords(points, a)
+    idx_c, _ = nearest_codewords(points, c)
+    assert relative_error(points, c[idx_c[:, 0]]) == pytest.approx(relative_error(points, a[idx_a[:, 0]]), rel=1e-3)
+
+
+def test_kmeans_beats_random_codebook_and_reseeds_empty_clusters():
+    torch.manual_seed(0)
+    points = 0.02 * torch.distributions.StudentT(3.0).sample((20000, 4))
+    codebook = kmeans(points, 256, iters=10, backend="torch")
+    idx, _ = nearest_codewords(points, codebook)
+    err = relative_error(points, codebook[idx[:, 0]])
+    random_cb = points[torch.randperm(points.shape[0])[:256]]
+    idx_r, _ = nearest_codewords(points, random_cb)
+    assert err < 0.8 * relative_error(points, random_cb[idx_r[:, 0]])
+    # duplicated points: fewer distinct values than k must not leave NaN or dead codewords
+    few = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]).repeat(50, 1)
+    cb = kmeans(few, 4, iters=3, backend="torch")
+    assert torch.isfinite(cb).all()
+
+
+def test_kmeans_errors():
+    with pytest.raises(ValueError, match="cannot make"):
+        kmeans(torch.randn(10, 2), 16)
+    with pytest.raises(ValueError, match="backend"):
+        kmeans(torch.randn(100, 2), 4, backend="sklearn")
+
+
+def test_ratio_init_inverse_distance_and_uniform():
+    sq = torch.tensor([[1.0, 4.0], [0.25, 0.25]])
+    ratios = torch.softmax(init_candidate_logits(sq, "inverse_distance"), dim=1)
+    # r_0 = d_1 / (d_0 + d_1) for n = 2 (distances, not squared)
+    assert ratios[0, 0] == pytest.approx(2.0 / 3.0, abs=1e-4)
+    assert ratios[1, 0] == pytest.approx(0.5)
+    uniform = torch.softmax(init_candidate_logits(sq, "uniform"), dim=1)
+    assert torch.allclose(uniform, torch.full_like(uniform, 0.5))
+
+
+def test_soft_reconstruct_is_weighted_average():
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, 3.0]])
+    candidates = torch.tensor([[1, 2]], dtype=torch.uint8)
+    logits = torch.log(torch.tensor([[0.25, 0.75]]))
+    out = soft_reconstruct(codebook, candidates, logits)
+    assert torch.allclose(out, torch.tensor([[0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * 3]]))
+
+
+def test_ratio_regularizer_forms():
+    one_hot = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    half = torch.full((2, 2), 0.5)
+    for kind in ("paper", "official"):
+        assert float(ratio_regularizer(one_hot, kind)) == 0.0
+        assert float(ratio_regularizer(half, kind)) == pytest.approx(1.0 if kind == "paper" else 0.5)
+    assert float(ratio_regularizer(torch.zeros(0, 2))) == 0.0
+    with pytest.raises(ValueError):
+        ratio_regularizer(half, "l1")
+    assert math.isclose(float(ratio_regularizer(torch.tensor([[0.75, 0.25]]), "paper")), 0.5)

@@ -1,0 +1,80 @@
+"""vq4dit command line: ``python train.py fit --config configs/demo.yaml`` (LightningCLI).
+
+Subcommands fit / validate / test / predict; ``--print_config`` after the subcommand. A user
+mistake (bad model source, invalid bits, unwritable export folder, ...) prints one clear error
+line and exits with status 2; set ``VQ4DIT_DEBUG=1`` for the full traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from pytorch_lightning.cli import ArgsType, LightningCLI
+
+import callbacks  # noqa: F401  (short class paths in YAML: callbacks.CandidatePruning)
+from callbacks import FinalAssignment
+from vq4dit.calibration import CalibrationModule
+from vq4dit.data import CalibrationDataModule
+
+
+# Model settings that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = {"export_dir"}
+
+
+class VQ4DiTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always present: the final argmax + packed export at the end of fit.
+        parser.add_lightning_class_args(FinalAssignment, "final_assignment")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI silently replaces the model settings by the checkpoint's: refuse instead
+        # when the user asked for different ones, so a resume never runs another configuration.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            except Exception as error:  # unreadable file: say so instead of a traceback
+                raise ValueError(f"cannot read checkpoint {ckpt_path}: {error}") from error
+            asked = self.config[subcommand].get("model") or {}
+            changed = sorted(
+                key for key, value in saved.items()
+                if key in asked and key not in RESUMABLE_CHANGES and asked[key] != value
+            )
+            if changed:
+                details = ", ".join(f"{k}: checkpoint {saved[k]!r}, this run {asked[k]!r}" for k in changed)
+                raise ValueError(
+                    f"cannot resume from {ckpt_path}: it was calibrated with another configuration ({details})"
+                )
+        elif ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            raise ValueError(f"ckpt_path {ckpt_path!r} does not exist")
+        super()._parse_ckpt_path()
+
+
+def cli_main(args: ArgsType = None) -> VQ4DiTCLI:
+    return VQ4DiTCLI(
+        CalibrationModule,
+        CalibrationDataModule,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main() -> None:
+    try:
+        cli_main()
+    except ValueError as error:  # user mistakes are ValueErrors with a message naming the problem
+        if os.environ.get("VQ4DIT_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""vq4dit: post-training vector quantization of Diffusion Transformers (VQ4DiT).
+
+The library works without Lightning's CLI: load a DiT, quantize it, calibrate it with
+``vq4dit.calibration.CalibrationModule`` (or ``python train.py fit``), save and load packed models.
+"""
+
+from .export import QuantizedCheckpointError, load_quantized, save_quantized, size_report
+from .models import DiTLoadError, block_modules, default_linear_filter, load_dit
+from .nn import VQLinear, quantize_, replace_in_optimizer_, vq_layers
+from .quantizer import VQConfig, kmeans
+
+__all__ = [
+    "DiTLoadError",
+    "QuantizedCheckpointError",
+    "VQConfig",
+    "VQLinear",
+    "block_modules",
+    "default_linear_filter",
+    "kmeans",
+    "load_dit",
+    "load_quantized",
+    "quantize_",
+    "replace_in_optimizer_",
+    "save_quantized",
+    "size_report",
+    "vq_layers",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,330 @@
+"""The VQ4DiT calibration LightningModule: FP teacher, VQ student, block-wise loss, optimisers.
+
+Every DiT block is a calibration target (paper Eq. 8): the loss is the mean over blocks of the MSE
+between the teacher's and the student's block outputs, plus the ratio regulariser (Eq. 9-10).
+``block_inputs="student"`` runs the quantized network end to end (block ``l`` sees quantized
+block ``l-1``'s output: the official code); ``"teacher"`` feeds each quantized block the FP input
+of that block (blocks independent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import block_modules, load_dit
+from .nn import VQLinear, quantize_, vq_layers
+from .quantizer import VQConfig, ratio_regularizer
+from .sampling import NULL_CLASS
+
+BlockInputs = Literal["student", "teacher"]
+CodebookTraining = Literal["after_hardening", "simultaneous"]
+
+
+@contextlib.contextmanager
+def capture_blocks(blocks: list[nn.Module], record_inputs: bool = False):
+    """Record every block's output (and, optionally, its call arguments) during a forward.
+
+    Yields ``(outputs, inputs)``: lists indexed by block; inputs are ``(args, kwargs)``. The hooks
+    are removed when the context exits, whatever happens.
+    """
+    outputs: list[Any] = [None] * len(blocks)
+    inputs: list[Any] = [None] * len(blocks)
+    handles = []
+
+    def keep_output(index, _module, _args, output):
+        outputs[index] = output
+
+    def keep_input(index, _module, args, kwargs):
+        inputs[index] = (args, kwargs)
+
+    try:
+        for index, block in enumerate(blocks):
+            handles.append(block.register_forward_hook(lambda m, a, o, i=index: keep_output(i, m, a, o)))
+            if record_inputs:
+                handles.append(
+                    block.register_forward_pre_hook(lambda m, a, k, i=index: keep_input(i, m, a, k), with_kwargs=True)
+                )
+        yield outputs, inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_writable_dir(path: str) -> None:
+    """Raise ``ValueError`` if ``path`` cannot be created or written (before any heavy work)."""
+    target = Path(path).resolve()
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ValueError(f"export_dir {path!r} is not writable ({probe} is not a writable folder)")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"export_dir {path!r} exists and is not a folder")
+
+
+class CalibrationModule(pl.LightningModule):
+    """VQ4DiT calibration of a DiT: zero-data, block-wise, with soft candidate assignments.
+
+    Args:
+        model: anything ``vq4dit.load_dit`` accepts: preset (``tiny``, ``DiT-XL/2-256``), diffusers
+            folder or hub id, original DiT ``.pt`` file, or ``reference`` (the shipped digits DiT).
+        bits: 2 or 3 (the paper presets: k=256, d=4 / k=64, d=2); ignored where
+            ``codebook_size``/``subvector_dim`` are given.
+        codebook_size: explicit k (power of two).
+        subvector_dim: explicit d.
+        num_candidates: candidate codewords per sub-vector (n; 1 = plain VQ, codebook-only).
+        ratio_init: ``inverse_distance`` (official) or ``uniform``.
+        kmeans_iters: Lloyd iterations of the codebook initialisation.
+        include: glob patterns of Linear layers to quantize (default: the 7 core Linears per block).
+        exclude: glob patterns removed from the selection.
+        overrides: glob pattern -> VQ settings, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``.
+        block_inputs: ``student`` (end to end, official) or ``teacher`` (each block gets FP inputs).
+        regularizer: ratio regulariser form, ``official`` (n r(1-r)) or ``paper`` (1-|2r-1|).
+        regularizer_weight: lambda_r.
+        regularizer_gating: official gating: add L_r only when it rose above its running minimum.
+        gate_window: steps after which the gating minimum is reset (official: one trajectory).
+        codebook_training: ``after_hardening`` (a layer's codebook trains once all its rows are
+            hard: official code) or ``simultaneous`` (with the ratios: the paper's wording).
+        optimizer: ``rmsprop`` (official: alpha 0.9, eps 1e-8) or ``adam``.
+        lr_codebook: learning rate of codebooks.
+        lr_bias: learning rate of the quantized layers' biases.
+        lr_logits: learning rate of the ratio logits.
+        export_dir: where ``FinalAssignment`` writes the packed model (checked before any work).
+        num_heads: attention heads, only for original ``.pt`` checkpoints of non-paper sizes.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        bits: int = 2,
+        codebook_size: int | None = None,
+        subvector_dim: int | None = None,
+        num_candidates: int = 2,
+        ratio_init: str = "inverse_distance",
+        kmeans_iters: int = 25,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        overrides: dict[str, dict[str, int]] | None = None,
+        block_inputs: str = "student",
+        regularizer: str = "official",
+        regularizer_weight: float = 1.0,
+        regularizer_gating: bool = True,
+        gate_window: int = 50,
+        codebook_training: str = "after_hardening",
+        optimizer: str = "rmsprop",
+        lr_codebook: float = 1e-4,
+        lr_bias: float = 1e-4,
+        lr_logits: float = 5e-2,
+        export_dir: str | None = None,
+        num_heads: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check_choice("block_inputs", block_inputs, ("student", "teacher"))
+        _check_choice("regularizer", regularizer, ("official", "paper"))
+        _check_choice("codebook_training", codebook_training, ("after_hardening", "simultaneous"))
+        _check_choice("optimizer", optimizer, ("rmsprop", "adam"))
+        for name in ("lr_codebook", "lr_bias", "lr_logits", "regularizer_weight"):
+            if not getattr(self.hparams, name) >= 0 or not math.isfinite(getattr(self.hparams, name)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self.hparams, name)}")
+        if gate_window < 1:
+            raise ValueError(f"gate_window must be >= 1, got {gate_window}")
+        self.vq_config = self._vq_config()
+        if export_dir is not None:
+            check_writable_dir(export_dir)
+
+        self.teacher = load_dit(model, num_heads=num_heads) if num_heads else load_dit(model)
+        self.teacher.requires_grad_(False).eval()
+        self.student: nn.Module | None = None
+        self.strict_loading = False  # the frozen teacher is not stored in checkpoints
+        self._gate_minimum = math.inf
+
+    def _vq_config(self) -> VQConfig:
+        hp = self.hparams
+        if hp.bits not in (2, 3):
+            raise ValueError(
+                f"bits must be 2 or 3 (the paper presets), got {hp.bits!r}; "
+                "codebook_size and subvector_dim override the preset for other settings"
+            )
+        preset = VQConfig.from_bits(hp.bits)
+        k = hp.codebook_size or preset.codebook_size
+        d = hp.subvector_dim or preset.subvector_dim
+        return VQConfig(
+            codebook_size=k, subvector_dim=d, num_candidates=hp.num_candidates,
+            ratio_init=hp.ratio_init, kmeans_iters=hp.kmeans_iters,
+        )
+
+    # ------------------------------------------------------------------------------ model setup
+    def configure_model(self) -> None:
+        """Build the student: a copy of the teacher with VQ layers (k-means initialised)."""
+        if self.student is not None:
+            return
+        student = copy.deepcopy(self.teacher)
+        quantize_(
+            student, self.vq_config, include=self.hparams.include, exclude=self.hparams.exclude,
+            overrides=self.hparams.overrides, progress=self.global_rank == 0 if self._trainer else True,
+        )
+        for layer in vq_layers(student).values():
+            layer.candidate_logits.requires_grad_(True)
+            if layer.bias is not None:
+                layer.bias.requires_grad_(True)
+        self.student = student.eval()
+        self.update_codebook_trainability()
+        # Codebooks and ratio logits change shape/trainability during calibration: DDP's fixed
+        # buckets cannot follow, so their gradients are averaged by hand (on_after_backward).
+        ignored = [
+            f"student.{name}.{p}"
+            for name in vq_layers(student)
+            for p in ("codebook", "candidate_logits", "codes", "soft_rows", "candidates")
+        ]
+        self._ddp_params_and_buffers_to_ignore = ignored
+
+    def update_codebook_trainability(self) -> None:
+        """Codebooks train with the ratios (``simultaneous``) or once their layer is hard."""
+        for layer in self.vq_layers().values():
+            trainable = self.hparams.codebook_training == "simultaneous" or layer.is_hard
+            layer.codebook.requires_grad_(trainable)
+
+    def vq_layers(self) -> dict[str, VQLinear]:
+        return vq_layers(self.student) if self.student is not None else {}
+
+    def train(self, mode: bool = True) -> "CalibrationModule":
+        # Both DiTs always run in eval mode: train mode drops labels at random in every block.
+        super().train(mode)
+        self.teacher.eval()
+        if self.student is not None:
+            self.student.eval()
+        return self
+
+    # ---------------------------------------------------------------------------------- forward
+    def _model_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, t, y = batch
+        guidance = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}).get("guidance_scale", 1.0) \
+            if self._trainer is not None else 1.0
+        if guidance > 1.0:  # calibrate the null-label path too, as it is used in guided sampling
+            x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_CLASS)])
+        return x, t, y
+
+    def block_losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block MSE ``[L]`` between teacher and student, and the final-output MSE."""
+        x, t, y = self._model_batch(batch)
+        teacher_blocks, student_blocks = block_modules(self.teacher), block_modules(self.student)
+        teaching_inputs = self.hparams.block_inputs == "teacher"
+        with torch.no_grad(), capture_blocks(teacher_blocks, record_inputs=teaching_inputs) as (t_out, t_in):
+            teacher_final = self.teacher(x, timestep=t, class_labels=y).sample
+        if teaching_inputs:
+            s_out = [block(*args, **kwargs) for block, (args, kwargs) in zip(student_blocks, t_in)]
+            output_mse = torch.tensor(float("nan"), device=x.device)
+        else:
+            with capture_blocks(student_blocks) as (s_out, _):
+                student_final = self.student(x, timestep=t, class_labels=y).sample
+            output_mse = F.mse_loss(student_final.detach().float(), teacher_final.float())
+        block_mse = torch.stack([F.mse_loss(s.float(), tt.float()) for s, tt in zip(s_out, t_out)])
+        return block_mse, output_mse
+
+    def ratio_loss(self) -> torch.Tensor:
+        """Mean of the regulariser over the layers that still have soft rows (0 if none)."""
+        soft = [layer for layer in self.vq_layers().values() if not layer.is_hard]
+        if not soft:
+            return self.teacher.pos_embed.proj.weight.new_zeros(()) if hasattr(self.teacher, "pos_embed") else torch.zeros(())
+        return torch.stack([ratio_regularizer(layer.ratios(), self.hparams.regularizer) for layer in soft]).mean()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        block_mse, output_mse = self.block_losses(batch)
+        loss_d = block_mse.mean()
+        loss_r = self.ratio_loss().to(loss_d.device)
+        apply_r = True
+        if self.hparams.regularizer_gating:
+            if self.global_step % self.hparams.gate_window == 0:
+                self._gate_minimum = math.inf
+            value = float(loss_r.detach())
+            apply_r = value > self._gate_minimum
+            self._gate_minimum = min(self._gate_minimum, value)
+        loss = loss_d + (self.hparams.regularizer_weight * loss_r if apply_r else 0.0)
+        batch_size = batch[0].shape[0]
+        self.log_dict(
+            {"train/loss": loss, "train/block_mse": loss_d, "train/ratio_loss": loss_r,
+             "train/output_mse": output_mse, "train/ratio_loss_applied": float(apply_r)},
+            prog_bar=False, batch_size=batch_size,
+        )
+        self.log("loss", loss_d, prog_bar=True, logger=False, batch_size=batch_size)
+        self.log_dict({f"train/block_{i:02d}/mse": v for i, v in enumerate(block_mse)}, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        block_mse, output_mse = self.block_losses(batch)
+        batch_size = batch[0].shape[0]
+        self.log("val/block_mse", block_mse.mean(), prog_bar=True, sync_dist=True, batch_size=batch_size)
+        self.log("val/output_mse", output_mse, sync_dist=True, batch_size=batch_size)
+
+    # --------------------------------------------------------------------------- optimisation
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.update_codebook_trainability()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        layers = self.vq_layers().values()
+        groups = [
+            {"params": [l.codebook for l in layers], "lr": self.hparams.lr_codebook, "name": "codebooks"},
+            {"params": [l.bias for l in layers if l.bias is not None], "lr": self.hparams.lr_bias, "name": "biases"},
+            {"params": [l.candidate_logits for l in layers], "lr": self.hparams.lr_logits, "name": "ratio_logits"},
+        ]
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(groups)
+        return torch.optim.RMSprop(groups, alpha=0.9, eps=1e-8, momentum=0.0, weight_decay=0.0)
+
+    def on_after_backward(self) -> None:
+        # Average the gradients DDP was told to ignore (codebooks, ratio logits) across ranks.
+        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        grads = [
+            p.grad for layer in self.vq_layers().values() for p in (layer.codebook, layer.candidate_logits)
+            if p.grad is not None and p.grad.numel()
+        ]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.trainer.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["vq4dit"] = {
+            "layers": sorted(self.vq_layers()), "vq_config": vars(self.vq_config), "gate_minimum": self._gate_minimum,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("vq4dit")
+        if saved is None:
+            raise ValueError("this checkpoint was not written by vq4dit calibration")
+        mine = {"layers": sorted(self.vq_layers()), "vq_config": vars(self.vq_config)}
+        if saved["vq_config"] != mine["vq_config"] or saved["layers"] != mine["layers"]:
+            raise ValueError(
+                "cannot resume: the checkpoint was calibrated with another configuration "
+                f"(checkpoint: {saved['vq_config']}, {len(saved['layers'])} layers; "
+                f"this run: {mine['vq_config']}, {len(mine['layers'])} layers)"
+            )
+        self._gate_minimum = saved.get("gate_minimum", math.inf)
+        own = set(self.state_dict()) - {k for k in self.state_dict() if k.startswith("teacher.")}
+        missing = sorted(own - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(f"cannot resume: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")

@@ -1,0 +1,275 @@
+"""DiT models: presets, loading from any source, and which Linears get quantized.
+
+The only place (with :mod:`vq4dit.convert`) that knows diffusers' ``DiTTransformer2DModel``
+layout. :func:`load_dit` accepts a preset name (random init), a local diffusers folder (a
+``DiTPipeline`` snapshot or a bare transformer folder), a Hugging Face hub id, or an original
+facebookresearch/DiT ``.pt``/``.pth`` checkpoint, and always returns the model in eval mode:
+in train mode diffusers drops class labels at random in every block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+from torch import nn
+
+from vq4dit.convert import (
+    PAPER_HEADS,
+    TIMESTEP_FREQ_SHIFT_KEY,
+    DiTLoadError,
+    apply_timestep_freq_shift,
+    load_original_checkpoint,
+)
+
+__all__ = [
+    "DEFAULT_QUANTIZED_SUFFIXES",
+    "PRESETS",
+    "TIMESTEP_FREQ_SHIFT_KEY",
+    "DiTLoadError",
+    "apply_timestep_freq_shift",
+    "block_modules",
+    "default_linear_filter",
+    "load_dit",
+    "preset_config",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+# DiT paper, Table 1: name -> (depth, hidden size); heads from PAPER_HEADS.
+_PAPER_SIZES = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}
+_PATCH_SIZES = (2, 4, 8)
+_IMAGE_SIZES = (256, 512)
+_VAE_DOWNSAMPLE = 8  # latent side = image side / 8 (SD VAE, 4 channels)
+
+
+def _config(depth: int, hidden: int, heads: int, patch: int, sample_size: int) -> dict:
+    return {
+        "num_attention_heads": heads,
+        "attention_head_dim": hidden // heads,
+        "in_channels": 4,
+        "out_channels": 8,  # learned sigma: mean and variance per latent channel
+        "num_layers": depth,
+        "sample_size": sample_size,
+        "patch_size": patch,
+        "num_embeds_ada_norm": 1000,  # label table has 1001 rows; row 1000 = null class
+        "norm_type": "ada_norm_zero",
+        "activation_fn": "gelu-approximate",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,  # the paper's LayerNorm eps (diffusers' default is 1e-5)
+    }
+
+
+def _build_presets() -> dict[str, dict]:
+    presets = {}
+    for size, (depth, hidden) in _PAPER_SIZES.items():
+        for patch in _PATCH_SIZES:
+            for image in _IMAGE_SIZES:
+                latent = image // _VAE_DOWNSAMPLE
+                config = _config(depth, hidden, PAPER_HEADS[hidden], patch, latent)
+                presets[f"DiT-{size}/{patch}-{image}"] = config
+                if image == 256:
+                    presets[f"DiT-{size}/{patch}"] = dict(config)
+    # Test model: 1000 classes so that DiTPipeline's hard-coded null class 1000 works.
+    presets["tiny"] = _config(depth=2, hidden=64, heads=2, patch=2, sample_size=8)
+    return presets
+
+
+PRESETS: dict[str, dict] = _build_presets()
+
+
+def preset_config(name: str) -> dict:
+    """Diffusers ``DiTTransformer2DModel`` kwargs of a preset (a fresh copy).
+
+    Args:
+        name: ``DiT-{S,B,L,XL}/{2,4,8}[-{256,512}]`` (image size, default 256) or ``tiny``.
+    """
+    if name not in PRESETS:
+        raise _unknown_preset(name)
+    return dict(PRESETS[name])
+
+
+def _unknown_preset(name: str) -> DiTLoadError:
+    return DiTLoadError(f"unknown DiT preset {name!r}; valid presets: {', '.join(PRESETS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth")
+_DIT_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # the latter: legacy snapshots
+_WEIGHT_FILE = re.compile(r"diffusion_pytorch_model.*\.(safetensors|bin)$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _folder_layout(folder: Path) -> tuple[Path, str | None]:
+    """Return (transformer folder, subfolder argument) of a pipeline snapshot or bare folder."""
+    if (folder / "transformer" / "config.json").is_file():
+        return folder / "transformer", "transformer"
+    if (folder / "config.json").is_file():
+        return folder, None
+    raise DiTLoadError(
+        f"{str(folder)!r} is not a DiT folder: no config.json; expected a DiTPipeline snapshot "
+        "(transformer/config.json + weights) or a transformer folder (config.json + weights)"
+    )
+
+
+def _load_folder(folder: Path) -> DiTTransformer2DModel:
+    model_dir, subfolder = _folder_layout(folder)
+    config_path = model_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DiTLoadError(f"cannot read {str(config_path)!r} as JSON: {err}") from err
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name not in _DIT_CLASS_NAMES or config.get("norm_type") != "ada_norm_zero":
+        raise DiTLoadError(
+            f"{str(config_path)!r} describes a {class_name!r} with norm_type "
+            f"{config.get('norm_type') if isinstance(config, dict) else None!r}; expected a "
+            "DiTTransformer2DModel (norm_type 'ada_norm_zero')"
+        )
+    if not any(_WEIGHT_FILE.match(p.name) for p in model_dir.iterdir()):
+        raise DiTLoadError(
+            f"{str(model_dir)!r} has a DiT config.json but no weights; expected "
+            "diffusion_pytorch_model.safetensors (or .bin, or sharded files with an index)"
+        )
+    try:
+        model = DiTTransformer2DModel.from_pretrained(
+            folder, subfolder=subfolder, low_cpu_mem_usage=False
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise DiTLoadError(f"cannot load the DiT in {str(model_dir)!r}: {err}") from err
+    return model
+
+
+def _load_hub(repo_id: str) -> DiTTransformer2DModel:
+    errors = []
+    for subfolder in ("transformer", None):  # DiTPipeline snapshot first, then bare transformer
+        try:
+            return DiTTransformer2DModel.from_pretrained(
+                repo_id, subfolder=subfolder, low_cpu_mem_usage=False
+            )
+        except (OSError, ValueError, RuntimeError) as err:
+            errors.append(f"{subfolder or '<root>'}: {type(err).__name__}: {err}")
+    raise DiTLoadError(
+        f"{repo_id!r} is not a local path, preset or checkpoint, and loading it as a Hugging "
+        f"Face hub id (DiTPipeline or transformer) failed: {' | '.join(errors)}"
+    )
+
+
+def _is_pathlike_string(source: str) -> bool:
+    """Strings that can only mean a local path (hub ids are ``org/name``)."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def load_dit(
+    source: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    num_heads: int | None = None,
+) -> DiTTransformer2DModel:
+    """Load a diffusers ``DiTTransformer2DModel`` in eval mode, on the CPU.
+
+    Resolution order for strings: preset name, existing local path, hub id (``org/name``).
+    Path objects are always local paths.
+
+    Args:
+        source: a preset (``DiT-XL/2``, ``DiT-S/4-512``, ``tiny``; random weights), a local
+            diffusers folder (``DiTPipeline`` snapshot or transformer folder), a hub id, or an
+            original facebookresearch/DiT checkpoint (``.pt``/``.pth``).
+        dtype: optional cast of all parameters and buffers, e.g. ``torch.bfloat16``.
+        num_heads: attention heads of an original checkpoint whose hidden size is not one of
+            the paper's (384, 768, 1024, 1152). Only valid for checkpoints.
+
+    Returns:
+        The model in eval mode; its timestep frequency shift re-applied from its config.
+
+    Raises:
+        DiTLoadError: the source is missing, unknown, or not a DiT.
+    """
+    is_string = isinstance(source, str)
+    path = Path(source).expanduser()
+    is_checkpoint = path.suffix.lower() in _CHECKPOINT_SUFFIXES
+    if num_heads is not None and not is_checkpoint:
+        raise DiTLoadError(
+            f"num_heads={num_heads} only applies to original .pt/.pth checkpoints; "
+            f"{os.fspath(source)!r} stores its own config"
+        )
+    if is_string and source in PRESETS:
+        model = DiTTransformer2DModel(**PRESETS[source])
+    elif path.exists():
+        if path.is_dir():
+            model = _load_folder(path)
+        elif is_checkpoint:
+            model = load_original_checkpoint(path, num_heads=num_heads)
+        else:
+            raise DiTLoadError(
+                f"{str(path)!r} is a file of unsupported type; expected an original DiT "
+                f"checkpoint ({'/'.join(_CHECKPOINT_SUFFIXES)}) or a diffusers folder"
+            )
+    elif not is_string or is_checkpoint or _is_pathlike_string(source):
+        raise DiTLoadError(f"path {str(path)!r} does not exist")
+    elif source.lower().startswith("dit-"):
+        raise _unknown_preset(source)
+    elif "/" not in source:
+        raise DiTLoadError(
+            f"{source!r} is neither an existing path, a hub id (org/name) nor a DiT preset; "
+            f"valid presets: {', '.join(PRESETS)}"
+        )
+    elif _HUB_ID.fullmatch(source):
+        model = _load_hub(source)
+    else:
+        raise DiTLoadError(
+            f"{source!r} is neither an existing path, a preset nor a valid hub id (org/name)"
+        )
+    apply_timestep_freq_shift(model)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization targets and blocks
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_QUANTIZED_SUFFIXES = (
+    "norm1.linear",
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
+_QUANTIZED_NAME = re.compile(
+    r"transformer_blocks\.\d+\.(?:" + "|".join(map(re.escape, DEFAULT_QUANTIZED_SUFFIXES)) + ")"
+)
+
+
+def default_linear_filter(module: nn.Module, name: str) -> bool:
+    """True for the 7 core ``nn.Linear`` layers of each block (VQ4DiT's quantized set).
+
+    Selects ``transformer_blocks.<i>.<suffix>`` for the suffixes in
+    :data:`DEFAULT_QUANTIZED_SUFFIXES`; never the per-block embedder copies ``norm1.emb.*``,
+    the patch embedding or the output head ``proj_out_*``.
+
+    Args:
+        module: the candidate module.
+        name: its fully qualified name in the ``DiTTransformer2DModel``.
+    """
+    return isinstance(module, nn.Linear) and _QUANTIZED_NAME.fullmatch(name) is not None
+
+
+def block_modules(model: DiTTransformer2DModel) -> list[nn.Module]:
+    """The transformer blocks of a DiT, in forward order."""
+    blocks = getattr(model, "transformer_blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"expected a DiTTransformer2DModel, got {type(model).__name__}")
+    return list(blocks)

@@ -1,0 +1,355 @@
+"""``VQLinear`` (soft calibration mode, hard packed mode) and model patching with ``quantize_``.
+
+A ``VQLinear`` stores one codebook per layer and a code per sub-vector. While calibrating, a
+subset of sub-vectors ("soft rows") additionally keeps ``n`` candidate codewords with learnable
+ratio logits; their weight is the ratio-weighted average of the candidates (paper Eq. 7). The
+in-place mutators (``harden_rows_``, ``prune_candidates_``, ``finalize_``) move rows from the soft
+set to the hard set and *really shrink* the soft tensors; they return a :class:`RowReindex` so a
+caller holding optimizer state for ``candidate_logits`` can shrink that state the same way.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import (
+    VQConfig,
+    index_dtype,
+    init_candidate_logits,
+    kmeans,
+    nearest_codewords,
+    soft_reconstruct,
+    to_subvectors,
+)
+
+log = logging.getLogger(__name__)
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class RowReindex:
+    """How the soft tensors ``[S, n]`` were shrunk to ``[S', n']``: ``new = old[rows][:, cols]``.
+
+    ``columns`` is ``[S', n']`` (a per-row gather) or ``None`` when the columns are unchanged.
+    """
+
+    rows: torch.Tensor
+    columns: torch.Tensor | None = None
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Apply the same shrink to any tensor shaped like ``candidate_logits``."""
+        kept = tensor.index_select(0, self.rows.to(tensor.device))
+        if self.columns is not None:
+            kept = kept.gather(1, self.columns.to(tensor.device))
+        return kept.contiguous()
+
+
+class VQLinear(nn.Module):
+    """Linear layer with a vector-quantized weight: codebook + codes, optionally soft candidates.
+
+    Buffers and parameters (N = out * in / d sub-vectors, S = soft rows, n = candidates):
+        codebook         Parameter [k, d]
+        codes            buffer    [N]      smallest integer dtype for k; valid for hard rows
+        soft_rows        buffer    [S]      int32 indices of the soft sub-vectors
+        candidates       buffer    [S, n]   candidate codeword indices, best-first at init
+        candidate_logits Parameter [S, n]   softmax -> ratios; -inf marks a pruned candidate
+        bias             Parameter [out] or None
+    Hard mode is simply S == 0: ``weight = codebook[codes]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: VQConfig,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        config.validate_for(out_features, in_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        k, d, n = config.codebook_size, config.subvector_dim, config.num_candidates
+        num_subvectors = out_features * in_features // d
+        factory = {"device": device}
+        self.codebook = nn.Parameter(torch.zeros(k, d, dtype=dtype or torch.float32, **factory))
+        self.register_buffer("codes", torch.zeros(num_subvectors, dtype=index_dtype(k), **factory))
+        self.register_buffer("soft_rows", torch.zeros(0, dtype=torch.int32, **factory))
+        self.register_buffer("candidates", torch.zeros(0, n, dtype=index_dtype(k), **factory))
+        self.candidate_logits = nn.Parameter(torch.zeros(0, n, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **factory))
+        else:
+            self.register_parameter("bias", None)
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, config: VQConfig, name: str = "layer") -> "VQLinear":
+        """Quantize ``linear``: k-means codebook, n nearest candidates, initial ratio logits.
+
+        With ``num_candidates == 1`` every row starts hard (plain VQ, nearest codeword).
+        """
+        config.validate_for(linear.out_features, linear.in_features, name)
+        weight = linear.weight.detach()
+        layer = cls(
+            linear.in_features, linear.out_features, config, bias=linear.bias is not None,
+            device=weight.device,
+        )
+        points = to_subvectors(weight.float(), config.subvector_dim)  # [N, d]
+        codebook = kmeans(points, config.codebook_size, config.kmeans_iters, config.kmeans_seed)
+        nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates)
+        layer.codebook.data.copy_(codebook)
+        layer.codes.copy_(nearest[:, 0].to(layer.codes.dtype))
+        if config.num_candidates > 1:
+            layer.soft_rows = torch.arange(points.shape[0], dtype=torch.int32, device=weight.device)
+            layer.candidates = nearest.to(layer.codes.dtype)
+            layer.candidate_logits.data = init_candidate_logits(sq_distances, config.ratio_init)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach().float())
+        return layer
+
+    # ------------------------------------------------------------------------------- properties
+    @property
+    def num_subvectors(self) -> int:
+        return self.codes.numel()
+
+    @property
+    def num_soft(self) -> int:
+        return self.soft_rows.numel()
+
+    @property
+    def is_hard(self) -> bool:
+        """True when every sub-vector has its final code (no soft rows left)."""
+        return self.num_soft == 0
+
+    @property
+    def hard_fraction(self) -> float:
+        return 1.0 - self.num_soft / max(self.num_subvectors, 1)
+
+    @property
+    def num_candidates(self) -> int:
+        """Current (possibly pruned) candidate columns of the soft rows."""
+        return self.candidates.shape[1]
+
+    def ratios(self) -> torch.Tensor:
+        """Softmax ratios of the soft rows: ``[S, n]`` (float32)."""
+        return torch.softmax(self.candidate_logits.float(), dim=1)
+
+    def bits_per_weight(self, include_codebook: bool = True) -> float:
+        """log2(k)/d, plus the FP32 codebook amortised over this layer when asked."""
+        bits = self.config.nominal_bits_per_weight
+        if include_codebook:
+            bits += self.codebook.numel() * 32 / (self.in_features * self.out_features)
+        return bits
+
+    # ---------------------------------------------------------------------------------- forward
+    def weight(self) -> torch.Tensor:
+        """The current dense weight ``[out, in]``: hard codewords, soft rows mixed by ratios."""
+        flat = self.codebook[self.codes.long()]  # [N, d]
+        if self.num_soft:
+            mixed = soft_reconstruct(self.codebook, self.candidates, self.candidate_logits)
+            flat = flat.index_copy(0, self.soft_rows.long(), mixed.to(flat.dtype))
+        return flat.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight()
+        bias = self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, weight, bias)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    # --------------------------------------------------------------------------------- mutators
+    def _set_logits_(self, logits: torch.Tensor, grad: torch.Tensor | None) -> None:
+        # A *new* Parameter: autograd caches a leaf's shape, so resizing ``.data`` in place breaks
+        # the next backward. Callers holding optimizer state use ``replace_in_optimizer_``.
+        requires_grad = self.candidate_logits.requires_grad
+        self.candidate_logits = nn.Parameter(logits.contiguous(), requires_grad=requires_grad)
+        self.candidate_logits.grad = grad
+
+    def _shrink_(self, reindex: RowReindex) -> RowReindex:
+        rows = reindex.rows.to(self.soft_rows.device)
+        self.soft_rows = self.soft_rows.index_select(0, rows)
+        self.candidates = reindex.apply(self.candidates)
+        grad = self.candidate_logits.grad
+        self._set_logits_(reindex.apply(self.candidate_logits.data), None if grad is None else reindex.apply(grad))
+        return reindex
+
+    @torch.no_grad()
+    def harden_rows_(self, threshold: float = 0.99) -> RowReindex:
+        """Give every soft row whose top ratio exceeds ``threshold`` its final code (the argmax
+        candidate) and drop it from the soft set. Returns how the soft tensors were shrunk."""
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        top_ratio, top = self.ratios().max(dim=1)  # [S], [S]
+        return self._harden_mask_(top_ratio > threshold, top)
+
+    @torch.no_grad()
+    def _harden_mask_(self, done: torch.Tensor, top: torch.Tensor) -> RowReindex:
+        if done.any():
+            rows = self.soft_rows[done].long()
+            chosen = self.candidates[done].long().gather(1, top[done].unsqueeze(1)).squeeze(1)
+            self.codes[rows] = chosen.to(self.codes.dtype)
+        keep = (~done).nonzero().squeeze(1)
+        return self._shrink_(RowReindex(rows=keep))
+
+    @torch.no_grad()
+    def prune_candidates_(self, floor: float = 0.01) -> RowReindex:
+        """Remove candidates whose ratio fell below ``floor`` and shrink the stored candidate set.
+
+        Each row's candidates are re-ordered by ratio (best first); rows left with a single
+        candidate become hard; the candidate columns shrink to the largest count still in use
+        (a row with fewer live candidates than that marks the rest with logit -inf).
+        """
+        if not 0.0 <= floor < 1.0:
+            raise ValueError(f"floor must be in [0, 1), got {floor}")
+        if self.num_soft == 0:
+            return RowReindex(rows=torch.zeros(0, dtype=torch.long, device=self.codes.device))
+        ratios = self.ratios()
+        order = ratios.argsort(dim=1, descending=True)  # [S, n]
+        sorted_ratios = ratios.gather(1, order)
+        alive = sorted_ratios >= floor
+        alive[:, 0] = True  # the best candidate always survives
+        live_count = alive.sum(dim=1)
+        # Rows down to one live candidate are hard; the rest keep max(live_count) columns.
+        single = live_count == 1
+        reindex = self._harden_mask_(single, order[:, 0])
+        order, alive = order[~single], alive[~single]
+        width = int(live_count[~single].max()) if order.shape[0] else 1
+        columns = order[:, :width]
+        self.candidates = self.candidates.gather(1, columns)
+        logits = self.candidate_logits.data.gather(1, columns)
+        logits[~alive[:, :width]] = float("-inf")
+        grad = self.candidate_logits.grad
+        self._set_logits_(logits, None if grad is None else grad.gather(1, columns))
+        return RowReindex(rows=reindex.rows, columns=columns)
+
+    @torch.no_grad()
+    def finalize_(self) -> RowReindex:
+        """Argmax for every remaining soft row: the layer is hard afterwards."""
+        return self.harden_rows_(threshold=float(torch.finfo(torch.float32).tiny))
+
+    # ----------------------------------------------------------------------------- persistence
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # Soft tensors shrink during calibration: adopt the stored sizes before copying values.
+        for name in ("soft_rows", "candidates"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.codes.device))
+        key = prefix + "candidate_logits"
+        if key in state_dict and state_dict[key].shape != self.candidate_logits.shape:
+            empty = torch.empty(state_dict[key].shape, dtype=self.candidate_logits.dtype, device=self.codes.device)
+            self._set_logits_(empty, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"in={self.in_features}, out={self.out_features}, k={c.codebook_size}, "
+            f"d={c.subvector_dim}, n={self.num_candidates}, bits/weight={self.bits_per_weight():.3f}, "
+            f"hard={self.hard_fraction:.1%}"
+        )
+
+
+def replace_in_optimizer_(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, reindex: RowReindex
+) -> None:
+    """Point ``optimizer`` at the shrunk ``candidate_logits`` Parameter ``new`` (which replaced
+    ``old``) and shrink the per-element state (momentum, square averages) kept for it."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state:
+        optimizer.state[new] = {
+            key: reindex.apply(value) if torch.is_tensor(value) and value.dim() == 2 else value
+            for key, value in state.items()
+        }
+
+
+# ------------------------------------------------------------------------------------- patching
+
+
+def _match_any(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantize_(
+    model: nn.Module,
+    config: VQConfig,
+    filter_fn: FilterFn | None = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    overrides: Mapping[str, Mapping[str, int]] | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Replace selected ``nn.Linear`` layers of ``model`` in place by k-means-initialised ``VQLinear``.
+
+    Args:
+        model: any module (a diffusers DiT by default).
+        config: default VQ settings.
+        filter_fn: ``(module, qualified_name) -> bool``; default: the 7 core Linears of every DiT
+            block (``vq4dit.models.default_linear_filter``).
+        include: glob patterns on qualified names; when given, replaces ``filter_fn`` (only
+            ``nn.Linear`` modules are considered).
+        exclude: glob patterns removed from the selection.
+        overrides: glob pattern -> VQConfig fields, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``;
+            the last matching pattern wins.
+        progress: show a progress bar (k-means on DiT-XL takes minutes).
+
+    Returns:
+        The qualified names that were swapped, in model order.
+
+    Raises:
+        ValueError: nothing matched, or a setting does not fit a selected layer.
+    """
+    if filter_fn is None and not include:
+        from .models import default_linear_filter
+
+        filter_fn = default_linear_filter
+    include, exclude = list(include or []), list(exclude or [])
+    overrides = dict(overrides or {})
+
+    selected: list[tuple[str, nn.Linear, VQConfig]] = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        chosen = _match_any(name, include) if include else filter_fn(module, name)
+        if not chosen or _match_any(name, exclude):
+            continue
+        layer_config = config
+        for pattern, fields in overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                layer_config = layer_config.with_overrides(**dict(fields))
+        layer_config.validate_for(module.out_features, module.in_features, name)
+        selected.append((name, module, layer_config))
+    if not selected:
+        raise ValueError(
+            "quantize_: no nn.Linear layer matched the selection "
+            f"(include={include or 'default DiT filter'}, exclude={exclude})"
+        )
+
+    from tqdm.auto import tqdm
+
+    names = []
+    for name, module, layer_config in tqdm(selected, desc="k-means init", unit="layer", disable=not progress):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, VQLinear.from_linear(module, layer_config, name))
+        names.append(name)
+    log.info("quantize_: swapped %d Linear layers for VQLinear (%s ...)", len(names), names[0])
+    return names
+
+
+def vq_layers(model: nn.Module) -> dict[str, VQLinear]:
+    """All ``VQLinear`` modules of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, VQLinear)}

@@ -1,0 +1,198 @@
+"""Diffusion sampling for FP or quantized DiTs: DDPM with learned variance (original DiT) and DDIM.
+
+The schedule follows the original DiT / improved-DDPM setup, written from the equations:
+linear betas over 1000 training steps, respaced to ``num_steps`` evenly spaced timesteps
+(betas recomputed so the respaced chain has the same alpha-bar values), a learned-range variance
+``log var = f * log beta_t + (1 - f) * log beta~_t`` with ``f = (v + 1) / 2`` taken from the
+model's second half of output channels, ``clip_denoised=False``.
+
+Classifier-free guidance evaluates the model on ``[x; x]`` with ``[y; null]`` labels and guides the
+first ``guided_channels`` channels of the noise prediction (the original DiT guides 3 of the 4
+latent channels "for exact reproducibility"; ``None`` guides all of them as diffusers does).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+NULL_CLASS = 1000  # the DiT label table's extra row used for classifier-free guidance
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample.
+
+    Args:
+        sampler: ``ddpm`` (ancestral, learned variance, as the original DiT) or ``ddim`` (eta 0).
+        num_steps: respaced sampling steps (out of ``train_steps``).
+        guidance_scale: classifier-free guidance scale; 1 disables guidance (no null batch).
+        guided_channels: leading noise channels that get guidance (original DiT: 3); None = all.
+        train_steps: length of the training schedule (1000 for DiT).
+    """
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    num_steps: int = 50
+    guidance_scale: float = 1.5
+    guided_channels: int | None = None
+    train_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        if not 1 <= self.num_steps <= self.train_steps:
+            raise ValueError(f"num_steps must be in [1, {self.train_steps}], got {self.num_steps}")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {self.guidance_scale}")
+        if self.guided_channels is not None and self.guided_channels < 1:
+            raise ValueError(f"guided_channels must be >= 1 or None, got {self.guided_channels}")
+
+
+def linear_betas(train_steps: int = 1000) -> torch.Tensor:
+    """DiT's linear schedule, scaled for ``train_steps``: ``[T]`` float64."""
+    scale = 1000.0 / train_steps
+    return torch.linspace(scale * 1e-4, scale * 0.02, train_steps, dtype=torch.float64)
+
+
+def respaced_timesteps(train_steps: int, num_steps: int) -> torch.Tensor:
+    """``num_steps`` evenly spaced training timesteps including 0 and T-1, ascending: ``[S]``."""
+    if num_steps == 1:
+        return torch.tensor([train_steps - 1])
+    stride = (train_steps - 1) / (num_steps - 1)
+    return torch.tensor(sorted({round(i * stride) for i in range(num_steps)}), dtype=torch.long)
+
+
+class Diffusion:
+    """A (respaced) Gaussian diffusion: the coefficients of one sampling chain.
+
+    All tables are float64 ``[S]`` on the CPU, indexed by the respaced step ``i`` (0 = cleanest).
+    """
+
+    def __init__(self, num_steps: int = 50, train_steps: int = 1000) -> None:
+        base_alpha_bar = torch.cumprod(1.0 - linear_betas(train_steps), dim=0)
+        self.timesteps = respaced_timesteps(train_steps, num_steps)  # original t of each step
+        alpha_bar = base_alpha_bar[self.timesteps]
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        self.betas = 1.0 - alpha_bar / alpha_bar_prev
+        self.alpha_bar = alpha_bar
+        self.alpha_bar_prev = alpha_bar_prev
+        posterior_var = self.betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+        # log(0) at step 0 is replaced by the next value, as in improved DDPM
+        self.posterior_log_var = torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]]))
+        self.coef_x0 = self.betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar)
+        self.coef_xt = (1.0 - alpha_bar_prev) * (1.0 - self.betas).sqrt() / (1.0 - alpha_bar)
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.numel()
+
+    def _at(self, table: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
+        return table[i].to(device=like.device, dtype=like.dtype)
+
+    def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        a = self.alpha_bar[i]
+        return (x * (1.0 / a).sqrt().item()) - eps * (1.0 / a - 1.0).sqrt().item()
+
+    def q_sample(self, x0: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
+        """Forward process at respaced step ``i``: ``sqrt(a) x0 + sqrt(1 - a) noise``."""
+        a = self.alpha_bar[i]
+        return x0 * a.sqrt().item() + noise * (1.0 - a).sqrt().item()
+
+    def ddpm_step(self, x: torch.Tensor, model_out: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
+        """One ancestral step with learned-range variance; ``model_out [B, 2C, ...]`` = (eps, v)."""
+        channels = x.shape[1]
+        eps, v = model_out[:, :channels], model_out[:, channels:]
+        x0 = self.predict_x0(x, eps, i)
+        mean = x0 * self.coef_x0[i].item() + x * self.coef_xt[i].item()
+        if i == 0:
+            return mean
+        if v.shape[1] == 0:  # no learned sigma: the posterior variance
+            return mean + math.exp(0.5 * self.posterior_log_var[i].item()) * noise
+        frac = (v.float() + 1.0) / 2.0
+        log_var = frac * math.log(self.betas[i].item()) + (1.0 - frac) * self.posterior_log_var[i].item()
+        return mean + torch.exp(0.5 * log_var).to(x.dtype) * noise
+
+    def ddim_step(self, x: torch.Tensor, model_out: torch.Tensor, i: int) -> torch.Tensor:
+        """One deterministic DDIM step (eta = 0)."""
+        eps = model_out[:, : x.shape[1]]
+        x0 = self.predict_x0(x, eps, i)
+        a_prev = self.alpha_bar_prev[i]
+        return x0 * a_prev.sqrt().item() + eps * (1.0 - a_prev).sqrt().item()
+
+
+def guided_output(
+    model: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    guidance_scale: float,
+    guided_channels: int | None,
+) -> torch.Tensor:
+    """Model output for ``x [B, C, H, W]`` with classifier-free guidance: ``[B, C_out, H, W]``."""
+    if guidance_scale == 1.0:
+        return model(x, timestep=t, class_labels=labels).sample
+    null = torch.full_like(labels, NULL_CLASS)
+    both = model(torch.cat([x, x]), timestep=torch.cat([t, t]), class_labels=torch.cat([labels, null])).sample
+    cond, uncond = both.chunk(2)
+    channels = x.shape[1] if guided_channels is None else min(guided_channels, x.shape[1])
+    guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([guided, cond[:, channels:]], dim=1)
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int], device, dtype=torch.float32) -> torch.Tensor:
+    """One CPU generator per sample: the noise of a sample depends only on its seed."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    ).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    labels: torch.Tensor,
+    seeds: list[int],
+    config: SamplerConfig = SamplerConfig(),
+    record_trajectory: bool = False,
+    progress: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Generate ``len(labels)`` samples (model space: latents or pixels).
+
+    Args:
+        model: a diffusers-style DiT: ``model(x, timestep=t, class_labels=y).sample``.
+        labels: ``[B]`` class ids.
+        seeds: one seed per sample; the initial noise and every step's noise derive from it, so
+            FP and quantized models get identical noise.
+        config: sampler settings.
+        record_trajectory: also return the list of model inputs ``(x_t [B, C, H, W], t [B])``.
+        progress: show a progress bar over steps.
+
+    Returns:
+        ``x_0 [B, C, H, W]`` (and the trajectory when asked).
+    """
+    if len(seeds) != labels.numel():
+        raise ValueError(f"need one seed per label: {len(seeds)} seeds for {labels.numel()} labels")
+    diffusion = Diffusion(config.num_steps, config.train_steps)
+    param = next(model.parameters())
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    x = initial_noise(shape, seeds, param.device)
+    labels = labels.to(param.device)
+    step_generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
+    trajectory = []
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(diffusion.num_steps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
+        t = torch.full((x.shape[0],), int(diffusion.timesteps[i]), device=x.device, dtype=torch.long)
+        if record_trajectory:
+            trajectory.append((x.detach().cpu().clone(), t.cpu()))
+        out = guided_output(model, x, t, labels, config.guidance_scale, config.guided_channels).float()
+        if config.sampler == "ddim":
+            x = diffusion.ddim_step(x, out, i)
+        else:
+            noise = torch.stack([torch.randn(shape, generator=g) for g in step_generators]).to(x.device)
+            x = diffusion.ddpm_step(x, out, i, noise)
+    return (x, trajectory) if record_trajectory else x
