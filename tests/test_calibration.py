@@ -117,3 +117,49 @@ def test_resume_from_other_config_is_refused(tmp_path):
     )
     assert result.returncode == 2
     assert "another configuration" in result.stderr and "Traceback" not in result.stderr
+
+
+def _val_batches(teacher):
+    from vq4dit.data import generate_items
+
+    # the datamodule's validation trajectory (index num_trajectories=2, seed 0)
+    items = generate_items(teacher, [2], 0, 4, 1000, SamplerConfig(num_steps=8, guidance_scale=4.0), progress=False)
+    return [(items["x"][i : i + 4], items["t"][i : i + 4], items["y"][i : i + 4]) for i in range(0, 32, 4)]
+
+
+def test_ddp_two_processes_matches_single_process_quality(tmp_path):
+    import subprocess
+    import sys
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    # A constant ratio regulariser: the official gating adds L_r only when it rises, which
+    # depends on gradient noise, and DDP's averaged gradients are less noisy.
+    constant_lr = ["--model.regularizer_gating=false", "--model.regularizer_weight=0.1"]
+    module = cli_main(fit_args(single, "--trainer.max_epochs=6", *constant_lr)).model
+    result = subprocess.run(
+        # each rank sees half the trajectories per epoch: twice the epochs for the same data passes
+        [sys.executable, "train.py", *fit_args(ddp, "--trainer.max_epochs=12", *constant_lr),
+         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    batches = _val_batches(module.teacher)
+    single_mse = hard_block_mse(module, batches)
+    module.student = load_quantized(ddp / "packed")  # same seeded teacher in every process
+    ddp_mse = hard_block_mse(module, batches)
+    module.student = load_quantized(single / "packed")
+    assert hard_block_mse(module, batches) == single_mse  # the packed model is the in-memory one
+    module.student = None
+    module.vq_config = module.vq_config.with_overrides(num_candidates=1)
+    module.configure_model()  # k-means only, nearest codeword
+    kmeans_only = hard_block_mse(module, batches)
+    assert single_mse < 0.7 * kmeans_only, (single_mse, kmeans_only)
+    assert ddp_mse < 0.7 * kmeans_only, (ddp_mse, kmeans_only)
+    assert ddp_mse < 1.3 * single_mse, (ddp_mse, single_mse)
+
+
+def test_bf16_mixed_fit(tmp_path):
+    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=2", "--trainer.precision=bf16-mixed"))
+    assert cli.trainer.precision == "bf16-mixed"
+    assert all(layer.is_hard for layer in cli.model.vq_layers().values())
+    assert (tmp_path / "packed" / "model.safetensors").exists()
