@@ -3,5 +3,6 @@
 from .calibration_stop import CalibrationStop
 from .candidate_pruning import CandidatePruning
 from .final_assignment import FinalAssignment
+from .image_logging import SampleImages
 
-__all__ = ["CalibrationStop", "CandidatePruning", "FinalAssignment"]
+__all__ = ["CalibrationStop", "CandidatePruning", "FinalAssignment", "SampleImages"]

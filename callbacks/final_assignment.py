@@ -15,10 +15,13 @@ class FinalAssignment(pl.Callback):
     global rank 0 writes. The size report is printed and logged.
     """
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
-        layers = pl_module.vq_layers()
-        for layer in layers.values():
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        # before on_fit_end, so callbacks sampling at fit end (SampleImages) see the final model
+        for layer in pl_module.vq_layers().values():
             layer.finalize_()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self.on_train_end(trainer, pl_module)  # idempotent: no soft rows left after the first call
         report = size_report(pl_module.student)
         if trainer.logger is not None:
             totals = report.to_dict().get("totals", {})
