@@ -64,6 +64,8 @@ class SampleImages(pl.Callback):
         return to_images(pixels)
 
     def _log(self, trainer: pl.Trainer, pl_module) -> None:
+        # trainer.log_dir is a collective (broadcast from rank 0): every rank must ask for it.
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         if not trainer.is_global_zero or pl_module.student is None:
             return
         labels = torch.tensor(self.labels)
@@ -74,7 +76,6 @@ class SampleImages(pl.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             experiment.add_image("samples/fp_vs_quantized", grid, step)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         self.written.append(save_png(grid, folder / f"step_{step:06d}.png"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:

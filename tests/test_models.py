@@ -326,3 +326,13 @@ def test_block_modules_in_order():
     assert all(a is b for a, b in zip(blocks, model.transformer_blocks))
     with pytest.raises(TypeError):
         block_modules(nn.Linear(2, 2))
+
+
+def test_reference_source_loads_the_shipped_digits_dit():
+    model = load_dit("reference")
+    assert not model.training
+    assert model.config.in_channels == 1 and model.config.out_channels == 2
+    assert model.config.sample_size == 16 and model.config.num_embeds_ada_norm == 1000
+    x = torch.randn(2, 1, 16, 16)
+    out = model(x, timestep=torch.tensor([10, 900]), class_labels=torch.tensor([3, 1000])).sample
+    assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()

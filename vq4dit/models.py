@@ -169,6 +169,11 @@ def _is_pathlike_string(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
 
+# The project's small trained digits DiT (pixel space, 16x16, 10 classes), shipped in the package.
+REFERENCE_NAME = "reference"
+REFERENCE_FOLDER = Path(__file__).resolve().parent / "assets" / "reference" / "transformer"
+
+
 def load_dit(
     source: str | os.PathLike,
     *,
@@ -181,7 +186,8 @@ def load_dit(
     Path objects are always local paths.
 
     Args:
-        source: a preset (``DiT-XL/2``, ``DiT-S/4-512``, ``tiny``; random weights), a local
+        source: ``reference`` (the shipped digits DiT), a preset (``DiT-XL/2``, ``DiT-S/4-512``,
+            ``tiny``; random weights), a local
             diffusers folder (``DiTPipeline`` snapshot or transformer folder), a hub id, or an
             original facebookresearch/DiT checkpoint (``.pt``/``.pth``).
         dtype: optional cast of all parameters and buffers, e.g. ``torch.bfloat16``.
@@ -202,7 +208,11 @@ def load_dit(
             f"num_heads={num_heads} only applies to original .pt/.pth checkpoints; "
             f"{os.fspath(source)!r} stores its own config"
         )
-    if is_string and source in PRESETS:
+    if is_string and source == REFERENCE_NAME:
+        if not REFERENCE_FOLDER.is_dir():
+            raise DiTLoadError(f"the shipped reference model is missing at {REFERENCE_FOLDER}")
+        model = _load_folder(REFERENCE_FOLDER)
+    elif is_string and source in PRESETS:
         model = DiTTransformer2DModel(**PRESETS[source])
     elif path.exists():
         if path.is_dir():

@@ -4,7 +4,13 @@ The schedule follows the original DiT / improved-DDPM setup, written from the eq
 linear betas over 1000 training steps, respaced to ``num_steps`` evenly spaced timesteps
 (betas recomputed so the respaced chain has the same alpha-bar values), a learned-range variance
 ``log var = f * log beta_t + (1 - f) * log beta~_t`` with ``f = (v + 1) / 2`` taken from the
-model's second half of output channels, ``clip_denoised=False``.
+model's second half of output channels (channel ``C + c`` = ``v`` in [-1, 1] for channel ``c``).
+``clip_denoised`` clamps the predicted ``x_0`` to [-1, 1] (pixel-space models such as the digits
+reference model; DiT latents use False, as the original DiT).
+
+The same :class:`Diffusion` serves training: its methods accept a respaced step ``i`` either as an
+``int`` (one step for the whole batch) or as a ``[B]`` long tensor (one step per sample);
+``Diffusion(T, T)`` is the full training chain (step index = model timestep).
 
 Classifier-free guidance evaluates the model on ``[x; x]`` with ``[y; null]`` labels and guides the
 first ``guided_channels`` channels of the noise prediction (the original DiT guides 3 of the 4
@@ -33,6 +39,7 @@ class SamplerConfig:
         guidance_scale: classifier-free guidance scale; 1 disables guidance (no null batch).
         guided_channels: leading noise channels that get guidance (original DiT: 3); None = all.
         train_steps: length of the training schedule (1000 for DiT).
+        clip_denoised: clamp the predicted ``x_0`` to [-1, 1] in every step (pixel-space models).
     """
 
     sampler: Literal["ddpm", "ddim"] = "ddpm"
@@ -40,6 +47,7 @@ class SamplerConfig:
     guidance_scale: float = 1.5
     guided_channels: int | None = None
     train_steps: int = 1000
+    clip_denoised: bool = False
 
     def __post_init__(self) -> None:
         if self.sampler not in ("ddpm", "ddim"):
@@ -66,10 +74,15 @@ def respaced_timesteps(train_steps: int, num_steps: int) -> torch.Tensor:
     return torch.tensor(sorted({round(i * stride) for i in range(num_steps)}), dtype=torch.long)
 
 
+Step = int | torch.Tensor  # a respaced step index: int, or ``[B]`` long tensor (one per sample)
+
+
 class Diffusion:
     """A (respaced) Gaussian diffusion: the coefficients of one sampling chain.
 
-    All tables are float64 ``[S]`` on the CPU, indexed by the respaced step ``i`` (0 = cleanest).
+    All tables are float64 ``[S]`` on the CPU, indexed by the respaced step ``i`` (0 = cleanest);
+    ``timesteps[i]`` is the model timestep of step ``i``. Methods take ``i`` as an ``int`` or a ``[B]``
+    long tensor and tensors ``x [B, C, ...]``.
     """
 
     def __init__(self, num_steps: int = 50, train_steps: int = 1000) -> None:
@@ -78,11 +91,17 @@ class Diffusion:
         alpha_bar = base_alpha_bar[self.timesteps]
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         self.betas = 1.0 - alpha_bar / alpha_bar_prev
+        self.log_betas = self.betas.log()
         self.alpha_bar = alpha_bar
         self.alpha_bar_prev = alpha_bar_prev
-        posterior_var = self.betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+        self.sqrt_alpha_bar = alpha_bar.sqrt()
+        self.sqrt_one_minus_alpha_bar = (1.0 - alpha_bar).sqrt()
+        self.sqrt_recip_alpha_bar = (1.0 / alpha_bar).sqrt()
+        self.sqrt_recipm1_alpha_bar = (1.0 / alpha_bar - 1.0).sqrt()
+        self.posterior_var = self.betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
         # log(0) at step 0 is replaced by the next value, as in improved DDPM
-        self.posterior_log_var = torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]]))
+        clipped = torch.cat([self.posterior_var[1:2], self.posterior_var[1:]]) if num_steps > 1 else self.betas
+        self.posterior_log_var = torch.log(clipped)
         self.coef_x0 = self.betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar)
         self.coef_xt = (1.0 - alpha_bar_prev) * (1.0 - self.betas).sqrt() / (1.0 - alpha_bar)
 
@@ -90,36 +109,67 @@ class Diffusion:
     def num_steps(self) -> int:
         return self.timesteps.numel()
 
-    def _at(self, table: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
-        return table[i].to(device=like.device, dtype=like.dtype)
+    @staticmethod
+    def _at(table: torch.Tensor, i: Step, like: torch.Tensor) -> float | torch.Tensor:
+        """``table[i]``: a float for an int ``i``, else ``[B, 1, ..., 1]`` in ``like``'s dtype/device."""
+        if not torch.is_tensor(i) or i.ndim == 0:
+            return table[int(i)].item()
+        return table.to(i.device)[i].to(device=like.device, dtype=like.dtype).view(-1, *[1] * (like.ndim - 1))
 
-    def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
-        a = self.alpha_bar[i]
-        return (x * (1.0 / a).sqrt().item()) - eps * (1.0 / a - 1.0).sqrt().item()
+    def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, i: Step) -> torch.Tensor:
+        """``x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``: ``[B, C, ...]``."""
+        return x * self._at(self.sqrt_recip_alpha_bar, i, x) - eps * self._at(self.sqrt_recipm1_alpha_bar, i, x)
 
-    def q_sample(self, x0: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, i: Step, noise: torch.Tensor) -> torch.Tensor:
         """Forward process at respaced step ``i``: ``sqrt(a) x0 + sqrt(1 - a) noise``."""
-        a = self.alpha_bar[i]
-        return x0 * a.sqrt().item() + noise * (1.0 - a).sqrt().item()
+        return x0 * self._at(self.sqrt_alpha_bar, i, x0) + noise * self._at(self.sqrt_one_minus_alpha_bar, i, x0)
 
-    def ddpm_step(self, x: torch.Tensor, model_out: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
-        """One ancestral step with learned-range variance; ``model_out [B, 2C, ...]`` = (eps, v)."""
+    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, i: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and clipped log variance of ``q(x_{i-1} | x_i, x_0)``, both shaped like ``xt``."""
+        mean = x0 * self._at(self.coef_x0, i, xt) + xt * self._at(self.coef_xt, i, xt)
+        log_var = self._at(self.posterior_log_var, i, xt)
+        if isinstance(log_var, float):
+            return mean, torch.full_like(xt, log_var)
+        return mean, log_var.expand_as(xt)
+
+    def learned_log_var(self, v: torch.Tensor, i: Step) -> torch.Tensor:
+        """``log var = f log beta + (1 - f) log beta~`` with ``f = (v + 1) / 2``, ``v`` in [-1, 1]."""
+        frac = (v + 1.0) / 2.0
+        return frac * self._at(self.log_betas, i, v) + (1.0 - frac) * self._at(self.posterior_log_var, i, v)
+
+    def p_mean_variance(
+        self, x: torch.Tensor, model_out: torch.Tensor, i: Step, clip_denoised: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reverse step ``p(x_{i-1} | x_i)`` from ``model_out [B, 2C or C, ...]`` = (eps[, v]).
+
+        Returns ``(mean, log_var, x0_pred)``, each shaped like ``x``; without ``v`` channels the
+        variance is the posterior's.
+        """
         channels = x.shape[1]
         eps, v = model_out[:, :channels], model_out[:, channels:]
         x0 = self.predict_x0(x, eps, i)
-        mean = x0 * self.coef_x0[i].item() + x * self.coef_xt[i].item()
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean, posterior_log_var = self.q_posterior(x0, x, i)
+        log_var = posterior_log_var if v.shape[1] == 0 else self.learned_log_var(v.float(), i)
+        return mean, log_var, x0
+
+    def ddpm_step(
+        self, x: torch.Tensor, model_out: torch.Tensor, i: int, noise: torch.Tensor, clip_denoised: bool = False
+    ) -> torch.Tensor:
+        """One ancestral step with learned-range variance; ``model_out [B, 2C, ...]`` = (eps, v)."""
+        mean, log_var, _ = self.p_mean_variance(x, model_out, i, clip_denoised)
         if i == 0:
             return mean
-        if v.shape[1] == 0:  # no learned sigma: the posterior variance
-            return mean + math.exp(0.5 * self.posterior_log_var[i].item()) * noise
-        frac = (v.float() + 1.0) / 2.0
-        log_var = frac * math.log(self.betas[i].item()) + (1.0 - frac) * self.posterior_log_var[i].item()
         return mean + torch.exp(0.5 * log_var).to(x.dtype) * noise
 
-    def ddim_step(self, x: torch.Tensor, model_out: torch.Tensor, i: int) -> torch.Tensor:
-        """One deterministic DDIM step (eta = 0)."""
+    def ddim_step(self, x: torch.Tensor, model_out: torch.Tensor, i: int, clip_denoised: bool = False) -> torch.Tensor:
+        """One deterministic DDIM step (eta = 0); with ``clip_denoised`` eps is re-derived from the clamped x0."""
         eps = model_out[:, : x.shape[1]]
         x0 = self.predict_x0(x, eps, i)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x * self._at(self.sqrt_recip_alpha_bar, i, x) - x0) / self._at(self.sqrt_recipm1_alpha_bar, i, x)
         a_prev = self.alpha_bar_prev[i]
         return x0 * a_prev.sqrt().item() + eps * (1.0 - a_prev).sqrt().item()
 
@@ -191,8 +241,8 @@ def sample(
             trajectory.append((x.detach().cpu().clone(), t.cpu()))
         out = guided_output(model, x, t, labels, config.guidance_scale, config.guided_channels).float()
         if config.sampler == "ddim":
-            x = diffusion.ddim_step(x, out, i)
+            x = diffusion.ddim_step(x, out, i, config.clip_denoised)
         else:
             noise = torch.stack([torch.randn(shape, generator=g) for g in step_generators]).to(x.device)
-            x = diffusion.ddpm_step(x, out, i, noise)
+            x = diffusion.ddpm_step(x, out, i, noise, config.clip_denoised)
     return (x, trajectory) if record_trajectory else x
