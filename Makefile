@@ -28,6 +28,7 @@ demo: $(STAMP)
 	@echo
 	@echo "packed model:     outputs/demo/quantized  (vq4dit.load_quantized)"
 	@echo "TensorBoard logs: outputs/demo/tensorboard (tensorboard --logdir outputs/demo)"
+	@echo "sample grids:     outputs/demo/tensorboard/version_*/samples (row 1 FP, row 2 quantized)"
 	@echo "checkpoints:      outputs/demo/tensorboard/version_*/checkpoints"
 
 bench: $(STAMP)
