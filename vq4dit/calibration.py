@@ -241,7 +241,7 @@ class CalibrationModule(pl.LightningModule):
         """Mean of the regulariser over the layers that still have soft rows (0 if none)."""
         soft = [layer for layer in self.vq_layers().values() if not layer.is_hard]
         if not soft:
-            return self.teacher.pos_embed.proj.weight.new_zeros(()) if hasattr(self.teacher, "pos_embed") else torch.zeros(())
+            return torch.zeros((), device=self.device)
         return torch.stack([ratio_regularizer(layer.ratios(), self.hparams.regularizer) for layer in soft]).mean()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
