@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,19 +17,27 @@ import torch
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
 import callbacks  # noqa: F401  (short class paths in YAML: callbacks.CandidatePruning)
-from callbacks import FinalAssignment
+from callbacks import FinalAssignment, SampleWriter
 from vq4dit.calibration import CalibrationModule
 from vq4dit.data import CalibrationDataModule
 
 
-# Model settings that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"export_dir"}
+# Model settings that may differ between a checkpoint and the run resuming or evaluating it.
+RESUMABLE_CHANGES = {"export_dir", "quantized", "eval_model", "vae", "metrics_features", "real_images"}
 
 
 class VQ4DiTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Always present: the final argmax + packed export at the end of fit.
         parser.add_lightning_class_args(FinalAssignment, "final_assignment")
+        # predict writes PNGs + a sample_ddp.py-style npz (inactive in the other subcommands).
+        parser.add_lightning_class_args(SampleWriter, "sample_writer")
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # SampleWriter writes the images; keeping them all would cost RAM
+            parser.set_defaults(return_predictions=False)
+        return parser
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI silently replaces the model settings by the checkpoint's: refuse instead
@@ -64,6 +73,15 @@ def cli_main(args: ArgsType = None) -> VQ4DiTCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+# Harmless notices of Lightning that would only confuse users of this CLI.
+for _message in (
+    r".*`IterableDataset` has `__len__` defined.*",  # our datasets shard themselves per rank
+    r".*Couldn't infer the batch indices.*",  # SampleWriter uses the sample indices in the batch
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def main() -> None:

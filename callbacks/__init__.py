@@ -4,5 +4,6 @@ from .calibration_stop import CalibrationStop
 from .candidate_pruning import CandidatePruning
 from .final_assignment import FinalAssignment
 from .image_logging import SampleImages
+from .sample_writer import SampleWriter
 
-__all__ = ["CalibrationStop", "CandidatePruning", "FinalAssignment", "SampleImages"]
+__all__ = ["CalibrationStop", "CandidatePruning", "FinalAssignment", "SampleImages", "SampleWriter"]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .evaluation import EvaluationSteps
 from .models import block_modules, load_dit
 from .nn import VQLinear, quantize_, vq_layers
 from .quantizer import VQConfig, ratio_regularizer
@@ -77,7 +78,7 @@ def check_writable_dir(path: str) -> None:
         raise ValueError(f"export_dir {path!r} exists and is not a folder")
 
 
-class CalibrationModule(pl.LightningModule):
+class CalibrationModule(EvaluationSteps, pl.LightningModule):
     """VQ4DiT calibration of a DiT: zero-data, block-wise, with soft candidate assignments.
 
     Args:
@@ -106,6 +107,18 @@ class CalibrationModule(pl.LightningModule):
         lr_logits: learning rate of the ratio logits.
         export_dir: where ``FinalAssignment`` writes the packed model (checked before any work).
         num_heads: attention heads, only for original ``.pt`` checkpoints of non-paper sizes.
+        quantized: a packed model folder (``export_dir`` of an earlier run) that ``test`` /
+            ``predict`` / ``validate`` evaluate instead of quantizing ``model`` again.
+        eval_model: what ``test`` / ``predict`` sample from: ``quantized`` (the student, compared
+            with the FP model under identical noise) or ``fp`` (the teacher only: FP baseline).
+        vae: diffusers ``AutoencoderKL`` (folder or hub id) decoding latents into images for
+            ``test`` / ``predict``; None for pixel-space models (the reference model).
+        metrics_features: feature network of FID / IS / precision / recall: ``classifier`` (the
+            digits classifier, offline), ``inception`` (needs torch-fidelity) or ``auto``
+            (classifier for the reference model, Inception otherwise).
+        real_images: real data of FID / precision / recall: ``digits``, an ``.npz`` with
+            ``arr_0 [N, H, W, C]`` uint8 (e.g. the ADM ImageNet reference batch), ``auto``
+            (digits for the reference model) or None (FID to the FP samples only).
     """
 
     def __init__(
@@ -132,6 +145,11 @@ class CalibrationModule(pl.LightningModule):
         lr_logits: float = 5e-2,
         export_dir: str | None = None,
         num_heads: int | None = None,
+        quantized: str | None = None,
+        eval_model: str = "quantized",
+        vae: str | None = None,
+        metrics_features: str = "auto",
+        real_images: str | None = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -139,6 +157,10 @@ class CalibrationModule(pl.LightningModule):
         _check_choice("regularizer", regularizer, ("official", "paper"))
         _check_choice("codebook_training", codebook_training, ("after_hardening", "simultaneous"))
         _check_choice("optimizer", optimizer, ("rmsprop", "adam"))
+        _check_choice("eval_model", eval_model, ("quantized", "fp"))
+        _check_choice("metrics_features", metrics_features, ("auto", "classifier", "inception"))
+        if quantized is not None and not (Path(quantized) / "config.json").is_file():
+            raise ValueError(f"quantized={quantized!r} is not a packed vq4dit model folder (no config.json)")
         for name in ("lr_codebook", "lr_bias", "lr_logits", "regularizer_weight"):
             if not getattr(self.hparams, name) >= 0 or not math.isfinite(getattr(self.hparams, name)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self.hparams, name)}")
@@ -171,8 +193,17 @@ class CalibrationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ model setup
     def configure_model(self) -> None:
-        """Build the student: a copy of the teacher with VQ layers (k-means initialised)."""
+        """Build the student: a copy of the teacher with VQ layers (k-means initialised), or the
+        packed model ``quantized`` for evaluation; none when only the FP model is evaluated."""
         if self.student is not None:
+            return
+        stage = self._trainer.state.fn if self._trainer is not None else None
+        if self.hparams.quantized is not None:
+            if stage == "fit":
+                raise ValueError("model.quantized is for test / predict / validate; resume a calibration with --ckpt_path")
+            self.student = self._load_packed(self.hparams.quantized)
+            return
+        if self.hparams.eval_model == "fp" and stage in ("test", "predict"):
             return
         student = copy.deepcopy(self.teacher)
         quantize_(
@@ -193,6 +224,20 @@ class CalibrationModule(pl.LightningModule):
             for p in ("codebook", "candidate_logits", "codes", "soft_rows", "candidates")
         ]
         self._ddp_params_and_buffers_to_ignore = ignored
+
+    def _load_packed(self, path: str) -> nn.Module:
+        from .export import load_quantized
+
+        student = load_quantized(path, device=self.device)
+        mine = {k: v for k, v in self.teacher.config.items() if not k.startswith("_")}
+        theirs = {k: v for k, v in student.config.items() if not k.startswith("_")}
+        differing = sorted(k for k in mine if k in theirs and mine[k] != theirs[k])
+        if differing:
+            raise ValueError(
+                f"the packed model {path} does not fit model={self.hparams.model!r}: "
+                + ", ".join(f"{k} {theirs[k]!r} vs {mine[k]!r}" for k in differing)
+            )
+        return student.eval()
 
     def update_codebook_trainability(self) -> None:
         """Codebooks train with the ratios (``simultaneous``) or once their layer is hard."""

@@ -1,0 +1,209 @@
+"""Evaluation of FP and quantized DiTs: images from fixed labels and seeds, metrics, grids.
+
+Functions usable without Lightning (``benchmarks/quality.py`` uses them) plus
+:class:`EvaluationSteps`, the ``test`` / ``predict`` steps of the calibration LightningModule:
+
+- ``python train.py test``: FP and quantized samples under identical noise -> FID / IS /
+  precision / recall / class accuracy / MSE to FP (``vq4dit.metrics``), an FP-vs-quantized grid
+  in TensorBoard and as PNG.
+- ``python train.py predict``: quantized (or FP) samples -> PNGs + one ``.npz`` in the format of
+  the original DiT's ``sample_ddp.py`` (``callbacks.SampleWriter``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .images import make_grid, save_png, to_images
+from .metrics import SampleMetrics, feature_networks
+from .sampling import SamplerConfig, sample
+
+LATENT_SCALE = 0.18215  # DiT / Stable Diffusion VAE latent scaling
+
+
+def evaluation_plan(num_samples: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """Balanced labels ``[N]`` (``i % num_classes``) and one seed per sample (``seed * 10^7 + i``)."""
+    if num_samples < 1 or num_classes < 1:
+        raise ValueError(f"need num_samples >= 1 and num_classes >= 1, got {num_samples}, {num_classes}")
+    labels = torch.arange(num_samples) % num_classes
+    return labels, [seed * 10_000_000 + i for i in range(num_samples)]
+
+
+def load_vae(source: str, device: torch.device | str = "cpu") -> nn.Module:
+    """A diffusers ``AutoencoderKL`` from a folder or hub id (e.g. ``stabilityai/sd-vae-ft-ema``)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(source).eval().requires_grad_(False).to(device)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ValueError(f"cannot load the VAE {source!r} (a diffusers AutoencoderKL folder or hub id): {error}") from error
+
+
+@torch.no_grad()
+def decode(samples: torch.Tensor, vae: nn.Module | None = None) -> torch.Tensor:
+    """Model-space samples ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in [0, 1].
+
+    Latent models need ``vae`` (decoded as ``vae.decode(z / 0.18215)``, as DiT does); pixel-space
+    models (1 or 3 channels) are mapped from [-1, 1].
+    """
+    if vae is not None:
+        param = next(vae.parameters())
+        pixels = vae.decode(samples.to(param.device, param.dtype) / LATENT_SCALE).sample
+        return to_images(pixels.float())
+    if samples.shape[1] not in (1, 3):
+        raise ValueError(
+            f"samples have {samples.shape[1]} channels: a latent model needs a VAE to make images "
+            "(model.vae: a diffusers AutoencoderKL folder or hub id, e.g. stabilityai/sd-vae-ft-ema)"
+        )
+    return to_images(samples)
+
+
+def generate_images(
+    model: nn.Module,
+    labels: torch.Tensor,
+    seeds: list[int],
+    config: SamplerConfig,
+    vae: nn.Module | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in [0, 1] (CPU) for ``labels [N]`` and one seed each, in batches.
+
+    The noise of sample ``i`` depends only on ``seeds[i]``: any two models get identical noise.
+    """
+    from tqdm.auto import tqdm
+
+    images = []
+    for start in tqdm(range(0, len(seeds), batch_size), desc="sampling", disable=not progress, unit="batch"):
+        stop = start + batch_size
+        images.append(decode(sample(model, labels[start:stop], seeds[start:stop], config), vae).cpu())
+    return torch.cat(images)
+
+
+def load_real_images(source: str) -> torch.Tensor:
+    """Real images ``[N, C, H, W]`` uint8 for FID / precision / recall.
+
+    ``digits``: the scikit-learn digits at 16x16 (the reference model's data); otherwise an
+    ``.npz`` whose ``arr_0`` is ``[N, H, W, C]`` uint8 (the ADM evaluator's reference batches, or
+    one written by ``train.py predict``).
+    """
+    if source == "digits":
+        from .reference import digits_dataset
+
+        pixels, _ = digits_dataset()
+        return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    path = Path(source)
+    if path.suffix != ".npz" or not path.is_file():
+        raise ValueError(f"real_images must be 'digits' or an existing .npz file, got {source!r}")
+    try:
+        with np.load(path) as archive:
+            array = archive["arr_0"]
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"cannot read arr_0 from {path}: {error}") from error
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 1 or 3], got {array.dtype} {array.shape}")
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def build_metrics(
+    features: str, classifier: nn.Module | None, real_images: torch.Tensor | None, num_samples: int
+) -> SampleMetrics:
+    """:class:`SampleMetrics` with the chosen feature network (``classifier`` or ``inception``)."""
+    feature_net, logits_net = feature_networks(features, classifier)
+    return SampleMetrics(
+        feature_net, logits_net, real_images, class_accuracy=features == "classifier",
+        inception_splits=10 if num_samples >= 1000 else 1,
+    )
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` in [0, 1] -> ``[B, H, W, 3]`` uint8 (the ``sample_ddp.py`` layout)."""
+    return (images.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+class EvaluationSteps:
+    """``test_step`` / ``predict_step`` of :class:`vq4dit.calibration.CalibrationModule`.
+
+    Expects ``self.teacher``, ``self.student`` and the hparams ``vae``, ``eval_model``,
+    ``metrics_features``, ``real_images``, ``model``; the datamodule provides the labels, seeds
+    and sampler (``eval_*`` settings of :class:`vq4dit.data.CalibrationDataModule`).
+    """
+
+    def _eval_sampler(self) -> SamplerConfig:
+        datamodule = self.trainer.datamodule
+        config = datamodule.eval_sampler_config()
+        pixel_space = self.hparams.vae is None and self.teacher.config.in_channels in (1, 3)
+        config.clip_denoised = pixel_space  # x_0 of a pixel model lies in [-1, 1]
+        return config
+
+    def _vae(self) -> nn.Module | None:
+        if self.hparams.vae is None:
+            return None
+        if getattr(self, "_vae_model", None) is None:
+            self._vae_model = load_vae(self.hparams.vae, self.device)
+        return self._vae_model
+
+    def _evaluated_model(self) -> nn.Module:
+        return self.teacher if self.hparams.eval_model == "fp" else self.student
+
+    def _images(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        samples = sample(model, batch["labels"], batch["seeds"].tolist(), self._eval_sampler())
+        return decode(samples, self._vae())
+
+    # ------------------------------------------------------------------------------------ test
+    def on_test_start(self) -> None:
+        features = self.hparams.metrics_features
+        if features == "auto":
+            features = "classifier" if self.hparams.model == "reference" else "inception"
+        real = self.hparams.real_images
+        if real == "auto":
+            real = "digits" if self.hparams.model == "reference" else None
+        classifier = None
+        if features == "classifier":
+            from .reference import load_reference_classifier
+
+            classifier = load_reference_classifier()
+        real_images = load_real_images(real) if real else None
+        num_samples = self.trainer.datamodule.hparams.eval_samples
+        self.test_metrics = build_metrics(features, classifier, real_images, num_samples).to(self.device)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        images = self._images(self._evaluated_model(), batch)
+        fp_images = None
+        if self.hparams.eval_model == "quantized":
+            fp_images = self._images(self.teacher, batch)
+        self.test_metrics.update(images, batch["labels"], fp_images)
+        if batch_idx == 0:
+            self._log_grid(images, fp_images)
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_metrics.compute()
+        self.log_dict({f"test/{name}": value for name, value in results.items()}, sync_dist=False)
+
+    def _log_grid(self, images: torch.Tensor, fp_images: torch.Tensor | None) -> None:
+        # trainer.log_dir is a collective (broadcast from rank 0): every rank asks for it.
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test"
+        if not self.trainer.is_global_zero:
+            return
+        count = min(len(images), 16)
+        rows = ([fp_images[:count].cpu()] if fp_images is not None else []) + [images[:count].cpu()]
+        scale = max(1, 64 // images.shape[-1])
+        grid = make_grid(rows, scale=scale)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("test/fp_vs_quantized" if fp_images is not None else "test/samples", grid, 0)
+        save_png(grid, folder / ("fp_vs_quantized.png" if fp_images is not None else "samples.png"))
+
+    # --------------------------------------------------------------------------------- predict
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """``{"index": [B], "labels": [B], "images": [B, H, W, 3] uint8}`` for the sample writer."""
+        images = self._images(self._evaluated_model(), batch)
+        return {
+            "index": batch["index"].cpu(),
+            "labels": batch["labels"].cpu(),
+            "images": torch.from_numpy(to_uint8_hwc(images)),
+        }
