@@ -64,7 +64,9 @@ class VQ4DiTCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
-def cli_main(args: ArgsType = None) -> VQ4DiTCLI:
+def cli_main(args: ArgsType = None, run: bool = True) -> VQ4DiTCLI:
+    """Parse ``args`` (default: ``sys.argv``) and run the subcommand; ``run=False``: build model,
+    datamodule and trainer only (``args`` then has no subcommand), for scripts that add callbacks."""
     return VQ4DiTCLI(
         CalibrationModule,
         CalibrationDataModule,
@@ -72,6 +74,7 @@ def cli_main(args: ArgsType = None) -> VQ4DiTCLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from vq4dit.evaluation import decode, load_vae
 from vq4dit.images import make_grid, save_png, to_images
 from vq4dit.sampling import SamplerConfig, sample
 
@@ -53,15 +54,11 @@ class SampleImages(pl.Callback):
         self.written: list[Path] = []
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae_source is None:
-            return to_images(latents)
-        if self._vae is None:
-            from diffusers import AutoencoderKL
-
-            self._vae = AutoencoderKL.from_pretrained(self.vae_source).eval().to(latents.device)
-        with torch.no_grad():
-            pixels = self._vae.decode(latents / 0.18215).sample
-        return to_images(pixels)
+        if self.vae_source is not None and self._vae is None:
+            self._vae = load_vae(self.vae_source, latents.device)
+        if self._vae is None and latents.shape[1] not in (1, 3):
+            return to_images(latents)  # a rough picture of the first latent channels
+        return decode(latents, self._vae)
 
     def _log(self, trainer: pl.Trainer, pl_module) -> None:
         # trainer.log_dir is a collective (broadcast from rank 0): every rank must ask for it.
