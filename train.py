@@ -23,7 +23,7 @@ from vq4dit.data import CalibrationDataModule
 
 
 # Model settings that may differ between a checkpoint and the run resuming or evaluating it.
-RESUMABLE_CHANGES = {"export_dir", "quantized", "eval_model", "vae", "metrics_features", "real_images"}
+RESUMABLE_CHANGES = {"export_dir", "quantized", "eval_model", "vae", "metrics_features", "real_images", "spread_blocks"}
 
 
 class VQ4DiTCLI(LightningCLI):

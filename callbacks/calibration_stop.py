@@ -58,8 +58,9 @@ class CalibrationStop(pl.Callback):
         if self.max_steps is not None and step >= self.max_steps:
             trainer.should_stop = True
             return
-        layers = pl_module.vq_layers()
-        if self.hard_since is None and layers and all(l.is_hard for l in layers.values()):
+        # soft_counts: global under spread_blocks (a collective; every rank gets here alike)
+        counts = pl_module.soft_counts() if self.hard_since is None else {}
+        if self.hard_since is None and counts and all(rows == 0 for rows, _ in counts.values()):
             self.hard_since = step
             self.best, self.best_step = self.smoothed, step
         if self.hard_since is None:

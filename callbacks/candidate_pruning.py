@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
-import torch
 
 from vq4dit.nn import replace_in_optimizer_
 
@@ -15,7 +14,8 @@ class CandidatePruning(pl.Callback):
     ratio exceeds ``harden_threshold`` take that candidate for good; candidates whose ratio fell
     below ``prune_floor`` leave the candidate set; a layer with at least ``finalize_fraction`` hard
     rows takes the argmax for all rows (official code: 0.99 / 0.99). The optimiser state of the
-    shrunk ratio logits shrinks with them.
+    shrunk ratio logits shrinks with them. With the module's ``spread_blocks`` each rank acts on
+    the layers of its own blocks; the logged counts are global.
 
     Args:
         every_n_steps: how often to act.
@@ -51,8 +51,7 @@ class CandidatePruning(pl.Callback):
         if trainer.global_step % self.every_n_steps:
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        layers = pl_module.vq_layers()
-        for layer in layers.values():
+        for layer in pl_module.owned_vq_layers().values():
             if layer.is_hard:
                 continue
             self._apply(optimizer, layer, lambda: layer.harden_rows_(self.harden_threshold))
@@ -61,7 +60,7 @@ class CandidatePruning(pl.Callback):
             if not layer.is_hard and layer.hard_fraction >= self.finalize_fraction:
                 self._apply(optimizer, layer, layer.finalize_)
         pl_module.update_codebook_trainability()
-        self._log(trainer, pl_module, layers)
+        self._log(trainer, pl_module)
 
     @staticmethod
     def _apply(optimizer, layer, mutate) -> None:
@@ -70,11 +69,13 @@ class CandidatePruning(pl.Callback):
         if optimizer is not None and layer.candidate_logits is not old:
             replace_in_optimizer_(optimizer, old, layer.candidate_logits, reindex)
 
-    def _log(self, trainer: pl.Trainer, pl_module, layers) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module) -> None:
+        # Collectives under spread_blocks: every rank takes the same branches (global values only).
+        layers, counts = pl_module.vq_layers(), pl_module.soft_counts()  # name -> (soft rows, slots)
         total = sum(l.num_subvectors for l in layers.values())
-        soft = sum(l.num_soft for l in layers.values())
-        candidates = sum(l.num_soft * l.num_candidates for l in layers.values())
-        hard_layers = sum(l.is_hard for l in layers.values())
+        soft = sum(rows for rows, _ in counts.values())
+        candidates = sum(slots for _, slots in counts.values())
+        hard_layers = sum(rows == 0 for rows, _ in counts.values())
         pl_module.log_dict(
             {
                 "calibration/hard_fraction": 1.0 - soft / max(total, 1),
@@ -87,14 +88,10 @@ class CandidatePruning(pl.Callback):
         step = trainer.global_step
         if trainer.logger is None or step % max(trainer.log_every_n_steps, 1):
             return
-        metrics = {f"hard_fraction/{name}": layer.hard_fraction for name, layer in layers.items()}
+        metrics = {f"hard_fraction/{name}": 1.0 - counts[name][0] / max(l.num_subvectors, 1) for name, l in layers.items()}
         trainer.logger.log_metrics(metrics, step=step)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if (
-            self.histogram_every_n_steps
-            and step % self.histogram_every_n_steps == 0
-            and hasattr(experiment, "add_histogram")
-            and soft
-        ):
-            top = torch.cat([l.ratios().max(dim=1).values.detach().cpu() for l in layers.values() if l.num_soft])
-            experiment.add_histogram("calibration/top_ratio_of_soft_rows", top, step)
+        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0 and soft:
+            top = pl_module.top_ratios_of_soft_rows()
+            experiment = getattr(trainer.logger, "experiment", None)
+            if hasattr(experiment, "add_histogram"):
+                experiment.add_histogram("calibration/top_ratio_of_soft_rows", top, step)

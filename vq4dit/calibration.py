@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import BlockSpread, BlockSpreading
 from .evaluation import EvaluationSteps
 from .models import block_modules, load_dit
 from .nn import VQLinear, quantize_, vq_layers
@@ -78,7 +79,7 @@ def check_writable_dir(path: str) -> None:
         raise ValueError(f"export_dir {path!r} exists and is not a folder")
 
 
-class CalibrationModule(EvaluationSteps, pl.LightningModule):
+class CalibrationModule(EvaluationSteps, BlockSpreading, pl.LightningModule):
     """VQ4DiT calibration of a DiT: zero-data, block-wise, with soft candidate assignments.
 
     Args:
@@ -95,6 +96,10 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
         exclude: glob patterns removed from the selection.
         overrides: glob pattern -> VQ settings, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``.
         block_inputs: ``student`` (end to end, official) or ``teacher`` (each block gets FP inputs).
+        spread_blocks: under DDP, rank r of W calibrates only blocks b with b % W == r, on all
+            calibration items (no data sharding): the same result as one process, with the
+            student's forward/backward split over ranks. Needs ``block_inputs: teacher``; a no-op
+            in one process.
         regularizer: ratio regulariser form, ``official`` (n r(1-r)) or ``paper`` (1-|2r-1|).
         regularizer_weight: lambda_r.
         regularizer_gating: official gating: add L_r only when it rose above its running minimum.
@@ -119,6 +124,10 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
         real_images: real data of FID / precision / recall: ``digits``, an ``.npz`` with
             ``arr_0 [N, H, W, C]`` uint8 (e.g. the ADM ImageNet reference batch), ``auto``
             (digits for the reference model) or None (FID to the FP samples only).
+        teacher_dtype: ``float32`` or ``bfloat16``: dtype of the frozen teacher once the student
+            is built (k-means and the trajectories use float32). ``bfloat16`` halves the
+            teacher's memory and speeds its forward; under ``bf16-mixed`` the targets barely
+            change (its matmuls run in bf16 anyway), under ``32-true`` they are bf16-rounded.
     """
 
     def __init__(
@@ -134,6 +143,7 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
         exclude: list[str] | None = None,
         overrides: dict[str, dict[str, int]] | None = None,
         block_inputs: str = "student",
+        spread_blocks: bool = False,
         regularizer: str = "official",
         regularizer_weight: float = 1.0,
         regularizer_gating: bool = True,
@@ -150,15 +160,22 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
         vae: str | None = None,
         metrics_features: str = "auto",
         real_images: str | None = "auto",
+        teacher_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         _check_choice("block_inputs", block_inputs, ("student", "teacher"))
+        if spread_blocks and block_inputs != "teacher":
+            raise ValueError(
+                "spread_blocks needs block_inputs='teacher' (blocks are only independent when each "
+                f"gets its FP input), got block_inputs={block_inputs!r}"
+            )
         _check_choice("regularizer", regularizer, ("official", "paper"))
         _check_choice("codebook_training", codebook_training, ("after_hardening", "simultaneous"))
         _check_choice("optimizer", optimizer, ("rmsprop", "adam"))
         _check_choice("eval_model", eval_model, ("quantized", "fp"))
         _check_choice("metrics_features", metrics_features, ("auto", "classifier", "inception"))
+        _check_choice("teacher_dtype", teacher_dtype, ("float32", "bfloat16"))
         if quantized is not None and not (Path(quantized) / "config.json").is_file():
             raise ValueError(f"quantized={quantized!r} is not a packed vq4dit model folder (no config.json)")
         for name in ("lr_codebook", "lr_bias", "lr_logits", "regularizer_weight"):
@@ -175,6 +192,7 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
         self.student: nn.Module | None = None
         self.strict_loading = False  # the frozen teacher is not stored in checkpoints
         self._gate_minimum = math.inf
+        self.spread: BlockSpread | None = None  # set by configure_model under DDP with spread_blocks
 
     def _vq_config(self) -> VQConfig:
         hp = self.hparams
@@ -205,7 +223,11 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
             return
         if self.hparams.eval_model == "fp" and stage in ("test", "predict"):
             return
-        student = copy.deepcopy(self.teacher)
+        # New modules, but the frozen tensors are shared with the frozen teacher (nothing writes
+        # them): a deep copy would hold a second set of weights (3 GB on DiT-XL/2) that the
+        # quantized layers then replace anyway.
+        shared = {id(t): t for t in (*self.teacher.parameters(), *self.teacher.buffers())}
+        student = copy.deepcopy(self.teacher, memo=shared)
         quantize_(
             student, self.vq_config, include=self.hparams.include, exclude=self.hparams.exclude,
             overrides=self.hparams.overrides, progress=self.global_rank == 0 if self._trainer else True,
@@ -224,6 +246,24 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
             for p in ("codebook", "candidate_logits", "codes", "soft_rows", "candidates")
         ]
         self._ddp_params_and_buffers_to_ignore = ignored
+        self._configure_spread_blocks()
+        if self.hparams.get("teacher_dtype", "float32") != "float32":
+            self._cast_teacher(getattr(torch, self.hparams.teacher_dtype))
+
+    def _cast_teacher(self, dtype: torch.dtype) -> None:
+        """New ``dtype`` tensors for the teacher (the student keeps the float32 ones it shared),
+        and a pre-hook casting floating inputs, so every caller may keep passing float32."""
+        for module in self.teacher.modules():
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if tensor.is_floating_point():
+                    cast = tensor.detach().to(dtype)
+                    setattr(module, name, nn.Parameter(cast, requires_grad=False) if isinstance(tensor, nn.Parameter) else cast)
+
+        def cast_inputs(_module, args, kwargs):
+            cast = lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+            return tuple(map(cast, args)), {key: cast(value) for key, value in kwargs.items()}
+
+        self.teacher.register_forward_pre_hook(cast_inputs, with_kwargs=True)
 
     def _load_packed(self, path: str) -> nn.Module:
         from .export import load_quantized
@@ -272,27 +312,43 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
         teaching_inputs = self.hparams.block_inputs == "teacher"
         with torch.no_grad(), capture_blocks(teacher_blocks, record_inputs=teaching_inputs) as (t_out, t_in):
             teacher_final = self.teacher(x, timestep=t, class_labels=y).sample
-        if teaching_inputs:
-            s_out = [block(*args, **kwargs) for block, (args, kwargs) in zip(student_blocks, t_in)]
+        if teaching_inputs:  # under spread_blocks only this rank's blocks (others: None)
+            owned = range(len(student_blocks)) if self.spread is None else self.spread.owned_blocks
+            s_out = [
+                block(*args, **kwargs) if index in owned else None
+                for index, (block, (args, kwargs)) in enumerate(zip(student_blocks, t_in))
+            ]
             output_mse = torch.tensor(float("nan"), device=x.device)
         else:
             with capture_blocks(student_blocks) as (s_out, _):
                 student_final = self.student(x, timestep=t, class_labels=y).sample
             output_mse = F.mse_loss(student_final.detach().float(), teacher_final.float())
-        block_mse = torch.stack([F.mse_loss(s.float(), tt.float()) for s, tt in zip(s_out, t_out)])
+        zero = torch.zeros((), device=x.device)
+        block_mse = torch.stack([zero if s is None else F.mse_loss(s.float(), tt.float()) for s, tt in zip(s_out, t_out)])
         return block_mse, output_mse
 
-    def ratio_loss(self) -> torch.Tensor:
-        """Mean of the regulariser over the layers that still have soft rows (0 if none)."""
-        soft = [layer for layer in self.vq_layers().values() if not layer.is_hard]
-        if not soft:
-            return torch.zeros((), device=self.device)
-        return torch.stack([ratio_regularizer(layer.ratios(), self.hparams.regularizer) for layer in soft]).mean()
+    def ratio_terms(self) -> dict[str, torch.Tensor]:
+        """The regulariser of every soft layer this rank calibrates (all layers without a spread)."""
+        layers = self.owned_vq_layers().items()
+        return {name: ratio_regularizer(layer.ratios(), self.hparams.regularizer) for name, layer in layers if not layer.is_hard}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        block_mse, output_mse = self.block_losses(batch)
-        loss_d = block_mse.mean()
-        loss_r = self.ratio_loss().to(loss_d.device)
+        block_mse, output_mse = self.block_losses(batch)  # [L]; spread_blocks: 0 for other ranks' blocks
+        terms, names = self.ratio_terms(), list(self.vq_layers())
+        # Every block MSE and every soft layer's L_r has one owner: summed over ranks, each rank
+        # sees the values of one process, so the logs, the gating and the stop rule agree.
+        zero = torch.zeros((), device=block_mse.device)
+        local = torch.cat([
+            block_mse.detach().float(),
+            torch.stack([terms[n].detach().float() if n in terms else zero for n in names]),  # [M] L_r
+            torch.tensor([float(n in terms) for n in names], device=block_mse.device),  # [M] soft layer
+        ])
+        summed = self.global_sum(local)
+        num_blocks, num_layers = block_mse.numel(), len(names)
+        all_mse, all_r = summed[:num_blocks], summed[num_blocks : num_blocks + num_layers]
+        soft = summed[num_blocks + num_layers :] > 0
+        loss_d = all_mse.mean()
+        loss_r = all_r[soft].mean() if soft.any() else zero
         apply_r = True
         if self.hparams.regularizer_gating:
             if self.global_step % self.hparams.gate_window == 0:
@@ -300,22 +356,29 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
             value = float(loss_r.detach())
             apply_r = value > self._gate_minimum
             self._gate_minimum = min(self._gate_minimum, value)
-        loss = loss_d + (self.hparams.regularizer_weight * loss_r if apply_r else 0.0)
+        # This rank's part: the same gradients as mean over all blocks + lambda_r x mean over soft layers.
+        loss = block_mse.sum() / num_blocks
+        if apply_r and terms:
+            loss = loss + self.hparams.regularizer_weight * (torch.stack(list(terms.values())).sum() / int(soft.sum()))
+        if self.spread is not None:
+            loss = loss + 0.0 * self.ddp_anchor  # DDP's only parameter (see _configure_spread_blocks)
+        total = loss_d + (self.hparams.regularizer_weight * loss_r if apply_r else 0.0)
         batch_size = batch[0].shape[0]
         self.log_dict(
-            {"train/loss": loss, "train/block_mse": loss_d, "train/ratio_loss": loss_r,
+            {"train/loss": total, "train/block_mse": loss_d, "train/ratio_loss": loss_r,
              "train/output_mse": output_mse, "train/ratio_loss_applied": float(apply_r)},
             prog_bar=False, batch_size=batch_size,
         )
         self.log("loss", loss_d, prog_bar=True, logger=False, batch_size=batch_size)
-        self.log_dict({f"train/block_{i:02d}/mse": v for i, v in enumerate(block_mse)}, batch_size=batch_size)
+        self.log_dict({f"train/block_{i:02d}/mse": v for i, v in enumerate(all_mse)}, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         block_mse, output_mse = self.block_losses(batch)
-        batch_size = batch[0].shape[0]
-        self.log("val/block_mse", block_mse.mean(), prog_bar=True, sync_dist=True, batch_size=batch_size)
-        self.log("val/output_mse", output_mse, sync_dist=True, batch_size=batch_size)
+        block_mse = self.global_sum(block_mse.detach())  # spread_blocks: every block from its owner
+        batch_size, sync = batch[0].shape[0], self.spread is None  # with a spread: already global
+        self.log("val/block_mse", block_mse.mean(), prog_bar=True, sync_dist=sync, batch_size=batch_size)
+        self.log("val/output_mse", output_mse, sync_dist=sync, batch_size=batch_size)
 
     # --------------------------------------------------------------------------- optimisation
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -333,8 +396,9 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
         return torch.optim.RMSprop(groups, alpha=0.9, eps=1e-8, momentum=0.0, weight_decay=0.0)
 
     def on_after_backward(self) -> None:
-        # Average the gradients DDP was told to ignore (codebooks, ratio logits) across ranks.
-        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        # Average the gradients DDP was told to ignore (codebooks, ratio logits) across ranks
+        # (not with spread_blocks: each block is trained by its owner alone).
+        if self.spread is not None or self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
             return
         grads = [
             p.grad for layer in self.vq_layers().values() for p in (layer.codebook, layer.candidate_logits)
@@ -351,8 +415,22 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
             offset += g.numel()
 
     # ----------------------------------------------------------------------------- checkpoints
+    def on_train_epoch_end(self) -> None:
+        # spread_blocks: all ranks hold the whole student at every epoch end, so at the end of
+        # training too (before FinalAssignment's argmax and export, and SampleImages at fit end).
+        self.share_blocks_()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        if self.spread is not None:
+            # Lightning took the state and optimizer state before this hook: take them again once
+            # every rank (rank 0, which writes) holds every block's state and optimizer state.
+            self.share_blocks_()
+            checkpoint["state_dict"] = self.trainer.strategy.lightning_module_state_dict()
+            if "optimizer_states" in checkpoint:
+                checkpoint["optimizer_states"] = [self.trainer.strategy.optimizer_state(o) for o in self.trainer.optimizers]
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.") and k != "ddp_anchor"
+        }
         checkpoint["vq4dit"] = {
             "layers": sorted(self.vq_layers()), "vq_config": vars(self.vq_config), "gate_minimum": self._gate_minimum,
         }
@@ -369,7 +447,7 @@ class CalibrationModule(EvaluationSteps, pl.LightningModule):
                 f"this run: {mine['vq_config']}, {len(mine['layers'])} layers)"
             )
         self._gate_minimum = saved.get("gate_minimum", math.inf)
-        own = set(self.state_dict()) - {k for k in self.state_dict() if k.startswith("teacher.")}
+        own = {k for k in self.state_dict() if not k.startswith("teacher.") and k != "ddp_anchor"}
         missing = sorted(own - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"cannot resume: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")

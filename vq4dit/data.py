@@ -8,7 +8,9 @@ see the teacher's ``x_t`` (never the student's own trajectory).
 Trajectories are generated once, up front in ``setup`` (and optionally cached on disk as
 safetensors), because the teacher's sampling costs as much as one epoch of calibration forwards and
 a fixed set makes shuffling, resume and DDP sharding exact. Under DDP, rank ``r`` of ``W`` generates
-and uses trajectories ``r, r + W, ...``: none duplicated, none dropped.
+and uses trajectories ``r, r + W, ...``: none duplicated, none dropped. With the module's
+``spread_blocks`` (ranks split the blocks, not the data) every rank generates and uses all of them,
+in the same order.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class CalibrationDataModule(pl.LightningDataModule):
     """Zero-data calibration items from the FP teacher's sampling trajectories.
 
     Args:
-        num_trajectories: training trajectories (in all ranks together; divisible by world size).
+        num_trajectories: training trajectories (in all ranks together; divisible by world size,
+            except with the module's ``spread_blocks``, where every rank uses all of them).
         classes_per_trajectory: samples (random classes) per trajectory; the official code uses 4.
         batch_size: items per optimisation step; each item is also fed with the null label when
             ``guidance_scale > 1``, so the model batch is twice this (official: 4 + 4).
@@ -192,6 +195,8 @@ class CalibrationDataModule(pl.LightningDataModule):
         module = self.trainer.lightning_module
         teacher, source = module.teacher, str(module.hparams.get("model", ""))
         rank, world = self.trainer.global_rank, self.trainer.world_size
+        if module.hparams.get("spread_blocks", False):
+            rank, world = 0, 1  # every rank calibrates its blocks on all items, as one process would
         total = self.hparams.num_trajectories
         if stage not in ("fit", "validate"):
             return  # test / predict sample from the evaluation plan, no trajectories needed
@@ -200,7 +205,7 @@ class CalibrationDataModule(pl.LightningDataModule):
                 f"num_trajectories={total} must be divisible by the number of processes ({world}) "
                 "so every rank gets the same number of distinct trajectories"
             )
-        progress = rank == 0
+        progress = self.trainer.global_rank == 0
         if stage == "fit" and self.train_items is None:
             self.train_items = self._items(teacher, source, list(range(rank, total, world)), progress)
         if stage in ("fit", "validate") and self.val_items is None and self.hparams.val_trajectories:

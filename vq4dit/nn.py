@@ -6,14 +6,20 @@ ratio logits; their weight is the ratio-weighted average of the candidates (pape
 in-place mutators (``harden_rows_``, ``prune_candidates_``, ``finalize_``) move rows from the soft
 set to the hard set and *really shrink* the soft tensors; they return a :class:`RowReindex` so a
 caller holding optimizer state for ``candidate_logits`` can shrink that state the same way.
+
+Hard layers used for inference (no gradient wanted) have two modes, set per model with
+:func:`set_inference_mode_`: ``decode`` (default) builds the dense weight inside ``forward`` and
+frees it right after, so at most one layer's dense weight exists at a time; ``cached`` decodes
+once and keeps the dense weight in a non-persistent buffer (FP speed, FP memory).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Literal, Mapping, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +31,64 @@ from .quantizer import (
     init_candidate_logits,
     kmeans,
     nearest_codewords,
-    soft_reconstruct,
+    candidate_ratios,
     to_subvectors,
+    vq_weight,
 )
 
 log = logging.getLogger(__name__)
 
 FilterFn = Callable[[nn.Module, str], bool]
+InferenceMode = Literal["decode", "cached"]
+INFERENCE_MODES: tuple[str, ...] = get_args(InferenceMode)
+
+# A codeword of this many bytes fits one element of this dtype: gathering N wide elements is
+# 3-5x faster on the CPU than ``codebook[codes.long()]`` (6912x1152 at w2: ~25 -> ~5 ms, 1 thread).
+_CODEWORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+# ``decode`` mode materialises about this many weights at a time (8 MiB in fp32; DiT-XL's 6912x1152
+# in 4 chunks), whatever the layer size. On XL w2 (batch 4, glibc with a fixed mmap threshold, so
+# that peaks are reproducible) the peak RSS is 940 MiB with whole layers, 935 with 1 << 21, 931 with
+# 1 << 20: activations, not decoded weights, set the peak. Narrower chunks slow wide-input matmuls
+# (ff.net.2 at 1024 tokens: 1 << 20 ~15 % slower); at 1 << 21 an XL block's Linears time as whole.
+DECODE_CHUNK_ELEMENTS = 1 << 21
+
+
+_WORKSPACE = threading.local()  # per thread: {(dtype, role): flat CPU buffer} reused by decode chunks
+
+
+def _cpu_workspace(dtype: torch.dtype, role: str, numel: int) -> torch.Tensor:
+    """A per-thread flat CPU buffer of ``numel`` elements, reused by every decode chunk of every
+    layer. A fresh multi-MiB tensor per chunk is mmapped by glibc and page-faulted on each call
+    (XL w2 at batch 1: ~13k minor faults per block, +39 % CPU time for the block)."""
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((dtype, role))
+    if buffer is None or buffer.numel() < numel:
+        buffers[(dtype, role)] = buffer = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
+
+
+def gather_codewords(codebook: torch.Tensor, codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``codebook[codes]`` without autograd: ``codebook [k, d]``, ``codes [N]`` (any integer dtype)
+    -> ``[N, d]`` in the codebook's dtype, bit-identical to ``codebook[codes.long()]``.
+
+    Each codeword is viewed as one wide element (``d * itemsize`` bytes, e.g. 16 B for d=4 fp32)
+    and the codes are widened to int32 only (``index_select`` needs int32/int64), never to int64.
+    ``out``: optional contiguous ``[N * d]`` buffer of the codebook's dtype to write into.
+    """
+    index = codes if codes.dtype in (torch.int32, torch.int64) else codes.to(torch.int32)
+    codebook = codebook.detach().contiguous()
+    num, dim = index.numel(), codebook.shape[1]
+    out = torch.empty(num * dim, dtype=codebook.dtype, device=codebook.device) if out is None else out
+    wide = _CODEWORD_DTYPES.get(dim * codebook.element_size())
+    if wide is None:  # e.g. d=8 fp32 (32 B): plain row gather
+        return torch.index_select(codebook, 0, index, out=out.view(num, dim))
+    torch.index_select(codebook.view(-1).view(wide), 0, index, out=out.view(wide))  # [N] wide words
+    return out.view(num, dim)
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """In-place write counter (inference tensors have none: -1)."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 @dataclass
@@ -62,7 +119,13 @@ class VQLinear(nn.Module):
         candidates       buffer    [S, n]   candidate codeword indices, best-first at init
         candidate_logits Parameter [S, n]   softmax -> ratios; -inf marks a pruned candidate
         bias             Parameter [out] or None
+        cached_weight    buffer    [out, in] or None; non-persistent, only in ``cached`` mode
     Hard mode is simply S == 0: ``weight = codebook[codes]``.
+
+    ``inference_mode`` (``decode`` or ``cached``) chooses how a hard layer gets its dense weight
+    when no gradient is wanted (``torch.no_grad``/``inference_mode`` or a frozen codebook): see
+    :meth:`forward`. Soft layers, and hard layers whose codebook is trained, always use the
+    differentiable :meth:`weight`.
     """
 
     def __init__(
@@ -91,6 +154,11 @@ class VQLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **factory))
         else:
             self.register_parameter("bias", None)
+        self.inference_mode: InferenceMode = "decode"
+        self.decode_chunk_elements = DECODE_CHUNK_ELEMENTS
+        self.register_buffer("cached_weight", None, persistent=False)  # [out, in] in cached mode
+        self._cache_key: tuple | None = None  # (codebook ptr, version, codes ptr, version) at decode
+        self._cache_codebook: torch.Tensor | None = None  # codebook values at decode (catches .data writes)
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -143,8 +211,9 @@ class VQLinear(nn.Module):
         return self.candidates.shape[1]
 
     def ratios(self) -> torch.Tensor:
-        """Softmax ratios of the soft rows: ``[S, n]`` (float32)."""
-        return torch.softmax(self.candidate_logits.float(), dim=1)
+        """Softmax ratios of the soft rows: ``[S, n]`` (float32; a transposed view, see
+        ``candidate_ratios``)."""
+        return candidate_ratios(self.candidate_logits)
 
     def bits_per_weight(self, include_codebook: bool = True) -> float:
         """log2(k)/d, plus the FP32 codebook amortised over this layer when asked."""
@@ -155,19 +224,113 @@ class VQLinear(nn.Module):
 
     # ---------------------------------------------------------------------------------- forward
     def weight(self) -> torch.Tensor:
-        """The current dense weight ``[out, in]``: hard codewords, soft rows mixed by ratios."""
-        flat = self.codebook[self.codes.long()]  # [N, d]
+        """The current dense weight ``[out, in]``: hard codewords, soft rows mixed by ratios.
+
+        Differentiable in ``codebook`` and ``candidate_logits``; keeps no intermediate for the
+        backward besides the layer's own tensors (``quantizer.vq_weight``).
+        """
+        flat = vq_weight(self.codebook, self.codes, self.soft_rows, self.candidates, self.candidate_logits)  # [N, d]
+        return flat.view(self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def decode_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense weight ``[out, in]`` of a hard layer, decoded directly in ``dtype`` (default: the
+        codebook's) from the compact codes; no autograd. Equals ``weight().to(dtype)`` bit for bit."""
         if self.num_soft:
-            mixed = soft_reconstruct(self.codebook, self.candidates, self.candidate_logits)
-            flat = flat.index_copy(0, self.soft_rows.long(), mixed.to(flat.dtype))
-        return flat.reshape(self.out_features, self.in_features)
+            raise ValueError(f"decode_weight needs a hard layer; {self.num_soft} rows are soft (finalize_() first)")
+        codebook = self.codebook if dtype is None else self.codebook.to(dtype)
+        return gather_codewords(codebook, self.codes).view(self.out_features, self.in_features)
+
+    def set_inference_mode_(self, mode: InferenceMode) -> None:
+        """``decode`` (low memory) or ``cached`` (dense weight kept); leaving ``cached`` frees the cache."""
+        if mode not in INFERENCE_MODES:
+            raise ValueError(f"inference mode must be one of {INFERENCE_MODES}, got {mode!r}")
+        self.inference_mode = mode
+        if mode != "cached":
+            self.clear_cached_weight_()
+
+    def clear_cached_weight_(self) -> None:
+        """Drop the cached dense weight (rebuilt on the next ``cached`` forward)."""
+        self.cached_weight = None
+        self._cache_key = self._cache_codebook = None
+
+    def _current_key(self) -> tuple:
+        return (self.codebook.data_ptr(), _version(self.codebook), self.codes.data_ptr(), _version(self.codes))
+
+    def _dense_cached(self) -> torch.Tensor:
+        """The cached dense weight ``[out, in]`` (codebook dtype), re-decoded whenever the codebook
+        or codes changed since it was built (pointers, in-place write counters, codebook values)."""
+        cached = self.cached_weight
+        valid = (
+            cached is not None and self._cache_key == self._current_key()
+            and not (cached.is_inference() and not torch.is_inference_mode_enabled())  # unusable outside
+            and torch.equal(self._cache_codebook, self.codebook.detach())  # catches codebook.data writes
+        )
+        if not valid:
+            self.clear_cached_weight_()  # free the stale weight before decoding the new one
+            self.cached_weight = self.decode_weight()
+            self._cache_key = self._current_key()
+            self._cache_codebook = self.codebook.detach().clone()
+        return self.cached_weight
+
+    @torch.no_grad()
+    def _decode_linear(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``decode`` mode: ``x [..., in] -> [..., out]`` in ``dtype``, decoding the weight in chunks
+        of output rows (at most ``decode_chunk_elements`` weights, rounded up to 64 rows) whose
+        matmul writes straight into its column slice of the output. On the CPU every chunk reuses
+        one per-thread workspace (no allocation, no page faults); elsewhere each chunk is freed."""
+        x2d = x.reshape(-1, self.in_features).to(dtype)  # [T, in]
+        out = torch.empty(x2d.shape[0], self.out_features, dtype=dtype, device=x.device)  # [T, out]
+        codebook = self.codebook.detach().to(dtype)
+        codes = self.codes.view(self.out_features, -1)  # [out, in / d]
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        num_chunks = -(-self.out_features * self.in_features // max(self.decode_chunk_elements, 1))  # ceil
+        rows_per_chunk = -(-self.out_features // num_chunks)
+        rows = min(self.out_features, -(-rows_per_chunk // 64) * 64)  # a multiple of 64: gemm-friendly
+        on_cpu = x.device.type == "cpu"
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            chunk_codes = codes[start:stop].reshape(-1)  # [rows * in / d]
+            buffer = None
+            if on_cpu:
+                chunk_codes = _cpu_workspace(torch.int32, "codes", chunk_codes.numel()).copy_(chunk_codes)
+                buffer = _cpu_workspace(dtype, "weight", (stop - start) * self.in_features)
+            weight = gather_codewords(codebook, chunk_codes, out=buffer).view(-1, self.in_features)
+            if bias is None:
+                torch.mm(x2d, weight.t(), out=out[:, start:stop])
+            else:
+                torch.addmm(bias[start:stop], x2d, weight.t(), out=out[:, start:stop])
+        return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight()
+        """``x [..., in] -> [..., out]``.
+
+        Soft rows, or autograd needed (grad mode on and ``x``, codebook or bias requiring grad):
+        the differentiable dense :meth:`weight`, as in calibration. Otherwise (hard inference):
+        ``decode`` mode computes in the compute dtype (autocast dtype or ``x.dtype``) through
+        :meth:`_decode_linear`; ``cached`` mode reuses a dense weight kept in the codebook's dtype.
+        """
+        autocast = torch.is_autocast_enabled(x.device.type)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, self.codebook, self.bias)
+        )
+        if self.num_soft or needs_grad:
+            if self.cached_weight is not None:
+                self.clear_cached_weight_()
+            weight = self.weight()
+        elif self.inference_mode == "decode":
+            return self._decode_linear(x, torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
+        else:
+            weight = self._dense_cached()
         bias = self.bias
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast:
             return F.linear(x, weight, bias)
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.half()/...: drop the cache instead of converting it (rebuilt lazily if still cached)
+        self.clear_cached_weight_()
+        return super()._apply(fn, recurse)
 
     # --------------------------------------------------------------------------------- mutators
     def _set_logits_(self, logits: torch.Tensor, grad: torch.Tensor | None) -> None:
@@ -196,10 +359,12 @@ class VQLinear(nn.Module):
 
     @torch.no_grad()
     def _harden_mask_(self, done: torch.Tensor, top: torch.Tensor) -> RowReindex:
-        if done.any():
-            rows = self.soft_rows[done].long()
-            chosen = self.candidates[done].long().gather(1, top[done].unsqueeze(1)).squeeze(1)
-            self.codes[rows] = chosen.to(self.codes.dtype)
+        if not done.any():  # nothing hardens: no copies of the soft tensors (identity reindex)
+            return RowReindex(rows=torch.arange(done.numel(), device=done.device))
+        self.clear_cached_weight_()
+        rows = self.soft_rows[done].long()
+        chosen = self.candidates[done].long().gather(1, top[done].unsqueeze(1)).squeeze(1)
+        self.codes[rows] = chosen.to(self.codes.dtype)
         keep = (~done).nonzero().squeeze(1)
         return self._shrink_(RowReindex(rows=keep))
 
@@ -207,15 +372,20 @@ class VQLinear(nn.Module):
     def prune_candidates_(self, floor: float = 0.01) -> RowReindex:
         """Remove candidates whose ratio fell below ``floor`` and shrink the stored candidate set.
 
-        Each row's candidates are re-ordered by ratio (best first); rows left with a single
-        candidate become hard; the candidate columns shrink to the largest count still in use
-        (a row with fewer live candidates than that marks the rest with logit -inf).
+        When something is pruned, each row's candidates are re-ordered by ratio (best first);
+        rows left with a single candidate become hard; the candidate columns shrink to the largest
+        count still in use (a row with fewer live candidates than that marks the rest with logit
+        -inf). When nothing falls below ``floor``, nothing is copied (identity reindex).
         """
         if not 0.0 <= floor < 1.0:
             raise ValueError(f"floor must be in [0, 1), got {floor}")
         if self.num_soft == 0:
             return RowReindex(rows=torch.zeros(0, dtype=torch.long, device=self.codes.device))
         ratios = self.ratios()
+        if floor * self.num_candidates <= 1.0:  # the best candidate (ratio >= 1/n) always survives
+            newly_dead = (ratios < floor) & torch.isfinite(self.candidate_logits)
+            if not newly_dead.any():  # the common case: skip the sort and the re-layout
+                return RowReindex(rows=torch.arange(self.num_soft, device=self.codes.device))
         order = ratios.argsort(dim=1, descending=True)  # [S, n]
         sorted_ratios = ratios.gather(1, order)
         alive = sorted_ratios >= floor
@@ -241,6 +411,7 @@ class VQLinear(nn.Module):
 
     # ----------------------------------------------------------------------------- persistence
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self.clear_cached_weight_()
         # Soft tensors shrink during calibration: adopt the stored sizes before copying values.
         for name in ("soft_rows", "candidates"):
             key = prefix + name
@@ -257,7 +428,7 @@ class VQLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, k={c.codebook_size}, "
             f"d={c.subvector_dim}, n={self.num_candidates}, bits/weight={self.bits_per_weight():.3f}, "
-            f"hard={self.hard_fraction:.1%}"
+            f"hard={self.hard_fraction:.1%}, inference={self.inference_mode}"
         )
 
 
@@ -348,6 +519,33 @@ def quantize_(
         names.append(name)
     log.info("quantize_: swapped %d Linear layers for VQLinear (%s ...)", len(names), names[0])
     return names
+
+
+def set_inference_mode_(model: nn.Module, mode: InferenceMode) -> int:
+    """Set how every hard ``VQLinear`` of ``model`` gets its dense weight at inference.
+
+    Args:
+        model: a module holding ``VQLinear`` layers (e.g. from ``load_quantized``).
+        mode: ``decode`` (default of every layer): decode each layer's weight inside its forward
+            and free it after the matmul; peak memory = codes + one layer's dense weight.
+            ``cached``: decode once, keep the dense weights (FP memory, FP speed); the cache is
+            rebuilt when codebook or codes change and dropped by ``.to()`` or by going back to
+            ``decode``.
+
+    Returns:
+        The number of layers set.
+
+    Raises:
+        ValueError: unknown mode, or no ``VQLinear`` in ``model``.
+    """
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"inference mode must be one of {INFERENCE_MODES}, got {mode!r}")
+    layers = vq_layers(model)
+    if not layers:
+        raise ValueError("set_inference_mode_: the model has no VQLinear layer")
+    for layer in layers.values():
+        layer.set_inference_mode_(mode)
+    return len(layers)
 
 
 def vq_layers(model: nn.Module) -> dict[str, VQLinear]:

@@ -1,0 +1,379 @@
+"""Calibration memory on DiT-XL/2: a real 2-step smoke run per bit-width, and a GPU estimate.
+
+Part 1 runs the real calibration path (``CalibrationModule`` + ``CalibrationDataModule`` +
+``pl.Trainer`` with ``CandidatePruning``, ``CalibrationStop`` and ``FinalAssignment``) on the
+random-init ``DiT-XL/2-256`` preset with the smallest data settings (1 trajectory, 1 class + its
+null label, 2 sampling steps, 2 optimisation steps), once per bit-width, each in a subprocess
+under ``/usr/bin/time -v`` (peak RSS). The child records wall time and RSS per phase (teacher
+load, trajectory generation, k-means + student, each step, export); the peak of each phase comes
+from ``VmHWM``, reset between phases through ``/proc/self/clear_refs``. A watchdog kills a child
+whose RSS passes ``--rss-limit-gb`` (the machine is shared).
+
+Part 2 estimates the memory of one calibration step on one 80 GB GPU at the paper's batch
+(4 classes + 4 null labels, bf16-mixed) per component, from the real tensor sizes the child
+measured: parameters and buffers of teacher and student, optimizer state, and every tensor
+autograd saved for the backward (captured with ``saved_tensors_hooks`` during step 1).
+
+    python benchmarks/memory.py                        # w2 and w3 (k-means dominates: ~10-20 min each)
+    python benchmarks/memory.py --bits 3 --kmeans-iters 0   # quick memory check, no Lloyd iterations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GB = 1e9
+PAPER_BATCH = 8  # 4 classes + 4 null labels
+XL_TRAJECTORIES = (100, 4, 50)  # configs/dit_xl2_256_w2.yaml: trajectories, classes, steps
+
+
+# ------------------------------------------------------------------------------- /proc helpers
+
+
+def _status_kb(pid: int | str, field: str) -> int:
+    """A ``VmRSS``/``VmHWM`` line of ``/proc/<pid>/status`` in kB (0 if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
+            except FileNotFoundError:
+                continue
+            for child in map(int, children):
+                found.append(child)
+                queue.append(child)
+    return found
+
+
+def _available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 / GB
+    return float("inf")
+
+
+# ------------------------------------------------------------------------------------- child
+
+
+def _child(args: argparse.Namespace) -> None:
+    """One smoke calibration; writes phases and component sizes to ``args.json``."""
+    start = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+    except ImportError:
+        pass
+    import pytorch_lightning as pl
+
+    from callbacks import CalibrationStop, CandidatePruning, FinalAssignment
+    from vq4dit.calibration import CalibrationModule
+    from vq4dit.data import CalibrationDataModule
+    from vq4dit.nn import VQLinear
+
+    phases: list[dict] = []
+    last = [start]
+
+    def mark(name: str) -> None:
+        now = time.perf_counter()
+        phases.append({"phase": name, "seconds": now - last[0], "rss_gb": _status_kb("self", "VmRSS") * 1024 / GB,
+                       "peak_gb": _status_kb("self", "VmHWM") * 1024 / GB})
+        last[0] = now
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the next phase gets its own peak
+        print(f"[memory child] {name}: {json.dumps(phases[-1])}", flush=True)
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    class Recorder(pl.Callback):
+        """Phase marks, real tensor sizes, and the tensors autograd saves during step 1."""
+
+        def __init__(self) -> None:
+            self.sizes: dict[str, float] = {}
+            self.saved: dict[int, tuple[int, str]] = {}
+            self.hooks = None
+            self.steps = 0
+
+        def setup(self, trainer, pl_module, stage) -> None:
+            mark("trajectories")
+            items = trainer.datamodule.train_items
+            self.sizes["trajectory_item_bytes"] = nbytes(items.values()) / max(items["t"].numel(), 1)
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            mark("k-means + student")
+            teacher, student = pl_module.teacher, pl_module.student
+            teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+            layers = [m for m in student.modules() if isinstance(m, VQLinear)]
+            vq_ids = {id(t) for m in layers for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+            rest = [t for t in (*student.parameters(), *student.buffers()) if id(t) not in vq_ids]
+            self.sizes.update(
+                teacher_params=sum(p.numel() for p in teacher.parameters()),
+                teacher_bytes=nbytes(teacher.parameters()),
+                quantized_weights=sum(m.in_features * m.out_features for m in layers),
+                student_other_bytes=nbytes(t for t in rest if t.data_ptr() not in teacher_ptrs),
+                student_other_shared_bytes=nbytes(t for t in rest if t.data_ptr() in teacher_ptrs),
+                codebooks=nbytes(m.codebook for m in layers),
+                codes=nbytes(m.codes for m in layers),
+                soft_rows=nbytes(m.soft_rows for m in layers),
+                candidates=nbytes(m.candidates for m in layers),
+                candidate_logits=nbytes(m.candidate_logits for m in layers),
+                biases=nbytes(m.bias for m in layers if m.bias is not None),
+                num_blocks=len(student.transformer_blocks),
+                hidden=student.config.num_attention_heads * student.config.attention_head_dim,
+                tokens=(student.config.sample_size // student.config.patch_size) ** 2,
+            )
+            self.layer_shapes = {(m.out_features, m.in_features) for m in layers}
+            self.logit_shapes = {tuple(m.candidate_logits.shape) for m in layers}
+            self.sizes["teacher_dtype"] = str(next(teacher.parameters()).dtype)
+            self.sizes["precision"] = str(trainer.precision)
+            self.own = {t.untyped_storage().data_ptr() for t in (*pl_module.parameters(), *pl_module.buffers())}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.steps == 0:
+                self.sizes["model_batch"] = 2 * batch[0].shape[0]  # + null labels (guidance > 1)
+
+                def pack(tensor):
+                    storage = tensor.untyped_storage()
+                    ptr = storage.data_ptr()
+                    if ptr not in self.own and ptr not in self.saved:
+                        shape = tuple(tensor.shape)
+                        kind = ("weights" if shape in self.layer_shapes else
+                                "ratios" if shape in self.logit_shapes else "activations")
+                        self.saved[ptr] = (storage.nbytes(), kind)
+                    return tensor
+
+                self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+                self.hooks.__enter__()
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            if self.hooks is not None:
+                self.hooks.__exit__(None, None, None)
+                self.hooks = None
+                for kind in ("weights", "ratios", "activations"):
+                    self.sizes[f"saved_{kind}"] = sum(n for n, k in self.saved.values() if k == kind)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            if self.steps == 0:
+                self.sizes["logit_grads"] = nbytes(
+                    p.grad for group in optimizer.param_groups for p in group["params"]
+                    if p.grad is not None and group.get("name") == "ratio_logits"
+                )
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.steps += 1
+            if self.steps == 1:
+                optimizer = trainer.optimizers[0]
+                self.sizes["optimizer_state_after_step1"] = nbytes(
+                    value for state in optimizer.state.values() for value in state.values()
+                    if torch.is_tensor(value) and value.dim() > 0
+                )
+            mark(f"step {self.steps}")
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            mark("final assignment + export")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        module = CalibrationModule(
+            model=args.model, bits=args.bits[0], num_candidates=args.num_candidates, kmeans_iters=args.kmeans_iters,
+            export_dir=f"{tmp}/packed", **({"teacher_dtype": args.teacher_dtype} if args.teacher_dtype else {}),
+        )
+        mark("load teacher")
+        data = CalibrationDataModule(
+            num_trajectories=1, classes_per_trajectory=1, batch_size=1, num_steps=args.steps, guidance_scale=4.0,
+            val_trajectories=0, shuffle=False,
+        )
+        recorder = Recorder()
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, precision=args.precision, max_epochs=args.steps, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, default_root_dir=tmp,
+            callbacks=[CandidatePruning(), CalibrationStop(max_steps=args.steps), FinalAssignment(), recorder],
+        )
+        trainer.fit(module, datamodule=data)
+    result = {"phases": phases, "sizes": recorder.sizes, "steps": trainer.global_step,
+              "wall_s": time.perf_counter() - start}
+    Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+# ------------------------------------------------------------------------------------ parent
+
+
+def _run_child(args: argparse.Namespace, bits: int) -> dict:
+    """Run one smoke calibration under ``/usr/bin/time -v`` with an RSS watchdog."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [
+            "/usr/bin/time", "-v", sys.executable, __file__, "--child", "--json", str(out), "--bits", str(bits),
+            "--model", args.model, "--kmeans-iters", str(args.kmeans_iters), "--steps", str(args.steps),
+            "--precision", args.precision, "--threads", str(args.threads), "--num-candidates", str(args.num_candidates),
+            *(["--teacher-dtype", args.teacher_dtype] if args.teacher_dtype else []),
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+        log_path = Path(tmp) / "child.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            killed, max_seen = None, 0.0
+            while process.poll() is None:
+                rss = sum(_status_kb(pid, "VmRSS") for pid in _descendants(process.pid)) * 1024 / GB
+                max_seen = max(max_seen, rss)
+                if rss > args.rss_limit_gb or _available_gb() < args.min_free_gb:
+                    killed = f"killed by the watchdog at RSS {rss:.1f} GB (free {_available_gb():.1f} GB)"
+                    os.killpg(process.pid, signal.SIGKILL)  # our own child's process group only
+                    process.wait()
+                    break
+                time.sleep(0.5)
+        text = log_path.read_text()
+        if args.verbose:
+            print(text)
+        peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+        result = json.loads(out.read_text()) if out.exists() else {"phases": [], "sizes": {}}
+        if not result["phases"]:  # killed or failed: the phases it printed so far
+            result["phases"] = [json.loads(m) for m in re.findall(r"\[memory child\] [^:]+: (\{.*\})", text)]
+        result["peak_rss_gb"] = int(peak.group(1)) * 1024 / GB if peak else max_seen
+        errors = [line for line in text.splitlines() if re.match(r"\w*(Error|Exception)\b", line)]
+        failed = None if process.returncode == 0 else f"exit {process.returncode}: {errors[-1] if errors else 'see --verbose'}"
+        result["failed"] = killed or failed
+        return result
+
+
+def gpu_estimate(sizes: dict) -> list[tuple[str, float, str]]:
+    """Per-component GB of one calibration step on one GPU at the paper batch, bf16-mixed.
+
+    Scaled from the tensors the smoke child measured at batch ``model_batch``: activations scale
+    with the batch (and halve when the child ran in float32); the dense weights F.linear saves for
+    its backward are bf16 copies under autocast. The peak is at the end of the forward of step
+    >= 2: Lightning zeroes the previous step's logit gradients only between forward and backward.
+    """
+    fp32_run = "bf16" not in sizes["precision"]
+    scale = PAPER_BATCH / sizes["model_batch"] / (2 if fp32_run else 1)
+    blocks = sizes["num_blocks"]
+    activations = sizes["saved_activations"] * scale
+    teacher_outputs = blocks * PAPER_BATCH * sizes["tokens"] * sizes["hidden"] * 2
+    teacher_bf16 = sizes["teacher_params"] * 2
+    rows = [
+        ("teacher weights (bf16; float32 doubles this)", teacher_bf16, f"{sizes['teacher_params'] / 1e6:.1f} M params"),
+        ("student weights not quantized", sizes["student_other_bytes"],
+         f"float32; {sizes['student_other_shared_bytes'] / GB:.2f} GB more when shared with a float32 teacher"),
+        ("codebooks + biases", sizes["codebooks"] + sizes["biases"], ""),
+        ("codes", sizes["codes"], "smallest integer dtype"),
+        ("soft_rows (int32)", sizes["soft_rows"], "every row soft at the start"),
+        ("candidates", sizes["candidates"], ""),
+        ("candidate_logits (fp32)", sizes["candidate_logits"], ""),
+        ("logit gradients", sizes["candidate_logits"], "alive from the previous step during the forward"),
+        ("RMSprop square_avg", sizes["candidate_logits"], "same shape as the logits"),
+        ("ratios saved by the regulariser", sizes["saved_ratios"], "softmax output of every soft layer"),
+        ("dense weights saved by F.linear (bf16)", sizes["saved_weights"] / (2 if fp32_run else 1),
+         "one per quantized layer"),
+        (f"student activations, all {blocks} blocks", activations,
+         f"block_inputs student keeps every block: {activations / blocks / GB:.3f} GB per block"),
+        ("teacher block outputs (bf16)", teacher_outputs, "kept for the block losses"),
+    ]
+    return [(name, value / GB, note) for name, value, note in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--model", default="DiT-XL/2-256")
+    parser.add_argument("--num-candidates", type=int, default=2)
+    parser.add_argument("--kmeans-iters", type=int, default=25, help="Lloyd iterations (library default 25)")
+    parser.add_argument("--steps", type=int, default=2, help="sampling steps = optimisation steps")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--teacher-dtype", default=None, help="CalibrationModule teacher_dtype, when supported")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rss-limit-gb", type=float, default=21.0, help="watchdog: kill the child above this RSS")
+    parser.add_argument("--min-free-gb", type=float, default=0.8, help="watchdog: kill the child below this free RAM")
+    parser.add_argument("--verbose", action="store_true", help="print the child's log")
+    parser.add_argument("--save-json", help="also write the raw results here")
+    parser.add_argument("--from-json", help="print the tables of results saved by --save-json (no run)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
+
+    if args.from_json:
+        results = {int(bits): result for bits, result in json.loads(Path(args.from_json).read_text()).items()}
+    else:
+        results = {bits: _run_child(args, bits) for bits in args.bits}
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(results, indent=1))
+    print(f"\nmodel {args.model}, n={args.num_candidates}, {args.steps} steps, precision {args.precision}, "
+          f"kmeans_iters {args.kmeans_iters}, {args.threads} thread(s); {platform.machine()}, {os.cpu_count()} cores\n")
+    print("| bits | peak RSS GB (time -v) | wall s | load teacher s | trajectories s | k-means + student s "
+          "| step 1 s | step 2 s | export s | status |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for bits, result in results.items():
+        seconds = {p["phase"]: p["seconds"] for p in result["phases"]}
+        cells = [seconds.get(name) for name in
+                 ("load teacher", "trajectories", "k-means + student", "step 1", "step 2", "final assignment + export")]
+        wall = result.get("wall_s")
+        print(f"| {bits} | {result['peak_rss_gb']:.2f} | {'-' if wall is None else f'{wall:.0f}'} | "
+              + " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
+              + f" | {result['failed'] or 'ok'} |")
+    print("\nRSS per phase (GB): after the phase / peak during the phase\n")
+    names = [p["phase"] for p in max((r["phases"] for r in results.values()), key=len)]
+    print("| phase | " + " | ".join(f"w{b} after | w{b} peak" for b in results) + " |")
+    print("|---|" + "---|---|" * len(results))
+    for name in names:
+        cells = []
+        for result in results.values():
+            phase = next((p for p in result["phases"] if p["phase"] == name), None)
+            cells += ["-", "-"] if phase is None else [f"{phase['rss_gb']:.2f}", f"{phase['peak_gb']:.2f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+    complete = {b: r["sizes"] for b, r in results.items() if "saved_activations" in r["sizes"]}
+    if not complete:
+        return
+    print(f"\nEstimate for one 80 GB GPU, batch {PAPER_BATCH} (4 classes + 4 null), bf16-mixed, "
+          "from the tensor sizes measured above (GB)\n")
+    estimates = {b: gpu_estimate(s) for b, s in complete.items()}
+    print("| component | " + " | ".join(f"w{b}" for b in estimates) + " | note |")
+    print("|---|" + "---|" * len(estimates) + "---|")
+    first = next(iter(estimates.values()))
+    for i, (name, _, note) in enumerate(first):
+        print(f"| {name} | " + " | ".join(f"{rows[i][1]:.2f}" for rows in estimates.values()) + f" | {note} |")
+    print("| **total** | " + " | ".join(f"**{sum(r[1] for r in rows):.2f}**" for rows in estimates.values()) + " | |")
+    sizes = next(iter(complete.values()))
+    traj = XL_TRAJECTORIES[0] * XL_TRAJECTORIES[1] * XL_TRAJECTORIES[2] * sizes["trajectory_item_bytes"] / GB
+    print(f"\nTrajectories stay in host RAM (batches move to the GPU): {traj:.2f} GB for "
+          f"{XL_TRAJECTORIES[0]} trajectories x {XL_TRAJECTORIES[1]} classes x {XL_TRAJECTORIES[2]} steps. "
+          "Not included: the CUDA context and allocator fragmentation (typically 1-3 GB).")
+
+
+if __name__ == "__main__":
+    main()

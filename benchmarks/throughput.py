@@ -1,0 +1,282 @@
+"""Throughput: one calibration step vs one plain FP fine-tuning step of the same model and batch.
+
+Calibration step = the real code: ``CalibrationModule.on_train_batch_start`` + ``training_step``
+(teacher forward under no_grad, student forward with soft reconstruction, block losses, ratio
+regulariser), ``zero_grad``, backward, RMSprop step, then ``CandidatePruning.on_train_batch_end``
+(hardening, pruning, finalising, as configured for the paper runs: every step). Lightning's loop and
+logging are left out (``self.log`` without a trainer is a no-op), the same for both sides.
+
+FP fine-tuning step = the same DiT in full precision, every parameter trainable, the same batch
+(4 classes + 4 null labels), the same block-wise MSE against fixed targets (no teacher forward),
+backward, and an RMSprop (calibration's settings) or AdamW step.
+
+Cases: the ``DiT-S/2-256`` preset, and one DiT-XL/2 block (a 1-block DiT-XL/2-256: batch 8 x
+256 tokens x 1152; the patch embedding and output head are included, they are ~1 % of the
+FLOPs). Steps of both kinds alternate, so machine load hits both alike; medians are reported.
+
+    python benchmarks/throughput.py                          # S/2 and XL block, w2 and w3
+    python benchmarks/throughput.py --cases S --bits 2 --profile
+    python benchmarks/throughput.py --precision bf16-mixed   # CPU autocast, as Lightning's bf16-mixed
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from callbacks import CandidatePruning  # noqa: E402
+from vq4dit.calibration import CalibrationModule, capture_blocks  # noqa: E402
+from vq4dit.models import block_modules, preset_config  # noqa: E402
+from vq4dit.sampling import NULL_CLASS  # noqa: E402
+
+ITEMS = 4  # classes per batch; each with its null-label copy: model batch 8 (official)
+REGIONS = ("teacher forward", "student forward", "backward", "optimizer", "pruning callback")
+
+
+def xl_block_folder(folder: str) -> str:
+    """Save a random-init 1-block DiT-XL/2-256 (diffusers layout) and return its folder."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    DiTTransformer2DModel(**{**preset_config("DiT-XL/2-256"), "num_layers": 1}).save_pretrained(folder)
+    return folder
+
+
+def make_batch(model, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ITEMS`` random items plus their null-label copies: ``x [8, C, H, W]``, ``t [8]``, ``y [8]``."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    x = torch.randn(ITEMS, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    t = torch.randint(0, 1000, (ITEMS,), generator=generator)
+    y = torch.randint(0, config.num_embeds_ada_norm, (ITEMS,), generator=generator)
+    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_CLASS)])
+
+
+class RegionTimer:
+    """Wall time per named region; teacher/student forwards are timed by hooks on their roots
+    (they run inside ``block_losses``), and each region is also a ``torch.profiler`` range."""
+
+    def __init__(self, module: CalibrationModule) -> None:
+        self.seconds: dict[str, float] = {}
+        self._open: dict[str, tuple[float, object]] = {}
+        for name, model in (("teacher forward", module.teacher), ("student forward", module.student)):
+            model.register_forward_pre_hook(lambda *_, n=name: self.start(n))
+            model.register_forward_hook(lambda *_, n=name: self.stop(n))
+
+    def start(self, name: str) -> None:
+        scope = torch.profiler.record_function(name)
+        scope.__enter__()
+        self._open[name] = (time.perf_counter(), scope)
+
+    def stop(self, name: str) -> None:
+        began, scope = self._open.pop(name)
+        scope.__exit__(None, None, None)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+
+    @contextlib.contextmanager
+    def region(self, name: str):
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+
+class CalibrationStep:
+    """One real calibration step (see the module docstring)."""
+
+    def __init__(self, module: CalibrationModule, pruning: CandidatePruning, autocast) -> None:
+        self.module, self.pruning, self.autocast = module, pruning, autocast
+        self.optimizer = module.configure_optimizers()
+        self.timer = RegionTimer(module)
+        self.step = 0
+
+    def __call__(self, batch) -> float:
+        module, timer = self.module, self.timer
+        start = time.perf_counter()
+        module.on_train_batch_start(batch, 0)
+        with self.autocast():  # forward only, as Lightning's precision plugin
+            loss = module.training_step(batch, 0)
+        self.optimizer.zero_grad(set_to_none=True)  # Lightning's order: after the forward
+        with timer.region("backward"):
+            loss.backward()
+        with timer.region("optimizer"):
+            self.optimizer.step()
+        self.step += 1
+        trainer = SimpleNamespace(global_step=self.step, optimizers=[self.optimizer], logger=None, log_every_n_steps=50)
+        with timer.region("pruning callback"):
+            self.pruning.on_train_batch_end(trainer, module, None, batch, 0)
+        return time.perf_counter() - start
+
+
+class FineTuneStep:
+    """One plain FP fine-tuning step: block-wise MSE to fixed targets, all parameters trained."""
+
+    def __init__(self, teacher, batch, optimizer: str, autocast) -> None:
+        self.autocast = autocast
+        self.model = copy.deepcopy(teacher).requires_grad_(True).eval()
+        self.blocks = block_modules(self.model)
+        x, t, y = batch
+        with torch.no_grad(), capture_blocks(self.blocks) as (outputs, _):
+            self.model(x, timestep=t, class_labels=y)
+        self.targets = [o.detach().clone() for o in outputs]
+        params = list(self.model.parameters())
+        if optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        else:
+            self.optimizer = torch.optim.RMSprop(params, lr=1e-4, alpha=0.9, eps=1e-8)
+
+    def __call__(self, batch) -> float:
+        start = time.perf_counter()
+        x, t, y = batch
+        with self.autocast(), capture_blocks(self.blocks) as (outputs, _):
+            self.model(x, timestep=t, class_labels=y)
+            loss = torch.stack([F.mse_loss(o.float(), target.float()) for o, target in zip(outputs, self.targets)]).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def soft_fraction(module: CalibrationModule) -> float:
+    layers = module.vq_layers().values()
+    return sum(l.num_soft for l in layers) / max(sum(l.num_subvectors for l in layers), 1)
+
+
+
+
+def profile_table(step: CalibrationStep, batch, steps: int, top: int) -> str:
+    """``torch.profiler`` over ``steps`` calibration steps: our regions, then the top aten ops."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    ours = [e for e in events if e.key in REGIONS or e.key.startswith(("vq4dit::", "autograd::engine::evaluate_function: VQ"))]
+    lines = ["| region / op | calls per step | ms per step | share of step |", "|---|---|---|---|"]
+    for e in sorted(ours, key=lambda e: -e.cpu_time_total):
+        lines.append(f"| {e.key} | {e.count / steps:.0f} | {e.cpu_time_total / 1e3 / steps:.1f} | "
+                     f"{e.cpu_time_total / total:.1%} |")
+    lines.append("| *top aten ops by self time* | | | |")
+    aten = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
+    for e in aten[:top]:
+        lines.append(f"| {e.key} | {e.count / steps:.0f} | {e.self_cpu_time_total / 1e3 / steps:.1f} | "
+                     f"{e.self_cpu_time_total / total:.1%} |")
+    return "\n".join(lines)
+
+
+def run_case(name: str, source: str, bits: int, args) -> dict:
+    torch.manual_seed(0)
+    module = CalibrationModule(
+        model=source, bits=bits, num_candidates=args.num_candidates, kmeans_iters=args.kmeans_iters,
+        **({"teacher_dtype": args.teacher_dtype} if args.teacher_dtype != "float32" else {}),
+    )
+    batch = make_batch(module.teacher)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16-mixed" \
+        else contextlib.nullcontext
+    # FP copies of the float32 teacher before the student exists (and before any timing hook)
+    finetune = {opt: FineTuneStep(module.teacher, batch, opt, autocast) for opt in args.fp_optimizers}
+    module.configure_model()
+    calibration = CalibrationStep(module, CandidatePruning(every_n_steps=1), autocast)
+    if args.pre_harden:
+        for layer in module.vq_layers().values():  # a later calibration state: some rows already hard
+            soft = layer.num_soft
+            logits = layer.candidate_logits.data.clone()
+            logits[: int(soft * args.pre_harden), 0] = 1e4
+            layer.candidate_logits.data = logits
+            layer.harden_rows_(0.99)
+        calibration.optimizer = module.configure_optimizers()
+    times = {"calibration": [], **{f"fp-{opt}": [] for opt in finetune}}
+    for repeat in range(args.repeats + args.warmup):
+        for key, step in (("calibration", calibration), *((f"fp-{o}", s) for o, s in finetune.items())):
+            seconds = step(batch)
+            if repeat >= args.warmup:
+                times[key].append(seconds)
+        if repeat == args.warmup - 1:
+            calibration.timer.seconds.clear()
+    median = {key: statistics.median(values) for key, values in times.items()}
+    regions = {k: v / args.repeats for k, v in calibration.timer.seconds.items()}
+    result = {"case": name, "bits": bits, "median": median, "regions": regions, "soft": soft_fraction(module)}
+    if args.profile:
+        result["profile"] = profile_table(calibration, batch, args.profile_steps, args.top)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["S", "XL-block"], choices=["S", "XL-block"])
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--num-candidates", type=int, default=2)
+    parser.add_argument("--kmeans-iters", type=int, default=5, help="k-means quality does not change step time")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--fp-optimizers", nargs="+", default=["rmsprop", "adamw"], choices=["rmsprop", "adamw"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each kind (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--pre-harden", type=float, default=0.0,
+                        help="harden this fraction of every layer's rows first (a later calibration state)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of calibration steps")
+    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=12, help="aten ops listed in the profile")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {"S": ("DiT-S/2-256", "DiT-S/2-256"), "XL-block": ("DiT-XL/2 block", None)}
+        for case in args.cases:
+            name, source = sources[case]
+            if source is None:
+                source = xl_block_folder(f"{tmp}/xl_block")
+            for bits in args.bits:
+                results.append(run_case(name, source, bits, args))
+                print(f"done: {name} w{bits}", file=sys.stderr, flush=True)
+
+    fp_keys = [f"fp-{o}" for o in args.fp_optimizers]
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s), precision {args.precision}, teacher {args.teacher_dtype}, "
+          f"n={args.num_candidates}, "
+          f"batch {2 * ITEMS} (4 classes + 4 null), median of {args.repeats}"
+          + (f", {args.pre_harden:.0%} of rows hardened first" if args.pre_harden else "") + "\n")
+    print("| model | bits | calibration step s | " + " | ".join(f"FP step s ({k[3:]})" for k in fp_keys)
+          + " | " + " | ".join(f"ratio vs {k[3:]}" for k in fp_keys) + " | soft rows after |")
+    print("|---|---|---|" + "---|" * (2 * len(fp_keys)) + "---|")
+    for r in results:
+        m = r["median"]
+        print(f"| {r['case']} | {r['bits']} | {m['calibration']:.3f} | "
+              + " | ".join(f"{m[k]:.3f}" for k in fp_keys) + " | "
+              + " | ".join(f"{m['calibration'] / m[k]:.2f}x" for k in fp_keys) + f" | {r['soft']:.1%} |")
+    print("\nWhere a calibration step goes (mean s per step; student forward includes the soft reconstruction)\n")
+    print("| model | bits | " + " | ".join(REGIONS) + " | rest |")
+    print("|---|---|" + "---|" * (len(REGIONS) + 1))
+    for r in results:
+        regions = r["regions"]
+        rest = r["median"]["calibration"] - sum(regions.get(k, 0.0) for k in REGIONS)
+        print(f"| {r['case']} | {r['bits']} | " + " | ".join(f"{regions.get(k, 0.0):.3f}" for k in REGIONS)
+              + f" | {rest:.3f} |")
+    for r in results:
+        if "profile" in r:
+            print(f"\nProfile: {r['case']} w{r['bits']}, {args.profile_steps} calibration steps\n")
+            print(r["profile"])
+
+
+if __name__ == "__main__":
+    main()

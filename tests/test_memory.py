@@ -1,0 +1,158 @@
+"""Memory-lean soft reconstruction: same values and gradients as plain autograd, nothing saved."""
+
+import pytest
+import torch
+from torch import nn
+
+from vq4dit.nn import VQLinear
+from vq4dit.quantizer import VQConfig, candidate_ratios, ratio_regularizer, vq_weight
+
+
+def reference_weight(layer: VQLinear) -> torch.Tensor:
+    """The plain-autograd reconstruction (paper Eq. 7): gather, softmax, einsum, index_copy."""
+    flat = layer.codebook[layer.codes.long()]
+    if layer.num_soft:
+        ratios = torch.softmax(layer.candidate_logits.float(), dim=1)
+        gathered = layer.codebook[layer.candidates.long()]  # [S, n, d]
+        mixed = torch.einsum("sn,snd->sd", ratios, gathered)
+        flat = flat.index_copy(0, layer.soft_rows.long(), mixed)
+    return flat.reshape(layer.out_features, layer.in_features)
+
+
+def make_layer(state: str, n: int = 3) -> VQLinear:
+    torch.manual_seed(0)
+    layer = VQLinear.from_linear(nn.Linear(64, 40), VQConfig(codebook_size=16, subvector_dim=4, num_candidates=n))
+    layer.candidate_logits.data = torch.randn_like(layer.candidate_logits) * 2
+    if state in ("partly hard", "pruned"):
+        layer.candidate_logits.data[::3, 0] = 20.0
+        layer.harden_rows_(0.99)
+    if state == "pruned":
+        layer.candidate_logits.data[::2, 2] = -12.0
+        layer.prune_candidates_(0.01)
+        assert torch.isinf(layer.candidate_logits).any()
+    if state == "hard":
+        layer.finalize_()
+    layer.codebook.requires_grad_(True)
+    layer.candidate_logits.requires_grad_(True)
+    return layer
+
+
+@pytest.mark.parametrize("state, n", [("all soft", 2), ("all soft", 3), ("partly hard", 2), ("pruned", 3), ("hard", 2)])
+def test_vq_weight_matches_plain_autograd(state, n):
+    layer = make_layer(state, n)
+    upstream = torch.randn(layer.out_features, layer.in_features)
+    grads = []
+    for build in (layer.weight, lambda: reference_weight(layer)):
+        layer.zero_grad(set_to_none=True)
+        weight = build()
+        (weight * upstream).sum().backward()
+        logits_grad = layer.candidate_logits.grad
+        grads.append((weight.detach(), layer.codebook.grad.clone(), None if logits_grad is None else logits_grad.clone()))
+    (w_new, cb_new, lg_new), (w_ref, cb_ref, lg_ref) = grads
+    assert torch.allclose(w_new, w_ref, atol=1e-6)
+    assert torch.allclose(cb_new, cb_ref, atol=1e-5)
+    if layer.num_soft:
+        assert torch.allclose(lg_new, lg_ref, atol=1e-5) and torch.isfinite(lg_new).all()
+
+
+def test_one_hot_soft_rows_reproduce_codewords_exactly():
+    layer = make_layer("all soft")
+    winner = torch.randint(0, layer.num_candidates, (layer.num_soft,))
+    layer.candidate_logits.data = torch.full_like(layer.candidate_logits, -1e4).scatter_(1, winner[:, None], 1e4)
+    chosen = layer.candidates.long().gather(1, winner[:, None]).squeeze(1)
+    expected = layer.codebook.detach()[chosen].reshape(layer.out_features, layer.in_features)
+    assert torch.equal(layer.weight().detach(), expected)
+
+
+def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
+    """Bytes autograd saves during ``fn()`` outside the storages of ``exclude``."""
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("state", ["all soft", "partly hard", "hard"])
+def test_soft_weight_saves_nothing_but_the_layer_itself(state):
+    layer = make_layer(state)
+    own = [*layer.parameters(), *layer.buffers()]
+    nbytes, weight = saved_bytes(layer.weight, own)
+    assert nbytes == 0
+    nbytes_ref, _ = saved_bytes(lambda: reference_weight(layer), own)
+    if layer.num_soft:
+        assert nbytes_ref > 10 * weight.numel()  # plain autograd: gathered [S, n, d], ratios, int64 indices
+
+
+@pytest.mark.parametrize("kind, n", [("official", 2), ("official", 3), ("paper", 2), ("paper", 3)])
+def test_ratio_regularizer_gradient_and_memory(kind, n):
+    torch.manual_seed(0)
+    logits = torch.randn(500, n, requires_grad=True)
+    reference = {"official": lambda r: n * (r * (1 - r)).mean(), "paper": lambda r: (1 - (2 * r - 1).abs()).mean()}[kind]
+    nbytes, value = saved_bytes(lambda: ratio_regularizer(candidate_ratios(logits), kind), [logits])
+    (grad,) = torch.autograd.grad(value, logits)
+    expected_value = reference(torch.softmax(logits, dim=1))
+    (expected_grad,) = torch.autograd.grad(expected_value, logits)
+    assert torch.allclose(value.detach(), expected_value.detach(), rtol=1e-6, atol=0)
+    assert torch.allclose(grad, expected_grad, atol=1e-7)
+    assert nbytes <= logits.numel() * 4  # only the ratios themselves (the softmax output)
+
+
+def test_bf16_autocast_keeps_the_mix_in_float32():
+    layer = make_layer("partly hard")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weight = layer.weight()
+    assert weight.dtype == torch.float32
+    assert torch.allclose(weight, reference_weight(layer), atol=1e-6)
+
+
+def test_vq_weight_functional_form():
+    layer = make_layer("partly hard")
+    flat = vq_weight(layer.codebook, layer.codes, layer.soft_rows, layer.candidates, layer.candidate_logits)
+    assert flat.shape == (layer.num_subvectors, layer.config.subvector_dim)
+    assert torch.equal(flat.view(layer.out_features, layer.in_features), layer.weight())
+
+
+def test_student_shares_frozen_tensors_with_the_teacher():
+    from vq4dit.calibration import CalibrationModule
+
+    module = CalibrationModule(model="tiny", bits=2, kmeans_iters=0)
+    module.configure_model()
+    teacher_ptrs = {p.data_ptr() for p in module.teacher.parameters()}
+    layers = module.vq_layers()
+    vq_params = {id(p) for layer in layers.values() for p in layer.parameters()}
+    others = [p for p in module.student.parameters() if id(p) not in vq_params]
+    assert others and all(p.data_ptr() in teacher_ptrs for p in others)
+    assert not any(p.data_ptr() in teacher_ptrs for layer in layers.values() for p in layer.parameters())
+    assert all(type(m).__name__ == "Linear" for n, m in module.teacher.named_modules() if n in layers)
+
+
+def test_bf16_teacher_keeps_a_float32_student_and_accepts_float32_inputs():
+    import copy
+
+    from vq4dit.calibration import CalibrationModule
+    from vq4dit.sampling import NULL_CLASS
+
+    module = CalibrationModule(model="tiny", bits=2, kmeans_iters=0, teacher_dtype="bfloat16")
+    fp32_teacher = copy.deepcopy(module.teacher)
+    module.configure_model()
+    assert {p.dtype for p in module.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.student.parameters()} == {torch.float32}
+    config = module.teacher.config
+    x = torch.randn(2, config.in_channels, config.sample_size, config.sample_size)
+    batch = (x, torch.tensor([10, 500]), torch.tensor([3, NULL_CLASS]))
+    block_mse, output_mse = module.block_losses(batch)  # float32 batch into the bf16 teacher
+    assert torch.isfinite(block_mse).all() and torch.isfinite(output_mse)
+    with torch.no_grad():
+        out_bf16 = module.teacher(x, timestep=batch[1], class_labels=batch[2]).sample.float()
+        out_fp32 = fp32_teacher(x, timestep=batch[1], class_labels=batch[2]).sample
+    assert (out_bf16 - out_fp32).norm() / out_fp32.norm() < 2e-2  # bf16 rounding only
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        CalibrationModule(model="tiny", teacher_dtype="float16")
