@@ -58,8 +58,9 @@ _WORKSPACE = threading.local()  # per thread: {(dtype, role): flat CPU buffer} r
 
 def _cpu_workspace(dtype: torch.dtype, role: str, numel: int) -> torch.Tensor:
     """A per-thread flat CPU buffer of ``numel`` elements, reused by every decode chunk of every
-    layer. A fresh multi-MiB tensor per chunk is mmapped by glibc and page-faulted on each call
-    (XL w2 at batch 1: ~13k minor faults per block, +39 % CPU time for the block)."""
+    layer. A fresh multi-MiB tensor per chunk is mmapped by glibc and page-faulted on each call:
+    4 XL w2 blocks at batch 1 took 1.39x the FP CPU time with ~13k minor faults per block, 1.10x
+    with this workspace (no faults)."""
     buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
     buffer = buffers.get((dtype, role))
     if buffer is None or buffer.numel() < numel:
