@@ -267,3 +267,17 @@ def test_frozen_model_uses_the_inference_path_even_in_grad_mode():
     with WeightOperands() as seen:
         assert layer(x).requires_grad
     assert seen.funcs == [F.linear]
+
+
+def test_decode_after_inference_mode_calls():
+    """Lightning's test/predict run under torch.inference_mode: a CPU decode workspace created
+    there must stay usable by later no_grad forwards (it once became a read-only inference tensor)."""
+    vq_nn._WORKSPACE.__dict__.pop("buffers", None)  # the next decode allocates the workspace anew
+    layer = hard_layer()
+    x = torch.randn(3, layer.in_features)
+    with torch.inference_mode():
+        inside = layer(x)
+    with torch.no_grad():
+        outside = layer(x)
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+    torch.testing.assert_close(outside, reference(layer, x))

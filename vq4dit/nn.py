@@ -64,7 +64,8 @@ def _cpu_workspace(dtype: torch.dtype, role: str, numel: int) -> torch.Tensor:
     buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
     buffer = buffers.get((dtype, role))
     if buffer is None or buffer.numel() < numel:
-        buffers[(dtype, role)] = buffer = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buffers[(dtype, role)] = buffer = torch.empty(numel, dtype=dtype)
     return buffer[:numel]
 
 
