@@ -8,11 +8,20 @@ block (time and memory do not depend on the values; k-means of 669 M weights wou
 long here) and dense fp32 tensors for everything else (per-block embedders, patch embedding,
 output head). No dense weight of a quantized layer is ever materialised while building.
 
+Every public DiT-XL/2 checkpoint (the original ``.pt`` files and the diffusers hub snapshots
+converted from them) holds one timestep/label embedder, copied into each of the 28 diffusers
+blocks: ``save_quantized`` stores it once and ``load_quantized`` ties the copies back into one
+tensor. Quantized configs model that by default (``--embedders shared``: block 0's embedder tensors
+tied into every block with ``tie_tensors_``, as ``load_quantized`` does); ``--embedders separate``
+keeps 28 copies (a model trained in the diffusers layout, like the shipped reference DiT). The FP
+row is always the stock diffusers model, 28 copies, as ``from_pretrained`` gives it.
+
 The forward batch is ``--batch`` latents 4x32x32 (default 4: 2 latents + their null-label copies,
 one classifier-free-guidance step of DiTPipeline), under ``torch.no_grad`` like the pipeline.
 
     python benchmarks/inference.py                       # FP, w2 and w3 (decode, cached); ~6 min
     python benchmarks/inference.py --bits 2 --batch 1    # the few-token regime
+    python benchmarks/inference.py --embedders separate  # 28 embedder copies in the quantized models
 """
 
 from __future__ import annotations
@@ -32,9 +41,11 @@ import torch
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
-from vq4dit.export import size_report
+from vq4dit.export import size_report, tie_tensors_
 from vq4dit.models import default_linear_filter, preset_config
-from vq4dit.nn import DECODE_CHUNK_ELEMENTS, VQLinear, set_inference_mode_, vq_layers
+from vq4dit.decoding import DECODE_CHUNK_ELEMENTS
+from vq4dit.nn import VQLinear, set_inference_mode_, vq_layers
+from vq4dit.packing import identical_tensors
 from vq4dit.quantizer import VQConfig
 
 PRESET = "DiT-XL/2-256"
@@ -42,8 +53,18 @@ MIB = 1024**2
 _RESULT = "RESULT "
 
 
-def build_skeleton(bits: int | None) -> DiTTransformer2DModel:
-    """DiT-XL/2-256 on the meta device; with ``bits``, its core Linears are (meta) ``VQLinear``s."""
+def shared_embedder_aliases(model: nn.Module) -> dict[str, str]:
+    """``{block b's embedder tensor: block 0's}`` for b >= 1: what ``save_quantized`` records for a
+    converted DiT checkpoint (each block holds a copy of the original's one embedder)."""
+    first = "transformer_blocks.0.norm1.emb"
+    keys = list(model.transformer_blocks[0].norm1.emb.state_dict())
+    return {f"transformer_blocks.{b}.norm1.emb.{key}": f"{first}.{key}"
+            for b in range(1, len(model.transformer_blocks)) for key in keys}
+
+
+def build_skeleton(bits: int | None, shared_embedders: bool = False) -> DiTTransformer2DModel:
+    """DiT-XL/2-256 on the meta device; with ``bits``, its core Linears are (meta) ``VQLinear``s;
+    with ``shared_embedders``, every block's embedder is tied to block 0's (as after ``load_quantized``)."""
     with torch.device("meta"):
         model = DiTTransformer2DModel(**preset_config(PRESET))
     if bits is not None:
@@ -56,14 +77,19 @@ def build_skeleton(bits: int | None) -> DiTTransformer2DModel:
                 linear.in_features, linear.out_features, config, bias=linear.bias is not None, device="meta"
             )
             setattr(model.get_submodule(parent), child, layer)
+    if shared_embedders:
+        tie_tensors_(model, shared_embedder_aliases(model))
     return model.eval()
 
 
 @torch.no_grad()
 def materialise_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Allocate every tensor on the CPU and fill it from a seeded generator: N(0, 0.02) floats,
-    uniform codes in ``[0, k)``. Only what the skeleton declares is allocated."""
+    uniform codes in ``[0, k)``. Only what the skeleton declares is allocated; tied tensors stay
+    tied (``to_empty`` unties them: they are tied again before anything is written)."""
+    tied = identical_tensors(model.state_dict(keep_vars=True), min_bytes=0)  # on meta: the tied ones
     model.to_empty(device="cpu")
+    tie_tensors_(model, tied)
     generator = torch.Generator().manual_seed(seed)
     codebook_sizes = {f"{name}.codes": layer.config.codebook_size for name, layer in vq_layers(model).items()}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -77,7 +103,8 @@ def materialise_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers (the cached dense weights included when present)."""
+    """Bytes of all parameters and buffers, tied ones once (the cached dense weights included when
+    present)."""
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
@@ -87,13 +114,14 @@ def rss_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
-def run_child(config: str, batch: int, repeats: int, threads: int, chunk_elements: int = 0) -> dict:
+def run_child(config: str, batch: int, repeats: int, threads: int, chunk_elements: int = 0,
+              shared_embedders: bool = True) -> dict:
     """Build one configuration (``fp``, ``w2-decode``, ``w3-cached``, ...) and time its forward:
     wall seconds and process CPU seconds (less sensitive to other work on a shared machine)."""
     torch.set_num_threads(threads)
     baseline = rss_mib()
     bits, mode = (None, None) if config == "fp" else (int(config[1]), config.split("-")[1])
-    model = materialise_(build_skeleton(bits))
+    model = materialise_(build_skeleton(bits, shared_embedders and bits is not None))
     if mode is not None:
         set_inference_mode_(model, mode)
         for layer in vq_layers(model).values():
@@ -124,7 +152,8 @@ def run_child(config: str, batch: int, repeats: int, threads: int, chunk_element
 def spawn(config: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     command = [sys.executable, __file__, "--child", config, "--batch", str(args.batch), "--repeats",
-               str(args.repeats), "--threads", str(args.threads), "--chunk-elements", str(args.chunk_elements)]
+               str(args.repeats), "--threads", str(args.threads), "--chunk-elements", str(args.chunk_elements),
+               "--embedders", args.embedders]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT)]
     if done.returncode or not lines:
@@ -139,10 +168,10 @@ def median_of(runs: list[dict], key: str):
     return statistics.median(values) if numeric else values[0]
 
 
-def packed_sizes(bits: int) -> tuple[int, int, int]:
+def packed_sizes(bits: int, shared_embedders: bool) -> tuple[int, int, int]:
     """(fp32 state-dict bytes, packed file bytes, in-memory bytes) of DiT-XL/2-256, from shapes."""
     fp32 = sum(t.numel() * 4 for t in build_skeleton(None).state_dict().values())
-    quantized = build_skeleton(bits)
+    quantized = build_skeleton(bits, shared_embedders)
     return fp32, size_report(quantized).file_bytes, tensor_bytes(quantized)
 
 
@@ -157,13 +186,17 @@ def main() -> None:
     parser.add_argument("--chunk-elements", type=int, default=0,
                         help="decode mode: weights decoded at a time (default 0: the library's "
                              "DECODE_CHUNK_ELEMENTS; a huge value decodes each layer whole)")
+    parser.add_argument("--embedders", default="shared", choices=["shared", "separate"],
+                        help="quantized models: per-block embedders tied as load_quantized does for converted "
+                             "checkpoints (default), or 28 separate copies")
     parser.add_argument("--runs", type=int, default=1, help="processes per config (table: medians, peak range)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if min(args.threads, args.batch, args.repeats, args.runs) < 1 or args.chunk_elements < 0:
         parser.error("--threads, --batch, --repeats and --runs must be >= 1, --chunk-elements >= 0")
     if args.child:
-        result = run_child(args.child, args.batch, args.repeats, args.threads, args.chunk_elements)
+        result = run_child(args.child, args.batch, args.repeats, args.threads, args.chunk_elements,
+                           args.embedders == "shared")
         print(_RESULT + json.dumps(result), flush=True)
         return
 
@@ -172,7 +205,8 @@ def main() -> None:
           f"(load average {load:.2f} at start), torch {torch.__version__}, {args.threads} thread(s); {PRESET}, "
           f"batch {args.batch} x 4x32x32, torch.no_grad, fp32; median of {args.repeats} after 1 warm-up, "
           f"{args.runs} process(es) per config; "
-          f"decode chunks of {args.chunk_elements or DECODE_CHUNK_ELEMENTS:,} weights; {datetime.date.today()}")
+          f"decode chunks of {args.chunk_elements or DECODE_CHUNK_ELEMENTS:,} weights; quantized models: "
+          f"embedders {args.embedders}; {datetime.date.today()}")
     print()
     configs = ["fp"] + [f"w{b}-{mode}" for b in args.bits for mode in args.modes]
     runs: dict[str, list[dict]] = {config: [] for config in configs}
@@ -203,7 +237,7 @@ def main() -> None:
     print("| DiT-XL/2-256 | fp32 bytes | packed file bytes | in memory bytes (codes as uint8) | file vs fp32 |")
     print("|---|---|---|---|---|")
     for bits in args.bits:
-        fp32, packed, memory = packed_sizes(bits)
+        fp32, packed, memory = packed_sizes(bits, args.embedders == "shared")
         print(f"| w{bits} | {fp32:,} | {packed:,} | {memory:,} | {packed / fp32:.4f} "
               f"({fp32 / packed:.2f}x smaller) |")
 

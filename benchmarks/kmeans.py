@@ -19,10 +19,9 @@ import time
 
 import torch
 
+from vq4dit.kmeans import kmeans, kmeans_backend
 from vq4dit.quantizer import (
     VQConfig,
-    kmeans,
-    kmeans_backend,
     nearest_codewords,
     relative_error,
     round_to_nearest,

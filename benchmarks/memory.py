@@ -269,13 +269,16 @@ def _run_child(args: argparse.Namespace, bits: int) -> dict:
         return result
 
 
-def gpu_estimate(sizes: dict) -> list[tuple[str, float, str]]:
+def gpu_estimate(sizes: dict) -> list[tuple[str, str, float, str]]:
     """Per-component GB of one calibration step on one GPU at the paper batch, bf16-mixed.
 
-    Scaled from the tensors the smoke child measured at batch ``model_batch``: activations scale
-    with the batch (and halve when the child ran in float32); the dense weights F.linear saves for
-    its backward are bf16 copies under autocast. The peak is at the end of the forward of step
-    >= 2: Lightning zeroes the previous step's logit gradients only between forward and backward.
+    Rows are ``(component, when, GB, note)``; ``when`` is ``always`` (held for the whole run),
+    ``forward`` (saved by autograd, alive from the forward to the backward) or ``backward``
+    (created by the backward while the saved tensors are freed). Scaled from the tensors the smoke
+    child measured at batch ``model_batch``: activations scale with the batch (and halve when the
+    child ran in float32); the dense weights F.linear saves for its backward are bf16 copies under
+    autocast. ``CalibrationModule.optimizer_step`` frees the gradients right after the step, so
+    they are not alive in the next forward.
     """
     fp32_run = "bf16" not in sizes["precision"]
     scale = PAPER_BATCH / sizes["model_batch"] / (2 if fp32_run else 1)
@@ -284,24 +287,35 @@ def gpu_estimate(sizes: dict) -> list[tuple[str, float, str]]:
     teacher_outputs = blocks * PAPER_BATCH * sizes["tokens"] * sizes["hidden"] * 2
     teacher_bf16 = sizes["teacher_params"] * 2
     rows = [
-        ("teacher weights (bf16; float32 doubles this)", teacher_bf16, f"{sizes['teacher_params'] / 1e6:.1f} M params"),
-        ("student weights not quantized", sizes["student_other_bytes"],
-         f"float32; {sizes['student_other_shared_bytes'] / GB:.2f} GB more when shared with a float32 teacher"),
-        ("codebooks + biases", sizes["codebooks"] + sizes["biases"], ""),
-        ("codes", sizes["codes"], "smallest integer dtype"),
-        ("soft_rows (int32)", sizes["soft_rows"], "every row soft at the start"),
-        ("candidates", sizes["candidates"], ""),
-        ("candidate_logits (fp32)", sizes["candidate_logits"], ""),
-        ("logit gradients", sizes["candidate_logits"], "alive from the previous step during the forward"),
-        ("RMSprop square_avg", sizes["candidate_logits"], "same shape as the logits"),
-        ("ratios saved by the regulariser", sizes["saved_ratios"], "softmax output of every soft layer"),
-        ("dense weights saved by F.linear (bf16)", sizes["saved_weights"] / (2 if fp32_run else 1),
+        ("teacher weights (bf16; float32 doubles this)", "always", teacher_bf16,
+         f"{sizes['teacher_params'] / 1e6:.1f} M params"),
+        ("student weights not quantized", "always", sizes["student_other_bytes"],
+         f"float32; shared with a float32 teacher ({sizes['student_other_shared_bytes'] / GB:.2f} GB shared here)"),
+        ("codebooks + biases", "always", sizes["codebooks"] + sizes["biases"], ""),
+        ("codes", "always", sizes["codes"], "smallest integer dtype"),
+        ("soft_rows (int32)", "always", sizes["soft_rows"], "every row soft at the start"),
+        ("candidates", "always", sizes["candidates"], ""),
+        ("candidate_logits (fp32)", "always", sizes["candidate_logits"], ""),
+        ("RMSprop square_avg", "always", sizes["candidate_logits"], "same shape as the logits"),
+        ("tensors saved by the ratio regulariser", "forward", sizes["saved_ratios"],
+         "logit_regularizer keeps only the logits"),
+        ("dense weights saved by F.linear (bf16)", "forward", sizes["saved_weights"] / (2 if fp32_run else 1),
          "one per quantized layer"),
-        (f"student activations, all {blocks} blocks", activations,
+        (f"student activations, all {blocks} blocks", "forward", activations,
          f"block_inputs student keeps every block: {activations / blocks / GB:.3f} GB per block"),
-        ("teacher block outputs (bf16)", teacher_outputs, "kept for the block losses"),
+        ("teacher block outputs (bf16)", "forward", teacher_outputs, "kept for the block losses"),
+        ("logit gradients", "backward", sizes["candidate_logits"], "freed right after the optimizer step"),
     ]
-    return [(name, value / GB, note) for name, value, note in rows]
+    return [(name, when, value / GB, note) for name, when, value, note in rows]
+
+
+def estimate_peak(rows: list[tuple[str, str, float, str]]) -> float:
+    """Peak GB: what is always held plus the larger of the forward's saved tensors and the
+    backward's gradients (the backward frees saved tensors as it creates gradients; taking the
+    larger of the two, not their sum, assumes the gradients of the last layers arrive after most
+    activations are gone, which holds for the logits: they are created layer by layer)."""
+    total = {when: sum(gb for _, w, gb, _ in rows if w == when) for when in ("always", "forward", "backward")}
+    return total["always"] + max(total["forward"], total["backward"])
 
 
 def main() -> None:
@@ -311,8 +325,8 @@ def main() -> None:
     parser.add_argument("--num-candidates", type=int, default=2)
     parser.add_argument("--kmeans-iters", type=int, default=25, help="Lloyd iterations (library default 25)")
     parser.add_argument("--steps", type=int, default=2, help="sampling steps = optimisation steps")
-    parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--teacher-dtype", default=None, help="CalibrationModule teacher_dtype, when supported")
+    parser.add_argument("--precision", default="bf16-mixed", help="Trainer precision (the XL configs: bf16-mixed)")
+    parser.add_argument("--teacher-dtype", default="bfloat16", help="CalibrationModule teacher_dtype (XL configs: bfloat16)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rss-limit-gb", type=float, default=21.0, help="watchdog: kill the child above this RSS")
     parser.add_argument("--min-free-gb", type=float, default=0.8, help="watchdog: kill the child below this free RAM")
@@ -333,7 +347,10 @@ def main() -> None:
     if args.save_json:
         Path(args.save_json).write_text(json.dumps(results, indent=1))
     print(f"\nmodel {args.model}, n={args.num_candidates}, {args.steps} steps, precision {args.precision}, "
-          f"kmeans_iters {args.kmeans_iters}, {args.threads} thread(s); {platform.machine()}, {os.cpu_count()} cores\n")
+          f"kmeans_iters {args.kmeans_iters}, teacher {args.teacher_dtype or 'float32'}, {args.threads} thread(s); "
+          f"{platform.machine()}, {os.cpu_count()} cores"
+          + (f"; MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "")
+          + "\n")
     print("| bits | peak RSS GB (time -v) | wall s | load teacher s | trajectories s | k-means + student s "
           "| step 1 s | step 2 s | export s | status |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -362,12 +379,13 @@ def main() -> None:
     print(f"\nEstimate for one 80 GB GPU, batch {PAPER_BATCH} (4 classes + 4 null), bf16-mixed, "
           "from the tensor sizes measured above (GB)\n")
     estimates = {b: gpu_estimate(s) for b, s in complete.items()}
-    print("| component | " + " | ".join(f"w{b}" for b in estimates) + " | note |")
-    print("|---|" + "---|" * len(estimates) + "---|")
+    print("| component | alive | " + " | ".join(f"w{b}" for b in estimates) + " | note |")
+    print("|---|---|" + "---|" * len(estimates) + "---|")
     first = next(iter(estimates.values()))
-    for i, (name, _, note) in enumerate(first):
-        print(f"| {name} | " + " | ".join(f"{rows[i][1]:.2f}" for rows in estimates.values()) + f" | {note} |")
-    print("| **total** | " + " | ".join(f"**{sum(r[1] for r in rows):.2f}**" for rows in estimates.values()) + " | |")
+    for i, (name, when, _, note) in enumerate(first):
+        print(f"| {name} | {when} | " + " | ".join(f"{rows[i][2]:.2f}" for rows in estimates.values()) + f" | {note} |")
+    print("| **peak** = always + max(forward, backward) | | "
+          + " | ".join(f"**{estimate_peak(rows):.2f}**" for rows in estimates.values()) + " | |")
     sizes = next(iter(complete.values()))
     traj = XL_TRAJECTORIES[0] * XL_TRAJECTORIES[1] * XL_TRAJECTORIES[2] * sizes["trajectory_item_bytes"] / GB
     print(f"\nTrajectories stay in host RAM (batches move to the GPU): {traj:.2f} GB for "

@@ -40,20 +40,20 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks import CandidatePruning  # noqa: E402
-from vq4dit.calibration import CalibrationModule, capture_blocks  # noqa: E402
-from vq4dit.models import block_modules, preset_config  # noqa: E402
+from vq4dit.calibration import CalibrationModule  # noqa: E402
+from vq4dit.models import block_modules, capture_blocks, preset_config  # noqa: E402
 from vq4dit.sampling import NULL_CLASS  # noqa: E402
 
 ITEMS = 4  # classes per batch; each with its null-label copy: model batch 8 (official)
 REGIONS = ("teacher forward", "student forward", "backward", "optimizer", "pruning callback")
 
 
-def xl_block_folder(folder: str) -> str:
-    """Save a random-init 1-block DiT-XL/2-256 (diffusers layout) and return its folder."""
+def xl_block_folder(folder: str, num_layers: int = 1) -> str:
+    """Save a random-init ``num_layers``-block DiT-XL/2-256 (diffusers layout) and return its folder."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    DiTTransformer2DModel(**{**preset_config("DiT-XL/2-256"), "num_layers": 1}).save_pretrained(folder)
+    DiTTransformer2DModel(**{**preset_config("DiT-XL/2-256"), "num_layers": num_layers}).save_pretrained(folder)
     return folder
 
 

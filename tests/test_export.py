@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from vq4dit import export
+from vq4dit import export, packing
 from vq4dit.export import (
     QuantizedCheckpointError,
     load_quantized,
@@ -103,7 +103,7 @@ def edit_config(folder: Path, edit) -> None:
 
 @pytest.mark.parametrize("bits", range(1, 17))
 def test_pack_roundtrip_all_widths(bits, monkeypatch):
-    monkeypatch.setattr(export, "_CHUNK_CODES", 24)  # several chunks even for short inputs
+    monkeypatch.setattr(packing, "_CHUNK_CODES", 24)  # several chunks even for short inputs
     g = torch.Generator().manual_seed(bits)
     for count in (0, 1, 7, 9, 13, 101):
         codes = torch.randint(0, 1 << bits, (count,), generator=g)
@@ -359,7 +359,7 @@ def test_bad_configs(saved, tmp_path):
 
     ff2 = "transformer_blocks.0.ff.net.2"
     cases = {
-        "newer": (lambda c: c["quantization_config"].update(format_version=2), "newer vq4dit"),
+        "newer": (lambda c: c["quantization_config"].update(format_version=3), "newer vq4dit"),
         "method": (lambda c: c["quantization_config"].update(quant_method="gptq"), "unknown quant_method 'gptq'"),
         "plain": (lambda c: c.pop("quantization_config"), "not a vq4dit checkpoint"),
         "class": (lambda c: c.update(_class_name="os"), "not a diffusers model class"),

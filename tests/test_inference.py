@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-import vq4dit.nn as vq_nn
+import vq4dit.decoding as vq_decoding
+from vq4dit.decoding import gather_codewords
 from vq4dit.export import load_quantized, save_quantized
 from vq4dit.models import load_dit
-from vq4dit.nn import VQLinear, gather_codewords, quantize_, set_inference_mode_, vq_layers
+from vq4dit.nn import VQLinear, quantize_, set_inference_mode_, vq_layers
 from vq4dit.quantizer import VQConfig
 
 
@@ -107,7 +108,7 @@ def test_decode_mode_keeps_no_dense_weight_between_calls(mode):
         infer(layer, torch.randn(4, 128))
     owners = [weakref.ref(storage_owner(w)) for w in seen.weights]
     seen.weights.clear()
-    workspace = {buffer.data_ptr() for buffer in vq_nn._WORKSPACE.buffers.values()}
+    workspace = {buffer.data_ptr() for buffer in vq_decoding._WORKSPACE.buffers.values()}
     alive = [ref() for ref in owners if ref() is not None and ref().data_ptr() not in workspace]
     tensors = [*layer.parameters(), *layer.buffers(), *(v for v in vars(layer).values() if torch.is_tensor(v))]
     if mode == "decode":  # only the reused per-thread chunk workspace survives, never a layer's weight
@@ -272,7 +273,7 @@ def test_frozen_model_uses_the_inference_path_even_in_grad_mode():
 def test_decode_after_inference_mode_calls():
     """Lightning's test/predict run under torch.inference_mode: a CPU decode workspace created
     there must stay usable by later no_grad forwards (it once became a read-only inference tensor)."""
-    vq_nn._WORKSPACE.__dict__.pop("buffers", None)  # the next decode allocates the workspace anew
+    vq_decoding._WORKSPACE.__dict__.pop("buffers", None)  # the next decode allocates the workspace anew
     layer = hard_layer()
     x = torch.randn(3, layer.in_features)
     with torch.inference_mode():

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from vq4dit.nn import VQLinear
-from vq4dit.quantizer import VQConfig, candidate_ratios, ratio_regularizer, vq_weight
+from vq4dit.quantizer import VQConfig
+from vq4dit.soft import candidate_ratios, ratio_regularizer, vq_weight
 
 
 def reference_weight(layer: VQLinear) -> torch.Tensor:
@@ -156,3 +157,51 @@ def test_bf16_teacher_keeps_a_float32_student_and_accepts_float32_inputs():
     assert (out_bf16 - out_fp32).norm() / out_fp32.norm() < 2e-2  # bf16 rounding only
     with pytest.raises(ValueError, match="teacher_dtype"):
         CalibrationModule(model="tiny", teacher_dtype="float16")
+
+
+@pytest.mark.parametrize("kind, n", [("official", 2), ("official", 3), ("paper", 2), ("paper", 3)])
+def test_logit_regularizer_equals_ratio_regularizer_and_saves_nothing(kind, n):
+    from vq4dit.soft import logit_regularizer
+
+    torch.manual_seed(0)
+    logits = torch.randn(400, n) * 2
+    logits[::7, -1] = float("-inf")  # pruned candidates
+    logits.requires_grad_(True)
+    nbytes, value = saved_bytes(lambda: logit_regularizer(logits, kind), [logits])
+    (grad,) = torch.autograd.grad(value, logits)
+    expected = ratio_regularizer(candidate_ratios(logits), kind)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert nbytes == 0
+    assert torch.equal(value.detach(), expected.detach())
+    assert torch.allclose(grad, expected_grad, atol=1e-7) and torch.isfinite(grad).all()
+
+
+def test_gradients_are_freed_after_every_optimizer_step(tmp_path):
+    """The previous step's gradients must not be alive during the next forward (the peak)."""
+    import pytorch_lightning as pl
+
+    from train import cli_main
+
+    class GradientWatch(pl.Callback):
+        def __init__(self) -> None:
+            self.alive_at_forward, self.seen_after_backward = [], 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.alive_at_forward.append(sum(p.grad is not None for p in pl_module.parameters()))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.seen_after_backward += any(p.grad is not None and p.grad.abs().sum() > 0 for p in pl_module.parameters())
+
+    watch = GradientWatch()
+    cli = cli_main([
+        "--config", "configs/demo.yaml", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.export_dir={tmp_path / 'packed'}",
+        "--model.model=tiny", "--model.codebook_size=16", "--model.subvector_dim=2", "--data.num_classes=1000",
+        "--data.num_trajectories=1", "--data.num_steps=8", "--data.val_trajectories=0", "--trainer.max_epochs=1",
+    ], run=False)
+    cli.trainer.callbacks.append(watch)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(watch.alive_at_forward) == cli.trainer.global_step > 1
+    assert watch.seen_after_backward == cli.trainer.global_step  # real gradients reach the optimizer
+    assert watch.alive_at_forward == [0] * cli.trainer.global_step

@@ -5,17 +5,9 @@ import math
 import pytest
 import torch
 
-from vq4dit.quantizer import (
-    VQConfig,
-    index_dtype,
-    init_candidate_logits,
-    kmeans,
-    nearest_codewords,
-    ratio_regularizer,
-    relative_error,
-    soft_reconstruct,
-    to_subvectors,
-)
+from vq4dit.kmeans import kmeans
+from vq4dit.quantizer import VQConfig, index_dtype, init_candidate_logits, nearest_codewords, relative_error, to_subvectors
+from vq4dit.soft import ratio_regularizer, soft_reconstruct
 
 
 def test_presets_match_official_code():

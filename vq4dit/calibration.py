@@ -9,12 +9,11 @@ of that block (blocks independent).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -23,43 +22,14 @@ from torch import nn
 
 from .distributed import BlockSpread, BlockSpreading
 from .evaluation import EvaluationSteps
-from .models import block_modules, load_dit
+from .models import block_modules, capture_blocks, load_dit
 from .nn import VQLinear, quantize_, vq_layers
-from .quantizer import VQConfig, ratio_regularizer
+from .quantizer import VQConfig
+from .soft import logit_regularizer
 from .sampling import NULL_CLASS
 
 BlockInputs = Literal["student", "teacher"]
 CodebookTraining = Literal["after_hardening", "simultaneous"]
-
-
-@contextlib.contextmanager
-def capture_blocks(blocks: list[nn.Module], record_inputs: bool = False):
-    """Record every block's output (and, optionally, its call arguments) during a forward.
-
-    Yields ``(outputs, inputs)``: lists indexed by block; inputs are ``(args, kwargs)``. The hooks
-    are removed when the context exits, whatever happens.
-    """
-    outputs: list[Any] = [None] * len(blocks)
-    inputs: list[Any] = [None] * len(blocks)
-    handles = []
-
-    def keep_output(index, _module, _args, output):
-        outputs[index] = output
-
-    def keep_input(index, _module, args, kwargs):
-        inputs[index] = (args, kwargs)
-
-    try:
-        for index, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(lambda m, a, o, i=index: keep_output(i, m, a, o)))
-            if record_inputs:
-                handles.append(
-                    block.register_forward_pre_hook(lambda m, a, k, i=index: keep_input(i, m, a, k), with_kwargs=True)
-                )
-        yield outputs, inputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -330,7 +300,8 @@ class CalibrationModule(EvaluationSteps, BlockSpreading, pl.LightningModule):
     def ratio_terms(self) -> dict[str, torch.Tensor]:
         """The regulariser of every soft layer this rank calibrates (all layers without a spread)."""
         layers = self.owned_vq_layers().items()
-        return {name: ratio_regularizer(layer.ratios(), self.hparams.regularizer) for name, layer in layers if not layer.is_hard}
+        kind = self.hparams.regularizer
+        return {name: logit_regularizer(layer.candidate_logits, kind) for name, layer in layers if not layer.is_hard}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         block_mse, output_mse = self.block_losses(batch)  # [L]; spread_blocks: 0 for other ranks' blocks
@@ -395,24 +366,15 @@ class CalibrationModule(EvaluationSteps, BlockSpreading, pl.LightningModule):
             return torch.optim.Adam(groups)
         return torch.optim.RMSprop(groups, alpha=0.9, eps=1e-8, momentum=0.0, weight_decay=0.0)
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        # Lightning zeroes gradients between the next forward and its backward, so the previous
+        # step's gradients (as large as the ratio logits: 2.7 GB on DiT-XL/2 at w3) would stay
+        # alive through the forward, the memory peak. Free them as soon as they are used.
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def on_after_backward(self) -> None:
-        # Average the gradients DDP was told to ignore (codebooks, ratio logits) across ranks
-        # (not with spread_blocks: each block is trained by its owner alone).
-        if self.spread is not None or self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
-            return
-        grads = [
-            p.grad for layer in self.vq_layers().values() for p in (layer.codebook, layer.candidate_logits)
-            if p.grad is not None and p.grad.numel()
-        ]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.trainer.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        self.average_vq_gradients_()
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_train_epoch_end(self) -> None:

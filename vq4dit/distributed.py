@@ -1,4 +1,9 @@
-"""Spreading DiT blocks over DDP ranks (``CalibrationModule(spread_blocks=True)``).
+"""Distributed calibration: averaging the VQ gradients DDP cannot sync, and spreading DiT blocks
+over DDP ranks (``CalibrationModule(spread_blocks=True)``).
+
+Plain DDP splits the data: codebooks and ratio logits change shape and trainability during
+calibration, which DDP's fixed gradient buckets cannot follow, so DDP ignores them and
+:meth:`BlockSpreading.average_vq_gradients_` all-reduces their gradients after each backward.
 
 With ``block_inputs="teacher"`` every block's loss depends only on that block's VQ layers, so rank
 ``r`` of ``W`` can calibrate just the blocks it owns, on *all* calibration items, and still do
@@ -182,7 +187,7 @@ def make_block_spread(trainer, student: nn.Module) -> BlockSpread | None:
 
 
 class BlockSpreading:
-    """The ``spread_blocks`` side of the calibration LightningModule (a mixin, as ``EvaluationSteps``).
+    """The distributed side of the calibration LightningModule (a mixin, as ``EvaluationSteps``).
 
     Expects ``hparams.spread_blocks``, ``student``, ``vq_layers()`` and
     ``update_codebook_trainability()``. Without a spread (one process, or the option off) every
@@ -243,3 +248,22 @@ class BlockSpreading:
         optimizers = self.trainer.optimizers
         self.spread.share_(self.vq_layers(), optimizers[0] if optimizers else None, self.device)
         self.update_codebook_trainability()
+
+    def average_vq_gradients_(self) -> None:
+        """Average the gradients DDP was told to ignore (codebooks, ratio logits) across ranks, in
+        one all-reduce (not with a spread: each block is trained by its owner alone)."""
+        if self.spread is not None or self.trainer.world_size <= 1 or not dist.is_initialized():
+            return
+        grads = [
+            p.grad for layer in self.vq_layers().values() for p in (layer.codebook, layer.candidate_logits)
+            if p.grad is not None and p.grad.numel()
+        ]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.trainer.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()

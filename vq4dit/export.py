@@ -1,18 +1,19 @@
-"""Packed safetensors checkpoints of vector-quantized DiTs, and the model-size report.
+"""Packed safetensors checkpoints of vector-quantized DiTs: atomic save, strict load.
 
-Folder layout (``format_version`` 1)::
+Folder layout (``format_version`` 1, or 2 when ``tensor_aliases`` is present)::
 
     config.json        the diffusers config (as ``save_pretrained`` writes it) plus
-                       "quantization_config": {"quant_method": "vq4dit", "format_version": 1,
-                       "codebook_size", "subvector_dim", "layers": {name: per-layer settings}}
+                       "quantization_config": {"quant_method": "vq4dit", "format_version": 1|2,
+                       "codebook_size", "subvector_dim", "layers": {name: per-layer settings},
+                       "tensor_aliases": {alias: source} (version 2 only)}
     model.safetensors  <layer>.codebook [k, d], <layer>.codes_packed [ceil(N*log2(k)/8)] uint8,
-                       <layer>.bias [out]; every other state_dict tensor in its own dtype.
+                       <layer>.bias [out]; every other state_dict tensor in its own dtype, stored
+                       once when several are identical (an alias is read from its source).
                        Header metadata "vq4dit_sha256" hashes all tensors (corruption check).
 
-Codes are bit-packed at exactly ``b = log2(k)`` bits, little-endian: code ``i`` occupies stream
-bits ``[i*b, (i+1)*b)``, least significant bit first; stream bit ``j`` is bit ``j % 8`` (LSB = 0)
-of byte ``j // 8``. Plain diffusers refuses the folder (unknown ``quant_method``); it also holds
-no ``diffusion_pytorch_model.*`` file and no dense ``.weight`` for the quantized layers.
+Codes are bit-packed at exactly ``b = log2(k)`` bits (``vq4dit.packing``). Plain diffusers refuses
+the folder (unknown ``quant_method``); it also holds no ``diffusion_pytorch_model.*`` file and no
+dense ``.weight`` for the quantized layers.
 """
 
 from __future__ import annotations
@@ -26,109 +27,36 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
 from .nn import VQLinear, vq_layers
-from .quantizer import VQConfig, index_dtype
+from .packing import identical_tensors, pack_codes, packed_size, unpack_codes
+from .quantizer import VQConfig
+from .size import LayerSize, SizeReport, size_report
+
+__all__ = [
+    "QuantizedCheckpointError", "load_quantized", "save_quantized", "tie_tensors_",
+    # re-exported from vq4dit.packing / vq4dit.size, where they live
+    "LayerSize", "SizeReport", "pack_codes", "packed_size", "size_report", "unpack_codes",
+]
 
 QUANT_METHOD = "vq4dit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads and writes (1 when nothing is aliased)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _CHECKSUM_KEY = "vq4dit_sha256"
 _SOFT_STATE = ("soft_rows", "candidates", "candidate_logits")
 _FREQ_SHIFT_KEYS = ("_timestep_freq_shift", "timestep_freq_shift")  # recorded by vq4dit.models
 _LAYER_INTS = ("in_features", "out_features", "codebook_size", "subvector_dim", "code_bits")
-# Codes per packing chunk; a multiple of 8, so every chunk starts on a byte boundary
-# (temporaries of at most 2 x chunk x 4 B = 8 MiB).
-_CHUNK_CODES = 1 << 20
-_MIB = 8 * 1024**2  # bits per MiB
 
 
 class QuantizedCheckpointError(ValueError):
     """A vq4dit checkpoint cannot be written or read (bad input, bad folder, bad file)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Bit packing
-# ---------------------------------------------------------------------------------------------
-
-
-def packed_size(count: int, bits: int) -> int:
-    """Bytes of ``count`` codes packed at ``bits`` bits: ``ceil(count * bits / 8)``."""
-    return (count * bits + 7) // 8
-
-
-def _byte_overlaps(bits: int) -> list[tuple[int, int, int]]:
-    """``(code j, byte m, shift j*b - 8m)`` for each code/byte pair of a group of 8 codes
-    (= ``bits`` bytes) that share stream bits."""
-    return [(j, m, j * bits - 8 * m) for j in range(8) for m in range(j * bits // 8, ((j + 1) * bits - 1) // 8 + 1)]
-
-
-def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an integer in 1..16, got {bits!r}")
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Bit-pack ``codes [N]`` (integers in ``0 .. 2**bits - 1``) into ``[ceil(N*bits/8)]`` uint8 (CPU).
-
-    Little-endian (module docstring), last byte zero-padded. Vectorised over groups of 8 codes
-    (= ``bits`` bytes), one chunk of groups at a time.
-    """
-    _check_bits(bits)
-    if codes.ndim != 1 or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be a 1-D integer tensor, got {codes.dtype} {tuple(codes.shape)}")
-    codes = codes.detach().cpu()
-    count = codes.numel()
-    if count and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
-        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
-    if bits == 8:  # one code per byte
-        return codes.to(torch.uint8, copy=True)
-    work = torch.uint8 if bits <= 8 else torch.int32  # uint8 shifts wrap: the & 0xFF for free
-    packed = torch.empty(packed_size(count, bits), dtype=torch.uint8)
-    for start in range(0, count, _CHUNK_CODES):
-        chunk = codes[start : start + _CHUNK_CODES].to(work)
-        groups = F.pad(chunk, (0, -chunk.numel() % 8)).view(-1, 8).t().contiguous()  # [8, G]
-        out = torch.zeros(bits, groups.shape[1], dtype=work)  # [bits, G]: byte m of group g
-        for j, m, shift in _byte_overlaps(bits):
-            out[m] |= groups[j] << shift if shift >= 0 else groups[j] >> -shift
-        offset, num_bytes = start * bits // 8, packed_size(chunk.numel(), bits)
-        packed[offset : offset + num_bytes] = out.t().reshape(-1)[:num_bytes].to(torch.uint8)  # low byte
-    return packed
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``packed [ceil(count*bits/8)] uint8 -> codes [count]`` (CPU),
-    dtype ``index_dtype(2**bits)`` as ``VQLinear.codes``."""
-    _check_bits(bits)
-    if packed.dtype != torch.uint8 or packed.ndim != 1:
-        raise ValueError(f"packed must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    if count < 0 or packed.numel() != packed_size(count, bits):
-        raise ValueError(f"{packed.numel()} packed bytes do not hold {count} codes of {bits} bits")
-    packed = packed.detach().cpu()
-    if bits == 8:
-        return packed.to(index_dtype(256), copy=True)
-    codes = torch.empty(count, dtype=index_dtype(1 << bits))
-    work = torch.uint8 if bits <= 8 else torch.int32  # wrapping uint8 shifts keep the low 8 bits
-    for start in range(0, count, _CHUNK_CODES):
-        num = min(_CHUNK_CODES, count - start)
-        offset, num_bytes = start * bits // 8, packed_size(num, bits)
-        chunk = packed[offset : offset + num_bytes].to(work)
-        groups = F.pad(chunk, (0, -num_bytes % bits)).view(-1, bits).t().contiguous()  # [bits, G]
-        out = torch.zeros(8, groups.shape[1], dtype=work)  # [8, G]: code j of group g
-        for j, m, shift in _byte_overlaps(bits):
-            out[j] |= groups[m] >> shift if shift >= 0 else groups[m] << -shift
-        out &= (1 << bits) - 1
-        codes[start : start + num] = out.t().reshape(-1)[:num].to(codes.dtype)
-    return codes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +74,11 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _checkpoint_tensors(model: nn.Module, layers: dict[str, VQLinear]) -> dict[str, torch.Tensor]:
-    """File contents: packed VQ layers plus every other ``state_dict`` tensor (CPU, contiguous)."""
+def _checkpoint_tensors(
+    model: nn.Module, layers: dict[str, VQLinear]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """File contents: packed VQ layers plus every other ``state_dict`` tensor (CPU, contiguous),
+    the identical ones once; and the ``{alias: source}`` map of those left out."""
     tensors: dict[str, torch.Tensor] = {}
     vq_keys = {f"{name}.{key}" for name, layer in layers.items() for key in layer.state_dict()}
     for name, layer in layers.items():
@@ -155,14 +86,16 @@ def _checkpoint_tensors(model: nn.Module, layers: dict[str, VQLinear]) -> dict[s
         tensors[f"{name}.codes_packed"] = pack_codes(layer.codes, layer.config.code_bits)
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach()
-    tensors.update({k: v.detach() for k, v in model.state_dict().items() if k not in vq_keys})
+    others = {k: v.detach() for k, v in model.state_dict().items() if k not in vq_keys}
+    aliases = identical_tensors(others)
+    tensors.update({k: v for k, v in others.items() if k not in aliases})
     seen = set()
     for key, value in tensors.items():  # safetensors refuses tensors that share memory
         value = value.cpu().contiguous()
         ptr = value.untyped_storage().data_ptr()
         tensors[key] = value.clone() if ptr in seen and value.numel() else value
         seen.add(ptr)
-    return tensors
+    return tensors, aliases
 
 
 def _fsync(path: Path) -> None:
@@ -191,7 +124,8 @@ def _check_target(path: Path, overwrite: bool) -> None:
 def save_quantized(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a diffusers ``model`` whose ``VQLinear`` layers are all hard to the folder ``path``.
 
-    Atomic: written into a hidden temporary sibling, fsynced, then renamed into place. With
+    Identical non-quantized tensors (the per-block embedder copies of converted DiT checkpoints)
+    are stored once. Atomic: written into a hidden temporary sibling, fsynced, then renamed into place. With
     ``overwrite=True`` an existing checkpoint folder (only config.json / model.safetensors) is
     renamed aside, the new one renamed in, the old one deleted. Returns the folder path.
     """
@@ -218,11 +152,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, overwrite: bool
     }
     (k, d), _ = Counter((s["codebook_size"], s["subvector_dim"]) for s in specs.values()).most_common(1)[0]
     config = json.loads(model.to_json_string())
+    config.pop("quantization_config", None)  # a loaded packed model carries the one it was read with
+    tensors, aliases = _checkpoint_tensors(model, layers)
     config["quantization_config"] = {
-        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "codebook_size": k, "subvector_dim": d,
-        "layers": specs,
+        "quant_method": QUANT_METHOD, "format_version": 2 if aliases else 1, "codebook_size": k,
+        "subvector_dim": d, "layers": specs, **({"tensor_aliases": aliases} if aliases else {}),
     }
-    tensors = _checkpoint_tensors(model, layers)
     metadata = {"format": "pt", _CHECKSUM_KEY: _tensor_digest(tensors)}
 
     parent = path.parent
@@ -285,6 +220,9 @@ def _validate_quant_config(qc: object, path: Path) -> dict:
         k = s["codebook_size"]
         if k < 2 or k & (k - 1) or s["code_bits"] != k.bit_length() - 1:
             raise QuantizedCheckpointError(f"{path}: layer {name!r}: codebook_size {k}, code_bits {s['code_bits']}")
+    aliases = qc.get("tensor_aliases", {})
+    if not (isinstance(aliases, dict) and all(isinstance(a, str) and isinstance(s, str) for a, s in aliases.items())):
+        raise QuantizedCheckpointError(f"{path}: tensor_aliases must map tensor names to tensor names")
     return qc
 
 
@@ -349,6 +287,43 @@ def _names(keys: list[str]) -> str:
     return ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
 
 
+def _resolve_aliases(tensors: dict, aliases: dict[str, str], path: Path) -> dict:
+    """The file's tensors plus every alias, as the very tensor of its source."""
+    stored_twice = sorted(set(aliases) & set(tensors))
+    dangling = sorted(a for a, s in aliases.items() if s not in tensors)
+    if stored_twice or dangling:
+        raise QuantizedCheckpointError(
+            f"{path}: bad tensor_aliases: stored as well: [{_names(stored_twice)}]; "
+            f"source not in the file: [{_names(dangling)}]"
+        )
+    return {**tensors, **{alias: tensors[source] for alias, source in aliases.items()}}
+
+
+def tie_tensors_(model: nn.Module, aliases: dict[str, str]) -> int:
+    """Make every ``alias`` parameter/buffer of ``model`` the very tensor of its ``source`` (as the
+    original DiT shares one embedder between blocks): it is stored once, moved once by ``.to()``,
+    and trained as one parameter. Returns the bytes no longer held twice."""
+    saved = 0
+    for alias, source in aliases.items():
+        owner_name, _, source_attr = source.rpartition(".")
+        source_owner = model.get_submodule(owner_name)
+        alias_owner_name, _, alias_attr = alias.rpartition(".")
+        alias_owner = model.get_submodule(alias_owner_name)
+        for table in ("_parameters", "_buffers"):
+            source_tables, alias_tables = getattr(source_owner, table), getattr(alias_owner, table)
+            if source_attr in source_tables and alias_attr in alias_tables:
+                tensor, old = source_tables[source_attr], alias_tables[alias_attr]
+                if tensor.shape != old.shape or tensor.dtype != old.dtype:
+                    raise ValueError(f"cannot tie {alias} {tuple(old.shape)} to {source} {tuple(tensor.shape)}")
+                if old is not tensor:
+                    saved += old.numel() * old.element_size()
+                    alias_tables[alias_attr] = tensor
+                break
+        else:
+            raise ValueError(f"cannot tie {alias} to {source}: not both parameters or both buffers")
+    return saved
+
+
 def _state_dict_from_file(model: nn.Module, qc: dict, tensors: dict, path: Path) -> dict:
     """Check keys and shapes against ``model``, unpack the codes: a complete ``state_dict``."""
     layers = vq_layers(model)
@@ -379,9 +354,15 @@ def _state_dict_from_file(model: nn.Module, qc: dict, tensors: dict, path: Path)
     return state
 
 
-def load_quantized(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
+def load_quantized(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", share_identical: bool = True
+) -> nn.Module:
     """Read a folder written by :func:`save_quantized`: the diffusers model in eval mode, its
     quantized layers hard ``VQLinear``, bit-identical to the saved model.
+
+    Tensors the file stores once (``tensor_aliases``: identical per-block embedder copies) are one
+    tensor of the model (``tie_tensors_``); ``share_identical=False`` gives every module its own
+    copy instead (e.g. to fine-tune them apart).
 
     Raises :class:`QuantizedCheckpointError` for anything that is not a readable vq4dit checkpoint.
     """
@@ -397,10 +378,16 @@ def load_quantized(path: str | os.PathLike, *, device: torch.device | str = "cpu
         raise QuantizedCheckpointError(f"{config_file} does not hold a JSON object")
     qc = _validate_quant_config(config.pop("quantization_config", None), path)
     model = _build_model(config, qc, path)
-    state = _state_dict_from_file(model, qc, _read_tensors(path / WEIGHTS_NAME), path)
+    aliases = qc.get("tensor_aliases", {})
+    tensors = _resolve_aliases(_read_tensors(path / WEIGHTS_NAME), aliases, path)
+    state = _state_dict_from_file(model, qc, tensors, path)
+    if not share_identical:
+        state = {key: value.clone() if key in aliases else value for key, value in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)  # assign: keep the stored dtypes
-    except RuntimeError as err:
+        if share_identical:
+            tie_tensors_(model, aliases)
+    except (RuntimeError, ValueError, AttributeError) as err:
         raise QuantizedCheckpointError(f"{path}: {err}") from err
     if any(key in config for key in _FREQ_SHIFT_KEYS):  # a module attribute, not a tensor: re-apply
         try:
@@ -412,94 +399,3 @@ def load_quantized(path: str | os.PathLike, *, device: torch.device | str = "cpu
     return model.to(device).eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# Size report
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LayerSize:
-    """Sizes of one ``VQLinear`` (from shapes only: works on the meta device)."""
-
-    name: str
-    out_features: int
-    in_features: int
-    codebook_size: int  # k
-    subvector_dim: int  # d
-    nominal_bits_per_weight: float  # log2(k) / d
-    bits_per_weight: float  # plus an FP32 codebook amortised over the layer
-    code_bits: int  # nominal: N * log2(k), N = out * in / d
-    packed_code_bytes: int  # ceil(code_bits / 8): what the file stores
-    codebook_bytes: int  # in the codebook's dtype
-    num_biases: int  # 0 without bias
-    bias_bytes: int  # in the bias' dtype
-
-    @classmethod
-    def of(cls, name: str, layer: VQLinear) -> LayerSize:
-        c, num_weights = layer.config, layer.out_features * layer.in_features
-        code_bits = num_weights // c.subvector_dim * c.code_bits
-        bias = layer.bias if layer.bias is not None else torch.empty(0, device="meta")
-        return cls(
-            name, layer.out_features, layer.in_features, c.codebook_size, c.subvector_dim,
-            c.nominal_bits_per_weight, layer.bits_per_weight(include_codebook=True), code_bits, (code_bits + 7) // 8,
-            layer.codebook.numel() * layer.codebook.element_size(), bias.numel(), bias.numel() * bias.element_size(),
-        )
-
-
-@dataclass
-class SizeReport:
-    """Per-layer rows; the paper's MiB accounting over the quantized layers (FP32 weights + biases
-    vs log2(k)-bit codes + FP32 codebooks + FP32 biases); the estimated file size."""
-
-    layers: list[LayerSize]
-    num_weights: int
-    num_biases: int
-    fp32_mib: float
-    codes_mib: float
-    codebooks_mib: float
-    biases_mib: float
-    quantized_mib: float
-    compression: float  # fp32_mib / quantized_mib
-    other_bytes: int  # every non-quantized state_dict tensor, in its dtype
-    file_bytes: int  # estimated model.safetensors size, header excluded
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def format(self) -> str:
-        """A text table, one row per layer, then the totals."""
-        head = (f"{'layer':<40} {'shape':>11} {'k':>6} {'d':>2} {'b/w':>6} {'b/w+cb':>7} {'codes B':>11} "
-                f"{'codebook B':>10} {'bias B':>7}")
-        lines = [head, "-" * len(head)] + [
-            f"{r.name:<40} {f'{r.out_features}x{r.in_features}':>11} {r.codebook_size:>6} {r.subvector_dim:>2} "
-            f"{r.nominal_bits_per_weight:>6.3f} {r.bits_per_weight:>7.3f} {r.packed_code_bytes:>11,} "
-            f"{r.codebook_bytes:>10,} {r.bias_bytes:>7,}"
-            for r in self.layers
-        ]
-        mib = 1024**2
-        return "\n".join(lines + [
-            "-" * len(head),
-            f"{len(self.layers)} quantized layers: {self.num_weights:,} weights + {self.num_biases:,} biases",
-            f"FP32 {self.fp32_mib:.2f} MiB -> {self.quantized_mib:.2f} MiB ({self.compression:.2f}x): codes "
-            f"{self.codes_mib:.2f} + codebooks {self.codebooks_mib:.3f} + biases {self.biases_mib:.2f} MiB",
-            f"estimated file size {self.file_bytes / mib:.2f} MiB (other tensors {self.other_bytes / mib:.2f} MiB)",
-        ])
-
-
-def size_report(model: nn.Module) -> SizeReport:
-    """Size accounting of ``model``'s ``VQLinear`` layers (vq4dit-paper.md section 5)."""
-    layers = vq_layers(model)
-    rows = [LayerSize.of(name, layer) for name, layer in layers.items()]
-    vq_keys = {f"{name}.{key}" for name, layer in layers.items() for key in layer.state_dict(keep_vars=True)}
-    other = sum(v.numel() * v.element_size() for k, v in model.state_dict(keep_vars=True).items() if k not in vq_keys)
-    num_weights = sum(r.out_features * r.in_features for r in rows)
-    num_biases = sum(r.num_biases for r in rows)
-    codes = sum(r.code_bits for r in rows) / _MIB
-    codebooks = sum(r.codebook_size * r.subvector_dim for r in rows) * 32 / _MIB
-    biases = num_biases * 32 / _MIB
-    fp32, quantized = (num_weights + num_biases) * 32 / _MIB, codes + codebooks + biases
-    stored = sum(r.packed_code_bytes + r.codebook_bytes + r.bias_bytes for r in rows)
-    return SizeReport(
-        rows, num_weights, num_biases, fp32, codes, codebooks, biases, quantized,
-        fp32 / quantized if quantized else float("nan"), other, other + stored,
-    )

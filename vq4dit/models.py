@@ -9,10 +9,12 @@ in train mode diffusers drops class labels at random in every block.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiTTransformer2DModel
@@ -283,3 +285,33 @@ def block_modules(model: DiTTransformer2DModel) -> list[nn.Module]:
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"expected a DiTTransformer2DModel, got {type(model).__name__}")
     return list(blocks)
+
+
+@contextlib.contextmanager
+def capture_blocks(blocks: list[nn.Module], record_inputs: bool = False):
+    """Record every block's output (and, optionally, its call arguments) during a forward.
+
+    Yields ``(outputs, inputs)``: lists indexed by block; inputs are ``(args, kwargs)``. The hooks
+    are removed when the context exits, whatever happens.
+    """
+    outputs: list[Any] = [None] * len(blocks)
+    inputs: list[Any] = [None] * len(blocks)
+    handles = []
+
+    def keep_output(index, _module, _args, output):
+        outputs[index] = output
+
+    def keep_input(index, _module, args, kwargs):
+        inputs[index] = (args, kwargs)
+
+    try:
+        for index, block in enumerate(blocks):
+            handles.append(block.register_forward_hook(lambda m, a, o, i=index: keep_output(i, m, a, o)))
+            if record_inputs:
+                handles.append(
+                    block.register_forward_pre_hook(lambda m, a, k, i=index: keep_input(i, m, a, k), with_kwargs=True)
+                )
+        yield outputs, inputs
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -19,7 +19,6 @@ latent channels "for exact reproducibility"; ``None`` guides all of them as diff
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
