@@ -18,7 +18,8 @@ def teacher():
 
 def fake_trainer(teacher, rank=0, world=1, epoch=0):
     module = SimpleNamespace(teacher=teacher, hparams={"model": "tiny"})
-    return SimpleNamespace(lightning_module=module, global_rank=rank, world_size=world, current_epoch=epoch)
+    return SimpleNamespace(lightning_module=module, global_rank=rank, world_size=world, current_epoch=epoch,
+                           strategy=SimpleNamespace(root_device=torch.device("cpu")))
 
 
 def setup_datamodule(teacher, rank=0, world=1, **kwargs):
@@ -92,3 +93,23 @@ def test_shuffle_is_seeded_by_epoch():
 def test_invalid_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CalibrationDataModule(**kwargs)
+
+
+def test_trajectories_are_sampled_on_the_trainer_device(monkeypatch):
+    """Lightning moves the module to the GPU only after setup: the teacher must get there first."""
+    import vq4dit.data as data_module
+
+    seen = []
+
+    def record(teacher, indices, *args, **kwargs):
+        seen.append(next(teacher.parameters()).device)
+        return {"x": torch.zeros(1, 4, 8, 8), "t": torch.zeros(1, dtype=torch.long), "y": torch.zeros(1, dtype=torch.long)}
+
+    monkeypatch.setattr(data_module, "generate_items", record)
+    teacher = load_dit("tiny")
+    data = CalibrationDataModule(num_steps=4, num_classes=10, val_trajectories=1)
+    data.trainer = fake_trainer(teacher)
+    data.trainer.strategy.root_device = torch.device("meta")  # stands in for cuda:N (none here)
+    data.setup("fit")
+    assert seen == [torch.device("meta")] * 2  # train and validation trajectories
+

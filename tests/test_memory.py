@@ -205,3 +205,17 @@ def test_gradients_are_freed_after_every_optimizer_step(tmp_path):
     assert len(watch.alive_at_forward) == cli.trainer.global_step > 1
     assert watch.seen_after_backward == cli.trainer.global_step  # real gradients reach the optimizer
     assert watch.alive_at_forward == [0] * cli.trainer.global_step
+
+
+def test_student_builds_under_a_foreign_default_device():
+    """Lightning runs configure_model inside ``with torch.device(root_device)``: every tensor the
+    k-means initialisation makes must still be placed explicitly (a CPU generator with a CUDA
+    default device fails). ``meta`` stands in for ``cuda`` here."""
+    from vq4dit.calibration import CalibrationModule
+
+    module = CalibrationModule(model="tiny", bits=2, kmeans_iters=2)
+    with torch.device("meta"):
+        module.configure_model()
+    assert {t.device.type for t in (*module.student.parameters(), *module.student.buffers())} == {"cpu"}
+    layer = next(iter(module.vq_layers().values()))
+    assert layer.num_soft and torch.isfinite(layer.codebook).all()

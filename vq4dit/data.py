@@ -5,8 +5,8 @@ by the full-precision teacher (DDPM with learned variance or DDIM, with classifi
 Every intermediate ``(x_t, t, y)`` becomes one calibration item; the student and the teacher both
 see the teacher's ``x_t`` (never the student's own trajectory).
 
-Trajectories are generated once, up front in ``setup`` (and optionally cached on disk as
-safetensors), because the teacher's sampling costs as much as one epoch of calibration forwards and
+Trajectories are generated once, up front in ``setup``, on the trainer's device (and optionally
+cached on disk as safetensors), because the teacher's sampling costs as much as one epoch of calibration forwards and
 a fixed set makes shuffling, resume and DDP sharding exact. Under DDP, rank ``r`` of ``W`` generates
 and uses trajectories ``r, r + W, ...``: none duplicated, none dropped. With the module's
 ``spread_blocks`` (ranks split the blocks, not the data) every rank generates and uses all of them,
@@ -206,6 +206,10 @@ class CalibrationDataModule(pl.LightningDataModule):
                 "so every rank gets the same number of distinct trajectories"
             )
         progress = self.trainer.global_rank == 0
+        # Lightning moves the module to its device only after setup and configure_model: sample on
+        # the accelerator now (DiT-XL/2 trajectories: minutes on a GPU, days on a CPU), and the
+        # student is then built and k-means initialised there too.
+        teacher.to(self.trainer.strategy.root_device)
         if stage == "fit" and self.train_items is None:
             self.train_items = self._items(teacher, source, list(range(rank, total, world)), progress)
         if stage in ("fit", "validate") and self.val_items is None and self.hparams.val_trajectories:

@@ -38,7 +38,7 @@ def _cpu_workspace(dtype: torch.dtype, role: str, numel: int) -> torch.Tensor:
     buffer = buffers.get((dtype, role))
     if buffer is None or buffer.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
-            buffers[(dtype, role)] = buffer = torch.empty(numel, dtype=dtype)
+            buffers[(dtype, role)] = buffer = torch.empty(numel, dtype=dtype, device="cpu")
     return buffer[:numel]
 
 

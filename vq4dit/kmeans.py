@@ -11,15 +11,15 @@ from .quantizer import nearest_codewords
 def _sample_rows(num_rows: int, count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` distinct row indices (all rows when count >= num_rows), on the CPU."""
     if count >= num_rows:
-        return torch.arange(num_rows)
-    return torch.randperm(num_rows, generator=generator)[:count]
+        return torch.arange(num_rows, device="cpu")
+    return torch.randperm(num_rows, generator=generator, device="cpu")[:count]
 
 
 def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (D^2 sampling) on ``points [S, d]``: returns ``[k, d]``."""
     num_points = points.shape[0]
     # All random draws up front (CPU generator): the result does not depend on the device.
-    uniforms = torch.rand(k, generator=generator, dtype=torch.float64).to(points.device)
+    uniforms = torch.rand(k, generator=generator, dtype=torch.float64, device="cpu").to(points.device)
     centroids = torch.empty(k, points.shape[1], dtype=points.dtype, device=points.device)
     centroids[0] = points[min(int(uniforms[0] * num_points), num_points - 1)]
     closest_sq = (points - centroids[0]).pow(2).sum(dim=1)
