@@ -25,8 +25,8 @@ from .evaluation import EvaluationSteps
 from .models import block_modules, capture_blocks, load_dit
 from .nn import VQLinear, quantize_, vq_layers
 from .quantizer import VQConfig
-from .soft import logit_regularizer
 from .sampling import NULL_CLASS
+from .soft import logit_regularizer
 
 BlockInputs = Literal["student", "teacher"]
 CodebookTraining = Literal["after_hardening", "simultaneous"]

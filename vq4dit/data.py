@@ -6,11 +6,11 @@ Every intermediate ``(x_t, t, y)`` becomes one calibration item; the student and
 see the teacher's ``x_t`` (never the student's own trajectory).
 
 Trajectories are generated once, up front in ``setup``, on the trainer's device (and optionally
-cached on disk as safetensors), because the teacher's sampling costs as much as one epoch of calibration forwards and
-a fixed set makes shuffling, resume and DDP sharding exact. Under DDP, rank ``r`` of ``W`` generates
-and uses trajectories ``r, r + W, ...``: none duplicated, none dropped. With the module's
-``spread_blocks`` (ranks split the blocks, not the data) every rank generates and uses all of them,
-in the same order.
+cached on disk as safetensors), because the teacher's sampling costs as much as one epoch of
+calibration forwards and a fixed set makes shuffling, resume and DDP sharding exact. Under DDP,
+rank ``r`` of ``W`` generates and uses trajectories ``r, r + W, ...``: none duplicated, none
+dropped. With the module's ``spread_blocks`` (ranks split the blocks, not the data) every rank
+generates and uses all of them, in the same order.
 """
 
 from __future__ import annotations

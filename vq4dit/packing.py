@@ -113,8 +113,7 @@ def identical_tensors(tensors: Mapping[str, torch.Tensor], min_bytes: int = 1024
         if original.numel() * original.element_size() < min_bytes:
             continue
         if original.is_meta:  # no values: only the very same tensor (tied) is identical
-            first.setdefault(("tensor", id(original)), name)
-            source = first[("tensor", id(original))]
+            source = first.setdefault(("tensor", id(original)), name)
             if source != name:
                 aliases[name] = source
             continue
