@@ -20,13 +20,9 @@ import time
 import torch
 
 from vq4dit.kmeans import kmeans, kmeans_backend
-from vq4dit.quantizer import (
-    VQConfig,
-    nearest_codewords,
-    relative_error,
-    round_to_nearest,
-    to_subvectors,
-)
+from vq4dit.vq_config import VQConfig
+from vq4dit.baselines import round_to_nearest
+from vq4dit.codewords import nearest_codewords, relative_error, to_subvectors
 
 SHAPES = [(1152, 1152), (6912, 1152), (4608, 1152), (1152, 4608)]
 

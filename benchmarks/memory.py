@@ -103,7 +103,7 @@ def _child(args: argparse.Namespace) -> None:
     from callbacks import CalibrationStop, CandidatePruning, FinalAssignment
     from vq4dit.calibration import CalibrationModule
     from vq4dit.data import CalibrationDataModule
-    from vq4dit.nn import VQLinear
+    from vq4dit.layers import VQLinear
 
     phases: list[dict] = []
     last = [start]

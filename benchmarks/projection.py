@@ -56,9 +56,10 @@ from callbacks import CandidatePruning  # noqa: E402
 from vq4dit.calibration import CalibrationModule  # noqa: E402
 from vq4dit.data import generate_items  # noqa: E402
 from vq4dit.models import default_linear_filter, preset_config  # noqa: E402
-from vq4dit.nn import VQLinear  # noqa: E402
+from vq4dit.layers import VQLinear  # noqa: E402
 from vq4dit.kmeans import kmeans, kmeans_backend  # noqa: E402
-from vq4dit.quantizer import VQConfig, to_subvectors  # noqa: E402
+from vq4dit.vq_config import VQConfig  # noqa: E402
+from vq4dit.codewords import to_subvectors  # noqa: E402
 from vq4dit.sampling import guided_output  # noqa: E402
 
 aten = torch.ops.aten

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from vq4dit.nn import replace_in_optimizer_
+from vq4dit.layers import replace_in_optimizer_
 
 
 class CandidatePruning(pl.Callback):

@@ -21,8 +21,9 @@ from vq4dit.export import (
     size_report,
     unpack_codes,
 )
-from vq4dit.nn import VQLinear, quantize_, vq_layers
-from vq4dit.quantizer import VQConfig, index_dtype
+from vq4dit.layers import VQLinear, quantize_, vq_layers
+from vq4dit.vq_config import VQConfig
+from vq4dit.codewords import index_dtype
 
 CORE = ("norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
 

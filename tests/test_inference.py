@@ -12,8 +12,8 @@ import vq4dit.decoding as vq_decoding
 from vq4dit.decoding import gather_codewords
 from vq4dit.export import load_quantized, save_quantized
 from vq4dit.models import load_dit
-from vq4dit.nn import VQLinear, quantize_, set_inference_mode_, vq_layers
-from vq4dit.quantizer import VQConfig
+from vq4dit.layers import VQLinear, quantize_, set_inference_mode_, vq_layers
+from vq4dit.vq_config import VQConfig
 
 
 def hard_layer(out_features=48, in_features=64, k=16, d=4, bias=True, seed=0):

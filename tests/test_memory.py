@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from vq4dit.nn import VQLinear
-from vq4dit.quantizer import VQConfig
+from vq4dit.layers import VQLinear
+from vq4dit.vq_config import VQConfig
 from vq4dit.soft import candidate_ratios, ratio_regularizer, vq_weight
 
 

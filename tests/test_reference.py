@@ -19,7 +19,7 @@ from vq4dit.reference import (
     load_reference_model,
     sample_class_accuracy,
 )
-from vq4dit.reference_training import (
+from tools.train_reference import (
     ClassifierConfig,
     ReferenceConfig,
     hybrid_loss,

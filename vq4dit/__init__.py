@@ -6,9 +6,9 @@ The library works without Lightning's CLI: load a DiT, quantize it, calibrate it
 
 from .export import QuantizedCheckpointError, load_quantized, save_quantized, size_report
 from .models import DiTLoadError, block_modules, default_linear_filter, load_dit
-from .nn import VQLinear, quantize_, replace_in_optimizer_, vq_layers
+from .layers import VQLinear, quantize_, replace_in_optimizer_, vq_layers
 from .kmeans import kmeans
-from .quantizer import VQConfig
+from .vq_config import VQConfig
 
 __all__ = [
     "DiTLoadError",

@@ -23,8 +23,8 @@ from torch import nn
 from .distributed import BlockSpread, BlockSpreading
 from .evaluation import EvaluationSteps
 from .models import block_modules, capture_blocks, load_dit
-from .nn import VQLinear, quantize_, vq_layers
-from .quantizer import VQConfig
+from .layers import VQLinear, quantize_, vq_layers
+from .vq_config import VQConfig
 from .sampling import NULL_CLASS
 from .soft import logit_regularizer
 

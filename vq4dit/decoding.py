@@ -12,12 +12,11 @@ from typing import Literal, get_args
 
 import torch
 
+from .codewords import WIDE_ROW_DTYPES
+
 InferenceMode = Literal["decode", "cached"]
 INFERENCE_MODES: tuple[str, ...] = get_args(InferenceMode)
 
-# A codeword of this many bytes fits one element of this dtype: gathering N wide elements is
-# 3-5x faster on the CPU than ``codebook[codes.long()]`` (6912x1152 at w2: ~25 -> ~5 ms, 1 thread).
-_CODEWORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
 # ``decode`` mode materialises about this many weights at a time (8 MiB in fp32; DiT-XL's 6912x1152
 # in 4 chunks), whatever the layer size. On XL w2 (batch 4, glibc with a fixed mmap threshold, so
 # that peaks are reproducible) the peak RSS is 940 MiB with whole layers, 935 with 1 << 21, 931 with
@@ -54,7 +53,7 @@ def gather_codewords(codebook: torch.Tensor, codes: torch.Tensor, out: torch.Ten
     codebook = codebook.detach().contiguous()
     num, dim = index.numel(), codebook.shape[1]
     out = torch.empty(num * dim, dtype=codebook.dtype, device=codebook.device) if out is None else out
-    wide = _CODEWORD_DTYPES.get(dim * codebook.element_size())
+    wide = WIDE_ROW_DTYPES.get(dim * codebook.element_size())
     if wide is None:  # e.g. d=8 fp32 (32 B): plain row gather
         return torch.index_select(codebook, 0, index, out=out.view(num, dim))
     torch.index_select(codebook.view(-1).view(wide), 0, index, out=out.view(wide))  # [N] wide words

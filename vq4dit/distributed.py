@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .models import block_modules
-from .nn import VQLinear, vq_layers
+from .layers import VQLinear, vq_layers
 
 # The Parameters of a VQLinear that the optimizer holds (and keeps state for).
 _OPTIMIZED = ("codebook", "bias", "candidate_logits")

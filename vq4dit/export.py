@@ -34,9 +34,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .nn import VQLinear, vq_layers
+from .layers import VQLinear, vq_layers
 from .packing import identical_tensors, pack_codes, packed_size, unpack_codes
-from .quantizer import VQConfig
+from .vq_config import VQConfig
 from .size import LayerSize, SizeReport, size_report
 
 __all__ = [
@@ -390,12 +390,9 @@ def load_quantized(
     except (RuntimeError, ValueError, AttributeError) as err:
         raise QuantizedCheckpointError(f"{path}: {err}") from err
     if any(key in config for key in _FREQ_SHIFT_KEYS):  # a module attribute, not a tensor: re-apply
-        try:
-            from .models import apply_timestep_freq_shift
-        except ImportError:  # not provided by this version of vq4dit.models
-            apply_timestep_freq_shift = None
-        if apply_timestep_freq_shift is not None:
-            apply_timestep_freq_shift(model)
+        from .models import apply_timestep_freq_shift
+
+        apply_timestep_freq_shift(model)
     return model.to(device).eval()
 
 

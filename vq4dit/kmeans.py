@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizer import nearest_codewords
+from .codewords import nearest_codewords
 
 
 def _sample_rows(num_rows: int, count: int, generator: torch.Generator) -> torch.Tensor:

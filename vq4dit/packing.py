@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from .quantizer import index_dtype
+from .codewords import index_dtype
 
 # Codes per packing chunk; a multiple of 8, so every chunk starts on a byte boundary
 # (temporaries of at most 2 x chunk x 4 B = 8 MiB).

@@ -1,7 +1,7 @@
 """The shipped digits reference DiT and digits classifier: loading and public helpers.
 
 The quantization code needs a real *trained* DiT that runs on a CPU in seconds. ``vq4dit/assets/reference/``
-ships one, trained from scratch by :mod:`vq4dit.reference_training` on scikit-learn's offline digits
+ships one, trained from scratch by ``tools/train_reference.py`` on scikit-learn's offline digits
 (8x8, upsampled to 16x16, pixel space, no VAE):
 
 * ``transformer/``: a diffusers ``DiTTransformer2DModel`` (EMA weights) of the DiT family:
@@ -13,7 +13,7 @@ ships one, trained from scratch by :mod:`vq4dit.reference_training` on scikit-le
 * ``training.json`` (settings, losses, accuracies, wall time) and ``samples_fp.png``.
 
 Sample it with :func:`vq4dit.sampling.sample` and ``SamplerConfig(clip_denoised=True)`` (pixel space).
-CLI: ``python -m vq4dit.reference_training {train,evaluate} ...`` (``python -m vq4dit.reference`` forwards).
+Training and re-evaluation: ``python tools/train_reference.py {train,evaluate} ...``.
 """
 
 from __future__ import annotations
@@ -150,11 +150,11 @@ def classifier_accuracy(classifier: nn.Module, images: torch.Tensor, labels: tor
 
 
 def load_reference_model(path: str | Path = ASSETS_DIR):
-    """The shipped reference ``DiTTransformer2DModel`` in eval mode (float32, CPU)."""
-    from diffusers import DiTTransformer2DModel
+    """The reference ``DiTTransformer2DModel`` in ``path`` (default: the shipped one, as
+    ``load_dit("reference")``) in eval mode, float32, CPU, label dropout off."""
+    from .models import load_dit
 
-    model = DiTTransformer2DModel.from_pretrained(Path(path) / "transformer")
-    return disable_label_dropout_(model).eval()
+    return disable_label_dropout_(load_dit(Path(path) / "transformer"))
 
 
 def load_reference_classifier(path: str | Path = ASSETS_DIR) -> DigitsClassifier:
@@ -191,9 +191,3 @@ def sample_class_accuracy(
     config = SamplerConfig(sampler=method, num_steps=num_steps, guidance_scale=guidance_scale, clip_denoised=True)
     images = sample(model, labels, seeds, config).clamp(-1.0, 1.0)
     return classifier_accuracy(classifier, images, labels), images
-
-
-if __name__ == "__main__":
-    from vq4dit.reference_training import main
-
-    main()

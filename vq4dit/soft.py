@@ -11,17 +11,15 @@ from typing import Literal
 
 import torch
 
+from .codewords import WIDE_ROW_DTYPES
 RegularizerKind = Literal["paper", "official"]
 
-# A row of this many bytes is gathered as one element of this dtype (row gathers of d=2-4 floats
-# are ~1.5x faster that way on the CPU; benchmarks/throughput.py).
-_WIDE_ROW_DTYPES = {4: torch.int32, 8: torch.int64, 16: torch.complex128}
 
 
 def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table [k, d]`` rows at ``index [S]`` (int32/int64): ``[S, d]``, bit-identical to
     ``index_select``; rows are viewed as one wide element unless autograd needs the table."""
-    wide = _WIDE_ROW_DTYPES.get(table.shape[1] * table.element_size())
+    wide = WIDE_ROW_DTYPES.get(table.shape[1] * table.element_size())
     if wide is None or (torch.is_grad_enabled() and table.requires_grad):
         return table.index_select(0, index)
     words = table.detach().contiguous().view(-1).view(wide)  # [k]
@@ -148,11 +146,6 @@ def vq_weight(
         candidate_logits: ``[S, n]`` ratio logits of the soft rows (-inf = pruned candidate).
     """
     return _VQWeight.apply(codebook, candidate_logits, codes, soft_rows, candidates)
-
-
-def hard_reconstruct(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Codewords of the codes: ``codebook [k, d]``, ``codes [N]`` -> ``[N, d]``."""
-    return codebook[codes.long()]
 
 
 def _penalty_value(ratios: torch.Tensor, kind: str) -> torch.Tensor:

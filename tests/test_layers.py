@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from vq4dit.nn import VQLinear, quantize_, replace_in_optimizer_, vq_layers
-from vq4dit.quantizer import VQConfig
+from vq4dit.layers import VQLinear, quantize_, replace_in_optimizer_, vq_layers
+from vq4dit.vq_config import VQConfig
 
 
 @pytest.fixture

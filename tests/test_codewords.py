@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vq4dit.kmeans import kmeans
-from vq4dit.quantizer import VQConfig, index_dtype, init_candidate_logits, nearest_codewords, relative_error, to_subvectors
+from vq4dit.vq_config import VQConfig
+from vq4dit.codewords import index_dtype, init_candidate_logits, nearest_codewords, relative_error, to_subvectors
 from vq4dit.soft import ratio_regularizer, soft_reconstruct
 
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from .decoding import DECODE_CHUNK_ELEMENTS, INFERENCE_MODES, HardDecoding, InferenceMode
 from .kmeans import kmeans
-from .quantizer import VQConfig, index_dtype, init_candidate_logits, nearest_codewords, to_subvectors
+from .vq_config import VQConfig
+from .codewords import index_dtype, init_candidate_logits, nearest_codewords, to_subvectors
 from .soft import candidate_ratios, vq_weight
 
 log = logging.getLogger(__name__)

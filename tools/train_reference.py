@@ -1,6 +1,6 @@
 """Training and evaluation of the shipped digits reference DiT and classifier (see :mod:`vq4dit.reference`).
 
-``python -m vq4dit.reference_training train --out vq4dit/assets/reference`` trains both and writes the
+``python tools/train_reference.py train --out vq4dit/assets/reference`` trains both and writes the
 artefacts; ``... evaluate`` re-measures the sample class accuracy and redraws ``samples_fp.png``.
 
 The schedule, forward process, posterior and reverse step come from :mod:`vq4dit.sampling`
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .reference import (
+from vq4dit.reference import (
     ASSETS_DIR,
     NUM_CLASSES,
     DigitsClassifier,
@@ -35,7 +35,7 @@ from .reference import (
     load_reference_model,
     sample_class_accuracy,
 )
-from .sampling import NULL_CLASS, Diffusion
+from vq4dit.sampling import NULL_CLASS, Diffusion
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Shift every image by its own random offset in ``[-max_shift, max_shift]`` per axis.
@@ -502,7 +502,7 @@ def train(
 
 
 def main(args: list[str] | None = None) -> None:
-    """``python -m vq4dit.reference_training {train,evaluate} ...``."""
+    """``python tools/train_reference.py {train,evaluate} ...``."""
     from jsonargparse import auto_cli
 
     auto_cli({"train": train, "evaluate": evaluate}, args=args)

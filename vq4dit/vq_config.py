@@ -1,0 +1,103 @@
+"""Typed settings of vector-quantized layers: :class:`VQConfig` and the paper presets.
+
+Notation (paper): a Linear weight ``W`` is ``out x in``; every row is cut into ``in / d``
+contiguous sub-vectors of length ``d``; one codebook of ``k`` codewords per layer; each sub-vector
+keeps ``n`` candidate codewords mixed by softmax ratios.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+RatioInit = Literal["inverse_distance", "uniform"]
+
+
+_PRESETS = {
+    # The official code's settings: 8-bit code per 4 weights, 6-bit code per 2 weights.
+    "w2": (256, 4),
+    "w3": (64, 2),
+}
+
+
+@dataclass
+class VQConfig:
+    """Settings of one vector-quantized layer (or the default for all layers).
+
+    Args:
+        codebook_size: number of codewords ``k`` (a power of two; a code takes log2(k) bits).
+        subvector_dim: sub-vector length ``d``; must divide the layer's ``in_features``.
+        num_candidates: candidate codewords ``n`` kept per sub-vector (1 = plain VQ).
+        ratio_init: ``inverse_distance`` (ratios proportional to 1/distance, official code) or
+            ``uniform`` (1/n).
+        kmeans_iters: Lloyd iterations on all sub-vectors after the subsampled warm start.
+        kmeans_seed: seed of the k-means++ seeding and subsampling (results are deterministic).
+    """
+
+    codebook_size: int = 256
+    subvector_dim: int = 4
+    num_candidates: int = 2
+    ratio_init: RatioInit = "inverse_distance"
+    kmeans_iters: int = 25
+    kmeans_seed: int = 0
+
+    def __post_init__(self) -> None:
+        k, d, n = self.codebook_size, self.subvector_dim, self.num_candidates
+        if not isinstance(k, int) or k < 2 or k & (k - 1):
+            raise ValueError(f"codebook_size must be a power of two >= 2, got {k!r}")
+        if not isinstance(d, int) or d < 1:
+            raise ValueError(f"subvector_dim must be a positive integer, got {d!r}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {n!r}")
+        if n > k:
+            raise ValueError(f"num_candidates ({n}) cannot exceed codebook_size ({k})")
+        if self.ratio_init not in ("inverse_distance", "uniform"):
+            raise ValueError(
+                f"ratio_init must be 'inverse_distance' or 'uniform', got {self.ratio_init!r}"
+            )
+        if self.kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "VQConfig":
+        """``w2`` = (k=256, d=4), ``w3`` = (k=64, d=2), as in the official VQ4DiT code."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown VQ preset {name!r}; expected one of {sorted(_PRESETS)}")
+        k, d = _PRESETS[name]
+        return cls(codebook_size=k, subvector_dim=d, **overrides)
+
+    @classmethod
+    def from_bits(cls, bits: int, **overrides) -> "VQConfig":
+        """The paper preset for 2 or 3 bits per weight."""
+        if bits not in (2, 3):
+            raise ValueError(f"bits must be 2 or 3 (the paper presets), got {bits!r}")
+        return cls.preset(f"w{bits}", **overrides)
+
+    def with_overrides(self, **changes) -> "VQConfig":
+        """A copy with some fields replaced (validated again)."""
+        return replace(self, **changes)
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of one stored code: log2(k)."""
+        return int(math.log2(self.codebook_size))
+
+    @property
+    def nominal_bits_per_weight(self) -> float:
+        """log2(k) / d: the code cost per weight, codebook overhead excluded."""
+        return self.code_bits / self.subvector_dim
+
+    def validate_for(self, out_features: int, in_features: int, name: str = "layer") -> None:
+        """Raise ``ValueError`` if this config cannot quantize an ``out x in`` weight."""
+        d, k = self.subvector_dim, self.codebook_size
+        if in_features % d:
+            raise ValueError(
+                f"{name}: subvector_dim={d} does not divide in_features={in_features}"
+            )
+        num_subvectors = out_features * in_features // d
+        if k > num_subvectors:
+            raise ValueError(
+                f"{name}: codebook_size={k} exceeds the number of sub-vectors "
+                f"({num_subvectors} = {out_features}x{in_features}/{d})"
+            )
