@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from vq4dit import sampling
 from vq4dit.models import load_dit
 from vq4dit.sampling import (
     NULL_CLASS,
@@ -55,7 +57,44 @@ def test_respaced_timesteps(train_steps, num_steps):
     assert steps.dtype == torch.long and len(steps) == num_steps
     assert steps[0] == 0 and steps[-1] == train_steps - 1
     assert (steps[1:] > steps[:-1]).all()
-    assert respaced_timesteps(train_steps, 1).tolist() == [train_steps - 1]
+    assert respaced_timesteps(train_steps, 1).tolist() == [0]  # as the original: one step at t = 0
+
+
+def _original_space_timesteps(train_steps: int, num_steps: int) -> list[int]:
+    """The original DiT rule, re-derived: a float position accumulates the stride, Python round."""
+    stride = 1 if num_steps <= 1 else (train_steps - 1) / (num_steps - 1)
+    position, taken = 0.0, []
+    for _ in range(num_steps):
+        taken.append(round(position))
+        position += stride
+    return sorted(set(taken))
+
+
+def test_respaced_timesteps_match_the_original_for_every_step_count():
+    """Exact integers for N = 1..1000 (odd N put the middle step on x.5: float error decides)."""
+    mismatched = [
+        n for n in range(1, 1001) if respaced_timesteps(1000, n).tolist() != _original_space_timesteps(1000, n)
+    ]
+    assert mismatched == []
+    assert all(respaced_timesteps(10, n).tolist() == _original_space_timesteps(10, n) for n in range(1, 11))
+    # the schedules the golden / published runs use
+    assert respaced_timesteps(1000, 25).tolist() == [round(i * 999 / 24) for i in range(25)]
+    assert respaced_timesteps(1000, 50).tolist() == [round(i * 999 / 49) for i in range(50)]
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 21, 25, 45, 250, 999])
+def test_respaced_betas_follow_the_original(num_steps):
+    """``new_beta = 1 - alpha_bar[t] / alpha_bar[previous kept t]`` over the kept set, in numpy float64."""
+    alpha_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    kept = set(_original_space_timesteps(1000, num_steps))
+    last, expected = 1.0, []
+    for t, a in enumerate(alpha_bar):
+        if t in kept:
+            expected.append(1.0 - a / last)
+            last = a
+    diffusion = Diffusion(num_steps)
+    assert diffusion.timesteps.tolist() == sorted(kept)
+    np.testing.assert_allclose(diffusion.betas.numpy(), np.array(expected), rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("num_steps", [1, 7, 50, 1000])
@@ -109,6 +148,64 @@ def test_ddpm_step_learned_variance_endpoints(v, table):
     expected_std = torch.exp(0.5 * getattr(diffusion, table)[i]).item()
     assert torch.allclose(step - mean, torch.full_like(x, expected_std), rtol=1e-5)
     assert torch.equal(diffusion.ddpm_step(x, out, 0, noise), diffusion.q_posterior(diffusion.predict_x0(x, eps, 0), x, 0)[0])
+
+
+@pytest.mark.parametrize("num_steps", [2, 25, 50, 1000])
+def test_fixed_variance_without_learned_sigma(num_steps):
+    """``out_channels == in_channels``: large = (beta~_1, beta_1, beta_2, ...), small = clipped beta~."""
+    large, small = Diffusion(num_steps), Diffusion(num_steps, fixed_variance="small")
+    alpha_bar = large.alpha_bar
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    beta = 1.0 - alpha_bar / alpha_bar_prev
+    posterior = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+    expected = {
+        "large": torch.cat([posterior[1:2], beta[1:]]).log(),
+        "small": torch.cat([posterior[1:2], posterior[1:]]).log(),
+    }
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for name, diffusion in (("large", large), ("small", small)):
+        torch.testing.assert_close(diffusion.fixed_log_var, expected[name], rtol=1e-12, atol=0)
+        for i in {0, num_steps // 2, num_steps - 1}:
+            _, log_var, _ = diffusion.p_mean_variance(x, eps, i)
+            assert torch.allclose(log_var, torch.full_like(x, expected[name][i].item()))
+            per_sample = diffusion.p_mean_variance(x, eps, torch.tensor([i, i]))[1]
+            assert torch.allclose(per_sample, log_var.to(per_sample.dtype))
+            mean = diffusion.q_posterior(diffusion.predict_x0(x, eps, i), x, i)[0]
+            step = diffusion.ddpm_step(x, eps, i, torch.ones_like(x))
+            std = 0.0 if i == 0 else expected[name][i].exp().sqrt().item()
+            torch.testing.assert_close(step, mean + std, rtol=1e-6, atol=1e-6)  # float32 step
+    # learned sigma ignores the choice
+    out = torch.cat([eps, torch.rand_like(eps) * 2 - 1], dim=1)
+    i = num_steps - 1
+    assert torch.equal(large.p_mean_variance(x, out, i)[1], small.p_mean_variance(x, out, i)[1])
+
+
+class FixedVarianceStub(nn.Module):
+    """A model without learned sigma (out_channels == in_channels): predicts eps = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(in_channels=2, out_channels=2, sample_size=4)
+
+    def forward(self, x, timestep, class_labels):
+        return SimpleNamespace(sample=torch.zeros_like(x) * self.weight)
+
+
+def test_sample_uses_the_configured_fixed_variance(monkeypatch):
+    made = []
+    original = sampling.Diffusion
+
+    def recording(*args):
+        made.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(sampling, "Diffusion", recording)
+    labels, stub = torch.tensor([1, 2]), FixedVarianceStub()
+    large = sample(stub, labels, [0, 1], SamplerConfig(num_steps=3, guidance_scale=1.0))
+    small = sample(stub, labels, [0, 1], SamplerConfig(num_steps=3, guidance_scale=1.0, fixed_variance="small"))
+    assert [args[2] for args in made] == ["large", "small"]
+    assert not torch.allclose(large, small)
 
 
 def test_clip_denoised_clamps_x0():
@@ -180,11 +277,18 @@ def test_record_trajectory(tiny):
 @pytest.mark.parametrize(
     "kwargs",
     [dict(sampler="euler"), dict(num_steps=0), dict(num_steps=1001), dict(num_steps=20, train_steps=10),
-     dict(guidance_scale=0.5), dict(guided_channels=0)],
+     dict(guidance_scale=0.5), dict(guided_channels=0), dict(fixed_variance="learned")],
 )
 def test_invalid_sampler_config(kwargs):
     with pytest.raises(ValueError):
         SamplerConfig(**kwargs)
+
+
+def test_invalid_fixed_variance_message():
+    with pytest.raises(ValueError, match="fixed_variance must be 'large' or 'small'"):
+        SamplerConfig(fixed_variance="fixed")
+    with pytest.raises(ValueError, match="fixed_variance"):
+        Diffusion(10, fixed_variance="medium")
 
 
 def test_sample_needs_one_seed_per_label(tiny):

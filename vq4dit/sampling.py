@@ -5,6 +5,9 @@ linear betas over 1000 training steps, respaced to ``num_steps`` evenly spaced t
 (betas recomputed so the respaced chain has the same alpha-bar values), a learned-range variance
 ``log var = f * log beta_t + (1 - f) * log beta~_t`` with ``f = (v + 1) / 2`` taken from the
 model's second half of output channels (channel ``C + c`` = ``v`` in [-1, 1] for channel ``c``).
+Models without variance channels (``out_channels == in_channels``) get a fixed variance: "large"
+(``beta_t``, with step 0's entry replaced by the posterior variance of step 1; the original DiT's
+default for ``learn_sigma=False``) or "small" (the clipped posterior variance ``beta~_t``).
 ``clip_denoised`` clamps the predicted ``x_0`` to [-1, 1] (pixel-space models such as the digits
 reference model; DiT latents use False, as the original DiT).
 
@@ -39,6 +42,9 @@ class SamplerConfig:
         guided_channels: leading noise channels that get guidance (original DiT: 3); None = all.
         train_steps: length of the training schedule (1000 for DiT).
         clip_denoised: clamp the predicted ``x_0`` to [-1, 1] in every step (pixel-space models).
+        fixed_variance: variance of models without learned sigma (``out_channels == in_channels``):
+            ``large`` (beta, the original DiT's default) or ``small`` (posterior beta~). Models with
+            learned sigma ignore it.
     """
 
     sampler: Literal["ddpm", "ddim"] = "ddpm"
@@ -47,6 +53,7 @@ class SamplerConfig:
     guided_channels: int | None = None
     train_steps: int = 1000
     clip_denoised: bool = False
+    fixed_variance: Literal["large", "small"] = "large"
 
     def __post_init__(self) -> None:
         if self.sampler not in ("ddpm", "ddim"):
@@ -57,6 +64,8 @@ class SamplerConfig:
             raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {self.guidance_scale}")
         if self.guided_channels is not None and self.guided_channels < 1:
             raise ValueError(f"guided_channels must be >= 1 or None, got {self.guided_channels}")
+        if self.fixed_variance not in ("large", "small"):
+            raise ValueError(f"fixed_variance must be 'large' or 'small', got {self.fixed_variance!r}")
 
 
 def linear_betas(train_steps: int = 1000) -> torch.Tensor:
@@ -66,11 +75,19 @@ def linear_betas(train_steps: int = 1000) -> torch.Tensor:
 
 
 def respaced_timesteps(train_steps: int, num_steps: int) -> torch.Tensor:
-    """``num_steps`` evenly spaced training timesteps including 0 and T-1, ascending: ``[S]``."""
-    if num_steps == 1:
-        return torch.tensor([train_steps - 1])
-    stride = (train_steps - 1) / (num_steps - 1)
-    return torch.tensor(sorted({round(i * stride) for i in range(num_steps)}), dtype=torch.long)
+    """The ``num_steps`` training timesteps kept by respacing, ascending: ``[S]`` long.
+
+    Reproduces the original DiT's ``space_timesteps(train_steps, [num_steps])`` exactly: a float
+    position advances by ``(T - 1) / (S - 1)`` per step (accumulated, not multiplied) and each is
+    rounded with Python's ``round`` (half to even), so odd ``S`` whose middle step lands on ``x.5``
+    agree with the original to the last integer. ``S = 1`` keeps ``t = 0``; ``S = T`` keeps all.
+    """
+    stride = (train_steps - 1) / (num_steps - 1) if num_steps > 1 else 1.0
+    kept, position = set(), 0.0
+    for _ in range(num_steps):
+        kept.add(round(position))
+        position += stride
+    return torch.tensor(sorted(kept), dtype=torch.long)
 
 
 Step = int | torch.Tensor  # a respaced step index: int, or ``[B]`` long tensor (one per sample)
@@ -84,7 +101,11 @@ class Diffusion:
     long tensor and tensors ``x [B, C, ...]``.
     """
 
-    def __init__(self, num_steps: int = 50, train_steps: int = 1000) -> None:
+    def __init__(
+        self, num_steps: int = 50, train_steps: int = 1000, fixed_variance: Literal["large", "small"] = "large"
+    ) -> None:
+        if fixed_variance not in ("large", "small"):
+            raise ValueError(f"fixed_variance must be 'large' or 'small', got {fixed_variance!r}")
         base_alpha_bar = torch.cumprod(1.0 - linear_betas(train_steps), dim=0)
         self.timesteps = respaced_timesteps(train_steps, num_steps)  # original t of each step
         alpha_bar = base_alpha_bar[self.timesteps]
@@ -101,6 +122,13 @@ class Diffusion:
         # log(0) at step 0 is replaced by the next value, as in improved DDPM
         clipped = torch.cat([self.posterior_var[1:2], self.posterior_var[1:]]) if num_steps > 1 else self.betas
         self.posterior_log_var = torch.log(clipped)
+        # variance of models without learned sigma; step 0's beta replaced by beta~_1 for "large"
+        if fixed_variance == "small":
+            self.fixed_log_var = self.posterior_log_var
+        else:
+            large = torch.cat([self.posterior_var[1:2], self.betas[1:]]) if num_steps > 1 else self.betas
+            self.fixed_log_var = torch.log(large)
+        self.fixed_variance = fixed_variance
         self.coef_x0 = self.betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar)
         self.coef_xt = (1.0 - alpha_bar_prev) * (1.0 - self.betas).sqrt() / (1.0 - alpha_bar)
 
@@ -142,21 +170,25 @@ class Diffusion:
         """Reverse step ``p(x_{i-1} | x_i)`` from ``model_out [B, 2C or C, ...]`` = (eps[, v]).
 
         Returns ``(mean, log_var, x0_pred)``, each shaped like ``x``; without ``v`` channels the
-        variance is the posterior's.
+        variance is the fixed one chosen at construction (``fixed_log_var``: large or small).
         """
         channels = x.shape[1]
         eps, v = model_out[:, :channels], model_out[:, channels:]
         x0 = self.predict_x0(x, eps, i)
         if clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
-        mean, posterior_log_var = self.q_posterior(x0, x, i)
-        log_var = posterior_log_var if v.shape[1] == 0 else self.learned_log_var(v.float(), i)
+        mean, _ = self.q_posterior(x0, x, i)
+        if v.shape[1] == 0:
+            fixed = self._at(self.fixed_log_var, i, x)
+            log_var = torch.full_like(x, fixed) if isinstance(fixed, float) else fixed.expand_as(x)
+        else:
+            log_var = self.learned_log_var(v.float(), i)
         return mean, log_var, x0
 
     def ddpm_step(
         self, x: torch.Tensor, model_out: torch.Tensor, i: int, noise: torch.Tensor, clip_denoised: bool = False
     ) -> torch.Tensor:
-        """One ancestral step with learned-range variance; ``model_out [B, 2C, ...]`` = (eps, v)."""
+        """One ancestral step; ``model_out [B, 2C, ...]`` = (eps, v) (learned range) or ``[B, C, ...]`` (fixed)."""
         mean, log_var, _ = self.p_mean_variance(x, model_out, i, clip_denoised)
         if i == 0:
             return mean
@@ -224,7 +256,7 @@ def sample(
     """
     if len(seeds) != labels.numel():
         raise ValueError(f"need one seed per label: {len(seeds)} seeds for {labels.numel()} labels")
-    diffusion = Diffusion(config.num_steps, config.train_steps)
+    diffusion = Diffusion(config.num_steps, config.train_steps, config.fixed_variance)
     param = next(model.parameters())
     cfg = model.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
