@@ -67,7 +67,10 @@ def test_nearest_codewords_matches_brute_force():
     idx, dist = nearest_codewords(points, codebook, 3)
     brute = torch.cdist(points, codebook).pow(2)
     ref_dist, ref_idx = brute.topk(3, dim=1, largest=False)
-    assert torch.equal(idx, ref_idx)
+    # computed in row blocks as |p|^2 - 2 p.c + |c|^2, brute force by cdist: rounding may differ, so a
+    # different index is allowed only on a near tie (its brute-force distance equals the best's)
+    torch.testing.assert_close(brute.gather(1, idx), ref_dist, rtol=1e-5, atol=1e-4)
+    assert (idx != ref_idx).float().mean() < 1e-3
     assert torch.allclose(dist, ref_dist, atol=1e-4)
 
 

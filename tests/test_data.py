@@ -7,7 +7,7 @@ import torch
 
 from vq4dit.data import CalibrationDataModule, ShuffledBatches, generate_items, trajectory_plan
 from vq4dit.models import load_dit
-from vq4dit.sampling import SamplerConfig
+from vq4dit.sampling import SamplerConfig, initial_noise
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +49,48 @@ def test_items_are_the_teacher_trajectory(teacher):
     # (items are step-major: [steps, samples]; trajectory 1 = samples 2 and 3)
     alone = generate_items(teacher, [1], 0, 2, 10, config, progress=False)
     together = items["x"].reshape(4, 4, -1)[:, 2:]
-    assert torch.allclose(together, alone["x"].reshape(4, 2, -1), atol=1e-5)
+    # other batch composition, so rounding may differ: tolerance relative to the largest magnitude
+    scale = items["x"].abs().max().item()
+    torch.testing.assert_close(together, alone["x"].reshape(4, 2, -1), rtol=1e-4, atol=1e-4 * scale)
     assert not torch.allclose(items["x"].reshape(4, 4, -1)[:, :2], together, atol=1e-3)
+
+
+def trajectories_by_plan(data, total: int) -> dict[tuple[int, int, int], torch.Tensor]:
+    """``{(index, label, seed): x over the steps [S, C, H, W]}`` of a datamodule's train items.
+
+    A sample is identified by its plan: its label (``y``, exact) and its seed, recognised by its first
+    item, the initial noise of that seed (generator output, bit-identical in any batch).
+    """
+    items, hp = data.train_items, data.hparams
+    steps = hp.num_steps
+    xs, ys, ts = (items[k].reshape(steps, -1, *items[k].shape[1:]) for k in ("x", "y", "t"))
+    plans = {}
+    for index in range(total):
+        labels, seeds = trajectory_plan(index, hp.seed, hp.classes_per_trajectory, hp.num_classes)
+        plans.update({(index, label, s): initial_noise(xs.shape[2:], [s], "cpu")[0] for label, s in zip(labels, seeds)})
+    found = {}
+    for n in range(xs.shape[1]):
+        keys = [key for key, noise in plans.items() if torch.equal(xs[0, n], noise)]
+        assert len(keys) == 1, "every sample starts from the noise of exactly one planned seed"
+        assert (ys[:, n] == keys[0][1]).all() and ts[:, n].tolist() == ts[:, 0].tolist()
+        assert keys[0] not in found, "no sample generated twice"
+        found[keys[0]] = xs[:, n]
+    return found
 
 
 def test_ranks_get_disjoint_complete_shards(teacher):
     single = setup_datamodule(teacher, num_trajectories=4, classes_per_trajectory=2)
     shards = [setup_datamodule(teacher, rank=r, world=2, num_trajectories=4, classes_per_trajectory=2) for r in (0, 1)]
-    key = lambda items: {(tuple(x.flatten()[:4].tolist()), int(t)) for x, t in zip(items["x"], items["t"])}  # noqa: E731
-    a, b = key(shards[0].train_items), key(shards[1].train_items)
-    assert not a & b  # none duplicated
-    assert a | b == key(single.train_items)  # none dropped
+    whole, parts = trajectories_by_plan(single, 4), [trajectories_by_plan(shard, 4) for shard in shards]
+    assert len(whole) == 4 * 2
+    assert not parts[0].keys() & parts[1].keys()  # none duplicated: plans compared exactly
+    assert parts[0].keys() | parts[1].keys() == whole.keys()  # none dropped
+    # values: computed in other batch compositions, so kernels may round differently (random weights
+    # make magnitudes of hundreds): equal up to float32 error relative to the largest value
+    scale = single.train_items["x"].abs().max().item()
+    for part in parts:
+        for key, x in part.items():
+            torch.testing.assert_close(x, whole[key], rtol=1e-4, atol=1e-4 * scale)
     with pytest.raises(ValueError, match="divisible"):
         setup_datamodule(teacher, rank=0, world=3, num_trajectories=4)
 
