@@ -18,8 +18,7 @@ from pytorch_lightning.cli import ArgsType, LightningCLI
 
 import callbacks  # noqa: F401  (short class paths in YAML: callbacks.CandidatePruning)
 from callbacks import FinalAssignment, SampleWriter
-from vq4dit.calibration import CalibrationModule
-from vq4dit.data import CalibrationDataModule
+from vq4dit.lightning import CalibrationDataModule, CalibrationModule
 
 
 # Model settings that may differ between a checkpoint and the run resuming or evaluating it.

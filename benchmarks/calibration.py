@@ -24,13 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train import cli_main  # noqa: E402
+from vq4dit.engine import Calibrator, build_student  # noqa: E402
 
 
 @torch.no_grad()
-def mean_losses(module, batches) -> tuple[float, float]:
+def mean_losses(engine: Calibrator, batches) -> tuple[float, float]:
     blocks, outputs = [], []
     for batch in batches:
-        block_mse, output_mse = module.block_losses(batch)
+        block_mse, output_mse = engine.block_losses(batch)
         blocks.append(float(block_mse.mean()))
         outputs.append(float(output_mse))
     return sum(blocks) / len(blocks), sum(outputs) / len(outputs)
@@ -58,15 +59,13 @@ def main() -> None:
             wall = time.perf_counter() - start
         module, data = cli.model, cli.datamodule
         batches = list(data.val_dataloader())
-        after = mean_losses(module, batches)
+        after = mean_losses(module.engine, batches)
         stop = next((cb for cb in cli.trainer.callbacks if type(cb).__name__ == "CalibrationStop"), None)
         hard_step = stop.hard_since if stop is not None else None
         steps = cli.trainer.global_step
         config = module.vq_config
-        module.student = None
-        module.vq_config = config.with_overrides(num_candidates=1)
-        module.configure_model()
-        before = mean_losses(module, batches)
+        start = build_student(module.teacher, config.with_overrides(num_candidates=1), progress=False)
+        before = mean_losses(Calibrator(module.teacher, start, module.calibration, guidance_scale=module.engine.guidance_scale), batches)
         rows.append((bits, config, before, after, hard_step, steps, wall))
 
     print()

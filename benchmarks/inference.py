@@ -44,7 +44,8 @@ from torch import nn
 from vq4dit.export import size_report, tie_tensors_
 from vq4dit.models import default_linear_filter, preset_config
 from vq4dit.decoding import DECODE_CHUNK_ELEMENTS
-from vq4dit.layers import VQLinear, set_inference_mode_, vq_layers
+from vq4dit.layers import VQLinear
+from vq4dit.quantize import set_inference_mode_, vq_layers
 from vq4dit.packing import identical_tensors
 from vq4dit.vq_config import VQConfig
 

@@ -101,8 +101,7 @@ def _child(args: argparse.Namespace) -> None:
     import pytorch_lightning as pl
 
     from callbacks import CalibrationStop, CandidatePruning, FinalAssignment
-    from vq4dit.calibration import CalibrationModule
-    from vq4dit.data import CalibrationDataModule
+    from vq4dit.lightning import CalibrationDataModule, CalibrationModule
     from vq4dit.layers import VQLinear
 
     phases: list[dict] = []

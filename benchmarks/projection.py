@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.throughput import ITEMS, CalibrationStep, FineTuneStep, make_batch, xl_block_folder  # noqa: E402
 from callbacks import CandidatePruning  # noqa: E402
-from vq4dit.calibration import CalibrationModule  # noqa: E402
-from vq4dit.data import generate_items  # noqa: E402
+from vq4dit.lightning import CalibrationModule  # noqa: E402
+from vq4dit.trajectories import generate_items  # noqa: E402
 from vq4dit.models import default_linear_filter, preset_config  # noqa: E402
 from vq4dit.layers import VQLinear  # noqa: E402
 from vq4dit.kmeans import kmeans, kmeans_backend  # noqa: E402

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train import cli_main  # noqa: E402
 from vq4dit.evaluation import evaluation_plan, generate_images  # noqa: E402
-from vq4dit.layers import vq_layers  # noqa: E402
+from vq4dit.quantize import vq_layers  # noqa: E402
 from vq4dit.reference import classifier_accuracy, load_reference_classifier  # noqa: E402
 from vq4dit.sampling import SamplerConfig  # noqa: E402
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks import CandidatePruning  # noqa: E402
-from vq4dit.calibration import CalibrationModule  # noqa: E402
+from vq4dit.lightning import CalibrationModule  # noqa: E402
 from vq4dit.models import block_modules, capture_blocks, preset_config  # noqa: E402
 from vq4dit.sampling import NULL_CLASS  # noqa: E402
 

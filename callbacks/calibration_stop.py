@@ -59,7 +59,7 @@ class CalibrationStop(pl.Callback):
             trainer.should_stop = True
             return
         # soft_counts: global under spread_blocks (a collective; every rank gets here alike)
-        counts = pl_module.soft_counts() if self.hard_since is None else {}
+        counts = pl_module.engine.soft_counts() if self.hard_since is None else {}
         if self.hard_since is None and counts and all(rows == 0 for rows, _ in counts.values()):
             self.hard_since = step
             self.best, self.best_step = self.smoothed, step

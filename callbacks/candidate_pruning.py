@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from vq4dit.layers import replace_in_optimizer_
-
 
 class CandidatePruning(pl.Callback):
     """Harden confident rows, prune weak candidates, finalise nearly-hard layers.
@@ -51,27 +49,13 @@ class CandidatePruning(pl.Callback):
         if trainer.global_step % self.every_n_steps:
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        for layer in pl_module.owned_vq_layers().values():
-            if layer.is_hard:
-                continue
-            self._apply(optimizer, layer, lambda: layer.harden_rows_(self.harden_threshold))
-            if self.prune_floor > 0 and not layer.is_hard:
-                self._apply(optimizer, layer, lambda: layer.prune_candidates_(self.prune_floor))
-            if not layer.is_hard and layer.hard_fraction >= self.finalize_fraction:
-                self._apply(optimizer, layer, layer.finalize_)
-        pl_module.update_codebook_trainability()
+        pl_module.engine.prune_(optimizer, self.harden_threshold, self.prune_floor, self.finalize_fraction)
         self._log(trainer, pl_module)
-
-    @staticmethod
-    def _apply(optimizer, layer, mutate) -> None:
-        old = layer.candidate_logits
-        reindex = mutate()
-        if optimizer is not None and layer.candidate_logits is not old:
-            replace_in_optimizer_(optimizer, old, layer.candidate_logits, reindex)
 
     def _log(self, trainer: pl.Trainer, pl_module) -> None:
         # Collectives under spread_blocks: every rank takes the same branches (global values only).
-        layers, counts = pl_module.vq_layers(), pl_module.soft_counts()  # name -> (soft rows, slots)
+        engine = pl_module.engine
+        layers, counts = engine.layers, engine.soft_counts()  # name -> (soft rows, slots)
         total = sum(l.num_subvectors for l in layers.values())
         soft = sum(rows for rows, _ in counts.values())
         candidates = sum(slots for _, slots in counts.values())
@@ -91,7 +75,7 @@ class CandidatePruning(pl.Callback):
         metrics = {f"hard_fraction/{name}": 1.0 - counts[name][0] / max(l.num_subvectors, 1) for name, l in layers.items()}
         trainer.logger.log_metrics(metrics, step=step)
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0 and soft:
-            top = pl_module.top_ratios_of_soft_rows()
+            top = engine.top_ratios_of_soft_rows()
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_histogram"):
                 experiment.add_histogram("calibration/top_ratio_of_soft_rows", top, step)

@@ -6,6 +6,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
 from vq4dit.export import save_quantized, size_report
+from vq4dit.quantize import finalize_model_
 
 
 class FinalAssignment(pl.Callback):
@@ -17,8 +18,7 @@ class FinalAssignment(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         # before on_fit_end, so callbacks sampling at fit end (SampleImages) see the final model
-        for layer in pl_module.vq_layers().values():
-            layer.finalize_()
+        finalize_model_(pl_module.student)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         self.on_train_end(trainer, pl_module)  # idempotent: no soft rows left after the first call
@@ -28,7 +28,7 @@ class FinalAssignment(pl.Callback):
             scalars = {f"size/{k}": float(v) for k, v in totals.items() if isinstance(v, (int, float))}
             if scalars:
                 trainer.logger.log_metrics(scalars, step=trainer.global_step)
-        export_dir = pl_module.hparams.get("export_dir")
+        export_dir = pl_module.export_dir
         if trainer.is_global_zero:
             rank_zero_info(report.format())
             if export_dir:

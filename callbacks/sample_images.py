@@ -63,8 +63,7 @@ class SampleImages(pl.Callback):
     def _log(self, trainer: pl.Trainer, pl_module) -> None:
         # trainer.log_dir is a collective (broadcast from rank 0): every rank must ask for it.
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
-        if hasattr(pl_module, "share_blocks_"):  # spread_blocks: rank 0 gets every owner's blocks (a collective)
-            pl_module.share_blocks_()
+        pl_module.share_blocks_()  # spread_blocks: rank 0 gets every owner's blocks (a collective)
         if not trainer.is_global_zero or pl_module.student is None:
             return
         labels = torch.tensor(self.labels)

@@ -68,7 +68,6 @@ class SampleWriter(BasePredictionWriter):
             self._labels[index] = label
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        count = trainer.datamodule.hparams.eval_samples
         trainer.strategy.barrier()
         gathered = [self._labels]
         if trainer.world_size > 1 and torch.distributed.is_initialized():
@@ -76,6 +75,7 @@ class SampleWriter(BasePredictionWriter):
             torch.distributed.all_gather_object(gathered, self._labels)
         if trainer.is_global_zero:
             labels = {k: v for part in gathered for k, v in part.items()}
+            count = len(labels)
             lines = "".join(f"{labels[i]}\n" for i in sorted(labels))
             (self.output_dir / "labels.txt").write_text(lines)
             if self.npz:

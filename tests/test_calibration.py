@@ -5,7 +5,8 @@ import torch
 import yaml
 
 from train import cli_main
-from vq4dit.calibration import CalibrationModule
+from vq4dit.engine import block_losses, build_student, with_null_labels
+from vq4dit.lightning import CalibrationModule
 from vq4dit.export import load_quantized
 from vq4dit.sampling import SamplerConfig, sample
 
@@ -29,9 +30,15 @@ def fit_args(tmp_path, *extra, model=TINY):
 
 
 @torch.no_grad()
-def hard_block_mse(module: CalibrationModule, batches) -> float:
-    values = [float(module.block_losses(b)[0].mean()) for b in batches]
+def hard_block_mse(teacher, student, batches) -> float:
+    """Mean block MSE over ``batches`` with their null-label copies (the demo's guidance is 4)."""
+    values = [float(block_losses(teacher, student, *with_null_labels(*b))[0].mean()) for b in batches]
     return sum(values) / len(values)
+
+
+def kmeans_only(module: CalibrationModule):
+    """The k-means start of the same layers: every sub-vector on its nearest codeword, no calibration."""
+    return build_student(module.teacher, module.vq_config.with_overrides(num_candidates=1), progress=False)
 
 
 def test_fit_calibrates_exports_and_samples(tmp_path):
@@ -40,18 +47,11 @@ def test_fit_calibrates_exports_and_samples(tmp_path):
     module, data = cli.model, cli.datamodule
     assert module.hparams.model == "reference" and module.vq_config.codebook_size == 256
     assert not module.teacher.training and not module.student.training  # eval mode inside fit
-    assert all(layer.is_hard for layer in module.vq_layers().values())
+    assert all(layer.is_hard for layer in module.engine.layers.values())
     batches = list(data.val_dataloader())
-    calibrated = hard_block_mse(module, batches)
-
-    # the k-means-only start: same layers, nearest codeword, no calibration
-    module_student = module.student
-    module.student = None
-    module.vq_config = module.vq_config.with_overrides(num_candidates=1)
-    module.configure_model()
-    kmeans_only = hard_block_mse(module, batches)
-    module.student = module_student
-    assert calibrated < 0.2 * kmeans_only, (calibrated, kmeans_only)  # measured: ~0.04x
+    calibrated = hard_block_mse(module.teacher, module.student, batches)
+    start = hard_block_mse(module.teacher, kmeans_only(module), batches)
+    assert calibrated < 0.2 * start, (calibrated, start)  # measured: ~0.04x
 
     pngs = sorted(tmp_path.rglob("samples/step_*.png"))  # SampleImages: FP vs quantized grids
     assert pngs, "no sample grid written"
@@ -138,10 +138,10 @@ def test_resume_from_other_config_is_refused(tmp_path):
 
 
 def _val_batches(teacher):
-    from vq4dit.data import generate_items
+    from vq4dit.trajectories import TrajectoryPlan, generate_items
 
     # the datamodule's validation trajectory (index num_trajectories=2, seed 0)
-    items = generate_items(teacher, [2], 0, 4, 1000, SamplerConfig(num_steps=8, guidance_scale=4.0), progress=False)
+    items = generate_items(teacher, [2], TrajectoryPlan(0, 4, 1000, SamplerConfig(num_steps=8, guidance_scale=4.0)), progress=False)
     return [(items["x"][i : i + 4], items["t"][i : i + 4], items["y"][i : i + 4]) for i in range(0, 32, 4)]
 
 
@@ -170,24 +170,20 @@ def test_ddp_two_processes_matches_single_process_quality(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(ddp.rglob("samples/step_*.png"))  # SampleImages under DDP (rank 0 only, no hang)
     batches = _val_batches(module.teacher)
-    single_mse = hard_block_mse(module, batches)
-    module.student = load_quantized(ddp / "packed")  # same seeded teacher in every process
-    ddp_mse = hard_block_mse(module, batches)
-    module.student = load_quantized(single / "packed")
-    assert hard_block_mse(module, batches) == single_mse  # the packed model is the in-memory one
-    module.student = None
-    module.vq_config = module.vq_config.with_overrides(num_candidates=1)
-    module.configure_model()  # k-means only, nearest codeword
-    kmeans_only = hard_block_mse(module, batches)
-    assert single_mse < 0.7 * kmeans_only, (single_mse, kmeans_only)
-    assert ddp_mse < 0.7 * kmeans_only, (ddp_mse, kmeans_only)
+    teacher = module.teacher
+    single_mse = hard_block_mse(teacher, module.student, batches)
+    ddp_mse = hard_block_mse(teacher, load_quantized(ddp / "packed"), batches)  # same seeded teacher in every process
+    assert hard_block_mse(teacher, load_quantized(single / "packed"), batches) == single_mse  # packed = in-memory model
+    start = hard_block_mse(teacher, kmeans_only(module), batches)
+    assert single_mse < 0.7 * start, (single_mse, start)
+    assert ddp_mse < 0.7 * start, (ddp_mse, start)
     assert ddp_mse < 1.3 * single_mse, (ddp_mse, single_mse)
 
 
 def test_bf16_mixed_fit(tmp_path):
     cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=2", "--trainer.precision=bf16-mixed"))
     assert cli.trainer.precision == "bf16-mixed"
-    assert all(layer.is_hard for layer in cli.model.vq_layers().values())
+    assert all(layer.is_hard for layer in cli.model.engine.layers.values())
     assert (tmp_path / "packed" / "model.safetensors").exists()
 
 
@@ -217,13 +213,10 @@ def test_paper_configs_parse(name, capsys):
 )
 def test_fit_modes(tmp_path, options, must_beat_kmeans):
     module = cli_main(fit_args(tmp_path, "--trainer.max_epochs=6", *options)).model
-    assert all(layer.is_hard for layer in module.vq_layers().values())
+    assert all(layer.is_hard for layer in module.engine.layers.values())
     assert (tmp_path / "packed" / "model.safetensors").exists()
     batches = _val_batches(module.teacher)
-    calibrated = hard_block_mse(module, batches)
+    calibrated = hard_block_mse(module.teacher, module.student, batches)
     assert torch.isfinite(torch.tensor(calibrated))
     if must_beat_kmeans:
-        module.student = None
-        module.vq_config = module.vq_config.with_overrides(num_candidates=1)
-        module.configure_model()
-        assert calibrated < hard_block_mse(module, batches)  # better than k-means only
+        assert calibrated < hard_block_mse(module.teacher, kmeans_only(module), batches)  # better than k-means only

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vq4dit.data import CalibrationDataModule, ShuffledBatches, generate_items, trajectory_plan
+from vq4dit.lightning.data import CalibrationDataModule
+from vq4dit.trajectories import ShuffledBatches, TrajectoryPlan, generate_items, trajectory_plan
 from vq4dit.models import load_dit
 from vq4dit.sampling import SamplerConfig, initial_noise
 
@@ -17,13 +18,13 @@ def teacher():
 
 
 def fake_trainer(teacher, rank=0, world=1, epoch=0):
-    module = SimpleNamespace(teacher=teacher, hparams={"model": "tiny"})
+    module = SimpleNamespace(teacher=teacher, shards_data=True, trajectory_teacher=lambda device: teacher.to(device))
     return SimpleNamespace(lightning_module=module, global_rank=rank, world_size=world, current_epoch=epoch,
                            strategy=SimpleNamespace(root_device=torch.device("cpu")))
 
 
 def setup_datamodule(teacher, rank=0, world=1, **kwargs):
-    data = CalibrationDataModule(num_steps=4, num_classes=10, val_trajectories=1, **kwargs)
+    data = CalibrationDataModule(**{"num_steps": 4, "num_classes": 10, "val_trajectories": 1, **kwargs})
     data.trainer = fake_trainer(teacher, rank, world)
     data.setup("fit")
     return data
@@ -39,15 +40,15 @@ def test_trajectory_plan_is_a_pure_function():
 
 def test_items_are_the_teacher_trajectory(teacher):
     config = SamplerConfig(num_steps=4, guidance_scale=4.0)
-    items = generate_items(teacher, [0, 1], 0, 2, 10, config, progress=False)
+    items = generate_items(teacher, [0, 1], TrajectoryPlan(0, 2, 10, config), progress=False)
     assert items["x"].shape == (2 * 2 * 4, 4, 8, 8)
     # timesteps run from noisy to clean within each trajectory, as in sampling
     assert items["t"][:2].tolist() == [999, 999] and items["t"][-2:].tolist() == [0, 0]
-    again = generate_items(teacher, [0, 1], 0, 2, 10, config, progress=False)
+    again = generate_items(teacher, [0, 1], TrajectoryPlan(0, 2, 10, config), progress=False)
     assert all(torch.equal(items[k], again[k]) for k in items)
     # a trajectory does not depend on which others are generated with it
     # (items are step-major: [steps, samples]; trajectory 1 = samples 2 and 3)
-    alone = generate_items(teacher, [1], 0, 2, 10, config, progress=False)
+    alone = generate_items(teacher, [1], TrajectoryPlan(0, 2, 10, config), progress=False)
     together = items["x"].reshape(4, 4, -1)[:, 2:]
     # other batch composition, so rounding may differ: tolerance relative to the largest magnitude
     scale = items["x"].abs().max().item()
@@ -103,6 +104,37 @@ def test_cache_round_trip(teacher, tmp_path):
     assert all(torch.equal(first.train_items[k], second.train_items[k]) for k in first.train_items)
 
 
+def test_cache_is_keyed_on_the_weights(teacher, tmp_path):
+    """Other weights under the same source and settings never reuse the old trajectories."""
+    first = setup_datamodule(teacher, num_trajectories=2, cache_dir=str(tmp_path), val_trajectories=0)
+    changed = load_dit("tiny")
+    changed.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        changed.proj_out_2.bias.add_(0.5)
+    second = setup_datamodule(changed, num_trajectories=2, cache_dir=str(tmp_path), val_trajectories=0)
+    assert len(list(tmp_path.glob("trajectories-*.safetensors"))) == 2
+    assert not torch.equal(first.train_items["x"], second.train_items["x"])
+
+
+def test_corrupt_cache_file_is_named_and_regenerated(teacher, tmp_path, caplog):
+    first = setup_datamodule(teacher, num_trajectories=2, cache_dir=str(tmp_path), val_trajectories=0)
+    (cache,) = tmp_path.glob("trajectories-*.safetensors")
+    cache.write_bytes(b"not a safetensors file")
+    with caplog.at_level("WARNING"):
+        second = setup_datamodule(teacher, num_trajectories=2, cache_dir=str(tmp_path), val_trajectories=0)
+    assert cache.name in caplog.text and "generating the trajectories again" in caplog.text
+    assert all(torch.equal(first.train_items[k], second.train_items[k]) for k in first.train_items)
+    assert second.train_items["x"].shape == first.train_items["x"].shape
+    assert len(list(tmp_path.iterdir())) == 1  # rewritten in place, no temporary file left
+
+
+def test_cache_dir_under_a_file_is_one_clear_error(teacher, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot write the trajectory cache"):
+        setup_datamodule(teacher, num_trajectories=2, cache_dir=str(blocker / "cache"), val_trajectories=0)
+
+
 def test_shuffle_is_seeded_by_epoch():
     items = {"x": torch.arange(20.0).reshape(20, 1), "t": torch.arange(20), "y": torch.zeros(20, dtype=torch.long)}
     epoch = {"value": 0}
@@ -128,7 +160,7 @@ def test_invalid_settings(kwargs, message):
 
 def test_trajectories_are_sampled_on_the_trainer_device(monkeypatch):
     """Lightning moves the module to the GPU only after setup: the teacher must get there first."""
-    import vq4dit.data as data_module
+    import vq4dit.trajectories as data_module
 
     seen = []
 

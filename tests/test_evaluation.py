@@ -11,7 +11,7 @@ from train import cli_main
 from vq4dit.evaluation import decode, evaluation_plan, generate_images, load_real_images, load_vae
 from vq4dit.export import load_quantized, save_quantized
 from vq4dit.models import default_linear_filter
-from vq4dit.layers import quantize_, vq_layers
+from vq4dit.quantize import quantize_, vq_layers
 from vq4dit.vq_config import VQConfig
 from vq4dit.reference import load_reference_model
 from vq4dit.sampling import SamplerConfig

@@ -21,7 +21,8 @@ from vq4dit.export import (
     size_report,
     unpack_codes,
 )
-from vq4dit.layers import VQLinear, quantize_, vq_layers
+from vq4dit.layers import VQLinear
+from vq4dit.quantize import quantize_, vq_layers
 from vq4dit.vq_config import VQConfig
 from vq4dit.codewords import index_dtype
 

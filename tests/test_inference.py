@@ -12,7 +12,8 @@ import vq4dit.decoding as vq_decoding
 from vq4dit.decoding import gather_codewords
 from vq4dit.export import load_quantized, save_quantized
 from vq4dit.models import load_dit
-from vq4dit.layers import VQLinear, quantize_, set_inference_mode_, vq_layers
+from vq4dit.layers import VQLinear
+from vq4dit.quantize import quantize_, set_inference_mode_, vq_layers
 from vq4dit.vq_config import VQConfig
 
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from vq4dit.layers import VQLinear, quantize_, replace_in_optimizer_, vq_layers
+from vq4dit.layers import VQLinear, replace_in_optimizer_
+
+from vq4dit.quantize import quantize_, vq_layers
 from vq4dit.vq_config import VQConfig
 
 

@@ -122,39 +122,47 @@ def test_vq_weight_functional_form():
 
 
 def test_student_shares_frozen_tensors_with_the_teacher():
-    from vq4dit.calibration import CalibrationModule
+    from vq4dit.engine import build_student
+    from vq4dit.models import load_dit
+    from vq4dit.quantize import vq_layers
 
-    module = CalibrationModule(model="tiny", bits=2, kmeans_iters=0)
-    module.configure_model()
-    teacher_ptrs = {p.data_ptr() for p in module.teacher.parameters()}
-    layers = module.vq_layers()
+    teacher = load_dit("tiny")
+    student = build_student(teacher, VQConfig.from_bits(2, kmeans_iters=0), progress=False)
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    layers = vq_layers(student)
     vq_params = {id(p) for layer in layers.values() for p in layer.parameters()}
-    others = [p for p in module.student.parameters() if id(p) not in vq_params]
+    others = [p for p in student.parameters() if id(p) not in vq_params]
     assert others and all(p.data_ptr() in teacher_ptrs for p in others)
     assert not any(p.data_ptr() in teacher_ptrs for layer in layers.values() for p in layer.parameters())
-    assert all(type(m).__name__ == "Linear" for n, m in module.teacher.named_modules() if n in layers)
+    assert all(type(m).__name__ == "Linear" for n, m in teacher.named_modules() if n in layers)
 
 
 def test_bf16_teacher_keeps_a_float32_student_and_accepts_float32_inputs():
     import copy
 
-    from vq4dit.calibration import CalibrationModule
+    from vq4dit.engine import CalibrationConfig, Calibrator
+    from vq4dit.lightning import CalibrationModule
+    from vq4dit.models import load_dit
     from vq4dit.sampling import NULL_CLASS
 
-    module = CalibrationModule(model="tiny", bits=2, kmeans_iters=0, teacher_dtype="bfloat16")
-    fp32_teacher = copy.deepcopy(module.teacher)
-    module.configure_model()
-    assert {p.dtype for p in module.teacher.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in module.student.parameters()} == {torch.float32}
-    config = module.teacher.config
+    teacher = load_dit("tiny")
+    fp32_teacher = copy.deepcopy(teacher)
+    engine = Calibrator.build(
+        teacher, VQConfig.from_bits(2, kmeans_iters=0), CalibrationConfig(teacher_dtype="bfloat16"), progress=False
+    )
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in engine.student.parameters()} == {torch.float32}
+    config = teacher.config
     x = torch.randn(2, config.in_channels, config.sample_size, config.sample_size)
     batch = (x, torch.tensor([10, 500]), torch.tensor([3, NULL_CLASS]))
-    block_mse, output_mse = module.block_losses(batch)  # float32 batch into the bf16 teacher
+    block_mse, output_mse = engine.block_losses(batch)  # float32 batch into the bf16 teacher
     assert torch.isfinite(block_mse).all() and torch.isfinite(output_mse)
     with torch.no_grad():
-        out_bf16 = module.teacher(x, timestep=batch[1], class_labels=batch[2]).sample.float()
+        out_bf16 = teacher(x, timestep=batch[1], class_labels=batch[2]).sample.float()
         out_fp32 = fp32_teacher(x, timestep=batch[1], class_labels=batch[2]).sample
     assert (out_bf16 - out_fp32).norm() / out_fp32.norm() < 2e-2  # bf16 rounding only
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        CalibrationConfig(teacher_dtype="float16")
     with pytest.raises(ValueError, match="teacher_dtype"):
         CalibrationModule(model="tiny", teacher_dtype="float16")
 
@@ -211,11 +219,11 @@ def test_student_builds_under_a_foreign_default_device():
     """Lightning runs configure_model inside ``with torch.device(root_device)``: every tensor the
     k-means initialisation makes must still be placed explicitly (a CPU generator with a CUDA
     default device fails). ``meta`` stands in for ``cuda`` here."""
-    from vq4dit.calibration import CalibrationModule
+    from vq4dit.lightning import CalibrationModule
 
     module = CalibrationModule(model="tiny", bits=2, kmeans_iters=2)
     with torch.device("meta"):
         module.configure_model()
     assert {t.device.type for t in (*module.student.parameters(), *module.student.buffers())} == {"cpu"}
-    layer = next(iter(module.vq_layers().values()))
+    layer = next(iter(module.engine.layers.values()))
     assert layer.num_soft and torch.isfinite(layer.codebook).all()

@@ -11,7 +11,7 @@ from tests.dit_reference import random_original_state_dict
 from tests.test_export import edit_config, forward, quantized_dit
 from vq4dit.export import QuantizedCheckpointError, load_quantized, save_quantized, tie_tensors_
 from vq4dit.models import load_dit
-from vq4dit.layers import quantize_, vq_layers
+from vq4dit.quantize import quantize_, vq_layers
 from vq4dit.packing import identical_tensors
 from vq4dit.vq_config import VQConfig
 from vq4dit.size import size_report

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from train import cli_main
-from vq4dit.calibration import CalibrationModule
+from vq4dit.lightning import CalibrationModule
 from vq4dit.distributed import BlockSpread
 
 # The random tiny preset (2 blocks: one per rank); k=16, d=2 = 2 bits per weight.

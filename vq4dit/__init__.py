@@ -1,12 +1,13 @@
 """vq4dit: post-training vector quantization of Diffusion Transformers (VQ4DiT).
 
 The library works without Lightning's CLI: load a DiT, quantize it, calibrate it with
-``vq4dit.calibration.CalibrationModule`` (or ``python train.py fit``), save and load packed models.
+``vq4dit.engine.Calibrator`` (or ``python train.py fit``), save and load packed models.
 """
 
 from .export import QuantizedCheckpointError, load_quantized, save_quantized, size_report
 from .models import DiTLoadError, block_modules, default_linear_filter, load_dit
-from .layers import VQLinear, quantize_, replace_in_optimizer_, vq_layers
+from .layers import VQLinear, replace_in_optimizer_
+from .quantize import quantize_, vq_layers
 from .kmeans import kmeans
 from .vq_config import VQConfig
 

@@ -1,9 +1,9 @@
 """Distributed calibration: averaging the VQ gradients DDP cannot sync, and spreading DiT blocks
-over DDP ranks (``CalibrationModule(spread_blocks=True)``).
+over DDP ranks (``CalibrationModule(spread_blocks=True)``). No Lightning here.
 
 Plain DDP splits the data: codebooks and ratio logits change shape and trainability during
 calibration, which DDP's fixed gradient buckets cannot follow, so DDP ignores them and
-:meth:`BlockSpreading.average_vq_gradients_` all-reduces their gradients after each backward.
+:meth:`vq4dit.engine.Calibrator.average_gradients_` all-reduces their gradients after each backward.
 
 With ``block_inputs="teacher"`` every block's loss depends only on that block's VQ layers, so rank
 ``r`` of ``W`` can calibrate just the blocks it owns, on *all* calibration items, and still do
@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .layers import VQLinear
+
+from .quantize import vq_layers
 from .models import block_modules
-from .layers import VQLinear, vq_layers
 
 # The Parameters of a VQLinear that the optimizer holds (and keeps state for).
 _OPTIMIZED = ("codebook", "bias", "candidate_logits")
@@ -61,6 +63,11 @@ class BlockSpread:
         self.layer_blocks = dict(layer_blocks)
         self.num_blocks, self.rank, self.world_size = num_blocks, rank, world_size
         self.owned_blocks = [b for b in range(num_blocks) if self.block_owner(b) == rank]
+
+    @classmethod
+    def for_student(cls, student: nn.Module, rank: int, world_size: int) -> "BlockSpread":
+        """The round-robin spread of ``student``'s blocks over ``world_size`` ranks."""
+        return cls(layer_blocks(student), len(block_modules(student)), rank, world_size)
 
     def block_owner(self, block: int) -> int:
         return block % self.world_size
@@ -172,98 +179,3 @@ def _install_(layer: VQLinear, optimizer: torch.optim.Optimizer | None, payload:
         state = {k[len(prefix):]: v for k, v in payload.items() if k.startswith(prefix)}
         if state:
             optimizer.state[new] = state
-
-
-def make_block_spread(trainer, student: nn.Module) -> BlockSpread | None:
-    """The spread of a ``fit`` with several processes; None otherwise (``spread_blocks`` is then a
-    no-op: one process owns every block). Raises ``ValueError`` for strategies other than DDP."""
-    if trainer is None or trainer.state.fn != "fit" or trainer.world_size <= 1:
-        return None
-    from pytorch_lightning.strategies import DDPStrategy
-
-    if not isinstance(trainer.strategy, DDPStrategy):
-        raise ValueError(f"spread_blocks needs the ddp strategy, got {type(trainer.strategy).__name__}")
-    return BlockSpread(layer_blocks(student), len(block_modules(student)), trainer.global_rank, trainer.world_size)
-
-
-class BlockSpreading:
-    """The distributed side of the calibration LightningModule (a mixin, as ``EvaluationSteps``).
-
-    Expects ``hparams.spread_blocks``, ``student``, ``vq_layers()`` and
-    ``update_codebook_trainability()``. Without a spread (one process, or the option off) every
-    method acts on all layers and no collective is made.
-    """
-
-    spread: BlockSpread | None = None
-
-    def _configure_spread_blocks(self) -> None:
-        """Under DDP with ``spread_blocks``: who owns which block, and what DDP must leave alone."""
-        if not self.hparams.get("spread_blocks", False):
-            return
-        self.spread = make_block_spread(self._trainer, self.student)
-        if self.spread is None:
-            return
-        # Owners train their blocks alone, so DDP must sync none of the student (the biases too).
-        # DDP refuses a module without a parameter to sync: a scalar that every loss uses with
-        # weight 0 stays with DDP (one float all-reduced per step, a zero gradient, no optimizer).
-        self._ddp_params_and_buffers_to_ignore = [
-            *self._ddp_params_and_buffers_to_ignore,
-            *(f"student.{name}.bias" for name, layer in vq_layers(self.student).items() if layer.bias is not None),
-        ]
-        self.ddp_anchor = nn.Parameter(torch.zeros(()))
-
-    def owned_vq_layers(self) -> dict[str, VQLinear]:
-        """The VQ layers this rank calibrates: all of them unless blocks are spread over ranks."""
-        layers = self.vq_layers()
-        if self.spread is None:
-            return layers
-        return {name: layer for name, layer in layers.items() if self.spread.owns_layer(name)}
-
-    def global_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks of per-owner values (zeros elsewhere); ``tensor`` itself without a spread."""
-        return tensor if self.spread is None else self.spread.all_reduce_sum(tensor)
-
-    def soft_counts(self) -> dict[str, tuple[int, int]]:
-        """Per layer: (soft rows, soft rows x candidate columns), as the layer's owner has them.
-        A collective under ``spread_blocks``: every rank calls it at the same point."""
-        layers, owned = self.vq_layers(), self.owned_vq_layers()
-        local = torch.tensor(
-            [[l.num_soft, l.num_soft * l.num_candidates] if n in owned else [0, 0] for n, l in layers.items()],
-            dtype=torch.int64, device=self.device,
-        ).reshape(-1, 2)  # [M, 2]
-        return {name: (soft, slots) for name, (soft, slots) in zip(layers, self.global_sum(local).tolist())}
-
-    def top_ratios_of_soft_rows(self) -> torch.Tensor:
-        """Top ratio of every soft row of every layer, ``[S_total]`` on the CPU (a collective under
-        ``spread_blocks``: gathered from the owners)."""
-        owned = [l.ratios().max(dim=1).values.detach().cpu() for l in self.owned_vq_layers().values() if l.num_soft]
-        local = torch.cat(owned) if owned else torch.zeros(0)
-        return local if self.spread is None else self.spread.gather_cat(local)
-
-    def share_blocks_(self) -> None:
-        """Every rank gets every block's current VQ and optimizer state from its owner (a
-        collective; no-op without a spread). Called before checkpoints, samples and the export."""
-        if self.spread is None:
-            return
-        optimizers = self.trainer.optimizers
-        self.spread.share_(self.vq_layers(), optimizers[0] if optimizers else None, self.device)
-        self.update_codebook_trainability()
-
-    def average_vq_gradients_(self) -> None:
-        """Average the gradients DDP was told to ignore (codebooks, ratio logits) across ranks, in
-        one all-reduce (not with a spread: each block is trained by its owner alone)."""
-        if self.spread is not None or self.trainer.world_size <= 1 or not dist.is_initialized():
-            return
-        grads = [
-            p.grad for layer in self.vq_layers().values() for p in (layer.codebook, layer.candidate_logits)
-            if p.grad is not None and p.grad.numel()
-        ]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.trainer.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()

@@ -1,13 +1,7 @@
 """Evaluation of FP and quantized DiTs: images from fixed labels and seeds, metrics, grids.
 
-Functions usable without Lightning (``benchmarks/quality.py`` uses them) plus
-:class:`EvaluationSteps`, the ``test`` / ``predict`` steps of the calibration LightningModule:
-
-- ``python train.py test``: FP and quantized samples under identical noise -> FID / IS /
-  precision / recall / class accuracy / MSE to FP (``vq4dit.metrics``), an FP-vs-quantized grid
-  in TensorBoard and as PNG.
-- ``python train.py predict``: quantized (or FP) samples -> PNGs + one ``.npz`` in the format of
-  the original DiT's ``sample_ddp.py`` (``callbacks.SampleWriter``).
+Plain functions (``benchmarks/quality.py`` uses them; ``train.py test`` / ``predict`` through
+:class:`vq4dit.lightning.evaluation.SampleEvaluation`).
 """
 
 from __future__ import annotations
@@ -18,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .images import make_grid, save_png, to_images
+from .images import to_images
 from .metrics import SampleMetrics, feature_networks
 from .sampling import SamplerConfig, sample
 
@@ -123,87 +117,3 @@ def build_metrics(
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """``[B, 3, H, W]`` in [0, 1] -> ``[B, H, W, 3]`` uint8 (the ``sample_ddp.py`` layout)."""
     return (images.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-class EvaluationSteps:
-    """``test_step`` / ``predict_step`` of :class:`vq4dit.calibration.CalibrationModule`.
-
-    Expects ``self.teacher``, ``self.student`` and the hparams ``vae``, ``eval_model``,
-    ``metrics_features``, ``real_images``, ``model``; the datamodule provides the labels, seeds
-    and sampler (``eval_*`` settings of :class:`vq4dit.data.CalibrationDataModule`).
-    """
-
-    def _eval_sampler(self) -> SamplerConfig:
-        datamodule = self.trainer.datamodule
-        config = datamodule.eval_sampler_config()
-        pixel_space = self.hparams.vae is None and self.teacher.config.in_channels in (1, 3)
-        config.clip_denoised = pixel_space  # x_0 of a pixel model lies in [-1, 1]
-        return config
-
-    def _vae(self) -> nn.Module | None:
-        if self.hparams.vae is None:
-            return None
-        if getattr(self, "_vae_model", None) is None:
-            self._vae_model = load_vae(self.hparams.vae, self.device)
-        return self._vae_model
-
-    def _evaluated_model(self) -> nn.Module:
-        return self.teacher if self.hparams.eval_model == "fp" else self.student
-
-    def _images(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        samples = sample(model, batch["labels"], batch["seeds"].tolist(), self._eval_sampler())
-        return decode(samples, self._vae())
-
-    # ------------------------------------------------------------------------------------ test
-    def on_test_start(self) -> None:
-        features = self.hparams.metrics_features
-        if features == "auto":
-            features = "classifier" if self.hparams.model == "reference" else "inception"
-        real = self.hparams.real_images
-        if real == "auto":
-            real = "digits" if self.hparams.model == "reference" else None
-        classifier = None
-        if features == "classifier":
-            from .reference import load_reference_classifier
-
-            classifier = load_reference_classifier()
-        real_images = load_real_images(real) if real else None
-        num_samples = self.trainer.datamodule.hparams.eval_samples
-        self.test_metrics = build_metrics(features, classifier, real_images, num_samples).to(self.device)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        images = self._images(self._evaluated_model(), batch)
-        fp_images = None
-        if self.hparams.eval_model == "quantized":
-            fp_images = self._images(self.teacher, batch)
-        self.test_metrics.update(images, batch["labels"], fp_images)
-        if batch_idx == 0:
-            self._log_grid(images, fp_images)
-
-    def on_test_epoch_end(self) -> None:
-        results = self.test_metrics.compute()
-        self.log_dict({f"test/{name}": value for name, value in results.items()}, sync_dist=False)
-
-    def _log_grid(self, images: torch.Tensor, fp_images: torch.Tensor | None) -> None:
-        # trainer.log_dir is a collective (broadcast from rank 0): every rank asks for it.
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test"
-        if not self.trainer.is_global_zero:
-            return
-        count = min(len(images), 16)
-        rows = ([fp_images[:count].cpu()] if fp_images is not None else []) + [images[:count].cpu()]
-        scale = max(1, 64 // images.shape[-1])
-        grid = make_grid(rows, scale=scale)
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("test/fp_vs_quantized" if fp_images is not None else "test/samples", grid, 0)
-        save_png(grid, folder / ("fp_vs_quantized.png" if fp_images is not None else "samples.png"))
-
-    # --------------------------------------------------------------------------------- predict
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        """``{"index": [B], "labels": [B], "images": [B, H, W, 3] uint8}`` for the sample writer."""
-        images = self._images(self._evaluated_model(), batch)
-        return {
-            "index": batch["index"].cpu(),
-            "labels": batch["labels"].cpu(),
-            "images": torch.from_numpy(to_uint8_hwc(images)),
-        }

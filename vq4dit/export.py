@@ -34,7 +34,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .layers import VQLinear, vq_layers
+from .layers import VQLinear
+
+from .quantize import vq_layers
 from .packing import identical_tensors, pack_codes, packed_size, unpack_codes
 from .vq_config import VQConfig
 from .size import LayerSize, SizeReport, size_report

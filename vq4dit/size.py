@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .layers import VQLinear, vq_layers
+from .layers import VQLinear
+
+from .quantize import vq_layers
 from .packing import identical_tensors
 
 _MIB = 8 * 1024**2  # bits per MiB

@@ -1,0 +1,293 @@
+"""The calibration engine: plain PyTorch, no Lightning.
+
+A :class:`Calibrator` holds the frozen FP teacher and the VQ student and does everything one
+calibration step needs: the block-wise loss with the gated ratio regulariser (paper Eq. 8-10),
+the optimizer's parameter groups, codebook trainability, and the harden / prune / finalize step
+with its optimizer-state surgery. Under DDP with block spreading (:class:`vq4dit.distributed.BlockSpread`)
+every method acts on this rank's blocks and the statistics are global (collectives)::
+
+    engine = Calibrator.build(teacher, VQConfig.from_bits(2), CalibrationConfig(), guidance_scale=4.0)
+    optimizer = engine.make_optimizer()
+    for step, batch in enumerate(batches):                  # (x_t, t, y) from the teacher's trajectories
+        engine.step_loss(batch, step).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        engine.prune_(optimizer)                            # harden confident rows, prune weak candidates
+    engine.finalize_()                                      # argmax of every remaining soft row
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed import BlockSpread
+from ..layers import VQLinear, replace_in_optimizer_
+from ..quantize import finalize_model_, vq_layers
+from ..soft import logit_regularizer
+from ..vq_config import VQConfig
+from .config import CalibrationConfig
+from .losses import RegularizerGate, block_losses, with_null_labels
+from .student import build_student, cast_teacher_
+
+
+@dataclass
+class StepLoss:
+    """One step's loss and its parts (all but ``loss`` detached and global over ranks).
+
+    ``loss``: this rank's part, to call ``backward()`` on (summed over ranks it is the full loss);
+    ``block_mse [L]``: per-block MSE; ``distillation``: their mean (L_d); ``ratio``: mean ratio
+    regulariser over soft layers (L_r); ``ratio_applied``: whether the gate let L_r in.
+    """
+
+    loss: torch.Tensor
+    block_mse: torch.Tensor
+    distillation: torch.Tensor
+    ratio: torch.Tensor
+    output_mse: torch.Tensor
+    ratio_applied: bool
+    ratio_weight: float
+
+    @property
+    def total(self) -> torch.Tensor:
+        """L_d + lambda_r L_r as optimised (L_r only where the gate applied it)."""
+        return self.distillation + (self.ratio_weight * self.ratio if self.ratio_applied else 0.0)
+
+
+class Calibrator:
+    """VQ4DiT calibration of ``student`` against ``teacher``.
+
+    Args:
+        teacher: the frozen FP DiT.
+        student: a copy with ``VQLinear`` layers (:func:`vq4dit.engine.build_student`).
+        config: the calibration settings.
+        vq_config: the default VQ settings the student was built with (kept for resume checks).
+        guidance_scale: the calibration trajectories' guidance; above 1 every batch is also fed
+            with the null label (the unconditional path of guided sampling is calibrated too).
+        spread: block spreading over DDP ranks (None: this process calibrates every block).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        config: CalibrationConfig | None = None,
+        *,
+        vq_config: VQConfig | None = None,
+        guidance_scale: float = 1.0,
+        spread: BlockSpread | None = None,
+    ) -> None:
+        self.teacher, self.student = teacher, student
+        self.config = config or CalibrationConfig()
+        self.vq_config, self.guidance_scale, self.spread = vq_config, guidance_scale, spread
+        self.layers: dict[str, VQLinear] = vq_layers(student)
+        if not self.layers:
+            raise ValueError("the student has no VQLinear layer to calibrate")
+        self.gate = RegularizerGate(self.config.gate_window, self.config.regularizer_gating)
+        self.update_codebook_trainability()
+
+    @classmethod
+    def build(
+        cls,
+        teacher: nn.Module,
+        vq_config: VQConfig,
+        config: CalibrationConfig | None = None,
+        *,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        overrides: Mapping[str, Mapping[str, int]] | None = None,
+        guidance_scale: float = 1.0,
+        progress: bool = True,
+    ) -> "Calibrator":
+        """Freeze ``teacher``, build the k-means-initialised student, cast the teacher to
+        ``config.teacher_dtype``: a ready engine."""
+        config = config or CalibrationConfig()
+        teacher.requires_grad_(False).eval()
+        student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides, progress=progress)
+        engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)
+        if config.teacher_dtype != "float32":
+            cast_teacher_(teacher, getattr(torch, config.teacher_dtype))
+        return engine
+
+    # ----------------------------------------------------------------------------------- layers
+    def owned_layers(self) -> dict[str, VQLinear]:
+        """The VQ layers this rank calibrates: all of them unless blocks are spread over ranks."""
+        if self.spread is None:
+            return self.layers
+        return {name: layer for name, layer in self.layers.items() if self.spread.owns_layer(name)}
+
+    def update_codebook_trainability(self) -> None:
+        """Codebooks train with the ratios (``simultaneous``) or once their layer is hard."""
+        simultaneous = self.config.codebook_training == "simultaneous"
+        for layer in self.layers.values():
+            layer.codebook.requires_grad_(simultaneous or layer.is_hard)
+
+    # ------------------------------------------------------------------------------------- loss
+    def model_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x [B, C, H, W], t [B], y [B])`` -> the model batch (2B with null labels under guidance)."""
+        x, t, y = batch
+        return with_null_labels(x, t, y) if self.guidance_scale > 1.0 else (x, t, y)
+
+    def block_losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block MSE ``[L]`` (0 for other ranks' blocks under a spread) and the output MSE."""
+        x, t, y = self.model_batch(batch)
+        owned = None if self.spread is None else self.spread.owned_blocks
+        return block_losses(self.teacher, self.student, x, t, y, self.config.block_inputs, owned)
+
+    def ratio_terms(self) -> dict[str, torch.Tensor]:
+        """The ratio regulariser of every soft layer this rank calibrates."""
+        kind = self.config.regularizer
+        return {n: logit_regularizer(l.candidate_logits, kind) for n, l in self.owned_layers().items() if not l.is_hard}
+
+    def global_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of per-owner values (zeros elsewhere); ``tensor`` itself without a spread."""
+        return tensor if self.spread is None else self.spread.all_reduce_sum(tensor)
+
+    def step_loss(self, batch, step: int) -> StepLoss:
+        """The loss of optimisation step ``step``: mean block MSE + lambda_r x mean L_r over soft
+        layers (gated). ``batch``: ``(x [B, C, H, W], t [B], y [B])``."""
+        block_mse, output_mse = self.block_losses(batch)
+        terms, names = self.ratio_terms(), list(self.layers)
+        # Every block MSE and every soft layer's L_r has one owner: summed over ranks, each rank
+        # sees the values of one process, so logs, gating and stop rule agree on every rank.
+        zero = torch.zeros((), device=block_mse.device)
+        local = torch.cat([
+            block_mse.detach().float(),
+            torch.stack([terms[n].detach().float() if n in terms else zero for n in names]),  # [M] L_r
+            torch.tensor([float(n in terms) for n in names], device=block_mse.device),  # [M] soft layer
+        ])
+        summed = self.global_sum(local)
+        num_blocks, num_layers = block_mse.numel(), len(names)
+        all_mse, all_r = summed[:num_blocks], summed[num_blocks : num_blocks + num_layers]
+        soft = summed[num_blocks + num_layers :] > 0
+        loss_d = all_mse.mean()
+        loss_r = all_r[soft].mean() if soft.any() else zero
+        apply_r = self.gate(float(loss_r.detach()), step)
+        # This rank's part: the same gradients as mean over all blocks + lambda_r x mean over soft layers.
+        weight = self.config.regularizer_weight
+        loss = block_mse.sum() / num_blocks
+        if apply_r and terms:
+            loss = loss + weight * (torch.stack(list(terms.values())).sum() / int(soft.sum()))
+        return StepLoss(loss, all_mse, loss_d, loss_r, output_mse, apply_r, weight)
+
+    # ----------------------------------------------------------------------------- optimisation
+    def param_groups(self) -> list[dict]:
+        """Codebooks, biases and ratio logits of every VQ layer, each group with its learning rate."""
+        layers, c = self.layers.values(), self.config
+        return [
+            {"params": [l.codebook for l in layers], "lr": c.lr_codebook, "name": "codebooks"},
+            {"params": [l.bias for l in layers if l.bias is not None], "lr": c.lr_bias, "name": "biases"},
+            {"params": [l.candidate_logits for l in layers], "lr": c.lr_logits, "name": "ratio_logits"},
+        ]
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """RMSprop (official: alpha 0.9, eps 1e-8) or Adam over :meth:`param_groups`."""
+        if self.config.optimizer == "adam":
+            return torch.optim.Adam(self.param_groups())
+        return torch.optim.RMSprop(self.param_groups(), alpha=0.9, eps=1e-8, momentum=0.0, weight_decay=0.0)
+
+    def average_gradients_(self, world_size: int) -> None:
+        """Plain DDP: average the gradients DDP cannot bucket (codebooks, ratio logits change shape
+        and trainability) over ranks in one all-reduce. No-op in one process or with a spread."""
+        if self.spread is not None or world_size <= 1 or not dist.is_initialized():
+            return
+        grads = [
+            p.grad for layer in self.layers.values() for p in (layer.codebook, layer.candidate_logits)
+            if p.grad is not None and p.grad.numel()
+        ]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @torch.no_grad()
+    def prune_(
+        self,
+        optimizer: torch.optim.Optimizer | None = None,
+        harden_threshold: float = 0.99,
+        prune_floor: float = 0.01,
+        finalize_fraction: float = 0.99,
+    ) -> None:
+        """Harden rows whose top ratio exceeds ``harden_threshold``, drop candidates below
+        ``prune_floor`` (0: never), finalise layers with at least ``finalize_fraction`` hard rows;
+        ``optimizer``'s state for the shrunk ratio logits shrinks with them."""
+        for layer in self.owned_layers().values():
+            if layer.is_hard:
+                continue
+            _mutate(optimizer, layer, lambda: layer.harden_rows_(harden_threshold))
+            if prune_floor > 0 and not layer.is_hard:
+                _mutate(optimizer, layer, lambda: layer.prune_candidates_(prune_floor))
+            if not layer.is_hard and layer.hard_fraction >= finalize_fraction:
+                _mutate(optimizer, layer, layer.finalize_)
+        self.update_codebook_trainability()
+
+    def finalize_(self) -> int:
+        """Argmax for every soft row of every layer (all ranks hold every block: call
+        :meth:`share_` first under a spread). Returns the number of rows finalised."""
+        count = finalize_model_(self.student)
+        self.update_codebook_trainability()
+        return count
+
+    # ----------------------------------------------------------------------- global statistics
+    def soft_counts(self) -> dict[str, tuple[int, int]]:
+        """Per layer: (soft rows, soft rows x candidate columns), as the layer's owner has them.
+        A collective under a spread: every rank calls it at the same point."""
+        owned = self.owned_layers()
+        device = next(iter(self.layers.values())).codes.device
+        local = torch.tensor(
+            [[l.num_soft, l.num_soft * l.num_candidates] if n in owned else [0, 0] for n, l in self.layers.items()],
+            dtype=torch.int64, device=device,
+        ).reshape(-1, 2)  # [M, 2]
+        return {name: (soft, slots) for name, (soft, slots) in zip(self.layers, self.global_sum(local).tolist())}
+
+    def top_ratios_of_soft_rows(self) -> torch.Tensor:
+        """Top ratio of every soft row of every layer, ``[S_total]`` on the CPU (a collective
+        under a spread: gathered from the owners)."""
+        owned = [l.ratios().max(dim=1).values.detach().cpu() for l in self.owned_layers().values() if l.num_soft]
+        local = torch.cat(owned) if owned else torch.zeros(0)
+        return local if self.spread is None else self.spread.gather_cat(local)
+
+    def share_(self, optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
+        """Under a spread, every rank gets every block's VQ and optimizer state from its owner (a
+        collective; a no-op without a spread). Before checkpoints, samples and the export."""
+        if self.spread is None:
+            return
+        self.spread.share_(self.layers, optimizer, device)
+        self.update_codebook_trainability()
+
+    # --------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """What a checkpoint needs besides the student's tensors and the optimizer state."""
+        return {
+            "layers": sorted(self.layers),
+            "vq_config": vars(self.vq_config) if self.vq_config is not None else None,
+            "gate_minimum": self.gate.minimum,
+        }
+
+    def load_state_dict(self, saved: Mapping) -> None:
+        """Restore :meth:`state_dict`; ``ValueError`` if it came from another configuration."""
+        mine = self.state_dict()
+        if saved.get("vq_config") != mine["vq_config"] or list(saved.get("layers", [])) != mine["layers"]:
+            raise ValueError(
+                "cannot resume: the checkpoint was calibrated with another configuration "
+                f"(checkpoint: {saved.get('vq_config')}, {len(saved.get('layers', []))} layers; "
+                f"this run: {mine['vq_config']}, {len(mine['layers'])} layers)"
+            )
+        self.gate.minimum = saved.get("gate_minimum", self.gate.minimum)
+
+
+def _mutate(optimizer: torch.optim.Optimizer | None, layer: VQLinear, mutate) -> None:
+    """Run a shrinking mutator of ``layer`` and move ``optimizer`` onto the new ratio logits."""
+    old = layer.candidate_logits
+    reindex = mutate()
+    if optimizer is not None and layer.candidate_logits is not old:
+        replace_in_optimizer_(optimizer, old, layer.candidate_logits, reindex)

@@ -1,0 +1,70 @@
+"""Typed settings of a calibration run (the VQ settings of the layers are :class:`vq4dit.VQConfig`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
+
+BlockInputs = Literal["student", "teacher"]
+Regularizer = Literal["official", "paper"]
+CodebookTraining = Literal["after_hardening", "simultaneous"]
+OptimizerName = Literal["rmsprop", "adam"]
+TeacherDtype = Literal["float32", "bfloat16"]
+
+
+def check_choice(name: str, value: object, literal: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of the ``Literal``'s choices."""
+    choices = get_args(literal)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the soft assignments, codebooks and biases are calibrated (paper Eq. 8-10).
+
+    Args:
+        block_inputs: ``student`` (block ``l`` sees the quantized block ``l-1``'s output, end to
+            end: official code) or ``teacher`` (every block gets the FP input of that block).
+        regularizer: ratio regulariser, ``official`` (n r(1-r)) or ``paper`` (1-|2r-1|).
+        regularizer_weight: lambda_r.
+        regularizer_gating: official gating: add L_r only when it rose above its running minimum.
+        gate_window: steps after which the gating minimum is reset (official: one trajectory).
+        codebook_training: ``after_hardening`` (a layer's codebook trains once all its rows are
+            hard: official code) or ``simultaneous`` (with the ratios: the paper's wording).
+        optimizer: ``rmsprop`` (official: alpha 0.9, eps 1e-8) or ``adam``.
+        lr_codebook: learning rate of the codebooks.
+        lr_bias: learning rate of the quantized layers' biases.
+        lr_logits: learning rate of the ratio logits.
+        teacher_dtype: dtype of the frozen teacher once the student is built (k-means and the
+            trajectories use float32).
+    """
+
+    block_inputs: BlockInputs = "student"
+    regularizer: Regularizer = "official"
+    regularizer_weight: float = 1.0
+    regularizer_gating: bool = True
+    gate_window: int = 50
+    codebook_training: CodebookTraining = "after_hardening"
+    optimizer: OptimizerName = "rmsprop"
+    lr_codebook: float = 1e-4
+    lr_bias: float = 1e-4
+    lr_logits: float = 5e-2
+    teacher_dtype: TeacherDtype = "float32"
+
+    def __post_init__(self) -> None:
+        check_choice("block_inputs", self.block_inputs, BlockInputs)
+        check_choice("regularizer", self.regularizer, Regularizer)
+        check_choice("codebook_training", self.codebook_training, CodebookTraining)
+        check_choice("optimizer", self.optimizer, OptimizerName)
+        check_choice("teacher_dtype", self.teacher_dtype, TeacherDtype)
+        for name in ("lr_codebook", "lr_bias", "lr_logits", "regularizer_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not isinstance(self.gate_window, int) or self.gate_window < 1:
+            raise ValueError(f"gate_window must be >= 1, got {self.gate_window}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

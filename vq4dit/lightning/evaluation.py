@@ -1,0 +1,106 @@
+"""``train.py test`` / ``predict``: the sample evaluation the calibration module delegates to.
+
+- ``test``: FP and quantized samples under identical noise -> FID / IS / precision / recall /
+  class accuracy / MSE to FP (``vq4dit.metrics``), an FP-vs-quantized grid in TensorBoard and PNG.
+- ``predict``: quantized (or FP) samples -> PNGs + one ``.npz`` in the format of the original
+  DiT's ``sample_ddp.py`` (``callbacks.SampleWriter``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..evaluation import build_metrics, decode, load_real_images, load_vae, to_uint8_hwc
+from ..images import make_grid, save_png
+from ..sampling import SamplerConfig, sample
+
+EvalModel = Literal["quantized", "fp"]
+MetricsFeatures = Literal["auto", "classifier", "inception"]
+
+
+class SampleEvaluation:
+    """Samples and metrics of ``test`` / ``predict`` for one model source.
+
+    Args:
+        model_source: the FP model's source (``reference`` picks the digits classifier and data).
+        eval_model: ``quantized`` (the student, compared with the FP model under identical noise)
+            or ``fp`` (the teacher only: the FP baseline).
+        vae: diffusers ``AutoencoderKL`` folder or hub id for latent models; None for pixel space.
+        metrics_features: ``classifier``, ``inception`` or ``auto`` (classifier for ``reference``).
+        real_images: ``digits``, an ``.npz`` of ``arr_0 [N, H, W, C]`` uint8, ``auto`` (digits for
+            ``reference``) or None (FID to the FP samples only).
+    """
+
+    def __init__(
+        self,
+        model_source: str,
+        eval_model: EvalModel = "quantized",
+        vae: str | None = None,
+        metrics_features: MetricsFeatures = "auto",
+        real_images: str | None = "auto",
+    ) -> None:
+        self.model_source, self.eval_model, self.vae_source = model_source, eval_model, vae
+        reference = model_source == "reference"
+        self.features = metrics_features if metrics_features != "auto" else ("classifier" if reference else "inception")
+        self.real_images = real_images if real_images != "auto" else ("digits" if reference else None)
+        self.metrics = None
+        self._vae: nn.Module | None = None
+
+    def sampler(self, base: SamplerConfig, teacher: nn.Module) -> SamplerConfig:
+        """``base`` with ``clip_denoised`` for pixel-space models (their x_0 lies in [-1, 1])."""
+        pixel_space = self.vae_source is None and teacher.config.in_channels in (1, 3)
+        return replace(base, clip_denoised=pixel_space)
+
+    def images(self, model: nn.Module, batch: dict, sampler: SamplerConfig, device: torch.device) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] of ``batch`` (``labels [B]``, ``seeds [B]``)."""
+        if self.vae_source is not None and self._vae is None:
+            self._vae = load_vae(self.vae_source, device)
+        return decode(sample(model, batch["labels"], batch["seeds"].tolist(), sampler), self._vae)
+
+    def evaluated(self, teacher: nn.Module, student: nn.Module | None) -> nn.Module:
+        return teacher if self.eval_model == "fp" else student
+
+    # ------------------------------------------------------------------------------------ test
+    def start_test(self, device: torch.device, num_samples: int) -> None:
+        classifier = None
+        if self.features == "classifier":
+            from ..reference import load_reference_classifier
+
+            classifier = load_reference_classifier()
+        real = load_real_images(self.real_images) if self.real_images else None
+        self.metrics = build_metrics(self.features, classifier, real, num_samples).to(device)
+
+    def test_step(self, module, batch: dict, batch_idx: int, sampler: SamplerConfig) -> None:
+        """Sample ``batch`` with the evaluated model (and the FP model under the same noise)."""
+        images = self.images(self.evaluated(module.teacher, module.student), batch, sampler, module.device)
+        fp_images = self.images(module.teacher, batch, sampler, module.device) if self.eval_model == "quantized" else None
+        self.metrics.update(images, batch["labels"], fp_images)
+        if batch_idx == 0:
+            self._log_grid(module.trainer, module.logger, images, fp_images)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {f"test/{name}": value for name, value in self.metrics.compute().items()}
+
+    def _log_grid(self, trainer, logger, images: torch.Tensor, fp_images: torch.Tensor | None) -> None:
+        # trainer.log_dir is a collective (broadcast from rank 0): every rank asks for it.
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "test"
+        if not trainer.is_global_zero:
+            return
+        count = min(len(images), 16)
+        rows = ([fp_images[:count].cpu()] if fp_images is not None else []) + [images[:count].cpu()]
+        grid = make_grid(rows, scale=max(1, 64 // images.shape[-1]))
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("test/fp_vs_quantized" if fp_images is not None else "test/samples", grid, 0)
+        save_png(grid, folder / ("fp_vs_quantized.png" if fp_images is not None else "samples.png"))
+
+    # --------------------------------------------------------------------------------- predict
+    def predict_step(self, module, batch: dict, sampler: SamplerConfig) -> dict[str, torch.Tensor]:
+        """``{"index": [B], "labels": [B], "images": [B, H, W, 3] uint8}`` for the sample writer."""
+        images = self.images(self.evaluated(module.teacher, module.student), batch, sampler, module.device)
+        return {"index": batch["index"].cpu(), "labels": batch["labels"].cpu(), "images": torch.from_numpy(to_uint8_hwc(images))}

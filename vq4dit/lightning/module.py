@@ -1,0 +1,261 @@
+"""The VQ4DiT calibration LightningModule: Lightning hooks over :class:`vq4dit.engine.Calibrator`.
+
+The module owns the settings (its ``__init__`` arguments are the CLI's ``--model.*`` flags), turns
+them into typed configs once, and calls the engine from the hooks; evaluation is delegated to
+:class:`SampleEvaluation` and block spreading to :class:`vq4dit.distributed.BlockSpread`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ..distributed import BlockSpread
+from ..engine import CalibrationConfig, Calibrator, load_packed_student
+from ..engine.config import BlockInputs, CodebookTraining, OptimizerName, Regularizer, TeacherDtype
+from ..models import load_dit
+from ..vq_config import RatioInit, VQConfig
+from .data import DataSettings
+from .evaluation import EvalModel, MetricsFeatures, SampleEvaluation
+from .validation import check_module_settings
+
+
+class CalibrationModule(pl.LightningModule):
+    """VQ4DiT calibration of a DiT: zero-data, block-wise, with soft candidate assignments.
+
+    Args:
+        model: what ``vq4dit.load_dit`` accepts: ``reference``, a preset (``DiT-XL/2-256``), a
+            diffusers folder or hub id, an original DiT ``.pt`` file.
+        bits: 2 or 3: the paper presets (k=256, d=4 / k=64, d=2) unless ``codebook_size`` /
+            ``subvector_dim`` are given.
+        codebook_size: explicit k (power of two). subvector_dim: explicit d.
+        num_candidates: candidate codewords per sub-vector (n; 1 = plain VQ, codebook-only).
+        ratio_init: ``inverse_distance`` (official) or ``uniform``.
+        kmeans_iters: Lloyd iterations of the codebook initialisation.
+        include / exclude: glob patterns of Linear layers to quantize / leave FP (default: the 7
+            core Linears per block).
+        overrides: glob -> VQ settings, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``.
+        block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window,
+            codebook_training, optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype: see
+            :class:`vq4dit.engine.CalibrationConfig`.
+        spread_blocks: under DDP, rank r of W calibrates only the blocks b with b % W == r, on
+            all items: the result of one process, the student's work split over ranks. Needs
+            ``block_inputs: teacher``; a no-op in one process.
+        export_dir: where ``FinalAssignment`` writes the packed model (checked before any work).
+        num_heads: attention heads, only for original ``.pt`` checkpoints of non-paper sizes.
+        quantized: a packed model folder that ``test`` / ``predict`` / ``validate`` evaluate
+            instead of quantizing ``model`` again.
+        eval_model, vae, metrics_features, real_images: see :class:`SampleEvaluation`.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        bits: int = 2,
+        codebook_size: int | None = None,
+        subvector_dim: int | None = None,
+        num_candidates: int = 2,
+        ratio_init: RatioInit = "inverse_distance",
+        kmeans_iters: int = 25,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        overrides: dict[str, dict[str, int]] | None = None,
+        block_inputs: BlockInputs = "student",
+        spread_blocks: bool = False,
+        regularizer: Regularizer = "official",
+        regularizer_weight: float = 1.0,
+        regularizer_gating: bool = True,
+        gate_window: int = 50,
+        codebook_training: CodebookTraining = "after_hardening",
+        optimizer: OptimizerName = "rmsprop",
+        lr_codebook: float = 1e-4,
+        lr_bias: float = 1e-4,
+        lr_logits: float = 5e-2,
+        export_dir: str | None = None,
+        num_heads: int | None = None,
+        quantized: str | None = None,
+        eval_model: EvalModel = "quantized",
+        vae: str | None = None,
+        metrics_features: MetricsFeatures = "auto",
+        real_images: str | None = "auto",
+        teacher_dtype: TeacherDtype = "float32",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if bits not in (2, 3):
+            raise ValueError(
+                f"bits must be 2 or 3 (the paper presets), got {bits!r}; "
+                "codebook_size and subvector_dim override the preset for other settings"
+            )
+        preset = VQConfig.from_bits(bits)
+        self.vq_config = VQConfig(
+            codebook_size=codebook_size or preset.codebook_size, subvector_dim=subvector_dim or preset.subvector_dim,
+            num_candidates=num_candidates, ratio_init=ratio_init, kmeans_iters=kmeans_iters,
+        )
+        self.calibration = CalibrationConfig(
+            block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window, codebook_training,
+            optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype,
+        )
+        if spread_blocks and block_inputs != "teacher":
+            raise ValueError(
+                "spread_blocks needs block_inputs='teacher' (blocks are only independent when each "
+                f"gets its FP input), got block_inputs={block_inputs!r}"
+            )
+        self.export_dir = export_dir  # FinalAssignment writes the packed model there
+        self.evaluation = SampleEvaluation(model, eval_model, vae, metrics_features, real_images)
+        self.teacher = load_dit(model, num_heads=num_heads) if num_heads else load_dit(model)
+        self.teacher.requires_grad_(False).eval()
+        check_module_settings(self)  # everything knowable now fails now, before any heavy work
+        self.student: nn.Module | None = None
+        self.engine: Calibrator | None = None
+        self.data_settings = DataSettings()
+        self.strict_loading = False  # the frozen teacher is not stored in checkpoints
+
+    # -------------------------------------------------------------- the contract with the data
+    @property
+    def shards_data(self) -> bool:
+        """Whether DDP ranks split the calibration items (not when they split the blocks)."""
+        return not self.hparams.spread_blocks
+
+    def trajectory_teacher(self, device: torch.device) -> nn.Module:
+        """The float32 teacher on ``device``, for the data module's trajectories (and then for the
+        student's k-means, which ``configure_model`` runs on the same device)."""
+        return self.teacher.to(device)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "settings"):
+            self.data_settings = datamodule.settings()
+
+    # ------------------------------------------------------------------------------ model setup
+    def configure_model(self) -> None:
+        """Build the engine (student: a copy of the teacher with k-means-initialised VQ layers), or
+        load the packed model ``quantized`` for evaluation; none when only FP is evaluated."""
+        if self.student is not None:
+            return
+        stage = self._trainer.state.fn if self._trainer is not None else None
+        if self.hparams.quantized is not None:
+            if stage == "fit":
+                raise ValueError("model.quantized is for test / predict / validate; resume a calibration with --ckpt_path")
+            self.student = load_packed_student(self.hparams.quantized, self.teacher, self.device)
+            return
+        if self.hparams.eval_model == "fp" and stage in ("test", "predict"):
+            return
+        hp = self.hparams
+        self.engine = Calibrator.build(
+            self.teacher, self.vq_config, self.calibration, include=hp.include, exclude=hp.exclude,
+            overrides=hp.overrides, guidance_scale=self.data_settings.guidance_scale,
+            progress=self.global_rank == 0 if self._trainer else True,
+        )
+        self.student = self.engine.student
+        # Codebooks and ratio logits change shape/trainability during calibration: DDP's fixed
+        # buckets cannot follow, so their gradients are averaged by the engine (on_after_backward).
+        names = list(self.engine.layers)
+        ignored = [f"student.{n}.{p}" for n in names for p in ("codebook", "candidate_logits", "codes", "soft_rows", "candidates")]
+        if hp.spread_blocks and self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.world_size > 1:
+            self.engine.spread = BlockSpread.for_student(self.student, self.trainer.global_rank, self.trainer.world_size)
+            # Owners train their blocks alone, so DDP syncs none of the student (biases neither).
+            # DDP refuses a module without a parameter to sync: a scalar that every loss uses with
+            # weight 0 stays with DDP (one float all-reduced per step, a zero gradient, no optimizer).
+            ignored += [f"student.{n}.bias" for n, layer in self.engine.layers.items() if layer.bias is not None]
+            self.ddp_anchor = nn.Parameter(torch.zeros(()))
+        self._ddp_params_and_buffers_to_ignore = ignored
+
+    def train(self, mode: bool = True) -> "CalibrationModule":
+        # Both DiTs always run in eval mode: train mode drops labels at random in every block.
+        super().train(mode)
+        self.teacher.eval()
+        if self.student is not None:
+            self.student.eval()
+        return self
+
+    # ----------------------------------------------------------------------------- calibration
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        out = self.engine.step_loss(batch, self.global_step)
+        loss = out.loss
+        if self.engine.spread is not None:
+            loss = loss + 0.0 * self.ddp_anchor  # DDP's only parameter (see configure_model)
+        batch_size = batch[0].shape[0]
+        self.log_dict(
+            {"train/loss": out.total, "train/block_mse": out.distillation, "train/ratio_loss": out.ratio,
+             "train/output_mse": out.output_mse, "train/ratio_loss_applied": float(out.ratio_applied)},
+            prog_bar=False, batch_size=batch_size,
+        )
+        self.log("loss", out.distillation, prog_bar=True, logger=False, batch_size=batch_size)
+        self.log_dict({f"train/block_{i:02d}/mse": v for i, v in enumerate(out.block_mse)}, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        block_mse, output_mse = self.engine.block_losses(batch)
+        block_mse = self.engine.global_sum(block_mse.detach())  # spread_blocks: every block from its owner
+        batch_size, sync = batch[0].shape[0], self.engine.spread is None  # with a spread: already global
+        self.log("val/block_mse", block_mse.mean(), prog_bar=True, sync_dist=sync, batch_size=batch_size)
+        self.log("val/output_mse", output_mse, sync_dist=sync, batch_size=batch_size)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.engine.update_codebook_trainability()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.engine.make_optimizer()
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        # Lightning zeroes gradients between the next forward and its backward, so the previous
+        # step's gradients (as large as the ratio logits: 2.7 GB on DiT-XL/2 at w3) would stay
+        # alive through the forward, the memory peak. Free them as soon as they are used.
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
+    def on_after_backward(self) -> None:
+        self.engine.average_gradients_(self.trainer.world_size)
+
+    def share_blocks_(self) -> None:
+        """Every rank gets every block's state from its owner (a collective; no-op without a
+        spread). Before checkpoints, samples and the export."""
+        if self.engine is not None and self.engine.spread is not None:
+            self.engine.share_(self.trainer.optimizers[0] if self.trainer.optimizers else None, self.device)
+
+    def on_train_epoch_end(self) -> None:
+        self.share_blocks_()  # every rank holds the whole student at each epoch end (and at the end)
+
+    # ---------------------------------------------------------------------------- evaluation
+    def _eval_sampler(self):
+        return self.evaluation.sampler(self.data_settings.eval_sampler, self.teacher)
+
+    def on_test_start(self) -> None:
+        self.evaluation.start_test(self.device, self.data_settings.eval_samples)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation.test_step(self, batch, batch_idx, self._eval_sampler())
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.evaluation.compute(), sync_dist=False)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.evaluation.predict_step(self, batch, self._eval_sampler())
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.engine is not None and self.engine.spread is not None:
+            # Lightning took the state and optimizer state before this hook: take them again once
+            # rank 0, which writes, holds every block's state and optimizer state.
+            self.share_blocks_()
+            checkpoint["state_dict"] = self.trainer.strategy.lightning_module_state_dict()
+            if "optimizer_states" in checkpoint:
+                checkpoint["optimizer_states"] = [self.trainer.strategy.optimizer_state(o) for o in self.trainer.optimizers]
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.") and k != "ddp_anchor"
+        }
+        checkpoint["vq4dit"] = self.engine.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("vq4dit")
+        if saved is None:
+            raise ValueError("this checkpoint was not written by vq4dit calibration")
+        self.engine.load_state_dict(saved)
+        own = {k for k in self.state_dict() if not k.startswith("teacher.") and k != "ddp_anchor"}
+        missing = sorted(own - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(f"cannot resume: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")

@@ -1,0 +1,176 @@
+"""Zero-data calibration items: the FP teacher's own sampling trajectories.
+
+No dataset: every trajectory starts from Gaussian noise with random class labels and is sampled
+by the full-precision teacher (DDPM with learned variance or DDIM, with classifier-free guidance).
+Every intermediate ``(x_t, t, y)`` becomes one calibration item; the student and the teacher both
+see the teacher's ``x_t`` (never the student's own trajectory). A trajectory is identified by its
+plan (labels and noise seeds, a pure function of ``(seed, index)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import IterableDataset
+
+from .sampling import SamplerConfig, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrajectoryPlan:
+    """What a set of calibration trajectories is made of (everything but the teacher).
+
+    Args:
+        seed: seed of labels and noise.
+        classes_per_trajectory: samples (random classes) per trajectory; the official code uses 4.
+        num_classes: labels are drawn from ``0 .. num_classes-1``.
+        sampler: the sampling schedule (sampler, steps, guidance).
+    """
+
+    seed: int
+    classes_per_trajectory: int
+    num_classes: int
+    sampler: SamplerConfig
+
+    def labels_and_seeds(self, index: int) -> tuple[list[int], list[int]]:
+        """Labels and noise seeds of trajectory ``index``."""
+        return trajectory_plan(index, self.seed, self.classes_per_trajectory, self.num_classes)
+
+
+def trajectory_plan(index: int, seed: int, classes_per_trajectory: int, num_classes: int) -> tuple[list[int], list[int]]:
+    """Labels and noise seeds of trajectory ``index``: a pure function of (seed, index)."""
+    generator = torch.Generator().manual_seed(seed * 7919 + index)
+    labels = torch.randint(num_classes, (classes_per_trajectory,), generator=generator).tolist()
+    seeds = [(seed * 1_000_003 + index * classes_per_trajectory + c) % (2**62) for c in range(classes_per_trajectory)]
+    return labels, seeds
+
+
+@torch.no_grad()
+def generate_items(
+    teacher: torch.nn.Module,
+    indices: list[int],
+    plan: TrajectoryPlan,
+    samples_per_call: int = 32,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Sample the trajectories ``indices`` with the teacher; return every step as an item.
+
+    Returns ``{"x": [M, C, H, W], "t": [M], "y": [M]}`` on the CPU, M = len(indices) * classes * steps.
+    """
+    from tqdm.auto import tqdm
+
+    labels, seeds = [], []
+    for index in indices:
+        traj_labels, traj_seeds = plan.labels_and_seeds(index)
+        labels += traj_labels
+        seeds += traj_seeds
+    xs, ts, ys = [], [], []
+    starts = range(0, len(labels), samples_per_call)
+    for start in tqdm(starts, desc="teacher trajectories", disable=not progress, unit="batch"):
+        batch_labels = torch.tensor(labels[start : start + samples_per_call])
+        _, trajectory = sample(teacher, batch_labels, seeds[start : start + samples_per_call], plan.sampler, record_trajectory=True)
+        for x_t, t in trajectory:
+            xs.append(x_t.float())
+            ts.append(t)
+            ys.append(batch_labels)
+    return {"x": torch.cat(xs), "t": torch.cat(ts), "y": torch.cat(ys)}
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A sha256 over the names, dtypes, shapes and bytes of every parameter and buffer: two
+    models with one different weight never share trajectory caches."""
+    digest = hashlib.sha256()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        data = tensor.detach().contiguous().cpu()
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def cached_items(
+    teacher: torch.nn.Module,
+    indices: list[int],
+    plan: TrajectoryPlan,
+    cache_dir: str | None,
+    fingerprint: Callable[[], str] | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """:func:`generate_items`, read from / written to ``cache_dir`` when given (safetensors, keyed
+    by the teacher's weights, the plan and the indices). A corrupt cache file is named in a
+    warning and generated again; a cache that cannot be written is a ``ValueError``."""
+    if not cache_dir:
+        return generate_items(teacher, indices, plan, progress=progress)
+    weights = fingerprint() if fingerprint is not None else weights_fingerprint(teacher)
+    key = json.dumps({"weights": weights, "plan": asdict(plan), "indices": indices}, sort_keys=True, default=str)
+    path = Path(cache_dir) / f"trajectories-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.exists():
+        try:
+            items = load_file(str(path))
+            if set(items) == {"x", "t", "y"}:
+                return items
+            log.warning("trajectory cache %s lacks x/t/y: generating the trajectories again", path)
+        except (OSError, SafetensorError, ValueError) as error:
+            log.warning("trajectory cache %s is unreadable (%s): generating the trajectories again", path, error)
+    items = generate_items(teacher, indices, plan, progress=progress)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in items.items()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ValueError(f"cannot write the trajectory cache {path}: {error.strerror or error}") from error
+    return items
+
+
+class ShuffledBatches(IterableDataset):
+    """Yields ``(x, t, y)`` batches of this rank's items in an order seeded by (seed, epoch).
+
+    An ``IterableDataset`` so Lightning does not add a ``DistributedSampler`` on top of the
+    per-rank sharding done at generation time.
+    """
+
+    def __init__(self, items: dict[str, torch.Tensor], batch_size: int, seed: int, shuffle: bool, epoch_fn) -> None:
+        self.items, self.batch_size, self.seed, self.shuffle, self.epoch_fn = items, batch_size, seed, shuffle, epoch_fn
+
+    def __len__(self) -> int:
+        return -(-self.items["t"].numel() // self.batch_size)
+
+    def __iter__(self):
+        count = self.items["t"].numel()
+        if self.shuffle:
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + 104729 * self.epoch_fn()))
+        else:
+            order = torch.arange(count)
+        for start in range(0, count, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.items["x"][idx], self.items["t"][idx], self.items["y"][idx]
+
+
+class EvaluationBatches(IterableDataset):
+    """This rank's share (samples ``rank, rank + world, ...``) of the evaluation plan, in batches of
+    ``{"index": [B], "labels": [B], "seeds": [B]}``: no sample duplicated or dropped under DDP."""
+
+    def __init__(self, labels: torch.Tensor, seeds: list[int], batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.index = torch.arange(rank, len(seeds), world)
+        self.labels, self.seeds, self.batch_size = labels, torch.tensor(seeds, dtype=torch.long), batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch_size)
+
+    def __iter__(self):
+        for chunk in self.index.split(self.batch_size):
+            yield {"index": chunk, "labels": self.labels[chunk], "seeds": self.seeds[chunk]}
