@@ -7,12 +7,15 @@ line and exits with status 2; set ``VQ4DIT_DEBUG=1`` for the full traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
@@ -75,6 +78,21 @@ def cli_main(args: ArgsType = None, run: bool = True) -> VQ4DiTCLI:
         args=args,
         run=run,
     )
+
+
+def effective_config(*config_files: str | Path, subcommand: str = "fit") -> dict:
+    """The full config of ``--config config_files...`` (later files override earlier ones) with every
+    default filled in, as ``--print_config`` prints it: only parsed, no model is loaded or downloaded."""
+    args = [subcommand, *(arg for path in config_files for arg in ("--config", str(path))), "--print_config"]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*args parameter is intended.*")  # a script's own sys.argv
+            cli_main(args)
+    except SystemExit as stop:  # --print_config exits 0 after printing; a parse error exits 2
+        if stop.code not in (0, None):
+            raise ValueError(f"cannot parse {' '.join(args)} (the parser's message is above)") from None
+    return yaml.safe_load(printed.getvalue())
 
 
 # Harmless notices of Lightning that would only confuse users of this CLI.

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 GB = 1e9
 PAPER_BATCH = 8  # 4 classes + 4 null labels
-XL_TRAJECTORIES = (100, 4, 50)  # configs/dit_xl2_256_w2.yaml: trajectories, classes, steps
+XL_TRAJECTORIES = (100, 4, 50)  # configs/dit_xl2.yaml: trajectories, classes, steps
 
 
 # ------------------------------------------------------------------------------- /proc helpers

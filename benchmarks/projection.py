@@ -349,17 +349,17 @@ def count_ops(fn: Callable[[], Any], hardware: Hardware = H100) -> Counts:
 # ----------------------------------------------------------------------------- the measured runs
 
 
-def read_config(path: Path) -> dict:
-    """The LightningCLI YAML of a calibration run (``model``, ``data``, ``trainer`` sections)."""
-    import yaml
+def read_config(*paths: Path) -> dict:
+    """The effective LightningCLI config of a calibration run from its ``--config`` files (later ones
+    override earlier ones; ``model``, ``data``, ``trainer`` sections, every default filled in)."""
+    from train import effective_config
 
-    with open(path) as handle:
-        return yaml.safe_load(handle)
+    return effective_config(*paths)
 
 
 def callback_args(config: dict, class_path: str) -> dict:
     """``init_args`` of the configured callback ``class_path`` ({} if absent)."""
-    for callback in config.get("trainer", {}).get("callbacks", []):
+    for callback in config.get("trainer", {}).get("callbacks") or []:
         if callback.get("class_path") == class_path:
             return dict(callback.get("init_args", {}))
     return {}
@@ -596,7 +596,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--layers", type=int, nargs=2, default=[1, 2], help="block counts of the two measured models")
     parser.add_argument("--target-layers", type=int, default=preset_config(XL_PRESET)["num_layers"])
-    parser.add_argument("--config", default="configs/dit_xl2_256_w{bits}.yaml")
+    parser.add_argument("--config", nargs="+", default=["configs/dit_xl2.yaml"],
+                        help="the calibration run's --config files (the bit-width comes from --bits)")
     parser.add_argument("--kmeans-iters", type=int, default=1,
                         help="Lloyd iterations when building the measured students (values do not change op counts)")
     parser.add_argument("--kmeans-measure-iters", type=int, default=2,
@@ -619,7 +620,7 @@ def main() -> None:
     hardware = H100
     started = time.perf_counter()
     soft_steps = parse_soft_steps(args.soft_steps)
-    configs = {bits: read_config(ROOT / args.config.format(bits=bits)) for bits in args.bits}
+    configs = dict.fromkeys(args.bits, read_config(*(ROOT / path for path in args.config)))
     first = configs[args.bits[0]]
     samples_per_call = default_arg(generate_items, "samples_per_call")
     trajectory_samples = [ITEMS] + ([] if args.no_trajectory_batch else [samples_per_call])

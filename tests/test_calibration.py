@@ -187,13 +187,15 @@ def test_bf16_mixed_fit(tmp_path):
     assert (tmp_path / "packed" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("name", ["dit_xl2_256_w2", "dit_xl2_256_w3", "dit_xl2_512_w2", "dit_xl2_512_w3"])
+@pytest.mark.parametrize("name", ["256_w2", "256_w3", "512_w2", "512_w3"])
 def test_paper_configs_parse(name, capsys):
+    overlay = [] if name == "256_w2" else ["--config", f"configs/dit_xl2/{name}.yaml"]
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", f"configs/{name}.yaml", "--print_config"])
+        cli_main(["fit", "--config", "configs/dit_xl2.yaml", *overlay, "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["bits"] == int(name[-1])
-    assert config["model"]["model"] == f"facebook/DiT-XL-2-{name.split('_')[2]}"
+    assert config["model"]["model"] == f"facebook/DiT-XL-2-{name[:3]}"
+    assert config["model"]["export_dir"] == f"outputs/dit_xl2_{name}/quantized"
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert config["data"]["guidance_scale"] == 4.0 and config["data"]["num_steps"] == 50
 

@@ -118,7 +118,7 @@ def test_block_fit_reproduces_a_three_block_model(tmp_path):
     from vq4dit.models import preset_config
 
     warnings.filterwarnings("ignore", message=".*self.log.*")
-    config = read_config(ROOT / "configs" / "dit_xl2_256_w2.yaml")
+    config = read_config(ROOT / "configs" / "dit_xl2.yaml")
     runs = {}
     for layers in (1, 2, 3):
         torch.manual_seed(0)
