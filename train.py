@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from pytorch_lightning.cli import ArgsType, LightningCLI
 
 import callbacks  # noqa: F401  (short class paths in YAML: callbacks.CandidatePruning)
 from callbacks import FinalAssignment, SampleWriter
+from callbacks.settings import RANGE_ERROR
 from vq4dit.lightning import CalibrationDataModule, CalibrationModule
 
 
@@ -104,13 +106,20 @@ for _message in (
     warnings.filterwarnings("ignore", message=_message)
 
 
+def one_line(message: str) -> str:
+    """The line that names the mistake: jsonargparse wraps a callback's range error in a multi-line
+    "Does not validate against any of the Union subtypes" report; keep only the range error."""
+    found = re.search(rf"^\s*- (.*{RANGE_ERROR}.*)$", message, flags=re.MULTILINE)
+    return found.group(1) if found else message
+
+
 def main() -> None:
     try:
         cli_main()
     except ValueError as error:  # user mistakes are ValueErrors with a message naming the problem
         if os.environ.get("VQ4DIT_DEBUG"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -3,7 +3,7 @@
 There is no GPU here, so nothing this script prints about an H100 is a measurement: it is a
 projection, computed from quantities measured on this CPU, with every assumption printed.
 
-Measured: the real calibration step of ``benchmarks/throughput.py`` (``CalibrationModule``
+Measured: the real calibration step of ``benchmarks/throughput.py`` (``vq4dit.engine.Calibrator``:
 teacher forward under no_grad, student forward with soft reconstruction, block losses, ratio
 regulariser, backward, RMSprop step, ``CandidatePruning``) run on the CPU under
 ``torch.autocast("cpu", bfloat16)`` (as Lightning's ``bf16-mixed``) inside :class:`OpCounter`, a
@@ -37,7 +37,6 @@ import platform
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
@@ -53,9 +52,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.throughput import ITEMS, CalibrationStep, FineTuneStep, make_batch, xl_block_folder  # noqa: E402
 from callbacks import CandidatePruning  # noqa: E402
+from vq4dit.engine import CalibrationConfig, Calibrator  # noqa: E402
 from vq4dit.lightning import CalibrationModule  # noqa: E402
 from vq4dit.trajectories import generate_items  # noqa: E402
-from vq4dit.models import default_linear_filter, preset_config  # noqa: E402
+from vq4dit.models import default_linear_filter, load_dit, preset_config  # noqa: E402
 from vq4dit.layers import VQLinear  # noqa: E402
 from vq4dit.kmeans import kmeans, kmeans_backend  # noqa: E402
 from vq4dit.vq_config import VQConfig  # noqa: E402
@@ -393,13 +393,6 @@ def steady_optimizer(optimizer: torch.optim.Optimizer, foreach: bool = True) -> 
     return optimizer
 
 
-def finalize_all_(module: CalibrationModule) -> None:
-    """Every VQ layer hard (argmax of its candidates): the codebook-only phase."""
-    for layer in module.vq_layers().values():
-        layer.finalize_()
-    module.update_codebook_trainability()
-
-
 def trajectory_inputs(teacher, samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``samples`` random latents ``[samples, C, H, W]``, timesteps ``[samples]`` and labels."""
     generator = torch.Generator().manual_seed(seed)
@@ -418,14 +411,10 @@ def measure_calibration(source: str, bits: int, config: dict, kmeans_iters: int,
     if data_cfg.get("batch_size", ITEMS) != ITEMS:
         raise ValueError(f"throughput.make_batch builds {ITEMS} items; the config has batch_size {data_cfg['batch_size']}")
     torch.manual_seed(0)
-    module = CalibrationModule(
-        model=source, bits=bits, num_candidates=model_cfg.get("num_candidates", 2), kmeans_iters=kmeans_iters,
-        teacher_dtype=model_cfg.get("teacher_dtype", "float32"),
-    )
-    batch = make_batch(module.teacher)
+    teacher = load_dit(source)
+    batch = make_batch(teacher)
     rows: dict[str, Counts] = {}
-    if fp_rows:  # the float32 teacher, before configure_model casts it (as in a fit: setup comes first)
-        teacher = module.teacher
+    if fp_rows:  # the float32 teacher, before Calibrator.build casts it (as in a fit: setup comes first)
         guidance, channels = data_cfg.get("guidance_scale", 4.0), data_cfg.get("guided_channels")
         for samples in trajectory_samples:
             x, t, y = trajectory_inputs(teacher, samples)
@@ -436,26 +425,30 @@ def measure_calibration(source: str, bits: int, config: dict, kmeans_iters: int,
         rows["fp_step"] = count_ops(lambda: fp(batch))
         del fp
         gc.collect()
-    module.configure_model()
+    vq_config = VQConfig.from_bits(bits, num_candidates=model_cfg.get("num_candidates", 2), kmeans_iters=kmeans_iters)
+    calibration = CalibrationConfig(teacher_dtype=model_cfg.get("teacher_dtype", "float32"))
+    # the batch holds its null labels already (guidance 1: the engine adds none)
+    engine = Calibrator.build(teacher, vq_config, calibration, guidance_scale=1.0, progress=False)
     if fp_rows:
         x, t, y = batch
 
         def teacher_forward() -> None:
             with torch.no_grad(), bf16_autocast():
-                module.teacher(x, timestep=t, class_labels=y)
+                engine.teacher(x, timestep=t, class_labels=y)
 
         rows["teacher"] = count_ops(teacher_forward)
     pruning = CandidatePruning(**callback_args(config, "callbacks.CandidatePruning"))
-    step = CalibrationStep(module, pruning, bf16_autocast)
+    step = CalibrationStep(engine, pruning, bf16_autocast)
     steady_optimizer(step.optimizer)
     rows[f"w{bits}_soft"] = count_ops(lambda: step(batch))
-    finalize_all_(module)
-    step.optimizer = steady_optimizer(module.configure_optimizers())
+    engine.finalize_()  # every VQ layer hard (argmax of its candidates): the codebook-only phase
+    step.optimizer = steady_optimizer(engine.make_optimizer())
     rows[f"w{bits}_hard"] = count_ops(lambda: step(batch))
 
-    def validation() -> None:  # Lightning: inference_mode + the precision plugin's autocast
+    def validation() -> None:  # the module's validation_step under Lightning's inference_mode + autocast
         with torch.inference_mode(), bf16_autocast():
-            module.validation_step(batch, 0)
+            block_mse, _ = engine.block_losses(batch)
+            block_mse.mean()  # the logged val/block_mse
 
     rows[f"w{bits}_val"] = count_ops(validation)
     return rows
@@ -526,7 +519,7 @@ CAVEATS = (
     "(67 TFLOP/s); torch.set_float32_matmul_precision('high') (TF32) or a bf16 teacher would cut the compute part of that row up to ~7x (TF32) or more (bf16).",
     "Host syncs (.item(), bool(), nonzero, boolean-mask indexing) drain the GPU queue: hundreds per soft step, "
     "nearly all in CandidatePruning (the per-layer .any() checks, boolean masks and nonzero of harden_rows_ / "
-    "prune_candidates_), ~3 in training_step (soft-layer mask, ratio-loss gating). Host and GPU time then partly "
+    "prune_candidates_), ~3 in Calibrator.step_loss (soft-layer mask, ratio-loss gating). Host and GPU time then partly "
     "add up: a soft step may sit nearer roofline + host floor than their max.",
     "One kernel per aten op: sort/topk/nonzero/SDPA backward launch several on CUDA, some tiny ops none; the host "
     "floor (10 us/op) is conservative for the backward (issued by the C++ autograd engine, not Python).",
@@ -616,7 +609,6 @@ def main() -> None:
         import faiss
 
         faiss.omp_set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=".*self.log.*")
     hardware = H100
     started = time.perf_counter()
     soft_steps = parse_soft_steps(args.soft_steps)

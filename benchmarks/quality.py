@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vq4dit.evaluation import build_metrics, evaluation_plan, generate_images, load_real_images  # noqa: E402
 from vq4dit.images import make_grid, save_png  # noqa: E402
 from vq4dit.models import default_linear_filter  # noqa: E402
-from vq4dit.quantize import quantize_, vq_layers  # noqa: E402
+from vq4dit.quantize import finalize_model_, quantize_, vq_layers  # noqa: E402
 from vq4dit.vq_config import VQConfig  # noqa: E402
 from vq4dit.baselines import round_to_nearest  # noqa: E402
 from vq4dit.reference import load_reference_classifier, load_reference_model  # noqa: E402
@@ -88,8 +88,7 @@ def plain_vq_model(bits: int) -> tuple[torch.nn.Module, float]:
     model = load_reference_model()
     quantize_(model, VQConfig.from_bits(bits).with_overrides(num_candidates=1), filter_fn=default_linear_filter,
               progress=False)
-    for layer in vq_layers(model).values():
-        layer.finalize_()
+    finalize_model_(model)
     return model, vq_bits_per_weight(model)
 
 

@@ -29,8 +29,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train import cli_main  # noqa: E402
+from vq4dit.engine import block_losses  # noqa: E402
 from vq4dit.evaluation import evaluation_plan, generate_images  # noqa: E402
-from vq4dit.quantize import vq_layers  # noqa: E402
+from vq4dit.quantize import finalize_model_  # noqa: E402
 from vq4dit.reference import classifier_accuracy, load_reference_classifier  # noqa: E402
 from vq4dit.sampling import SamplerConfig  # noqa: E402
 
@@ -53,22 +54,17 @@ class ImageProbe:
 
 
 @torch.no_grad()
-def hard_scores(module, batches, probe: ImageProbe | None) -> dict[str, float]:
-    """Scores of a hard (argmax) copy of the current student; the run itself is not touched."""
-    live = module.student
-    hard = copy.deepcopy(live)
-    for layer in vq_layers(hard).values():
-        layer.finalize_()
-    module.student = hard
-    try:
-        block = [module.block_losses(b) for b in batches]
-    finally:
-        module.student = live
+def hard_scores(engine, batches, probe: ImageProbe | None) -> dict[str, float]:
+    """Scores of a hard (argmax) copy of ``engine``'s current student; the run itself is not touched."""
+    hard = copy.deepcopy(engine.student)
+    finalize_model_(hard)
+    inputs = engine.config.block_inputs
+    block = [block_losses(engine.teacher, hard, *engine.model_batch(b), block_inputs=inputs) for b in batches]
+    layers = engine.layers.values()
     scores = {
         "block_mse": sum(float(b.mean()) for b, _ in block) / len(block),
         "output_mse": sum(float(o) for _, o in block) / len(block),
-        "hard": sum(l.hard_fraction * l.num_subvectors for l in vq_layers(live).values())
-        / sum(l.num_subvectors for l in vq_layers(live).values()),
+        "hard": sum(l.hard_fraction * l.num_subvectors for l in layers) / sum(l.num_subvectors for l in layers),
     }
     if probe is not None:
         scores["image_mse"], scores["accuracy"] = probe(hard)
@@ -89,7 +85,7 @@ class Probe(pl.Callback):
         if not hasattr(self, "images"):
             self.images = ImageProbe(module.teacher, self.samples, self.steps) if self.samples else None
             self.batches = list(trainer.datamodule.val_dataloader())
-        scores = hard_scores(module, self.batches, self.images)
+        scores = hard_scores(module.engine, self.batches, self.images)
         self.probe_time += time.perf_counter() - begin
         self.rows.append((trainer.global_step, time.perf_counter() - self.start - self.probe_time, scores))
 

@@ -1,10 +1,11 @@
 """Throughput: one calibration step vs one plain FP fine-tuning step of the same model and batch.
 
-Calibration step = the real code: ``CalibrationModule.on_train_batch_start`` + ``training_step``
-(teacher forward under no_grad, student forward with soft reconstruction, block losses, ratio
-regulariser), ``zero_grad``, backward, RMSprop step, then ``CandidatePruning.on_train_batch_end``
-(hardening, pruning, finalising, as configured for the paper runs: every step). Lightning's loop and
-logging are left out (``self.log`` without a trainer is a no-op), the same for both sides.
+Calibration step = the real code, the calls a fit makes on its ``vq4dit.engine.Calibrator``:
+``update_codebook_trainability`` + ``step_loss`` (teacher forward under no_grad, student forward
+with soft reconstruction, block losses, ratio regulariser), ``zero_grad``, backward, RMSprop step,
+then what ``CandidatePruning`` does after it (``prune_``: hardening, pruning, finalising, as
+configured for the paper runs: every step; ``soft_counts`` for its logged counts). Lightning's loop
+and logging are left out, the same for both sides.
 
 FP fine-tuning step = the same DiT in full precision, every parameter trainable, the same batch
 (4 classes + 4 null labels), the same block-wise MSE against fixed targets (no teacher forward),
@@ -30,9 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +39,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks import CandidatePruning  # noqa: E402
-from vq4dit.lightning import CalibrationModule  # noqa: E402
-from vq4dit.models import block_modules, capture_blocks, preset_config  # noqa: E402
+from vq4dit.engine import CalibrationConfig, Calibrator  # noqa: E402
+from vq4dit.models import block_modules, capture_blocks, load_dit, preset_config  # noqa: E402
 from vq4dit.sampling import NULL_CLASS  # noqa: E402
+from vq4dit.vq_config import VQConfig  # noqa: E402
 
 ITEMS = 4  # classes per batch; each with its null-label copy: model batch 8 (official)
 REGIONS = ("teacher forward", "student forward", "backward", "optimizer", "pruning callback")
@@ -71,10 +71,10 @@ class RegionTimer:
     """Wall time per named region; teacher/student forwards are timed by hooks on their roots
     (they run inside ``block_losses``), and each region is also a ``torch.profiler`` range."""
 
-    def __init__(self, module: CalibrationModule) -> None:
+    def __init__(self, engine: Calibrator) -> None:
         self.seconds: dict[str, float] = {}
         self._open: dict[str, tuple[float, object]] = {}
-        for name, model in (("teacher forward", module.teacher), ("student forward", module.student)):
+        for name, model in (("teacher forward", engine.teacher), ("student forward", engine.student)):
             model.register_forward_pre_hook(lambda *_, n=name: self.start(n))
             model.register_forward_hook(lambda *_, n=name: self.stop(n))
 
@@ -98,29 +98,32 @@ class RegionTimer:
 
 
 class CalibrationStep:
-    """One real calibration step (see the module docstring)."""
+    """One real calibration step (see the module docstring). ``pruning`` gives the thresholds and
+    the interval of ``engine.prune_`` (a configured ``CandidatePruning``); ``batch`` already holds
+    the null-label copies, so ``engine`` is built with ``guidance_scale=1.0``."""
 
-    def __init__(self, module: CalibrationModule, pruning: CandidatePruning, autocast) -> None:
-        self.module, self.pruning, self.autocast = module, pruning, autocast
-        self.optimizer = module.configure_optimizers()
-        self.timer = RegionTimer(module)
-        self.step = 0
+    def __init__(self, engine: Calibrator, pruning: CandidatePruning, autocast) -> None:
+        self.engine, self.pruning, self.autocast = engine, pruning, autocast
+        self.optimizer = engine.make_optimizer()
+        self.timer = RegionTimer(engine)
+        self.step = 0  # optimisation steps done: a fit's global_step
 
     def __call__(self, batch) -> float:
-        module, timer = self.module, self.timer
+        engine, timer, pruning = self.engine, self.timer, self.pruning
         start = time.perf_counter()
-        module.on_train_batch_start(batch, 0)
+        engine.update_codebook_trainability()  # the module's on_train_batch_start
         with self.autocast():  # forward only, as Lightning's precision plugin
-            loss = module.training_step(batch, 0)
+            loss = engine.step_loss(batch, self.step).loss
         self.optimizer.zero_grad(set_to_none=True)  # Lightning's order: after the forward
         with timer.region("backward"):
             loss.backward()
         with timer.region("optimizer"):
             self.optimizer.step()
         self.step += 1
-        trainer = SimpleNamespace(global_step=self.step, optimizers=[self.optimizer], logger=None, log_every_n_steps=50)
         with timer.region("pruning callback"):
-            self.pruning.on_train_batch_end(trainer, module, None, batch, 0)
+            if self.step % pruning.every_n_steps == 0:  # CandidatePruning.on_train_batch_end
+                engine.prune_(self.optimizer, pruning.harden_threshold, pruning.prune_floor, pruning.finalize_fraction)
+                engine.soft_counts()  # the counts the callback logs (a host sync on a GPU)
         return time.perf_counter() - start
 
 
@@ -153,8 +156,8 @@ class FineTuneStep:
         return time.perf_counter() - start
 
 
-def soft_fraction(module: CalibrationModule) -> float:
-    layers = module.vq_layers().values()
+def soft_fraction(engine: Calibrator) -> float:
+    layers = engine.layers.values()
     return sum(l.num_soft for l in layers) / max(sum(l.num_subvectors for l in layers), 1)
 
 
@@ -183,25 +186,24 @@ def profile_table(step: CalibrationStep, batch, steps: int, top: int) -> str:
 
 def run_case(name: str, source: str, bits: int, args) -> dict:
     torch.manual_seed(0)
-    module = CalibrationModule(
-        model=source, bits=bits, num_candidates=args.num_candidates, kmeans_iters=args.kmeans_iters,
-        **({"teacher_dtype": args.teacher_dtype} if args.teacher_dtype != "float32" else {}),
-    )
-    batch = make_batch(module.teacher)
+    teacher = load_dit(source)
+    batch = make_batch(teacher)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16-mixed" \
         else contextlib.nullcontext
     # FP copies of the float32 teacher before the student exists (and before any timing hook)
-    finetune = {opt: FineTuneStep(module.teacher, batch, opt, autocast) for opt in args.fp_optimizers}
-    module.configure_model()
-    calibration = CalibrationStep(module, CandidatePruning(every_n_steps=1), autocast)
+    finetune = {opt: FineTuneStep(teacher, batch, opt, autocast) for opt in args.fp_optimizers}
+    vq_config = VQConfig.from_bits(bits, num_candidates=args.num_candidates, kmeans_iters=args.kmeans_iters)
+    engine = Calibrator.build(teacher, vq_config, CalibrationConfig(teacher_dtype=args.teacher_dtype),
+                              guidance_scale=1.0, progress=False)  # the batch holds its null labels already
+    calibration = CalibrationStep(engine, CandidatePruning(every_n_steps=1), autocast)
     if args.pre_harden:
-        for layer in module.vq_layers().values():  # a later calibration state: some rows already hard
+        for layer in engine.layers.values():  # a later calibration state: some rows already hard
             soft = layer.num_soft
             logits = layer.candidate_logits.data.clone()
             logits[: int(soft * args.pre_harden), 0] = 1e4
             layer.candidate_logits.data = logits
             layer.harden_rows_(0.99)
-        calibration.optimizer = module.configure_optimizers()
+        calibration.optimizer = engine.make_optimizer()
     times = {"calibration": [], **{f"fp-{opt}": [] for opt in finetune}}
     for repeat in range(args.repeats + args.warmup):
         for key, step in (("calibration", calibration), *((f"fp-{o}", s) for o, s in finetune.items())):
@@ -212,7 +214,7 @@ def run_case(name: str, source: str, bits: int, args) -> dict:
             calibration.timer.seconds.clear()
     median = {key: statistics.median(values) for key, values in times.items()}
     regions = {k: v / args.repeats for k, v in calibration.timer.seconds.items()}
-    result = {"case": name, "bits": bits, "median": median, "regions": regions, "soft": soft_fraction(module)}
+    result = {"case": name, "bits": bits, "median": median, "regions": regions, "soft": soft_fraction(engine)}
     if args.profile:
         result["profile"] = profile_table(calibration, batch, args.profile_steps, args.top)
     return result
@@ -237,7 +239,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=".*self.log.*")
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,6 +6,8 @@ import math
 
 import pytorch_lightning as pl
 
+from .settings import check_range
+
 
 class CalibrationStop(pl.Callback):
     """Stop once every layer is hard and the block loss stopped improving.
@@ -32,12 +34,11 @@ class CalibrationStop(pl.Callback):
         smoothing: float = 0.9,
         max_steps: int | None = None,
     ) -> None:
-        if min_codebook_steps < 0 or patience < 1:
-            raise ValueError("min_codebook_steps must be >= 0 and patience >= 1")
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or null, got {max_steps}")
+        check_range("CalibrationStop", "min_codebook_steps", min_codebook_steps, 0)
+        check_range("CalibrationStop", "patience", patience, 1)
+        check_range("CalibrationStop", "min_relative_improvement", min_relative_improvement, 0.0, 1.0, high_open=True)
+        check_range("CalibrationStop", "smoothing", smoothing, 0.0, 1.0, high_open=True)
+        check_range("CalibrationStop", "max_steps", max_steps, 1, allow_none=True)
         self.max_steps = max_steps
         self.min_codebook_steps = min_codebook_steps
         self.patience = patience

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
+from .settings import check_range
+
 
 class CandidatePruning(pl.Callback):
     """Harden confident rows, prune weak candidates, finalise nearly-hard layers.
@@ -31,14 +33,11 @@ class CandidatePruning(pl.Callback):
         finalize_fraction: float = 0.99,
         histogram_every_n_steps: int = 200,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if not 0.5 < harden_threshold <= 1.0:
-            raise ValueError(f"harden_threshold must be in (0.5, 1], got {harden_threshold}")
-        if not 0.0 <= prune_floor < 0.5:
-            raise ValueError(f"prune_floor must be in [0, 0.5), got {prune_floor}")
-        if not 0.0 < finalize_fraction <= 1.0:
-            raise ValueError(f"finalize_fraction must be in (0, 1], got {finalize_fraction}")
+        check_range("CandidatePruning", "every_n_steps", every_n_steps, 1)
+        check_range("CandidatePruning", "harden_threshold", harden_threshold, 0.5, 1.0, low_open=True)
+        check_range("CandidatePruning", "prune_floor", prune_floor, 0.0, 0.5, high_open=True)
+        check_range("CandidatePruning", "finalize_fraction", finalize_fraction, 0.0, 1.0, low_open=True)
+        check_range("CandidatePruning", "histogram_every_n_steps", histogram_every_n_steps, 0)
         self.every_n_steps = every_n_steps
         self.harden_threshold = harden_threshold
         self.prune_floor = prune_floor

@@ -11,6 +11,8 @@ from vq4dit.evaluation import decode, load_vae
 from vq4dit.images import make_grid, save_png, to_images
 from vq4dit.sampling import SamplerConfig, sample
 
+from .settings import check_range
+
 
 class SampleImages(pl.Callback):
     """Every ``every_n_steps`` steps and at the end of fit, sample the teacher and the student.
@@ -42,8 +44,8 @@ class SampleImages(pl.Callback):
         vae: str | None = None,
         scale: int = 1,
     ) -> None:
-        if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        check_range("SampleImages", "every_n_steps", every_n_steps, 0)
+        check_range("SampleImages", "scale", scale, 1)
         self.every_n_steps = every_n_steps
         self.labels = list(labels) if labels is not None else list(range(8))
         self.seed = seed

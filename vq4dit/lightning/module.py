@@ -141,6 +141,7 @@ class CalibrationModule(pl.LightningModule):
             if stage == "fit":
                 raise ValueError("model.quantized is for test / predict / validate; resume a calibration with --ckpt_path")
             self.student = load_packed_student(self.hparams.quantized, self.teacher, self.device)
+            self.engine = Calibrator(self.teacher, self.student, self.calibration, guidance_scale=self.data_settings.guidance_scale)
             return
         if self.hparams.eval_model == "fp" and stage in ("test", "predict"):
             return

@@ -1,0 +1,118 @@
+"""The calibration engine without Lightning: the README's ten-line loop, and the same model as a
+Lightning fit of the same settings (the LightningModule is only an adapter)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train import cli_main
+from vq4dit import VQConfig, load_dit, save_quantized
+from vq4dit.engine import CalibrationConfig, Calibrator, RegularizerGate, block_losses, build_student, with_null_labels
+from vq4dit.quantize import vq_layers
+from vq4dit.sampling import SamplerConfig
+from vq4dit.trajectories import ShuffledBatches, TrajectoryPlan, generate_items
+
+TINY_VQ = VQConfig(codebook_size=16, subvector_dim=2)
+SAMPLER = SamplerConfig(num_steps=8, guidance_scale=4.0)
+
+
+def calibrate_without_lightning(teacher, epochs: int) -> Calibrator:
+    """The README's "Library use" loop (plus the epoch-seeded shuffle of the data module)."""
+    engine = Calibrator.build(teacher, TINY_VQ, CalibrationConfig(), guidance_scale=4.0, progress=False)
+    items = generate_items(teacher, [0, 1], TrajectoryPlan(0, 4, 1000, SAMPLER), progress=False)
+    optimizer, step = engine.make_optimizer(), 0
+    for epoch in range(epochs):
+        for batch in ShuffledBatches(items, batch_size=4, seed=0, shuffle=True, epoch_fn=lambda: epoch):
+            engine.update_codebook_trainability()
+            engine.step_loss(batch, step).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            engine.prune_(optimizer, harden_threshold=0.99, prune_floor=0.01)
+    engine.finalize_()
+    return engine
+
+
+def test_ten_line_loop_calibrates(tmp_path):
+    torch.manual_seed(0)
+    teacher = load_dit("tiny")
+    engine = calibrate_without_lightning(teacher, epochs=4)
+    assert all(layer.is_hard for layer in engine.layers.values())
+    val = generate_items(teacher, [2], TrajectoryPlan(0, 4, 1000, SAMPLER), progress=False)
+    batches = [(val["x"][i : i + 4], val["t"][i : i + 4], val["y"][i : i + 4]) for i in range(0, 32, 4)]
+    start = build_student(teacher, TINY_VQ.with_overrides(num_candidates=1), progress=False)
+
+    @torch.no_grad()
+    def mse(student) -> float:
+        return sum(float(block_losses(teacher, student, *with_null_labels(*b))[0].mean()) for b in batches)
+
+    assert mse(engine.student) < 0.8 * mse(start)  # better than the k-means start
+    save_quantized(engine.student, tmp_path / "packed")
+    assert (tmp_path / "packed" / "model.safetensors").is_file()
+
+
+def test_lightning_fit_is_the_engine_loop(tmp_path):
+    """Same seeds and settings: the CLI fit and the plain loop export bit-identical models."""
+    cli_main([
+        "fit", "--config", "configs/demo.yaml", "--model.model=tiny", "--model.codebook_size=16",
+        "--model.subvector_dim=2", "--data.num_classes=1000", "--data.num_trajectories=2", "--data.num_steps=8",
+        "--data.val_trajectories=0", "--trainer.max_epochs=3", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}", f"--model.export_dir={tmp_path / 'cli'}",
+        "--trainer.callbacks=[{class_path: callbacks.CandidatePruning, init_args: {histogram_every_n_steps: 0}}]",
+    ])
+    torch.manual_seed(0)  # seed_everything(0): the tiny preset's random weights
+    engine = calibrate_without_lightning(load_dit("tiny"), epochs=3)
+    save_quantized(engine.student, tmp_path / "plain")
+    cli, plain = load_file(str(tmp_path / "cli" / "model.safetensors")), load_file(str(tmp_path / "plain" / "model.safetensors"))
+    assert cli.keys() == plain.keys()
+    assert [k for k in cli if not torch.equal(cli[k], plain[k])] == []
+
+
+def test_regularizer_gate_follows_the_official_rule():
+    gate = RegularizerGate(window=3)
+    # step 0 resets; a value applies only when above the running minimum
+    assert [gate(v, s) for s, v in enumerate([5.0, 4.0, 4.5, 9.0, 8.0])] == [False, False, True, False, False]
+    assert RegularizerGate(window=3, enabled=False)(1.0, 0)
+
+
+def test_prune_shrinks_optimizer_state_with_the_logits():
+    torch.manual_seed(0)
+    engine = Calibrator.build(load_dit("tiny"), TINY_VQ, progress=False)
+    optimizer = engine.make_optimizer()
+    layer = next(iter(engine.layers.values()))
+    with torch.no_grad():
+        layer.candidate_logits[: layer.num_soft // 2, 0] = 50.0  # half the rows confident
+    layer.candidate_logits.grad = torch.ones_like(layer.candidate_logits)
+    optimizer.step()
+    before = layer.num_soft
+    engine.prune_(optimizer)
+    assert 0 < layer.num_soft < before
+    state = optimizer.state[layer.candidate_logits]["square_avg"]
+    assert state.shape == layer.candidate_logits.shape
+    assert any(p is layer.candidate_logits for group in optimizer.param_groups for p in group["params"])
+
+
+def test_codebooks_train_once_their_layer_is_hard():
+    torch.manual_seed(0)
+    engine = Calibrator.build(load_dit("tiny"), TINY_VQ, progress=False)
+    assert not any(l.codebook.requires_grad for l in engine.layers.values())
+    assert engine.finalize_() > 0
+    assert all(l.codebook.requires_grad for l in engine.layers.values())
+    simultaneous = Calibrator.build(load_dit("tiny"), TINY_VQ, CalibrationConfig(codebook_training="simultaneous"), progress=False)
+    assert all(l.codebook.requires_grad for l in simultaneous.layers.values())
+
+
+@pytest.mark.parametrize(
+    "field, value", [("block_inputs", "both"), ("optimizer", "sgd"), ("lr_logits", -1.0), ("gate_window", 0),
+                     ("regularizer_weight", float("nan"))],
+)
+def test_invalid_calibration_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        CalibrationConfig(**{field: value})
+
+
+def test_engine_needs_vq_layers():
+    with pytest.raises(ValueError, match="no VQLinear"):
+        Calibrator(load_dit("tiny"), load_dit("tiny"))
+    assert vq_layers(build_student(load_dit("tiny"), TINY_VQ, progress=False))
