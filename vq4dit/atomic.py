@@ -225,7 +225,10 @@ def _replace_folder(new: Path, path: Path) -> None:
     except BaseException:
         os.rename(old, path)  # interrupted between the two renames: put the old one back
         raise
-    os.rename(old, new)  # removed with the temporary folder
+    try:
+        os.rename(old, new)  # removed with the temporary folder
+    except OSError:  # the new folder is in place: the old one is only garbage now
+        _remove(old)
 
 
 # ---------------------------------------------------------------------------------------------
