@@ -113,7 +113,7 @@ def _libc():
     if not _LIBC:
         try:
             _LIBC.append(ctypes.CDLL(None, use_errno=True))
-        except OSError:  # no C library to load (e.g. some embedded builds)
+        except (OSError, TypeError):  # no C library to load by that name (Windows, ...)
             _LIBC.append(None)
     return _LIBC[0]
 
@@ -278,7 +278,8 @@ def _stale_leftovers(path: Path, now: float) -> tuple[list[Path], list[Path]]:
 
 
 def recover(path: str | os.PathLike) -> bool:
-    """Repair what interrupted writes of ``path`` left: if ``path`` is missing and a stale
+    """Repair what interrupted writes of the file or folder ``path`` left (by :func:`atomic_path`
+    and :func:`atomic_folder`): if ``path`` is missing and a stale
     ``.NAME.old-*`` folder exists (killed between the two renames of an overwrite), rename the
     newest back to ``path``; then delete stale ``.NAME.tmp-*`` / ``.NAME.old-*`` leftovers.
     Leftovers of writers that may still run are not touched. Returns True when ``path`` was
