@@ -12,7 +12,8 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from vq4dit import export, packing
+from vq4dit import atomic, export, packing
+from vq4dit.atomic import WriteError
 from vq4dit.export import (
     QuantizedCheckpointError,
     load_quantized,
@@ -201,13 +202,16 @@ def test_plain_diffusers_refuses_the_folder(saved, tmp_path):
 
 
 def test_plain_save_pretrained_of_loaded_model_fails_loudly(saved, tmp_path):
-    # the loaded config keeps quantization_config: save_pretrained writes VQ tensors, not dense weights,
-    # and from_pretrained must refuse them rather than fill the quantized layers with random weights
+    # save_pretrained would write VQ tensors, not dense weights (or fail on shared embedders):
+    # it is refused up front, with what to use instead; a plain from_pretrained refuses too
     loaded = load_quantized(saved)
     assert loaded.config.quantization_config["quant_method"] == "vq4dit"
-    loaded.save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="Unknown quantization type, got vq4dit"):
-        DiTTransformer2DModel.from_pretrained(tmp_path / "plain")
+    with pytest.raises(QuantizedCheckpointError, match=r"use vq4dit\.save_quantized"):
+        loaded.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    with pytest.raises(QuantizedCheckpointError, match=r"use vq4dit\.save_quantized"):
+        copy.deepcopy(loaded).save_pretrained(tmp_path / "plain")
+    loaded.config.quantization_config  # still there after the refusal
 
 
 def test_loaded_model_runs_in_dit_pipeline(saved):
@@ -291,9 +295,11 @@ def test_interrupted_save_leaves_nothing(model, saved, tmp_path, monkeypatch):
 
 
 def test_interrupted_swap_restores_the_old_checkpoint(model, saved, tmp_path, monkeypatch):
+    # where the OS cannot swap two folders atomically (renameat2 RENAME_EXCHANGE), two renames
     old = copy_ckpt(saved, tmp_path / "old")
     before = (old / "model.safetensors").read_bytes()
     real_rename = os.rename
+    monkeypatch.setattr(atomic, "_renameat2", lambda src, dst, flags: False)
 
     def rename(src, dst):
         if Path(src).name.startswith(".old.tmp-"):  # the new folder moving in
@@ -309,12 +315,12 @@ def test_interrupted_swap_restores_the_old_checkpoint(model, saved, tmp_path, mo
 
 def test_unwritable_parent(model, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(QuantizedCheckpointError, match="cannot write"):
+    with pytest.raises(WriteError, match=r"^cannot write \S+/file/ckpt: \S+/file is not a directory$"):
         save_quantized(model, tmp_path / "file" / "ckpt")
     if os.geteuid() != 0:  # root ignores permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        with pytest.raises(QuantizedCheckpointError, match="cannot write"):
+        with pytest.raises(WriteError, match="^cannot write .*locked/ckpt: Permission denied$"):
             save_quantized(model, locked / "ckpt")
 
 

@@ -58,6 +58,28 @@ def test_soft_one_hot_equals_hard_path_exactly(linear):
     assert torch.equal(layer(x), soft_out)
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_finalize_hardens_rows_with_nonfinite_ratios(linear, n):
+    layer = VQLinear.from_linear(linear, small_config(n=n))
+    torch.manual_seed(1)
+    logits = torch.randn_like(layer.candidate_logits)
+    nan, inf = float("nan"), float("inf")
+    logits[0, 0] = nan  # one NaN poisons the softmax of its row
+    logits[1, -1] = nan
+    logits[2] = inf  # inf - inf
+    logits[3, 1] = inf
+    logits[4] = -inf  # every candidate pruned
+    logits[5] = nan
+    layer.candidate_logits.data = logits
+    first, best = layer.candidates[:, 0].clone(), layer.candidates.gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
+    broken = ~layer.ratios().isfinite().all(dim=1)  # harden_rows_ alone would leave these soft
+    assert broken[[0, 1, 2, 4, 5]].all() and not broken[6:].any()  # row 3: finite for n = 2 (sigmoid)
+    layer.finalize_()
+    assert layer.is_hard and layer.candidate_logits.shape == (0, n)
+    assert torch.equal(layer.codes, torch.where(broken, first, best))  # finite rows: the argmax, as before
+    assert layer(torch.randn(3, 64)).isfinite().all()
+
+
 def test_harden_rows_moves_only_confident_rows_and_shrinks(linear):
     layer = VQLinear.from_linear(linear, small_config(n=2))
     logits = torch.zeros_like(layer.candidate_logits)

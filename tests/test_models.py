@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
+import warnings
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from torch import nn
 
 from tests.dit_reference import dit_forward, random_original_state_dict
@@ -16,8 +19,10 @@ from vq4dit.models import (
     PRESETS,
     TIMESTEP_FREQ_SHIFT_KEY,
     DiTLoadError,
+    NonFiniteError,
     apply_timestep_freq_shift,
     block_modules,
+    check_finite,
     default_linear_filter,
     load_dit,
     preset_config,
@@ -83,7 +88,8 @@ def test_timestep_freq_shift_is_needed_for_parity(tmp_path, original_sd, inputs)
 
 def test_converted_parity_survives_save_pretrained(tmp_path, original_sd, inputs):
     model = load_dit(_save(original_sd, tmp_path / "dit.pt"), num_heads=HEADS)
-    model.save_pretrained(tmp_path / "converted")
+    with pytest.warns(UserWarning, match="stock diffusers ignores"):
+        model.save_pretrained(tmp_path / "converted")
     config = json.loads((tmp_path / "converted" / "config.json").read_text())
     assert config[TIMESTEP_FREQ_SHIFT_KEY] == 0
     reloaded = load_dit(tmp_path / "converted")
@@ -336,3 +342,64 @@ def test_reference_source_loads_the_shipped_digits_dit():
     x = torch.randn(2, 1, 16, 16)
     out = model(x, timestep=torch.tensor([10, 900]), class_labels=torch.tensor([3, 1000])).sample
     assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Portability of converted checkpoints; NaN/Inf
+# ---------------------------------------------------------------------------------------------
+
+
+def test_converted_folder_warns_on_every_save_pretrained_path(tmp_path, original_sd, inputs):
+    """Stock diffusers cannot express the original frequencies (shift 0) and ignores the config
+    key: it would load such a folder ~25 % off. Every save_pretrained says so and what to do."""
+    converted = load_dit(_save(original_sd, tmp_path / "dit.pt"), num_heads=HEADS)
+    ref = dit_forward(original_sd, *inputs, num_heads=HEADS)
+    warning = r"stock diffusers ignores.*Load it with vq4dit\.load_dit\(folder\)"
+    with pytest.warns(UserWarning, match=warning):
+        copy.deepcopy(converted).save_pretrained(tmp_path / "bare")
+    stock = DiTTransformer2DModel.from_pretrained(tmp_path / "bare")  # the trap the warning names
+    difference = (_run(stock, inputs) - ref).norm() / ref.norm()
+    assert difference > 0.05
+    reloaded = load_dit(tmp_path / "bare")
+    assert torch.allclose(_run(reloaded, inputs), ref, atol=1e-5)
+    vae = AutoencoderKL(
+        block_out_channels=(32,), latent_channels=4, norm_num_groups=32, sample_size=16,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    )
+    pipe = DiTPipeline(transformer=reloaded, vae=vae, scheduler=DDIMScheduler(), id2label=None)
+    with pytest.warns(UserWarning, match=warning):
+        pipe.save_pretrained(tmp_path / "pipe")
+    assert torch.allclose(_run(load_dit(tmp_path / "pipe"), inputs), ref, atol=1e-5)
+    with warnings.catch_warnings():  # diffusers' own frequencies: nothing to warn about
+        warnings.simplefilter("error")
+        apply_timestep_freq_shift(reloaded, 1).save_pretrained(tmp_path / "shift1")
+        load_dit("tiny").save_pretrained(tmp_path / "tiny")
+
+
+def test_check_finite_names_tensors_and_count():
+    tensors = {f"t{i}": torch.tensor([1.0, math.nan if i % 2 else math.inf]) for i in range(7)}
+    tensors.update(ok=torch.ones(2), codes=torch.zeros(2, dtype=torch.uint8), meta=torch.empty(2, device="meta"))
+    with pytest.raises(NonFiniteError, match=r"^teacher has NaN/Inf values in 7 tensor\(s\): t0, t1, t2, t3, t4, \.\.\.$"):
+        check_finite(tensors, what="teacher")
+    model = load_dit("tiny")
+    check_finite(model)
+    with torch.no_grad():
+        model.transformer_blocks[1].ff.net[2].weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"model has NaN/Inf values in 1 tensor\(s\): transformer_blocks\.1\.ff\.net\.2\.weight$"):
+        check_finite(model)
+
+
+def test_load_dit_refuses_nonfinite_weights(tmp_path, original_sd):
+    model = load_dit("tiny")
+    with torch.no_grad():
+        model.proj_out_2.bias[3] = math.inf
+        model.pos_embed.proj.weight[0, 0, 0, 0] = 1e5  # float16: Inf
+    model.save_pretrained(tmp_path / "bad")
+    with pytest.raises(DiTLoadError, match=r"1 tensor\(s\): proj_out_2\.bias; pass allow_nonfinite=True"):
+        load_dit(tmp_path / "bad")
+    assert torch.isinf(load_dit(tmp_path / "bad", allow_nonfinite=True).proj_out_2.bias).any()
+    with pytest.raises(DiTLoadError, match=r"2 tensor\(s\): pos_embed\.proj\.weight, proj_out_2\.bias"):
+        load_dit(tmp_path / "bad", dtype=torch.float16)
+    nan_sd = {**original_sd, "blocks.1.mlp.fc1.weight": torch.full((256, 64), math.nan)}
+    with pytest.raises(DiTLoadError, match=r"dit\.pt' has NaN/Inf .*transformer_blocks\.1\.ff\.net\.0\.proj\.weight"):
+        load_dit(_save(nan_sd, tmp_path / "dit.pt"), num_heads=HEADS)

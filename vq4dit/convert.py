@@ -11,6 +11,11 @@ Two numerical differences between the layouts are handled here:
   ``CombinedTimestepLabelEmbeddings`` hard-codes ``downscale_freq_shift=1``, i.e.
   ``exp(-ln(10000) * j / (half - 1))``. Converted models get shift 0 on every block, recorded in
   the config under :data:`TIMESTEP_FREQ_SHIFT_KEY` so that it survives ``save_pretrained``.
+  Stock diffusers cannot express shift 0 (``CombinedTimestepLabelEmbeddings`` hard-codes 1, no
+  config option; a different frequency set cannot be folded exactly into ``linear_1``) and
+  ignores the key: ``DiTTransformer2DModel.from_pretrained`` of such a folder loads silently with
+  shift 1 (outputs ~25 % off). So ``save_pretrained`` of a shifted model (also through a
+  pipeline's) warns; load such folders with ``vq4dit.load_dit``.
 * Block LayerNorm epsilon. The original uses 1e-6 everywhere; diffusers' ``norm3`` reads the
   config's ``norm_eps`` (default 1e-5), so converted configs set ``norm_eps=1e-6``.
 """
@@ -18,9 +23,12 @@ Two numerical differences between the layouts are handled here:
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
+import types
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -75,6 +83,44 @@ def apply_timestep_freq_shift(
         model.register_to_config(**{TIMESTEP_FREQ_SHIFT_KEY: shift})
     for block in model.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = shift
+    if shift != _DIFFUSERS_FREQ_SHIFT:
+        guard_save_pretrained(model)
+    return model
+
+
+@functools.wraps(DiTTransformer2DModel.save_pretrained)
+def _guarded_save_pretrained(self, save_directory, *args, **kwargs):
+    qc = self.config.get("quantization_config")
+    if isinstance(qc, Mapping) and qc.get("quant_method") == "vq4dit":
+        from .export import QuantizedCheckpointError
+
+        raise QuantizedCheckpointError(
+            f"cannot save_pretrained {save_directory}: diffusers cannot store a vq4dit-quantized "
+            "model (packed VQ layers, shared embedders); use vq4dit.save_quantized(model, path) "
+            "and vq4dit.load_quantized(path)"
+        )
+    shift = self.config.get(TIMESTEP_FREQ_SHIFT_KEY, _DIFFUSERS_FREQ_SHIFT)
+    if shift != _DIFFUSERS_FREQ_SHIFT:
+        warnings.warn(
+            f"{save_directory}: this DiT uses timestep frequency shift {shift} (original DiT "
+            f"checkpoint), recorded as {TIMESTEP_FREQ_SHIFT_KEY!r} in config.json, which stock "
+            "diffusers ignores: DiTTransformer2DModel/DiTPipeline.from_pretrained would load it "
+            "with shift 1 and different outputs. Load it with vq4dit.load_dit(folder), or call "
+            "vq4dit.models.apply_timestep_freq_shift(model) after from_pretrained.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+
+
+def guard_save_pretrained(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Make ``model.save_pretrained`` (a pipeline's ``save_pretrained`` calls it too) refuse a
+    vq4dit-quantized model and warn for a timestep frequency shift stock diffusers ignores.
+
+    An instance attribute: it follows ``copy.deepcopy`` and ``.to()``, not pickling.
+    """
+    if getattr(model.__dict__.get("save_pretrained"), "__func__", None) is not _guarded_save_pretrained:
+        model.save_pretrained = types.MethodType(_guarded_save_pretrained, model)
     return model
 
 

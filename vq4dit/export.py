@@ -1,5 +1,9 @@
 """Packed safetensors checkpoints of vector-quantized DiTs: atomic save, strict load.
 
+Saving is atomic (``vq4dit.atomic.atomic_folder``): a reader sees the old checkpoint or the new
+one; leftovers of interrupted saves are recovered by the next save or load of the same path.
+Both refuse NaN/Inf tensors unless ``allow_nonfinite=True``.
+
 Folder layout (``format_version`` 1, or 2 when ``tensor_aliases`` is present)::
 
     config.json        the diffusers config (as ``save_pretrained`` writes it) plus
@@ -23,9 +27,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -34,15 +35,17 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from .atomic import WriteError, atomic_folder, recover
+from .convert import apply_timestep_freq_shift, guard_save_pretrained
 from .layers import VQLinear
-
-from .quantize import vq_layers
+from .models import NonFiniteError, check_finite
 from .packing import identical_tensors, pack_codes, packed_size, unpack_codes
+from .quantize import vq_layers
 from .vq_config import VQConfig
 from .size import LayerSize, SizeReport, size_report
 
 __all__ = [
-    "QuantizedCheckpointError", "load_quantized", "save_quantized", "tie_tensors_",
+    "QuantizedCheckpointError", "WriteError", "load_quantized", "save_quantized", "tie_tensors_",
     # re-exported from vq4dit.packing / vq4dit.size, where they live
     "LayerSize", "SizeReport", "pack_codes", "packed_size", "size_report", "unpack_codes",
 ]
@@ -100,17 +103,6 @@ def _checkpoint_tensors(
     return tensors, aliases
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # not every platform fsyncs directories
-        if not path.is_dir():
-            raise
-    finally:
-        os.close(fd)
-
-
 def _check_target(path: Path, overwrite: bool) -> None:
     if not (path.exists() or path.is_symlink()):
         return
@@ -123,13 +115,26 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise QuantizedCheckpointError(f"{path} holds files that are not part of a checkpoint: {foreign[:5]}")
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        check_finite(tensors, what=what)
+    except NonFiniteError as err:
+        raise QuantizedCheckpointError(f"{err}; pass allow_nonfinite=True to accept them") from err
+
+
+def save_quantized(
+    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, allow_nonfinite: bool = False
+) -> Path:
     """Write a diffusers ``model`` whose ``VQLinear`` layers are all hard to the folder ``path``.
 
     Identical non-quantized tensors (the per-block embedder copies of converted DiT checkpoints)
-    are stored once. Atomic: written into a hidden temporary sibling, fsynced, then renamed into place. With
-    ``overwrite=True`` an existing checkpoint folder (only config.json / model.safetensors) is
-    renamed aside, the new one renamed in, the old one deleted. Returns the folder path.
+    are stored once. Atomic (``vq4dit.atomic.atomic_folder``): written into a hidden temporary
+    sibling, fsynced, then swapped into place. ``overwrite=True`` replaces an existing checkpoint
+    folder (only config.json / model.safetensors). Tensors with NaN/Inf are refused unless
+    ``allow_nonfinite``. Returns the folder path.
+
+    Raises :class:`QuantizedCheckpointError` for a model that cannot be saved, :class:`WriteError`
+    for environment faults (disk full, no permission, ...); the target is then untouched.
     """
     path = Path(path).absolute()
     layers = vq_layers(model)
@@ -156,39 +161,17 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, overwrite: bool
     config = json.loads(model.to_json_string())
     config.pop("quantization_config", None)  # a loaded packed model carries the one it was read with
     tensors, aliases = _checkpoint_tensors(model, layers)
+    if not allow_nonfinite:
+        _check_finite(tensors, "the model")
     config["quantization_config"] = {
         "quant_method": QUANT_METHOD, "format_version": 2 if aliases else 1, "codebook_size": k,
         "subvector_dim": d, "layers": specs, **({"tensor_aliases": aliases} if aliases else {}),
     }
     metadata = {"format": "pt", _CHECKSUM_KEY: _tensor_digest(tensors)}
 
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise PermissionError(f"no write permission on {parent}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-    except OSError as err:
-        raise QuantizedCheckpointError(f"cannot write a checkpoint into {parent}: {err}") from err
-    old, done = None, False
-    try:
+    with atomic_folder(path, overwrite=overwrite, validate=lambda p: _check_target(p, overwrite)) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        for item in (tmp / CONFIG_NAME, tmp / WEIGHTS_NAME, tmp):
-            _fsync(item)
-        _check_target(path, overwrite)  # it may have appeared meanwhile
-        if path.exists():
-            old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        done = True
-        _fsync(parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed into place
-        if old is not None and done:
-            shutil.rmtree(old, ignore_errors=True)
-        elif old is not None and old.exists() and not path.exists():
-            os.rename(old, path)  # interrupted between the two renames: put the old checkpoint back
     return path
 
 
@@ -357,7 +340,11 @@ def _state_dict_from_file(model: nn.Module, qc: dict, tensors: dict, path: Path)
 
 
 def load_quantized(
-    path: str | os.PathLike, *, device: torch.device | str = "cpu", share_identical: bool = True
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    share_identical: bool = True,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Read a folder written by :func:`save_quantized`: the diffusers model in eval mode, its
     quantized layers hard ``VQLinear``, bit-identical to the saved model.
@@ -366,12 +353,20 @@ def load_quantized(
     tensor of the model (``tie_tensors_``); ``share_identical=False`` gives every module its own
     copy instead (e.g. to fine-tune them apart).
 
+    Tensors with NaN/Inf are refused unless ``allow_nonfinite``. A checkpoint left missing by an
+    interrupted overwrite is restored first (``vq4dit.atomic.recover``). ``save_pretrained`` of
+    the model raises (use :func:`save_quantized`).
+
     Raises :class:`QuantizedCheckpointError` for anything that is not a readable vq4dit checkpoint.
     """
     path = Path(path)
+    with contextlib.suppress(OSError):  # best effort: the folder may be read-only
+        recover(path)
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
-        raise QuantizedCheckpointError(f"{path} is not a vq4dit checkpoint: no {CONFIG_NAME}")
+        olds = sorted(p.name for p in path.absolute().parent.glob(f".{path.name}.old-*")) if not path.exists() else []
+        hint = f"; an interrupted save left {olds}: rename the newest to {path.name}" if olds else ""
+        raise QuantizedCheckpointError(f"{path} is not a vq4dit checkpoint: no {CONFIG_NAME}{hint}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -381,7 +376,10 @@ def load_quantized(
     qc = _validate_quant_config(config.pop("quantization_config", None), path)
     model = _build_model(config, qc, path)
     aliases = qc.get("tensor_aliases", {})
-    tensors = _resolve_aliases(_read_tensors(path / WEIGHTS_NAME), aliases, path)
+    stored = _read_tensors(path / WEIGHTS_NAME)
+    if not allow_nonfinite:
+        _check_finite(stored, str(path))
+    tensors = _resolve_aliases(stored, aliases, path)
     state = _state_dict_from_file(model, qc, tensors, path)
     if not share_identical:
         state = {key: value.clone() if key in aliases else value for key, value in state.items()}
@@ -392,9 +390,7 @@ def load_quantized(
     except (RuntimeError, ValueError, AttributeError) as err:
         raise QuantizedCheckpointError(f"{path}: {err}") from err
     if any(key in config for key in _FREQ_SHIFT_KEYS):  # a module attribute, not a tensor: re-apply
-        from .models import apply_timestep_freq_shift
-
         apply_timestep_freq_shift(model)
-    return model.to(device).eval()
+    return guard_save_pretrained(model).to(device).eval()
 
 

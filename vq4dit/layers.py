@@ -274,8 +274,18 @@ class VQLinear(HardDecoding, nn.Module):
 
     @torch.no_grad()
     def finalize_(self) -> RowReindex:
-        """Argmax for every remaining soft row: the layer is hard afterwards."""
-        return self.harden_rows_(threshold=float(torch.finfo(torch.float32).tiny))
+        """Argmax for every remaining soft row: the layer is hard afterwards, always.
+
+        A row whose ratios are not finite (NaN/Inf ``candidate_logits``, or all pruned) gets its
+        first candidate: the nearest codeword at init, the best one after pruning.
+        """
+        top_ratio, top = self.ratios().max(dim=1)  # [S], [S]
+        broken = ~torch.isfinite(top_ratio)
+        if broken.any():
+            log.warning("finalize_: %d soft rows have non-finite ratios; they get their first candidate",
+                        int(broken.sum()))
+            top = top.masked_fill(broken, 0)
+        return self._harden_mask_(torch.ones_like(broken), top)
 
     # ----------------------------------------------------------------------------- persistence
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from vq4dit.convert import (
     TIMESTEP_FREQ_SHIFT_KEY,
     DiTLoadError,
     apply_timestep_freq_shift,
+    guard_save_pretrained,
     load_original_checkpoint,
 )
 
@@ -33,9 +35,12 @@ __all__ = [
     "PRESETS",
     "TIMESTEP_FREQ_SHIFT_KEY",
     "DiTLoadError",
+    "NonFiniteError",
     "apply_timestep_freq_shift",
     "block_modules",
+    "check_finite",
     "default_linear_filter",
+    "guard_save_pretrained",
     "load_dit",
     "preset_config",
 ]
@@ -99,6 +104,43 @@ def preset_config(name: str) -> dict:
 
 def _unknown_preset(name: str) -> DiTLoadError:
     return DiTLoadError(f"unknown DiT preset {name!r}; valid presets: {', '.join(PRESETS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values
+# ---------------------------------------------------------------------------------------------
+
+_MAX_NAMED = 5  # tensors named in a NonFiniteError
+
+
+class NonFiniteError(ValueError):
+    """Tensors hold NaN or Inf."""
+
+
+def nonfinite_names(source: nn.Module | Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating/complex tensors of ``source`` (a module's parameters and buffers, or
+    a name -> tensor mapping) holding a NaN or an Inf; integer, bool and meta tensors are skipped."""
+    if isinstance(source, nn.Module):
+        source = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    return [
+        name for name, tensor in source.items()
+        if (tensor.is_floating_point() or tensor.is_complex()) and not tensor.is_meta
+        and not bool(torch.isfinite(tensor.detach()).all())
+    ]
+
+
+def check_finite(source: nn.Module | Mapping[str, torch.Tensor], what: str = "model") -> None:
+    """Raise :class:`NonFiniteError` naming (the first few of) the tensors of ``source`` that hold
+    NaN or Inf, and their count; e.g. to check a teacher before any calibration work.
+
+    Args:
+        source: a module (its parameters and buffers) or a name -> tensor mapping.
+        what: how the message calls ``source``, e.g. ``"teacher"`` or a path.
+    """
+    bad = nonfinite_names(source)
+    if bad:
+        shown = ", ".join(bad[:_MAX_NAMED]) + (", ..." if len(bad) > _MAX_NAMED else "")
+        raise NonFiniteError(f"{what} has NaN/Inf values in {len(bad)} tensor(s): {shown}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +223,7 @@ def load_dit(
     *,
     dtype: torch.dtype | None = None,
     num_heads: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> DiTTransformer2DModel:
     """Load a diffusers ``DiTTransformer2DModel`` in eval mode, on the CPU.
 
@@ -195,12 +238,14 @@ def load_dit(
         dtype: optional cast of all parameters and buffers, e.g. ``torch.bfloat16``.
         num_heads: attention heads of an original checkpoint whose hidden size is not one of
             the paper's (384, 768, 1024, 1152). Only valid for checkpoints.
+        allow_nonfinite: load weights holding NaN/Inf instead of refusing them.
 
     Returns:
         The model in eval mode; its timestep frequency shift re-applied from its config.
 
     Raises:
-        DiTLoadError: the source is missing, unknown, or not a DiT.
+        DiTLoadError: the source is missing, unknown, not a DiT, or (unless
+            ``allow_nonfinite``) holds NaN/Inf.
     """
     is_string = isinstance(source, str)
     path = Path(source).expanduser()
@@ -244,6 +289,11 @@ def load_dit(
     apply_timestep_freq_shift(model)
     if dtype is not None:
         model = model.to(dtype)
+    if not allow_nonfinite:  # after the cast: float16 turns values above 65504 into Inf
+        try:
+            check_finite(model, what=repr(os.fspath(source)))
+        except NonFiniteError as err:
+            raise DiTLoadError(f"{err}; pass allow_nonfinite=True to load it anyway") from err
     return model.eval()
 
 
