@@ -15,25 +15,25 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 import yaml
 
 from pytorch_lightning.cli import ArgsType, LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import callbacks  # noqa: F401  (short class paths in YAML: callbacks.CandidatePruning)
-from callbacks import FinalAssignment, SampleWriter
+from callbacks import FinalAssignment, RunGuard, SampleWriter
 from callbacks.settings import RANGE_ERROR
 from vq4dit.lightning import CalibrationDataModule, CalibrationModule
-
-
-# Model settings that may differ between a checkpoint and the run resuming or evaluating it.
-RESUMABLE_CHANGES = {"export_dir", "quantized", "eval_model", "vae", "metrics_features", "real_images", "spread_blocks"}
+from vq4dit.lightning.checkpoint_io import AtomicCheckpointIO
+from vq4dit.lightning.resume import check_resumable, find_latest_checkpoint, logger_version_of
 
 
 class VQ4DiTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        # Always present: the final argmax + packed export at the end of fit.
+        # Always present: the final argmax + packed export at the end of fit, and the run guard
+        # (resumable checkpoint on SIGTERM, no empty log folder after a failed start).
         parser.add_lightning_class_args(FinalAssignment, "final_assignment")
+        parser.add_lightning_class_args(RunGuard, "run_guard")
         # predict writes PNGs + a sample_ddp.py-style npz (inactive in the other subcommands).
         parser.add_lightning_class_args(SampleWriter, "sample_writer")
 
@@ -43,29 +43,46 @@ class VQ4DiTCLI(LightningCLI):
             parser.set_defaults(return_predictions=False)
         return parser
 
+    def instantiate_trainer(self, **kwargs):
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # atomic saves, weights_only loads
+        return super().instantiate_trainer(**kwargs)
+
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI silently replaces the model settings by the checkpoint's: refuse instead
-        # when the user asked for different ones, so a resume never runs another configuration.
+        # Replaces LightningCLI's, which silently swaps in the checkpoint's model settings: ``last``
+        # means the newest checkpoint of this run's output folders, and a checkpoint is resumed only
+        # with the settings it was calibrated with (before any heavy work).
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if subcommand == "fit" and (config.get("model") or {}).get("quantized"):
+            raise ValueError("model.quantized is for test / predict / validate; resume a calibration with --ckpt_path")
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last" and subcommand == "fit":
+            ckpt_path = self._resolve_last(config)
         if ckpt_path and Path(ckpt_path).is_file():
-            try:
-                saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-            except Exception as error:  # unreadable file: say so instead of a traceback
-                raise ValueError(f"cannot read checkpoint {ckpt_path}: {error}") from error
-            asked = self.config[subcommand].get("model") or {}
-            changed = sorted(
-                key for key, value in saved.items()
-                if key in asked and key not in RESUMABLE_CHANGES and asked[key] != value
-            )
-            if changed:
-                details = ", ".join(f"{k}: checkpoint {saved[k]!r}, this run {asked[k]!r}" for k in changed)
-                raise ValueError(
-                    f"cannot resume from {ckpt_path}: it was calibrated with another configuration ({details})"
-                )
+            check_resumable(ckpt_path, dict(config.get("model") or {}), dict(config.get("data") or {}))
         elif ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             raise ValueError(f"ckpt_path {ckpt_path!r} does not exist")
-        super()._parse_ckpt_path()
+
+    def _resolve_last(self, config) -> str | None:
+        trainer = config["trainer"]
+        logger = trainer.get("logger")
+        save_dir = logger.init_args.get("save_dir") if hasattr(logger, "init_args") else None
+        folders = [f for f in (trainer.get("default_root_dir"), save_dir) if f] or [os.getcwd()]
+        found = find_latest_checkpoint(folders)
+        if found is None:
+            print(f"--ckpt_path last: no checkpoint under {', '.join(map(str, folders))}; starting a new calibration",
+                  file=sys.stderr)
+            config["ckpt_path"] = None
+            return None
+        print(f"--ckpt_path last: resuming from {found}", file=sys.stderr)
+        config["ckpt_path"] = str(found)
+        version = logger_version_of(found)
+        if version is not None and hasattr(logger, "init_args") and logger.init_args.get("version") is None:
+            logger.init_args["version"] = version  # log on in the same folder, no new version_N
+        return str(found)
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> VQ4DiTCLI:
@@ -116,6 +133,12 @@ def one_line(message: str) -> str:
 def main() -> None:
     try:
         cli_main()
+    except SIGTERMException as stop:  # Lightning turns SIGTERM into a SystemExit with status 0
+        saved = getattr(stop, "checkpoint", None)
+        where = f"resumable checkpoint {saved}; resume with the same command plus --ckpt_path last" if saved \
+            else "nothing calibrated yet; run the same command again"
+        print(f"error: stopped by SIGTERM at step {getattr(stop, 'step', '?')}: {where}", file=sys.stderr)
+        sys.exit(143)
     except ValueError as error:  # user mistakes are ValueErrors with a message naming the problem
         if os.environ.get("VQ4DIT_DEBUG"):
             raise

@@ -3,7 +3,8 @@
 from .calibration_stop import CalibrationStop
 from .candidate_pruning import CandidatePruning
 from .final_assignment import FinalAssignment
+from .run_guard import RunGuard
 from .sample_images import SampleImages
 from .sample_writer import SampleWriter
 
-__all__ = ["CalibrationStop", "CandidatePruning", "FinalAssignment", "SampleImages", "SampleWriter"]
+__all__ = ["CalibrationStop", "CandidatePruning", "FinalAssignment", "RunGuard", "SampleImages", "SampleWriter"]

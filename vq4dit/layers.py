@@ -17,6 +17,7 @@ once and keeps the dense weight in a non-persistent buffer (FP speed, FP memory)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,8 @@ from .decoding import DECODE_CHUNK_ELEMENTS, HardDecoding, InferenceMode
 from .kmeans import kmeans
 from .soft import candidate_ratios, vq_weight
 from .vq_config import VQConfig
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class RowReindex:

@@ -18,6 +18,7 @@ every method acts on this rank's blocks and the statistics are global (collectiv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from ..distributed import BlockSpread
 from ..layers import VQLinear, replace_in_optimizer_
+from ..models import NonFiniteError, block_modules
 from ..quantize import finalize_model_, vq_layers
 from ..soft import logit_regularizer
 from ..vq_config import VQConfig
@@ -166,7 +168,15 @@ class Calibrator:
         soft = summed[num_blocks + num_layers :] > 0
         loss_d = all_mse.mean()
         loss_r = all_r[soft].mean() if soft.any() else zero
-        apply_r = self.gate(float(loss_r.detach()), step)
+        value_d, value_r = torch.stack([loss_d, loss_r]).tolist()  # one host sync for both
+        if not math.isfinite(value_d) and (self.spread is not None or not dist.is_initialized()):
+            self.check_finite_(step)  # names the layers when their parameters went NaN/Inf
+            first = next(i for i, v in enumerate(all_mse.tolist()) if not math.isfinite(v))
+            raise NonFiniteError(
+                f"calibration diverged at step {step}: the output of block {self._block_names()[first]} is "
+                f"{all_mse[first].item()}; nothing was exported (lower lr_codebook / lr_logits / lr_bias)"
+            )
+        apply_r = self.gate(value_r, step)
         # This rank's part: the same gradients as mean over all blocks + lambda_r x mean over soft layers.
         weight = self.config.regularizer_weight
         loss = block_mse.sum() / num_blocks
@@ -236,6 +246,30 @@ class Calibrator:
         count = finalize_model_(self.student)
         self.update_codebook_trainability()
         return count
+
+    def check_finite_(self, step: int) -> None:
+        """Stop a diverging calibration: :class:`vq4dit.models.NonFiniteError` naming the step and
+        the first layers whose codebook, ratio logits or bias hold NaN/Inf (after an optimizer
+        step, so non-finite gradients are caught too). One host sync; a collective under a spread."""
+        owned = self.owned_layers()
+        device = next(iter(self.layers.values())).codes.device
+        flags = torch.stack([
+            torch.stack([torch.isfinite(p).all() for p in (l.codebook, l.candidate_logits, l.bias) if p is not None]).all()
+            if n in owned else torch.ones((), dtype=torch.bool, device=device)
+            for n, l in self.layers.items()
+        ])
+        bad_flags = self.global_sum((~flags).to(torch.int32))
+        bad = [name for name, flag in zip(self.layers, bad_flags.tolist()) if flag]
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NonFiniteError(
+                f"calibration diverged at step {step}: NaN/Inf in layer {shown}; nothing was exported "
+                "(lower lr_codebook / lr_logits / lr_bias)"
+            )
+
+    def _block_names(self) -> list[str]:
+        names = {id(module): name for name, module in self.student.named_modules()}
+        return [names[id(block)] for block in block_modules(self.student)]
 
     # ----------------------------------------------------------------------- global statistics
     def soft_counts(self) -> dict[str, tuple[int, int]]:

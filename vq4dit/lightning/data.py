@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from ..evaluation import evaluation_plan
 from ..sampling import SamplerConfig
 from ..trajectories import EvaluationBatches, ShuffledBatches, TrajectoryPlan, cached_items
+from .validation import check_writable_dir
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class CalibrationDataModule(pl.LightningDataModule):
             raise ValueError(f"val_trajectories must be >= 0, got {val_trajectories}")
         if eval_samples < 1 or eval_batch_size < 1:
             raise ValueError(f"eval_samples and eval_batch_size must be >= 1, got {eval_samples}, {eval_batch_size}")
+        if cache_dir is not None:
+            check_writable_dir(cache_dir, "cache_dir")
         self.save_hyperparameters()
         self.sampler_config = SamplerConfig(
             sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, guided_channels=guided_channels

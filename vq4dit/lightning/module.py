@@ -208,6 +208,7 @@ class CalibrationModule(pl.LightningModule):
         # alive through the forward, the memory peak. Free them as soon as they are used.
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         optimizer.zero_grad(set_to_none=True)
+        self.engine.check_finite_(self.global_step)  # a diverged run stops before anything is exported
 
     def on_after_backward(self) -> None:
         self.engine.average_gradients_(self.trainer.world_size)
