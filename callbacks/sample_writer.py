@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +10,15 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info
 
+from vq4dit.atomic import atomic_path, atomic_write_text
+
 
 def write_png_atomic(image: np.ndarray, path: Path) -> None:
     """Write ``[H, W, 3]`` uint8 as PNG via a temporary file: never a half-written image."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def npz_from_folder(folder: Path, count: int) -> Path:
@@ -31,9 +31,8 @@ def npz_from_folder(folder: Path, count: int) -> Path:
         raise RuntimeError(f"{len(missing)} samples missing in {folder} (e.g. {missing[0]:06d}.png)")
     samples = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(count)])
     target = folder.with_name(folder.name + ".npz")
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, arr_0=samples)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp, open(tmp, "wb") as file:  # a file object: np.savez adds no suffix
+        np.savez(file, arr_0=samples)
     return target
 
 
@@ -77,7 +76,7 @@ class SampleWriter(BasePredictionWriter):
             labels = {k: v for part in gathered for k, v in part.items()}
             count = len(labels)
             lines = "".join(f"{labels[i]}\n" for i in sorted(labels))
-            (self.output_dir / "labels.txt").write_text(lines)
+            atomic_write_text(self.output_dir / "labels.txt", lines)
             if self.npz:
                 self.npz_path = npz_from_folder(self.output_dir, count)
                 rank_zero_info(f"{count} samples: PNGs in {self.output_dir}, npz {self.npz_path}")

@@ -131,7 +131,7 @@ def test_corrupt_cache_file_is_named_and_regenerated(teacher, tmp_path, caplog):
 def test_cache_dir_under_a_file_is_one_clear_error(teacher, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ValueError, match="cannot write the trajectory cache"):
+    with pytest.raises(ValueError, match="cache_dir"):
         setup_datamodule(teacher, num_trajectories=2, cache_dir=str(blocker / "cache"), val_trajectories=0)
 
 

@@ -179,3 +179,12 @@ def _install_(layer: VQLinear, optimizer: torch.optim.Optimizer | None, payload:
         state = {k[len(prefix):]: v for k, v in payload.items() if k.startswith(prefix)}
         if state:
             optimizer.state[new] = state
+
+
+def ddp_ignored(layers: dict[str, VQLinear], prefix: str, spread: bool) -> list[str]:
+    """Names DDP must not sync: codebooks and ratio logits change shape and trainability during
+    calibration, which DDP's fixed buckets cannot follow (their gradients are averaged by
+    :meth:`vq4dit.engine.Calibrator.average_gradients_`); with a spread, owners train their blocks
+    alone, so no tensor of a VQ layer is synced (biases neither)."""
+    tensors = ("codebook", "candidate_logits", "codes", "soft_rows", "candidates") + (("bias",) if spread else ())
+    return [f"{prefix}{name}.{t}" for name, layer in layers.items() for t in tensors if getattr(layer, t, None) is not None]

@@ -43,11 +43,13 @@ def make_grid(rows: list[torch.Tensor], padding: int = 2, scale: int = 1) -> tor
 
 
 def save_png(grid: torch.Tensor, path: str | Path) -> Path:
-    """Write a ``[3, H, W]`` grid in [0, 1] as PNG (Pillow)."""
+    """Write a ``[3, H, W]`` grid in [0, 1] as PNG (Pillow), atomically."""
     from PIL import Image
 
+    from .atomic import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(array).save(path)
+    with atomic_path(path) as tmp:  # never a half-written PNG; a full disk is one WriteError line
+        Image.fromarray(array).save(tmp, format="PNG")
     return path

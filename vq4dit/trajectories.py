@@ -9,11 +9,9 @@ plan (labels and noise seeds, a pure function of ``(seed, index)``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import IterableDataset
 
+from .atomic import atomic_path
 from .sampling import SamplerConfig, sample
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ def cached_items(
 ) -> dict[str, torch.Tensor]:
     """:func:`generate_items`, read from / written to ``cache_dir`` when given (safetensors, keyed
     by the teacher's weights, the plan and the indices). A corrupt cache file is named in a
-    warning and generated again; a cache that cannot be written is a ``ValueError``."""
+    warning and generated again; a cache that cannot be written is a ``WriteError`` (``ValueError``)."""
     if not cache_dir:
         return generate_items(teacher, indices, plan, progress=progress)
     weights = fingerprint() if fingerprint is not None else weights_fingerprint(teacher)
@@ -124,15 +123,8 @@ def cached_items(
         except (OSError, SafetensorError, ValueError) as error:
             log.warning("trajectory cache %s is unreadable (%s): generating the trajectories again", path, error)
     items = generate_items(teacher, indices, plan, progress=progress)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:  # WriteError (a ValueError) names the file and the cause
         save_file({k: v.contiguous() for k, v in items.items()}, str(tmp))
-        os.replace(tmp, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise ValueError(f"cannot write the trajectory cache {path}: {error.strerror or error}") from error
     return items
 
 

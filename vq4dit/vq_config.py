@@ -74,6 +74,17 @@ class VQConfig:
             raise ValueError(f"bits must be 2 or 3 (the paper presets), got {bits!r}")
         return cls.preset(f"w{bits}", **overrides)
 
+    @classmethod
+    def for_bits(cls, bits: int, codebook_size: int | None = None, subvector_dim: int | None = None, **fields) -> "VQConfig":
+        """The paper preset of ``bits`` (2 or 3) with an explicit k and/or d replacing the preset's."""
+        if bits not in (2, 3):
+            raise ValueError(
+                f"bits must be 2 or 3 (the paper presets), got {bits!r}; "
+                "codebook_size and subvector_dim override the preset for other settings"
+            )
+        k, d = _PRESETS[f"w{bits}"]
+        return cls(codebook_size=codebook_size or k, subvector_dim=subvector_dim or d, **fields)
+
     def with_overrides(self, **changes) -> "VQConfig":
         """A copy with some fields replaced (validated again)."""
         return replace(self, **changes)

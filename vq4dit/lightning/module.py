@@ -1,19 +1,14 @@
-"""The VQ4DiT calibration LightningModule: Lightning hooks over :class:`vq4dit.engine.Calibrator`.
-
-The module owns the settings (its ``__init__`` arguments are the CLI's ``--model.*`` flags), turns
-them into typed configs once, and calls the engine from the hooks; evaluation is delegated to
-:class:`SampleEvaluation` and block spreading to :class:`vq4dit.distributed.BlockSpread`.
-"""
+"""The calibration LightningModule: owns the ``--model.*`` settings, turns them into typed configs
+once and calls :class:`vq4dit.engine.Calibrator` from its hooks; evaluation is delegated to
+:class:`SampleEvaluation`, block spreading to :class:`vq4dit.distributed.BlockSpread`."""
 
 from __future__ import annotations
-
-from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ..distributed import BlockSpread
+from ..distributed import BlockSpread, ddp_ignored
 from ..engine import CalibrationConfig, Calibrator, load_packed_student
 from ..engine.config import BlockInputs, CodebookTraining, OptimizerName, Regularizer, TeacherDtype
 from ..models import load_dit
@@ -27,28 +22,35 @@ class CalibrationModule(pl.LightningModule):
     """VQ4DiT calibration of a DiT: zero-data, block-wise, with soft candidate assignments.
 
     Args:
-        model: what ``vq4dit.load_dit`` accepts: ``reference``, a preset (``DiT-XL/2-256``), a
-            diffusers folder or hub id, an original DiT ``.pt`` file.
-        bits: 2 or 3: the paper presets (k=256, d=4 / k=64, d=2) unless ``codebook_size`` /
-            ``subvector_dim`` are given.
-        codebook_size: explicit k (power of two). subvector_dim: explicit d.
-        num_candidates: candidate codewords per sub-vector (n; 1 = plain VQ, codebook-only).
-        ratio_init: ``inverse_distance`` (official) or ``uniform``.
+        model: ``reference``, a preset (``DiT-XL/2-256``), a diffusers folder or hub id, or an original DiT ``.pt``.
+        bits: 2 or 3, the paper presets (k=256, d=4 / k=64, d=2); codebook_size / subvector_dim override them.
+        codebook_size: explicit k (a power of two).
+        subvector_dim: explicit d (must divide every quantized layer's input size).
+        num_candidates: candidate codewords per sub-vector (n; 1 = plain VQ, codebook-only calibration).
+        ratio_init: initial candidate ratios, ``inverse_distance`` (official) or ``uniform``.
         kmeans_iters: Lloyd iterations of the codebook initialisation.
-        include / exclude: glob patterns of Linear layers to quantize / leave FP (default: the 7
-            core Linears per block).
+        include: glob patterns of the Linear layers to quantize (default: the 7 core Linears per block).
+        exclude: glob patterns of Linear layers left in full precision.
         overrides: glob -> VQ settings, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``.
-        block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window,
-            codebook_training, optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype: see
-            :class:`vq4dit.engine.CalibrationConfig`.
-        spread_blocks: under DDP, rank r of W calibrates only the blocks b with b % W == r, on
-            all items: the result of one process, the student's work split over ranks. Needs
-            ``block_inputs: teacher``; a no-op in one process.
+        block_inputs: ``student`` (end to end, official) or ``teacher`` (every block gets its FP input).
+        spread_blocks: under DDP, rank r of W calibrates the blocks b % W == r on all items (needs teacher inputs).
+        regularizer: ratio regulariser, ``official`` (n r(1-r)) or ``paper`` (1-|2r-1|).
+        regularizer_weight: lambda_r.
+        regularizer_gating: official gating: add L_r only when it rose above its running minimum.
+        gate_window: steps after which the gating minimum is reset.
+        codebook_training: ``after_hardening`` (official) or ``simultaneous`` (with the ratios).
+        optimizer: ``rmsprop`` (official: alpha 0.9, eps 1e-8) or ``adam``.
+        lr_codebook: learning rate of the codebooks.
+        lr_bias: learning rate of the quantized layers' biases.
+        lr_logits: learning rate of the ratio logits.
         export_dir: where ``FinalAssignment`` writes the packed model (checked before any work).
         num_heads: attention heads, only for original ``.pt`` checkpoints of non-paper sizes.
-        quantized: a packed model folder that ``test`` / ``predict`` / ``validate`` evaluate
-            instead of quantizing ``model`` again.
-        eval_model, vae, metrics_features, real_images: see :class:`SampleEvaluation`.
+        quantized: a packed model that ``test`` / ``predict`` / ``validate`` evaluate instead of calibrating.
+        eval_model: what ``test`` / ``predict`` sample: ``quantized`` (and FP, same noise) or ``fp`` only.
+        vae: diffusers ``AutoencoderKL`` folder or hub id decoding latents (None: pixel-space models).
+        metrics_features: FID / IS features: ``classifier`` (digits), ``inception`` or ``auto``.
+        real_images: FID reference: ``digits``, an ``.npz`` (``arr_0 [N, H, W, C]`` uint8), ``auto`` or None.
+        teacher_dtype: the frozen teacher's dtype after the student is built (k-means and trajectories: float32).
     """
 
     def __init__(
@@ -85,25 +87,13 @@ class CalibrationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if bits not in (2, 3):
-            raise ValueError(
-                f"bits must be 2 or 3 (the paper presets), got {bits!r}; "
-                "codebook_size and subvector_dim override the preset for other settings"
-            )
-        preset = VQConfig.from_bits(bits)
-        self.vq_config = VQConfig(
-            codebook_size=codebook_size or preset.codebook_size, subvector_dim=subvector_dim or preset.subvector_dim,
-            num_candidates=num_candidates, ratio_init=ratio_init, kmeans_iters=kmeans_iters,
+        self.vq_config = VQConfig.for_bits(
+            bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=ratio_init, kmeans_iters=kmeans_iters
         )
         self.calibration = CalibrationConfig(
             block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window, codebook_training,
             optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype,
         )
-        if spread_blocks and block_inputs != "teacher":
-            raise ValueError(
-                "spread_blocks needs block_inputs='teacher' (blocks are only independent when each "
-                f"gets its FP input), got block_inputs={block_inputs!r}"
-            )
         self.export_dir = export_dir  # FinalAssignment writes the packed model there
         self.evaluation = SampleEvaluation(model, eval_model, vae, metrics_features, real_images)
         self.teacher = load_dit(model, num_heads=num_heads) if num_heads else load_dit(model)
@@ -152,18 +142,12 @@ class CalibrationModule(pl.LightningModule):
             progress=self.global_rank == 0 if self._trainer else True,
         )
         self.student = self.engine.student
-        # Codebooks and ratio logits change shape/trainability during calibration: DDP's fixed
-        # buckets cannot follow, so their gradients are averaged by the engine (on_after_backward).
-        names = list(self.engine.layers)
-        ignored = [f"student.{n}.{p}" for n in names for p in ("codebook", "candidate_logits", "codes", "soft_rows", "candidates")]
         if hp.spread_blocks and self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.world_size > 1:
             self.engine.spread = BlockSpread.for_student(self.student, self.trainer.global_rank, self.trainer.world_size)
-            # Owners train their blocks alone, so DDP syncs none of the student (biases neither).
             # DDP refuses a module without a parameter to sync: a scalar that every loss uses with
             # weight 0 stays with DDP (one float all-reduced per step, a zero gradient, no optimizer).
-            ignored += [f"student.{n}.bias" for n, layer in self.engine.layers.items() if layer.bias is not None]
             self.ddp_anchor = nn.Parameter(torch.zeros(()))
-        self._ddp_params_and_buffers_to_ignore = ignored
+        self._ddp_params_and_buffers_to_ignore = ddp_ignored(self.engine.layers, "student.", self.engine.spread is not None)
 
     def train(self, mode: bool = True) -> "CalibrationModule":
         # Both DiTs always run in eval mode: train mode drops labels at random in every block.

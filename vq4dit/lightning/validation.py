@@ -46,6 +46,11 @@ def check_export_dir(path: str) -> None:
 def check_module_settings(module) -> None:
     """Validate a :class:`vq4dit.lightning.CalibrationModule`'s settings against its teacher."""
     hp = module.hparams
+    if hp.spread_blocks and hp.block_inputs != "teacher":
+        raise ValueError(
+            "spread_blocks needs block_inputs='teacher' (blocks are only independent when each "
+            f"gets its FP input), got block_inputs={hp.block_inputs!r}"
+        )
     if hp.export_dir is not None:
         check_export_dir(hp.export_dir)
     if hp.quantized is not None:
