@@ -116,3 +116,19 @@ def test_engine_needs_vq_layers():
     with pytest.raises(ValueError, match="no VQLinear"):
         Calibrator(load_dit("tiny"), load_dit("tiny"))
     assert vq_layers(build_student(load_dit("tiny"), TINY_VQ, progress=False))
+
+
+def test_readme_library_loop_runs(tmp_path, monkeypatch):
+    """The README's "Calibrate without Lightning" block, as printed (one trajectory instead of 8)."""
+    import re
+    from pathlib import Path
+
+    readme = Path("README.md").read_text()
+    block = readme.split("Calibrate without Lightning")[1].split("```python\n")[1].split("```")[0]
+    block = block.replace("range(8)", "range(1)")
+    assert re.search(r"engine\.prune_\(optimizer\)", block) and "save_quantized(engine.student" in block
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert all(layer.is_hard for layer in namespace["engine"].layers.values())
+    assert (tmp_path / "out" / "reference-w2" / "model.safetensors").is_file()

@@ -7,7 +7,7 @@ The library works without Lightning's CLI: load a DiT, quantize it, calibrate it
 from .export import QuantizedCheckpointError, load_quantized, save_quantized, size_report
 from .models import DiTLoadError, block_modules, default_linear_filter, load_dit
 from .layers import VQLinear, replace_in_optimizer_
-from .quantize import quantize_, vq_layers
+from .quantize import finalize_model_, quantize_, set_inference_mode_, vq_layers
 from .kmeans import kmeans
 from .vq_config import VQConfig
 
@@ -18,11 +18,13 @@ __all__ = [
     "VQLinear",
     "block_modules",
     "default_linear_filter",
+    "finalize_model_",
     "kmeans",
     "load_dit",
     "load_quantized",
     "quantize_",
     "replace_in_optimizer_",
+    "set_inference_mode_",
     "save_quantized",
     "size_report",
     "vq_layers",
