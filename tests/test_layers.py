@@ -196,3 +196,42 @@ def test_quantize_include_exclude_overrides():
         quantize_(TwoBlocks(), small_config(), include=["nothing.*"], progress=False)
     with pytest.raises(ValueError, match="head: subvector_dim=3 does not divide"):
         quantize_(TwoBlocks(), small_config(), include=["head"], overrides={"head": {"subvector_dim": 3}}, progress=False)
+
+
+def test_row_scales_normalise_rows_and_round_trip(tmp_path):
+    """Rows of very different magnitude share one codebook once divided by their RMS; the scales
+    are part of the weight, of every inference mode, of bits/weight and of the packed file."""
+    from vq4dit.export import load_quantized, save_quantized
+    from vq4dit.models import load_dit
+    from vq4dit.quantize import finalize_model_, set_inference_mode_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-2, 0, 32).unsqueeze(1))  # rows 100x apart in scale
+    plain = VQLinear.from_linear(linear, VQConfig(codebook_size=16, subvector_dim=2, num_candidates=1))
+    scaled = VQLinear.from_linear(linear, VQConfig(codebook_size=16, subvector_dim=2, num_candidates=1, row_scale=True))
+    def row_error(layer):  # relative error per row, worst row
+        return ((layer.weight() - linear.weight).norm(dim=1) / linear.weight.norm(dim=1)).max().item()
+    assert row_error(scaled) < 0.5 * row_error(plain)
+    assert scaled.bits_per_weight() == pytest.approx(plain.bits_per_weight() + 16 / 64)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, scaled.weight(), scaled.bias)
+        for mode in ("decode", "cached"):
+            scaled.set_inference_mode_(mode)
+            torch.testing.assert_close(scaled(x), reference, rtol=1e-6, atol=1e-6)
+
+    model = load_dit("tiny")
+    quantize_(model, VQConfig(codebook_size=16, subvector_dim=2, row_scale=True), progress=False)
+    finalize_model_(model)
+    save_quantized(model, tmp_path / "packed")
+    loaded = load_quantized(tmp_path / "packed")
+    for name, layer in vq_layers(loaded).items():
+        assert torch.equal(layer.row_scales, vq_layers(model)[name].row_scales)  # FP16-exact after finalize
+    set_inference_mode_(loaded, "decode")
+    inputs = (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 999]))
+    with torch.no_grad():
+        a = model(inputs[0], timestep=inputs[1], class_labels=inputs[2]).sample
+        b = loaded(inputs[0], timestep=inputs[1], class_labels=inputs[2]).sample
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

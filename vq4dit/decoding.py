@@ -67,7 +67,7 @@ def _version(tensor: torch.Tensor) -> int:
 
 class HardDecoding:
     """The inference modes of a hard ``VQLinear`` (a mixin: it uses the layer's ``codebook``,
-    ``codes``, ``bias``, ``in_features``/``out_features``, ``num_soft``, ``inference_mode``,
+    ``codes``, ``bias``, ``row_scales``, ``in_features``/``out_features``, ``num_soft``, ``inference_mode``,
     ``decode_chunk_elements`` and the non-persistent ``cached_weight`` buffer)."""
 
     @torch.no_grad()
@@ -76,6 +76,10 @@ class HardDecoding:
         codebook's) from the compact codes; no autograd. Equals ``weight().to(dtype)`` bit for bit."""
         if self.num_soft:
             raise ValueError(f"decode_weight needs a hard layer; {self.num_soft} rows are soft (finalize_() first)")
+        if self.row_scales is not None:  # scaled in the codebook's dtype, as weight() does
+            weight = gather_codewords(self.codebook, self.codes).view(self.out_features, self.in_features)
+            weight = weight * self.row_scales.detach().unsqueeze(1).to(weight.dtype)
+            return weight if dtype is None else weight.to(dtype)
         codebook = self.codebook if dtype is None else self.codebook.to(dtype)
         return gather_codewords(codebook, self.codes).view(self.out_features, self.in_features)
 
@@ -93,7 +97,9 @@ class HardDecoding:
         self._cache_key = self._cache_codebook = None
 
     def _current_key(self) -> tuple:
-        return (self.codebook.data_ptr(), _version(self.codebook), self.codes.data_ptr(), _version(self.codes))
+        scales = self.row_scales
+        scale_key = () if scales is None else (scales.data_ptr(), _version(scales), scales.detach().sum().item())
+        return (self.codebook.data_ptr(), _version(self.codebook), self.codes.data_ptr(), _version(self.codes), *scale_key)
 
     def _dense_cached(self) -> torch.Tensor:
         """The cached dense weight ``[out, in]`` (codebook dtype), re-decoded whenever the codebook
@@ -122,6 +128,7 @@ class HardDecoding:
         codebook = self.codebook.detach().to(dtype)
         codes = self.codes.view(self.out_features, -1)  # [out, in / d]
         bias = None if self.bias is None else self.bias.detach().to(dtype)
+        scales = None if self.row_scales is None else self.row_scales.detach().to(dtype)
         num_chunks = -(-self.out_features * self.in_features // max(self.decode_chunk_elements, 1))  # ceil
         rows_per_chunk = -(-self.out_features // num_chunks)
         rows = min(self.out_features, -(-rows_per_chunk // 64) * 64)  # a multiple of 64: gemm-friendly
@@ -134,6 +141,8 @@ class HardDecoding:
                 chunk_codes = _cpu_workspace(torch.int32, "codes", chunk_codes.numel()).copy_(chunk_codes)
                 buffer = _cpu_workspace(dtype, "weight", (stop - start) * self.in_features)
             weight = gather_codewords(codebook, chunk_codes, out=buffer).view(-1, self.in_features)
+            if scales is not None:
+                weight.mul_(scales[start:stop].unsqueeze(1))
             if bias is None:
                 torch.mm(x2d, weight.t(), out=out[:, start:stop])
             else:

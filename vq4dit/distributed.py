@@ -31,7 +31,7 @@ from .quantize import vq_layers
 from .models import block_modules
 
 # The Parameters of a VQLinear that the optimizer holds (and keeps state for).
-_OPTIMIZED = ("codebook", "bias", "candidate_logits")
+_OPTIMIZED = ("codebook", "bias", "candidate_logits", "row_scales")
 
 
 def layer_blocks(student: nn.Module) -> dict[str, int | None]:
@@ -186,5 +186,5 @@ def ddp_ignored(layers: dict[str, VQLinear], prefix: str, spread: bool) -> list[
     calibration, which DDP's fixed buckets cannot follow (their gradients are averaged by
     :meth:`vq4dit.engine.Calibrator.average_gradients_`); with a spread, owners train their blocks
     alone, so no tensor of a VQ layer is synced (biases neither)."""
-    tensors = ("codebook", "candidate_logits", "codes", "soft_rows", "candidates") + (("bias",) if spread else ())
+    tensors = ("codebook", "row_scales", "candidate_logits", "codes", "soft_rows", "candidates") + (("bias",) if spread else ())
     return [f"{prefix}{name}.{t}" for name, layer in layers.items() for t in tensors if getattr(layer, t, None) is not None]

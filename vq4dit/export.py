@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 QUANT_METHOD = "vq4dit"
-FORMAT_VERSION = 2  # the newest this version reads and writes (1 when nothing is aliased)
+FORMAT_VERSION = 3  # the newest this version reads and writes: 3 with row scales, 2 with aliases, else 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _CHECKSUM_KEY = "vq4dit_sha256"
@@ -91,6 +91,8 @@ def _checkpoint_tensors(
         tensors[f"{name}.codes_packed"] = pack_codes(layer.codes, layer.config.code_bits)
         if layer.bias is not None:
             tensors[f"{name}.bias"] = layer.bias.detach()
+        if layer.row_scales is not None:
+            tensors[f"{name}.row_scales"] = layer.row_scales.detach().half()
     others = {k: v.detach() for k, v in model.state_dict().items() if k not in vq_keys}
     aliases = identical_tensors(others)
     tensors.update({k: v for k, v in others.items() if k not in aliases})
@@ -154,6 +156,7 @@ def save_quantized(
             "in_features": layer.in_features, "out_features": layer.out_features,
             "codebook_size": layer.config.codebook_size, "subvector_dim": layer.config.subvector_dim,
             "code_bits": layer.config.code_bits, "bias": layer.bias is not None,
+            **({"row_scales": True} if layer.row_scales is not None else {}),
         }
         for name, layer in layers.items()
     }
@@ -163,8 +166,9 @@ def save_quantized(
     tensors, aliases = _checkpoint_tensors(model, layers)
     if not allow_nonfinite:
         _check_finite(tensors, "the model")
+    version = 3 if any(s.get("row_scales") for s in specs.values()) else 2 if aliases else 1
     config["quantization_config"] = {
-        "quant_method": QUANT_METHOD, "format_version": 2 if aliases else 1, "codebook_size": k,
+        "quant_method": QUANT_METHOD, "format_version": version, "codebook_size": k,
         "subvector_dim": d, "layers": specs, **({"tensor_aliases": aliases} if aliases else {}),
     }
     metadata = {"format": "pt", _CHECKSUM_KEY: _tensor_digest(tensors)}
@@ -244,7 +248,7 @@ def _build_model(config: dict, qc: dict, path: Path) -> nn.Module:
         if not is_linear or (linear.in_features, linear.out_features, linear.bias is not None) != wanted:
             raise QuantizedCheckpointError(f"{path}: quantized layer {name!r} {wanted} does not match the model")
         try:
-            layer_config = VQConfig(s["codebook_size"], s["subvector_dim"], num_candidates=1)
+            layer_config = VQConfig(s["codebook_size"], s["subvector_dim"], num_candidates=1, row_scale=s.get("row_scales") is True)
             layer = VQLinear(s["in_features"], s["out_features"], layer_config, bias=s["bias"])
         except ValueError as err:
             raise QuantizedCheckpointError(f"{path}: layer {name!r}: {err}") from err
@@ -319,6 +323,8 @@ def _state_dict_from_file(model: nn.Module, qc: dict, tensors: dict, path: Path)
         expected[f"{name}.codes_packed"] = (packed_size(num_codes, s["code_bits"]),)
         if s["bias"]:
             expected[f"{name}.bias"] = (s["out_features"],)
+        if s.get("row_scales") is True:
+            expected[f"{name}.row_scales"] = (s["out_features"],)
     model_state = model.state_dict()
     expected.update({k: tuple(v.shape) for k, v in model_state.items() if k.rpartition(".")[0] not in layers})
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -332,6 +338,7 @@ def _state_dict_from_file(model: nn.Module, qc: dict, tensors: dict, path: Path)
     if wrong:
         raise QuantizedCheckpointError(f"{path}: shape/dtype mismatch: {_names(wrong)}")
     state = {key: tensors[key] for key in expected if not key.endswith(".codes_packed")}
+    state.update({key: state[key].float() for key in state if key.endswith(".row_scales")})  # stored as FP16
     for name, layer in layers.items():
         bits = qc["layers"][name]["code_bits"]
         state[f"{name}.codes"] = unpack_codes(tensors[f"{name}.codes_packed"], bits, layer.num_subvectors)

@@ -60,6 +60,7 @@ class VQLinear(HardDecoding, nn.Module):
         candidates       buffer    [S, n]   candidate codeword indices, best-first at init
         candidate_logits Parameter [S, n]   softmax -> ratios; -inf marks a pruned candidate
         bias             Parameter [out] or None
+        row_scales       Parameter [out] or None (``config.row_scale``): weight row i = row_scales[i] x codewords
         cached_weight    buffer    [out, in] or None; non-persistent, only in ``cached`` mode
     Hard mode is simply S == 0: ``weight = codebook[codes]``.
 
@@ -95,6 +96,10 @@ class VQLinear(HardDecoding, nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **factory))
         else:
             self.register_parameter("bias", None)
+        if config.row_scale:
+            self.row_scales = nn.Parameter(torch.ones(out_features, dtype=dtype or torch.float32, **factory))
+        else:
+            self.register_parameter("row_scales", None)
         self.inference_mode: InferenceMode = "decode"
         self.decode_chunk_elements = DECODE_CHUNK_ELEMENTS
         self.register_buffer("cached_weight", None, persistent=False)  # [out, in] in cached mode
@@ -115,7 +120,13 @@ class VQLinear(HardDecoding, nn.Module):
             linear.in_features, linear.out_features, config, bias=linear.bias is not None,
             device=weight.device,
         )
-        points = to_subvectors(weight.float(), config.subvector_dim)  # [N, d]
+        weight = weight.float()
+        if config.row_scale:  # codes for the RMS-normalised rows
+            scales = weight.pow(2).mean(dim=1).sqrt().clamp(min=torch.finfo(torch.float16).tiny)
+            scales = scales.half().float()  # the stored precision
+            layer.row_scales.data.copy_(scales)
+            weight = weight / scales.unsqueeze(1)
+        points = to_subvectors(weight, config.subvector_dim)  # [N, d]
         codebook = kmeans(points, config.codebook_size, config.kmeans_iters, config.kmeans_seed)
         nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates)
         layer.codebook.data.copy_(codebook)
@@ -161,6 +172,8 @@ class VQLinear(HardDecoding, nn.Module):
         bits = self.config.nominal_bits_per_weight
         if include_codebook:
             bits += self.codebook.numel() * 32 / (self.in_features * self.out_features)
+            if self.row_scales is not None:
+                bits += 16 / self.in_features  # one FP16 scale per row
         return bits
 
     # ---------------------------------------------------------------------------------- forward
@@ -171,7 +184,8 @@ class VQLinear(HardDecoding, nn.Module):
         backward besides the layer's own tensors (``soft.vq_weight``).
         """
         flat = vq_weight(self.codebook, self.codes, self.soft_rows, self.candidates, self.candidate_logits)  # [N, d]
-        return flat.view(self.out_features, self.in_features)
+        weight = flat.view(self.out_features, self.in_features)
+        return weight if self.row_scales is None else weight * self.row_scales.unsqueeze(1).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] -> [..., out]``.
@@ -183,7 +197,7 @@ class VQLinear(HardDecoding, nn.Module):
         """
         autocast = torch.is_autocast_enabled(x.device.type)
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, self.codebook, self.bias)
+            t is not None and t.requires_grad for t in (x, self.codebook, self.bias, self.row_scales)
         )
         if self.num_soft or needs_grad:
             if self.cached_weight is not None:

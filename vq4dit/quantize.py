@@ -7,6 +7,7 @@ import fnmatch
 import logging
 from typing import Callable, Iterable, Mapping
 
+import torch
 from torch import nn
 
 from .decoding import INFERENCE_MODES, InferenceMode
@@ -139,10 +140,14 @@ def vq_layers(model: nn.Module) -> dict[str, VQLinear]:
 def finalize_model_(model: nn.Module) -> int:
     """Argmax for every soft row of every ``VQLinear`` of ``model``: all layers hard afterwards.
 
-    Returns the number of rows that were still soft.
+    Row scales are rounded to their stored precision (FP16). Returns the number of rows that
+    were still soft.
     """
     count = 0
     for layer in vq_layers(model).values():
         count += layer.num_soft
         layer.finalize_()
+        if layer.row_scales is not None:  # the stored precision, so the packed model is this one
+            with torch.no_grad():
+                layer.row_scales.copy_(layer.row_scales.half().to(layer.row_scales.dtype))
     return count

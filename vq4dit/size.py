@@ -31,6 +31,7 @@ class LayerSize:
     codebook_bytes: int  # in the codebook's dtype
     num_biases: int  # 0 without bias
     bias_bytes: int  # in the bias' dtype
+    scale_bytes: int = 0  # FP16 row scales (``VQConfig.row_scale``), 2 bytes per output row
 
     @classmethod
     def of(cls, name: str, layer: VQLinear) -> LayerSize:
@@ -41,6 +42,7 @@ class LayerSize:
             name, layer.out_features, layer.in_features, c.codebook_size, c.subvector_dim,
             c.nominal_bits_per_weight, layer.bits_per_weight(include_codebook=True), code_bits, (code_bits + 7) // 8,
             layer.codebook.numel() * layer.codebook.element_size(), bias.numel(), bias.numel() * bias.element_size(),
+            2 * layer.out_features if layer.row_scales is not None else 0,
         )
 
 
@@ -95,10 +97,10 @@ def size_report(model: nn.Module) -> SizeReport:
     num_weights = sum(r.out_features * r.in_features for r in rows)
     num_biases = sum(r.num_biases for r in rows)
     codes = sum(r.code_bits for r in rows) / _MIB
-    codebooks = sum(r.codebook_size * r.subvector_dim for r in rows) * 32 / _MIB
+    codebooks = sum(r.codebook_size * r.subvector_dim * 32 + r.scale_bytes * 8 for r in rows) / _MIB  # + row scales
     biases = num_biases * 32 / _MIB
     fp32, quantized = (num_weights + num_biases) * 32 / _MIB, codes + codebooks + biases
-    stored = sum(r.packed_code_bytes + r.codebook_bytes + r.bias_bytes for r in rows)
+    stored = sum(r.packed_code_bytes + r.codebook_bytes + r.bias_bytes + r.scale_bytes for r in rows)
     return SizeReport(
         rows, num_weights, num_biases, fp32, codes, codebooks, biases, quantized,
         fp32 / quantized if quantized else float("nan"), other, other + stored,

@@ -33,6 +33,10 @@ class VQConfig:
             ``uniform`` (1/n).
         kmeans_iters: Lloyd iterations on all sub-vectors after the subsampled warm start.
         kmeans_seed: seed of the k-means++ seeding and subsampling (results are deterministic).
+        row_scale: a scale per output row (stored as FP16, 16 / in_features bits per weight): the
+            rows are divided by their RMS before k-means, so one codebook serves rows of very
+            different magnitude (the adaLN modulation rows differ ~60x); the scales are
+            calibrated with the codebook (AQLM's scale-normalised codes).
     """
 
     codebook_size: int = 256
@@ -41,6 +45,7 @@ class VQConfig:
     ratio_init: RatioInit = "inverse_distance"
     kmeans_iters: int = 25
     kmeans_seed: int = 0
+    row_scale: bool = False
 
     def __post_init__(self) -> None:
         k, d, n = self.codebook_size, self.subvector_dim, self.num_candidates

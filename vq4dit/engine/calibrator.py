@@ -127,6 +127,8 @@ class Calibrator:
         simultaneous = self.config.codebook_training == "simultaneous"
         for layer in self.layers.values():
             layer.codebook.requires_grad_(simultaneous or layer.is_hard)
+            if layer.row_scales is not None:  # the scales train with their codebook
+                layer.row_scales.requires_grad_(simultaneous or layer.is_hard)
 
     # ------------------------------------------------------------------------------------- loss
     def model_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,11 +190,13 @@ class Calibrator:
     def param_groups(self) -> list[dict]:
         """Codebooks, biases and ratio logits of every VQ layer, each group with its learning rate."""
         layers, c = self.layers.values(), self.config
-        return [
+        groups = [
             {"params": [l.codebook for l in layers], "lr": c.lr_codebook, "name": "codebooks"},
             {"params": [l.bias for l in layers if l.bias is not None], "lr": c.lr_bias, "name": "biases"},
             {"params": [l.candidate_logits for l in layers], "lr": c.lr_logits, "name": "ratio_logits"},
         ]
+        scales = [l.row_scales for l in layers if l.row_scales is not None]
+        return groups + ([{"params": scales, "lr": c.lr_codebook, "name": "row_scales"}] if scales else [])
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """RMSprop (official: alpha 0.9, eps 1e-8) or Adam over :meth:`param_groups`."""
@@ -206,8 +210,8 @@ class Calibrator:
         if self.spread is not None or world_size <= 1 or not dist.is_initialized():
             return
         grads = [
-            p.grad for layer in self.layers.values() for p in (layer.codebook, layer.candidate_logits)
-            if p.grad is not None and p.grad.numel()
+            p.grad for layer in self.layers.values() for p in (layer.codebook, layer.candidate_logits, layer.row_scales)
+            if p is not None and p.grad is not None and p.grad.numel()
         ]
         if not grads:
             return
@@ -254,7 +258,7 @@ class Calibrator:
         owned = self.owned_layers()
         device = next(iter(self.layers.values())).codes.device
         flags = torch.stack([
-            torch.stack([torch.isfinite(p).all() for p in (l.codebook, l.candidate_logits, l.bias) if p is not None]).all()
+            torch.stack([torch.isfinite(p).all() for p in (l.codebook, l.candidate_logits, l.bias, l.row_scales) if p is not None]).all()
             if n in owned else torch.ones((), dtype=torch.bool, device=device)
             for n, l in self.layers.items()
         ])

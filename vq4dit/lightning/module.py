@@ -29,6 +29,7 @@ class CalibrationModule(pl.LightningModule):
         num_candidates: candidate codewords per sub-vector (n; 1 = plain VQ, codebook-only calibration).
         ratio_init: initial candidate ratios, ``inverse_distance`` (official) or ``uniform``.
         kmeans_iters: Lloyd iterations of the codebook initialisation.
+        row_scale: an FP16 scale per output row, calibrated with the codebook (k-means on RMS-normalised rows).
         include: glob patterns of the Linear layers to quantize (default: the 7 core Linears per block).
         exclude: glob patterns of Linear layers left in full precision.
         overrides: glob -> VQ settings, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``.
@@ -62,6 +63,7 @@ class CalibrationModule(pl.LightningModule):
         num_candidates: int = 2,
         ratio_init: RatioInit = "inverse_distance",
         kmeans_iters: int = 25,
+        row_scale: bool = False,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         overrides: dict[str, dict[str, int]] | None = None,
@@ -88,7 +90,8 @@ class CalibrationModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.vq_config = VQConfig.for_bits(
-            bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=ratio_init, kmeans_iters=kmeans_iters
+            bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=ratio_init, kmeans_iters=kmeans_iters,
+            row_scale=row_scale,
         )
         self.calibration = CalibrationConfig(
             block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window, codebook_training,
