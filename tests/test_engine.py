@@ -132,3 +132,19 @@ def test_readme_library_loop_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     assert all(layer.is_hard for layer in namespace["engine"].layers.values())
     assert (tmp_path / "out" / "reference-w2" / "model.safetensors").is_file()
+
+
+def test_pruned_candidates_are_not_divergence():
+    """A pruned candidate's logit is -inf by design; NaN or +inf is divergence."""
+    from vq4dit.models import NonFiniteError
+
+    torch.manual_seed(0)
+    engine = Calibrator.build(load_dit("tiny"), TINY_VQ.with_overrides(num_candidates=3), progress=False)
+    layer = next(iter(engine.layers.values()))
+    with torch.no_grad():
+        layer.candidate_logits[:5, 2] = float("-inf")
+    engine.check_finite_(0)
+    with torch.no_grad():
+        layer.candidate_logits[7, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="step 3.*" + next(iter(engine.layers)).replace(".", r"\.")):
+        engine.check_finite_(3)

@@ -53,11 +53,13 @@ class StepLoss:
     output_mse: torch.Tensor
     ratio_applied: bool
     ratio_weight: float
+    output_weight: float = 0.0
 
     @property
     def total(self) -> torch.Tensor:
-        """L_d + lambda_r L_r as optimised (L_r only where the gate applied it)."""
-        return self.distillation + (self.ratio_weight * self.ratio if self.ratio_applied else 0.0)
+        """L_d + lambda_r L_r (where the gate applied it) + lambda_o output MSE, as optimised."""
+        ratio = self.ratio_weight * self.ratio if self.ratio_applied else 0.0
+        return self.distillation + ratio + (self.output_weight * self.output_mse if self.output_weight else 0.0)
 
 
 class Calibrator:
@@ -140,7 +142,8 @@ class Calibrator:
         """Per-block MSE ``[L]`` (0 for other ranks' blocks under a spread) and the output MSE."""
         x, t, y = self.model_batch(batch)
         owned = None if self.spread is None else self.spread.owned_blocks
-        return block_losses(self.teacher, self.student, x, t, y, self.config.block_inputs, owned)
+        output_grad = self.config.output_weight > 0 and torch.is_grad_enabled()
+        return block_losses(self.teacher, self.student, x, t, y, self.config.block_inputs, owned, output_grad)
 
     def ratio_terms(self) -> dict[str, torch.Tensor]:
         """The ratio regulariser of every soft layer this rank calibrates."""
@@ -184,7 +187,9 @@ class Calibrator:
         loss = block_mse.sum() / num_blocks
         if apply_r and terms:
             loss = loss + weight * (torch.stack(list(terms.values())).sum() / int(soft.sum()))
-        return StepLoss(loss, all_mse, loss_d, loss_r, output_mse, apply_r, weight)
+        if self.config.output_weight > 0:  # plain DDP averages it like the block terms
+            loss = loss + self.config.output_weight * output_mse
+        return StepLoss(loss, all_mse, loss_d, loss_r, output_mse.detach(), apply_r, weight, self.config.output_weight)
 
     # ----------------------------------------------------------------------------- optimisation
     def param_groups(self) -> list[dict]:
@@ -257,11 +262,14 @@ class Calibrator:
         step, so non-finite gradients are caught too). One host sync; a collective under a spread."""
         owned = self.owned_layers()
         device = next(iter(self.layers.values())).codes.device
-        flags = torch.stack([
-            torch.stack([torch.isfinite(p).all() for p in (l.codebook, l.candidate_logits, l.bias, l.row_scales) if p is not None]).all()
-            if n in owned else torch.ones((), dtype=torch.bool, device=device)
-            for n, l in self.layers.items()
-        ])
+
+        def finite(layer: VQLinear) -> torch.Tensor:  # a pruned candidate's logit is -inf by design
+            logits = layer.candidate_logits
+            checks = [torch.isfinite(p).all() for p in (layer.codebook, layer.bias, layer.row_scales) if p is not None]
+            return torch.stack([*checks, ~(torch.isnan(logits) | torch.isposinf(logits)).any()]).all()
+
+        flags = torch.stack([finite(l) if n in owned else torch.ones((), dtype=torch.bool, device=device)
+                             for n, l in self.layers.items()])
         bad_flags = self.global_sum((~flags).to(torch.int32))
         bad = [name for name, flag in zip(self.layers, bad_flags.tolist()) if flag]
         if bad:

@@ -39,6 +39,8 @@ class CalibrationConfig:
         lr_logits: learning rate of the ratio logits.
         teacher_dtype: dtype of the frozen teacher once the student is built (k-means and the
             trajectories use float32).
+        output_weight: weight of an output-level term, the MSE of the final noise prediction
+            (``block_inputs="student"`` only), next to the mean block MSE (0: the paper's loss).
     """
 
     block_inputs: BlockInputs = "student"
@@ -52,6 +54,7 @@ class CalibrationConfig:
     lr_bias: float = 1e-4
     lr_logits: float = 5e-2
     teacher_dtype: TeacherDtype = "float32"
+    output_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("block_inputs", self.block_inputs, BlockInputs)
@@ -59,10 +62,12 @@ class CalibrationConfig:
         check_choice("codebook_training", self.codebook_training, CodebookTraining)
         check_choice("optimizer", self.optimizer, OptimizerName)
         check_choice("teacher_dtype", self.teacher_dtype, TeacherDtype)
-        for name in ("lr_codebook", "lr_bias", "lr_logits", "regularizer_weight"):
+        for name in ("lr_codebook", "lr_bias", "lr_logits", "regularizer_weight", "output_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.output_weight > 0 and self.block_inputs != "student":
+            raise ValueError("output_weight needs block_inputs='student' (teacher inputs give no student output)")
         if not isinstance(self.gate_window, int) or self.gate_window < 1:
             raise ValueError(f"gate_window must be >= 1, got {self.gate_window}")
 

@@ -27,6 +27,7 @@ def block_losses(
     y: torch.Tensor,
     block_inputs: str = "student",
     owned_blocks: Container[int] | None = None,
+    output_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block MSE ``[L]`` between teacher and student block outputs, and the final-output MSE.
 
@@ -34,6 +35,7 @@ def block_losses(
     end; ``"teacher"`` feeds every student block the teacher's input of that block (the output MSE
     is then NaN: there is no student output). ``owned_blocks`` (``teacher`` inputs only): blocks
     computed here; the others get an MSE of exactly 0 (their owner computes them).
+    ``output_grad``: the output MSE keeps its graph (an output-level loss term), else detached.
     """
     teacher_blocks, student_blocks = block_modules(teacher), block_modules(student)
     teaching_inputs = block_inputs == "teacher"
@@ -49,7 +51,8 @@ def block_losses(
     else:
         with capture_blocks(student_blocks) as (s_out, _):
             student_final = student(x, timestep=t, class_labels=y).sample
-        output_mse = F.mse_loss(student_final.detach().float(), teacher_final.float())
+        output = student_final if output_grad else student_final.detach()
+        output_mse = F.mse_loss(output.float(), teacher_final.float())
     zero = torch.zeros((), device=x.device)
     block_mse = torch.stack([zero if s is None else F.mse_loss(s.float(), tt.float()) for s, tt in zip(s_out, t_out)])
     return block_mse, output_mse

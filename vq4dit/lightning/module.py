@@ -52,6 +52,7 @@ class CalibrationModule(pl.LightningModule):
         metrics_features: FID / IS features: ``classifier`` (digits), ``inception`` or ``auto``.
         real_images: FID reference: ``digits``, an ``.npz`` (``arr_0 [N, H, W, C]`` uint8), ``auto`` or None.
         teacher_dtype: the frozen teacher's dtype after the student is built (k-means and trajectories: float32).
+        output_weight: weight of an output-level loss term (final noise-prediction MSE), student inputs only.
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class CalibrationModule(pl.LightningModule):
         metrics_features: MetricsFeatures = "auto",
         real_images: str | None = "auto",
         teacher_dtype: TeacherDtype = "float32",
+        output_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -95,7 +97,7 @@ class CalibrationModule(pl.LightningModule):
         )
         self.calibration = CalibrationConfig(
             block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window, codebook_training,
-            optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype,
+            optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype, output_weight,
         )
         self.export_dir = export_dir  # FinalAssignment writes the packed model there
         self.evaluation = SampleEvaluation(model, eval_model, vae, metrics_features, real_images)
@@ -107,7 +109,6 @@ class CalibrationModule(pl.LightningModule):
         self.data_settings = DataSettings()
         self.strict_loading = False  # the frozen teacher is not stored in checkpoints
 
-    # -------------------------------------------------------------- the contract with the data
     @property
     def shards_data(self) -> bool:
         """Whether DDP ranks split the calibration items (not when they split the blocks)."""
@@ -209,7 +210,6 @@ class CalibrationModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.share_blocks_()  # every rank holds the whole student at each epoch end (and at the end)
 
-    # ---------------------------------------------------------------------------- evaluation
     def _eval_sampler(self):
         return self.evaluation.sampler(self.data_settings.eval_sampler, self.teacher)
 

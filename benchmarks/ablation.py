@@ -1,0 +1,190 @@
+"""Quality levers on the reference DiT, one table: noise, sensitivity, each lever alone, combinations.
+
+Every row calibrates with ``train.py fit --config configs/demo.yaml`` plus the row's overrides (in
+this process), then samples the same labels and seeds as FP (identical noise) and scores the images
+with the shipped digits classifier (``vq4dit.metrics``). Rows are ``SETTING:LEVERS``:
+
+- settings: ``paper-w2`` (k=256, d=4, the paper preset), ``regime-w2`` (k=16, d=2: 2 bits nominal,
+  512-3,072 sub-vectors per codeword, DiT-XL/2's regime on 128-wide layers), ``w3`` (k=64, d=2);
+- levers, joined by ``+``: ``n1`` / ``n2`` / ``n3`` candidates; ``rowscale`` (FP16 per-row scales);
+  ``output`` (output-level loss term, weight 1); ``long`` (a longer codebook phase: stop rule
+  min 300 codebook steps, patience 200); ``fp-adaln`` (adaLN modulation kept FP); sensitivity
+  ``only-adaln|only-qkv|only-out|only-mlp1|only-mlp2|only-block<i>`` (everything else FP);
+- ``fp@<seed>``: the FP model sampled with another evaluation seed (the noise bar: FP vs FP).
+
+    python benchmarks/ablation.py --rows fp@1 fp@2 regime-w2:n2 regime-w2:n2+rowscale --samples 500
+    python benchmarks/ablation.py --preset all --samples 500 --json outputs/ablation.json   # the README table
+
+FID numbers are digits-FID against the 1797 real digits; "FID/FP" divides by the FP row's FID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.quality import vq_bits_per_weight  # noqa: E402
+from vq4dit.evaluation import build_metrics, evaluation_plan, generate_images, load_real_images  # noqa: E402
+from vq4dit.reference import load_reference_classifier, load_reference_model  # noqa: E402
+from vq4dit.sampling import SamplerConfig  # noqa: E402
+
+SETTINGS = {
+    "paper-w2": ["--model.bits=2"],
+    "regime-w2": ["--model.bits=2", "--model.codebook_size=16", "--model.subvector_dim=2"],
+    "w3": ["--model.bits=3"],
+}
+CORE = {"adaln": ["norm1.linear"], "qkv": ["attn1.to_q", "attn1.to_k", "attn1.to_v"], "out": ["attn1.to_out.0"],
+        "mlp1": ["ff.net.0.proj"], "mlp2": ["ff.net.2"]}
+ALL_CORE = [suffix for group in CORE.values() for suffix in group]
+LONG_STOP = {"min_codebook_steps": 300, "patience": 200, "max_steps": 4000}
+
+PRESETS = {
+    "noise": ["fp@1", "fp@2"],
+    "sensitivity": [f"regime-w2:n2+only-{g}" for g in CORE] + [f"regime-w2:n2+only-block{b}" for b in range(4)],
+    "levers": ["regime-w2:n1", "regime-w2:n2", "regime-w2:n2+rowscale", "regime-w2:n2+output", "regime-w2:n2+long",
+               "regime-w2:n2+fp-adaln"],
+}
+PRESETS["all"] = PRESETS["noise"] + PRESETS["levers"] + PRESETS["sensitivity"]
+
+
+def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], dict | None]:
+    """CLI overrides of a ``SETTING:LEVERS`` row, and the CalibrationStop settings it needs (or None)."""
+    setting, _, levers = row.partition(":")
+    if setting not in SETTINGS:
+        raise SystemExit(f"error: unknown setting {setting!r} in {row!r}; known: {', '.join(SETTINGS)}")
+    args, stop = list(SETTINGS[setting]), None
+    for lever in filter(None, levers.split("+")):
+        if lever in ("n1", "n2", "n3"):
+            args.append(f"--model.num_candidates={lever[1]}")
+        elif lever == "rowscale":
+            args.append("--model.row_scale=true")
+        elif lever == "output":
+            args.append("--model.output_weight=1.0")
+        elif lever == "long":
+            stop = LONG_STOP
+        elif lever == "fp-adaln":
+            args.append("--model.exclude=[*.norm1.linear]")
+        elif lever.startswith("only-block") and lever[10:].isdigit():
+            names = [f"transformer_blocks.{lever[10:]}.{suffix}" for suffix in ALL_CORE]
+            args.append(f"--model.include=[{', '.join(names)}]")
+        elif lever.startswith("only-") and lever[5:] in CORE:
+            names = [f"transformer_blocks.{b}.{suffix}" for b in range(num_blocks) for suffix in CORE[lever[5:]]]
+            args.append(f"--model.include=[{', '.join(names)}]")
+        else:
+            raise SystemExit(f"error: unknown lever {lever!r} in {row!r}")
+    return args, stop
+
+
+def calibrate(row: str) -> tuple[torch.nn.Module, float, int, dict[str, float]]:
+    """Calibrate one row through the CLI: (hard student, wall s, steps, final train/val metrics)."""
+    from train import cli_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides, stop = row_overrides(row, tmp)
+        configs = ["--config", "configs/demo.yaml"]
+        if stop is not None:  # a second config file replaces the callbacks list
+            demo = yaml.safe_load(Path("configs/demo.yaml").read_text())
+            callbacks = [c for c in demo["trainer"]["callbacks"] if not c["class_path"].endswith(("SampleImages", "ModelCheckpoint", "LearningRateMonitor"))]
+            for c in callbacks:
+                if c["class_path"].endswith("CalibrationStop"):
+                    c["init_args"] = dict(stop)
+            Path(tmp, "stop.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+            configs += ["--config", str(Path(tmp, "stop.yaml"))]
+        args = ["fit", *configs, f"--trainer.default_root_dir={tmp}", "--trainer.logger=false",
+                "--trainer.enable_checkpointing=false", f"--model.export_dir={tmp}/packed",
+                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *overrides]
+        if stop is None:  # no sample grids, no checkpoints: only the calibration itself
+            args.append("--trainer.callbacks=[{class_path: callbacks.CandidatePruning}, {class_path: callbacks.CalibrationStop, init_args: {max_steps: 2000}}]")
+        start = time.perf_counter()
+        cli = cli_main(args)
+        wall = time.perf_counter() - start
+    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k in ("val/block_mse", "val/output_mse")}
+    return cli.model.student.eval(), wall, cli.trainer.global_step, logged
+
+
+def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: int) -> list[dict]:
+    labels, seeds = evaluation_plan(samples, 10, seed)
+    sampler = SamplerConfig(sampler="ddpm", num_steps=steps, guidance_scale=guidance, clip_denoised=True)
+    classifier, real = load_reference_classifier(), load_real_images("digits")
+    fp_images = generate_images(load_reference_model(), labels, seeds, sampler, batch_size=250)
+
+    def score(images: torch.Tensor, compare: torch.Tensor | None) -> dict[str, float]:
+        metrics = build_metrics("classifier", classifier, real, samples)
+        for start in range(0, samples, 500):
+            metrics.update(images[start:start + 500], labels[start:start + 500],
+                           None if compare is None else compare[start:start + 500])
+        return {k: float(v) for k, v in metrics.compute().items()}
+
+    results = [{"row": "fp", "bits_per_weight": 32.0, **score(fp_images, None)}]
+    for row in rows:
+        print(f"[ablation] {row}", file=sys.stderr, flush=True)
+        if row.startswith("fp@"):
+            other_labels, other_seeds = evaluation_plan(samples, 10, int(row[3:]))
+            images = generate_images(load_reference_model(), other_labels, other_seeds, sampler, batch_size=250)
+            results.append({"row": row, "bits_per_weight": 32.0, **score(images, None)})
+            continue
+        student, wall, steps_done, logged = calibrate(row)
+        images = generate_images(student, labels, seeds, sampler, batch_size=250)
+        results.append({"row": row, "bits_per_weight": vq_bits_per_weight(student), "calibration_s": wall,
+                        "steps": steps_done, **logged, **score(images, fp_images)})
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    fp_fid = results[0]["fid"]
+    lines = ["| row | bits/weight all-in | class acc % | digits-FID | FID/FP | precision | recall | MSE to FP "
+             "| val block MSE | val output MSE | steps | calib. s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        get = lambda key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
+        lines.append(f"| {r['row']} | {r['bits_per_weight']:.3f} | {100 * r['class_accuracy']:.1f} | {r['fid']:.2f} "
+                     f"| {r['fid'] / fp_fid:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {get('mse_to_fp', '.4f')} "
+                     f"| {get('val/block_mse', '.2e')} | {get('val/output_mse', '.2e')} | {get('steps', 'd')} "
+                     f"| {get('calibration_s', '.0f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=[], help="SETTING:LEVERS rows or fp@SEED")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named list of rows (added first)")
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=25, help="DDPM steps of the evaluation")
+    parser.add_argument("--guidance", type=float, default=1.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the results as JSON")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    rows = (PRESETS[args.preset] if args.preset else []) + args.rows
+    if not rows:
+        parser.error("give --rows and/or --preset")
+    for row in rows:
+        if not row.startswith("fp@"):
+            row_overrides(row, "")  # unknown settings or levers fail now, not after an hour
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    results = evaluate(rows, args.samples, args.steps, args.guidance, args.seed)
+    print(f"\nreference digits DiT; {args.samples} samples per row, DDPM {args.steps} steps, cfg {args.guidance}, "
+          f"seed {args.seed}; calibration: configs/demo.yaml + row overrides; {time.strftime('%Y-%m-%d')}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; total {time.perf_counter() - start:.0f} s\n")
+    print(format_table(results))
+    if args.json:
+        from vq4dit.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
