@@ -148,3 +148,31 @@ def test_pruned_candidates_are_not_divergence():
         layer.candidate_logits[7, 1] = float("nan")
     with pytest.raises(NonFiniteError, match="step 3.*" + next(iter(engine.layers)).replace(".", r"\.")):
         engine.check_finite_(3)
+
+
+def test_activation_aware_codebooks_fit_the_weighted_metric():
+    """k-means under E[x^2]: lower output error where inputs are large than plain k-means."""
+    from vq4dit.kmeans import kmeans
+    from vq4dit.codewords import nearest_codewords
+
+    torch.manual_seed(0)
+    points = torch.randn(4096, 2)
+    weights = torch.tensor([[100.0, 0.01]]).expand(4096, 2).contiguous()  # dim 0 matters, dim 1 hardly
+    def weighted_error(codebook):
+        index, _ = nearest_codewords(points, codebook, 1, weights)
+        return ((points - codebook[index[:, 0]]).pow(2) * weights).sum().item()
+    plain, aware = kmeans(points, 16, iters=10), kmeans(points, 16, iters=10, weights=weights)
+    assert weighted_error(aware) < 0.5 * weighted_error(plain)
+
+
+def test_activation_metric_needs_items_and_builds_with_them():
+    torch.manual_seed(0)
+    teacher = load_dit("tiny")
+    vq = TINY_VQ.with_overrides(kmeans_metric="activation")
+    with pytest.raises(ValueError, match="needs calibration items"):
+        Calibrator.build(teacher, vq, progress=False)
+    items = generate_items(teacher, [0], TrajectoryPlan(0, 2, 1000, SAMPLER), progress=False)
+    engine = Calibrator.build(teacher, vq, guidance_scale=4.0, progress=False, items=items)
+    euclidean = build_student(teacher, TINY_VQ, progress=False)
+    changed = [n for n, l in engine.layers.items() if not torch.equal(l.codebook, vq_layers(euclidean)[n].codebook)]
+    assert len(changed) == len(engine.layers)  # every codebook follows the activation metric

@@ -45,8 +45,14 @@ def _block_rows(num_codewords: int) -> int:
     return max(1024, _DISTANCE_BLOCK_ENTRIES // max(num_codewords, 1))
 
 
-def _squared_distances(points: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Tensor):
-    """``||p - c||^2`` for a block of points: ``[rows, k]`` (clamped at 0 against round-off)."""
+def _squared_distances(points: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Tensor,
+                       weights: torch.Tensor | None = None):
+    """``||p - c||^2`` for a block of points: ``[rows, k]`` (clamped at 0 against round-off); with
+    ``weights [rows, d]`` the weighted ``sum_j w_j (p_j - c_j)^2``."""
+    if weights is not None:  # sum w p^2 - 2 (w p).c + w.(c^2)
+        distances = torch.addmm(weights @ codebook.pow(2).t(), weights * points, codebook.t(), beta=1.0, alpha=-2.0)
+        distances += (weights * points.pow(2)).sum(dim=1, keepdim=True)
+        return distances.clamp_(min=0.0)
     # ||p||^2 - 2 p.c + ||c||^2, with the ||p||^2 term added last (it does not change the argmin).
     distances = torch.addmm(codebook_sq.unsqueeze(0), points, codebook.t(), beta=1.0, alpha=-2.0)
     distances += points.pow(2).sum(dim=1, keepdim=True)
@@ -55,7 +61,7 @@ def _squared_distances(points: torch.Tensor, codebook: torch.Tensor, codebook_sq
 
 @torch.no_grad()
 def nearest_codewords(
-    points: torch.Tensor, codebook: torch.Tensor, num_nearest: int = 1
+    points: torch.Tensor, codebook: torch.Tensor, num_nearest: int = 1, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``num_nearest`` nearest codewords of every point, nearest first.
 
@@ -65,6 +71,8 @@ def nearest_codewords(
         points: ``[N, d]`` sub-vectors.
         codebook: ``[k, d]`` codewords.
         num_nearest: how many neighbours to return (``n``).
+        weights: optional ``[N, d]`` per-dimension importance of every point (the activation
+            metric: distances ``sum_j w_j (p_j - c_j)^2``).
 
     Returns:
         ``(indices [N, n] int64, squared_distances [N, n] float32)``.
@@ -77,7 +85,8 @@ def nearest_codewords(
     distances = torch.empty(num_points, num_nearest, dtype=torch.float32, device=points.device)
     step = _block_rows(codebook.shape[0])
     for start in range(0, num_points, step):
-        block = _squared_distances(points[start : start + step], codebook, codebook_sq)
+        block_weights = None if weights is None else weights[start : start + step].float()
+        block = _squared_distances(points[start : start + step], codebook, codebook_sq, block_weights)
         if num_nearest == 1:
             best_dist, best_idx = block.min(dim=1, keepdim=True)
         else:

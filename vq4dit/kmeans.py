@@ -15,14 +15,18 @@ def _sample_rows(num_rows: int, count: int, generator: torch.Generator) -> torch
     return torch.randperm(num_rows, generator=generator, device="cpu")[:count]
 
 
-def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (D^2 sampling) on ``points [S, d]``: returns ``[k, d]``."""
+def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """k-means++ seeding (D^2 sampling) on ``points [S, d]`` (distances weighted by ``weights
+    [S, d]`` when given): returns ``[k, d]``."""
+    w = weights
     num_points = points.shape[0]
     # All random draws up front (CPU generator): the result does not depend on the device.
     uniforms = torch.rand(k, generator=generator, dtype=torch.float64, device="cpu").to(points.device)
     centroids = torch.empty(k, points.shape[1], dtype=points.dtype, device=points.device)
     centroids[0] = points[min(int(uniforms[0] * num_points), num_points - 1)]
-    closest_sq = (points - centroids[0]).pow(2).sum(dim=1)
+    closest_sq = ((points - centroids[0]).pow(2) * w).sum(dim=1) if weights is not None else \
+        (points - centroids[0]).pow(2).sum(dim=1)
     for j in range(1, k):
         cumulative = closest_sq.double().cumsum(0)
         # D^2 sampling; when every point coincides with a centroid the draw degrades to uniform
@@ -30,20 +34,29 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) 
         target = uniforms[j] * cumulative[-1]
         choice = torch.searchsorted(cumulative, target.unsqueeze(0)).clamp_(max=num_points - 1)
         centroids[j] = points[choice[0]]
-        torch.minimum(closest_sq, (points - centroids[j]).pow(2).sum(dim=1), out=closest_sq)
+        squared = (points - centroids[j]).pow(2)
+        torch.minimum(closest_sq, (squared * w if weights is not None else squared).sum(dim=1), out=closest_sq)
     return centroids
 
 
 def _update_centroids(
-    points: torch.Tensor, assign: torch.Tensor, sq_dist: torch.Tensor, centroids: torch.Tensor
+    points: torch.Tensor, assign: torch.Tensor, sq_dist: torch.Tensor, centroids: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean of each cluster; an empty cluster is re-seeded at a currently worst-fit point."""
+    """Mean of each cluster (per dimension weighted by ``weights [N, d]`` when given); an empty
+    cluster is re-seeded at a currently worst-fit point."""
     k = centroids.shape[0]
-    sums = torch.zeros_like(centroids).index_add_(0, assign, points)
-    counts = torch.bincount(assign, minlength=k).to(points.dtype)
     new_centroids = centroids.clone()
-    filled = counts > 0
-    new_centroids[filled] = sums[filled] / counts[filled].unsqueeze(1)
+    if weights is None:
+        sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+        counts = torch.bincount(assign, minlength=k).to(points.dtype)
+        filled = counts > 0
+        new_centroids[filled] = sums[filled] / counts[filled].unsqueeze(1)
+    else:
+        sums = torch.zeros_like(centroids).index_add_(0, assign, weights * points)
+        mass = torch.zeros_like(centroids).index_add_(0, assign, weights)  # [k, d]
+        filled = torch.bincount(assign, minlength=k) > 0
+        new_centroids[filled] = sums[filled] / mass[filled].clamp(min=torch.finfo(mass.dtype).tiny)
     empty = (~filled).nonzero().squeeze(1)
     if empty.numel():
         worst = sq_dist.topk(min(empty.numel(), sq_dist.numel())).indices
@@ -51,11 +64,12 @@ def _update_centroids(
     return new_centroids
 
 
-def _lloyd_torch(points: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
-    """Plain Lloyd iterations with blocked distances (any device)."""
+def _lloyd_torch(points: torch.Tensor, centroids: torch.Tensor, iters: int,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Lloyd iterations with blocked distances (any device), weighted by ``weights [N, d]``."""
     for _ in range(iters):
-        assign, sq_dist = nearest_codewords(points, centroids, 1)
-        centroids = _update_centroids(points, assign[:, 0], sq_dist[:, 0], centroids)
+        assign, sq_dist = nearest_codewords(points, centroids, 1, weights)
+        centroids = _update_centroids(points, assign[:, 0], sq_dist[:, 0], centroids, weights)
     return centroids
 
 
@@ -91,6 +105,7 @@ def kmeans(
     seed: int = 0,
     seed_points_per_cluster: int = 128,
     backend: str = "auto",
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """k-means on ``points [N, d]``: returns the codebook ``[k, d]`` (float32, points' device).
 
@@ -98,7 +113,9 @@ def kmeans(
     ``iters`` Lloyd iterations on all points. Distances are computed in blocks (memory
     ``O(block * k)``, never ``N x k x d``); empty clusters are re-seeded; deterministic for a
     given seed. ``backend``: ``torch`` (any device), ``faiss`` (CPU), ``auto`` (faiss on CPU when
-    installed: same algorithm, measured faster, see benchmarks/kmeans.py).
+    installed: same algorithm, measured faster, see benchmarks/kmeans.py). ``weights [N, d]``:
+    per-dimension importance of every point (the activation metric; torch backend): distances
+    ``sum_j w_j (p_j - c_j)^2`` and per-dimension weighted means.
     """
     if points.ndim != 2:
         raise ValueError(f"points must be [N, d], got shape {tuple(points.shape)}")
@@ -109,22 +126,28 @@ def kmeans(
         # faiss pays off on DiT-sized layers; tiny problems are faster without its set-up cost
         large = num_points * num_clusters >= 1 << 22
         backend = kmeans_backend(points.device) if large else "torch"
+    if weights is not None:
+        if weights.shape != points.shape:
+            raise ValueError(f"weights must have the points' shape {tuple(points.shape)}, got {tuple(weights.shape)}")
+        backend = "torch"  # faiss has no weighted k-means
+        weights = weights.float()
     if backend not in ("torch", "faiss"):
         raise ValueError(f"unknown k-means backend {backend!r}; expected auto, torch or faiss")
     points = points.float()
     generator = torch.Generator().manual_seed(seed)
     sample_size = min(num_points, seed_points_per_cluster * num_clusters)
-    sample = points[_sample_rows(num_points, sample_size, generator).to(points.device)]
+    rows = _sample_rows(num_points, sample_size, generator).to(points.device)
+    sample, sample_weights = points[rows], None if weights is None else weights[rows]
     # The seeding is k small sequential steps: one thread is fastest (no OpenMP hand-offs).
     threads = torch.get_num_threads()
     if points.device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        centroids = _kmeans_plus_plus(sample, num_clusters, generator)
+        centroids = _kmeans_plus_plus(sample, num_clusters, generator, sample_weights)
     finally:
         torch.set_num_threads(threads)
     if iters <= 0:
         return centroids
     if backend == "faiss":
         return _lloyd_faiss(points, centroids, iters)
-    return _lloyd_torch(points, centroids, iters)
+    return _lloyd_torch(points, centroids, iters, weights)

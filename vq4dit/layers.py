@@ -109,10 +109,13 @@ class VQLinear(HardDecoding, nn.Module):
     # ----------------------------------------------------------------------------- construction
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, config: VQConfig, name: str = "layer") -> "VQLinear":
+    def from_linear(cls, linear: nn.Linear, config: VQConfig, name: str = "layer",
+                    input_weights: torch.Tensor | None = None) -> "VQLinear":
         """Quantize ``linear``: k-means codebook, n nearest candidates, initial ratio logits.
 
         With ``num_candidates == 1`` every row starts hard (plain VQ, nearest codeword).
+        ``input_weights [in]``: E[x_j^2] of the layer's inputs, needed by (and only used with)
+        ``config.kmeans_metric == "activation"``.
         """
         config.validate_for(linear.out_features, linear.in_features, name)
         weight = linear.weight.detach()
@@ -127,8 +130,15 @@ class VQLinear(HardDecoding, nn.Module):
             layer.row_scales.data.copy_(scales)
             weight = weight / scales.unsqueeze(1)
         points = to_subvectors(weight, config.subvector_dim)  # [N, d]
-        codebook = kmeans(points, config.codebook_size, config.kmeans_iters, config.kmeans_seed)
-        nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates)
+        weights = None
+        if config.kmeans_metric == "activation":
+            if input_weights is None or input_weights.shape != (linear.in_features,):
+                raise ValueError(f"{name}: kmeans_metric='activation' needs input_weights [{linear.in_features}]")
+            per_dim = input_weights.float().to(weight.device)
+            per_dim = per_dim / per_dim.mean().clamp(min=torch.finfo(torch.float32).tiny)  # scale-free
+            weights = per_dim.view(1, -1).expand(linear.out_features, -1).reshape(-1, config.subvector_dim)
+        codebook = kmeans(points, config.codebook_size, config.kmeans_iters, config.kmeans_seed, weights=weights)
+        nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates, weights)
         layer.codebook.data.copy_(codebook)
         layer.codes.copy_(nearest[:, 0].to(layer.codes.dtype))
         if config.num_candidates > 1:

@@ -71,6 +71,7 @@ def quantize_(
     exclude: Iterable[str] | None = None,
     overrides: Mapping[str, Mapping[str, int]] | None = None,
     progress: bool = True,
+    input_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> list[str]:
     """Replace selected ``nn.Linear`` layers of ``model`` in place by k-means-initialised ``VQLinear``.
 
@@ -85,6 +86,8 @@ def quantize_(
         overrides: glob pattern -> VQConfig fields, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``;
             the last matching pattern wins.
         progress: show a progress bar (k-means on DiT-XL takes minutes).
+        input_weights: layer name -> E[x^2] of its inputs ``[in]`` (layers whose ``kmeans_metric``
+            is ``activation``; see :func:`vq4dit.engine.input_second_moments`).
 
     Returns:
         The qualified names that were swapped, in model order.
@@ -99,7 +102,8 @@ def quantize_(
     for name, module, layer_config in tqdm(selected, desc="k-means init", unit="layer", disable=not progress):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, VQLinear.from_linear(module, layer_config, name))
+        weights = None if input_weights is None else input_weights.get(name)
+        setattr(parent, child, VQLinear.from_linear(module, layer_config, name, weights))
         names.append(name)
     log.info("quantize_: swapped %d Linear layers for VQLinear (%s ...)", len(names), names[0])
     return names

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 RatioInit = Literal["inverse_distance", "uniform"]
+KMeansMetric = Literal["euclidean", "activation"]
 
 
 _PRESETS = {
@@ -37,6 +38,10 @@ class VQConfig:
             rows are divided by their RMS before k-means, so one codebook serves rows of very
             different magnitude (the adaLN modulation rows differ ~60x); the scales are
             calibrated with the codebook (AQLM's scale-normalised codes).
+        kmeans_metric: ``euclidean`` or ``activation``: k-means and the candidate search weigh
+            every input dimension j by the layer's input second moment E[x_j^2] on the
+            calibration trajectories (the diagonal of the output-error metric, as GPTVQ / VPTQ
+            use the Hessian diagonal), so codewords fit where the inputs are large.
     """
 
     codebook_size: int = 256
@@ -46,6 +51,7 @@ class VQConfig:
     kmeans_iters: int = 25
     kmeans_seed: int = 0
     row_scale: bool = False
+    kmeans_metric: KMeansMetric = "euclidean"
 
     def __post_init__(self) -> None:
         k, d, n = self.codebook_size, self.subvector_dim, self.num_candidates
@@ -61,6 +67,8 @@ class VQConfig:
             raise ValueError(
                 f"ratio_init must be 'inverse_distance' or 'uniform', got {self.ratio_init!r}"
             )
+        if self.kmeans_metric not in ("euclidean", "activation"):
+            raise ValueError(f"kmeans_metric must be 'euclidean' or 'activation', got {self.kmeans_metric!r}")
         if self.kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
 

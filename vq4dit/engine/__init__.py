@@ -4,6 +4,7 @@ regulariser and its gate, optimizer groups, harden / prune / finalize (:class:`C
 from .calibrator import Calibrator, StepLoss
 from .config import CalibrationConfig
 from .losses import RegularizerGate, block_losses, with_null_labels
+from .statistics import input_second_moments, statistics_batches
 from .student import build_student, cast_teacher_, load_packed_student
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "RegularizerGate",
     "StepLoss",
     "block_losses",
+    "input_second_moments",
+    "statistics_batches",
     "build_student",
     "cast_teacher_",
     "load_packed_student",

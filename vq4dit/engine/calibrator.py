@@ -29,11 +29,12 @@ from torch import nn
 from ..distributed import BlockSpread
 from ..layers import VQLinear, replace_in_optimizer_
 from ..models import NonFiniteError, block_modules
-from ..quantize import finalize_model_, vq_layers
+from ..quantize import finalize_model_, select_layers, vq_layers
 from ..soft import logit_regularizer
 from ..vq_config import VQConfig
 from .config import CalibrationConfig
 from .losses import RegularizerGate, block_losses, with_null_labels
+from .statistics import input_second_moments, statistics_batches
 from .student import build_student, cast_teacher_
 
 
@@ -106,12 +107,22 @@ class Calibrator:
         overrides: Mapping[str, Mapping[str, int]] | None = None,
         guidance_scale: float = 1.0,
         progress: bool = True,
+        items: dict[str, torch.Tensor] | None = None,
     ) -> "Calibrator":
         """Freeze ``teacher``, build the k-means-initialised student, cast the teacher to
-        ``config.teacher_dtype``: a ready engine."""
+        ``config.teacher_dtype``: a ready engine. ``items`` (``{"x", "t", "y"}`` calibration
+        items) give the input statistics of layers with ``kmeans_metric="activation"``."""
         config = config or CalibrationConfig()
         teacher.requires_grad_(False).eval()
-        student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides, progress=progress)
+        selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
+        aware = [name for name, _, layer_config in selected if layer_config.kmeans_metric == "activation"]
+        weights = None
+        if aware:
+            if items is None:
+                raise ValueError("kmeans_metric='activation' needs calibration items for the input statistics")
+            weights = input_second_moments(teacher, aware, statistics_batches(items, guidance_scale))
+        student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides,
+                                progress=progress, input_weights=weights)
         engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)
         if config.teacher_dtype != "float32":
             cast_teacher_(teacher, getattr(torch, config.teacher_dtype))

@@ -32,11 +32,12 @@ from .validation import check_writable_dir
 @dataclass(frozen=True)
 class DataSettings:
     """The data settings the LightningModule needs: the calibration guidance (null-label batches
-    when > 1), the sampler and sample count of ``test`` / ``predict``."""
+    when > 1), the sampler and sample count of ``test`` / ``predict``, the training items."""
 
     guidance_scale: float = 1.0
     eval_sampler: SamplerConfig | None = None
     eval_samples: int = 0
+    train_items: dict | None = None  # this rank's calibration items (activation statistics)
 
 
 class CalibrationDataModule(pl.LightningDataModule):
@@ -115,7 +116,8 @@ class CalibrationDataModule(pl.LightningDataModule):
 
     def settings(self) -> DataSettings:
         """What the LightningModule needs to know of the data (asked once, in its ``setup``)."""
-        return DataSettings(self.hparams.guidance_scale, self.eval_sampler_config, self.hparams.eval_samples)
+        hp = self.hparams
+        return DataSettings(hp.guidance_scale, self.eval_sampler_config, hp.eval_samples, self.train_items)
 
     # ------------------------------------------------------------------------------- generation
     def num_classes_of(self, teacher) -> int:

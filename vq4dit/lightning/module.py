@@ -12,7 +12,7 @@ from ..distributed import BlockSpread, ddp_ignored
 from ..engine import CalibrationConfig, Calibrator, load_packed_student
 from ..engine.config import BlockInputs, CodebookTraining, OptimizerName, Regularizer, TeacherDtype
 from ..models import load_dit
-from ..vq_config import RatioInit, VQConfig
+from ..vq_config import KMeansMetric, RatioInit, VQConfig
 from .data import DataSettings
 from .evaluation import EvalModel, MetricsFeatures, SampleEvaluation
 from .validation import check_module_settings
@@ -30,6 +30,7 @@ class CalibrationModule(pl.LightningModule):
         ratio_init: initial candidate ratios, ``inverse_distance`` (official) or ``uniform``.
         kmeans_iters: Lloyd iterations of the codebook initialisation.
         row_scale: an FP16 scale per output row, calibrated with the codebook (k-means on RMS-normalised rows).
+        kmeans_metric: ``euclidean`` or ``activation`` (k-means weighs input dims by the teacher's E[x^2]).
         include: glob patterns of the Linear layers to quantize (default: the 7 core Linears per block).
         exclude: glob patterns of Linear layers left in full precision.
         overrides: glob -> VQ settings, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``.
@@ -65,6 +66,7 @@ class CalibrationModule(pl.LightningModule):
         ratio_init: RatioInit = "inverse_distance",
         kmeans_iters: int = 25,
         row_scale: bool = False,
+        kmeans_metric: KMeansMetric = "euclidean",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         overrides: dict[str, dict[str, int]] | None = None,
@@ -93,8 +95,7 @@ class CalibrationModule(pl.LightningModule):
         self.save_hyperparameters()
         self.vq_config = VQConfig.for_bits(
             bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=ratio_init, kmeans_iters=kmeans_iters,
-            row_scale=row_scale,
-        )
+            row_scale=row_scale, kmeans_metric=kmeans_metric)
         self.calibration = CalibrationConfig(
             block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window, codebook_training,
             optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype, output_weight,
@@ -143,7 +144,7 @@ class CalibrationModule(pl.LightningModule):
         self.engine = Calibrator.build(
             self.teacher, self.vq_config, self.calibration, include=hp.include, exclude=hp.exclude,
             overrides=hp.overrides, guidance_scale=self.data_settings.guidance_scale,
-            progress=self.global_rank == 0 if self._trainer else True,
+            progress=self.global_rank == 0 if self._trainer else True, items=self.data_settings.train_items,
         )
         self.student = self.engine.student
         if hp.spread_blocks and self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.world_size > 1:
@@ -153,9 +154,8 @@ class CalibrationModule(pl.LightningModule):
             self.ddp_anchor = nn.Parameter(torch.zeros(()))
         self._ddp_params_and_buffers_to_ignore = ddp_ignored(self.engine.layers, "student.", self.engine.spread is not None)
 
-    def train(self, mode: bool = True) -> "CalibrationModule":
-        # Both DiTs always run in eval mode: train mode drops labels at random in every block.
-        super().train(mode)
+    def train(self, mode: bool = True) -> "CalibrationModule":  # both DiTs stay in eval mode:
+        super().train(mode)  # train mode drops labels at random in every block
         self.teacher.eval()
         if self.student is not None:
             self.student.eval()

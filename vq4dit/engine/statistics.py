@@ -1,0 +1,56 @@
+"""Activation statistics of the teacher on calibration items (for activation-aware codebooks)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .losses import with_null_labels
+
+
+def statistics_batches(items: dict[str, torch.Tensor], guidance_scale: float, batch_size: int = 8,
+                       max_items: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Model batches ``(x, t, y)`` over at most ``max_items`` calibration items (evenly strided over
+    all trajectories and timesteps), with null-label copies when ``guidance_scale > 1``."""
+    count = items["t"].numel()
+    index = torch.linspace(0, count - 1, min(count, max_items)).round().long().unique()
+    batches = []
+    for chunk in index.split(batch_size):
+        x, t, y = items["x"][chunk], items["t"][chunk], items["y"][chunk]
+        batches.append(with_null_labels(x, t, y) if guidance_scale > 1.0 else (x, t, y))
+    return batches
+
+
+@torch.no_grad()
+def input_second_moments(model: nn.Module, names: Iterable[str], batches) -> dict[str, torch.Tensor]:
+    """``E[x_j^2]`` ``[in]`` of the inputs of ``model``'s Linear layers ``names`` over ``batches``
+    of ``(x [B, C, H, W], t [B], y [B])`` (every token of every item counts once)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name in names:
+        def record(_module, args, name=name):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums[name] + x.pow(2).sum(0) if name in sums else x.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
+    device = next(model.parameters()).device
+    try:
+        for x, t, y in batches:
+            model(x.to(device), timestep=t.to(device), class_labels=y.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    missing = [name for name in names if name not in counts]
+    if missing:
+        raise ValueError(f"no input reached {missing[:3]} while collecting activation statistics")
+    if dist.is_available() and dist.is_initialized():  # every DDP rank must build the same codebooks
+        for name in sums:
+            total = torch.cat([sums[name], torch.tensor([float(counts[name])], device=sums[name].device)])
+            dist.all_reduce(total)
+            sums[name], counts[name] = total[:-1], total[-1].item()
+    return {name: (sums[name] / counts[name]).cpu() for name in sums}
