@@ -7,7 +7,7 @@ with the shipped digits classifier (``vq4dit.metrics``). Rows are ``SETTING:LEVE
 - settings: ``paper-w2`` (k=256, d=4, the paper preset), ``regime-w2`` (k=16, d=2: 2 bits nominal,
   512-3,072 sub-vectors per codeword, DiT-XL/2's regime on 128-wide layers), ``w3`` (k=64, d=2);
 - levers, joined by ``+``: ``n1`` / ``n2`` / ``n3`` candidates; ``rowscale`` (FP16 per-row scales);
-  ``output`` (output-level loss term, weight 1); ``long`` (a longer codebook phase: stop rule
+  ``aware`` (activation-aware k-means and candidates); ``output`` (output-level loss term, weight 1); ``long`` (a longer codebook phase: stop rule
   min 300 codebook steps, patience 200); ``fp-adaln`` (adaLN modulation kept FP); sensitivity
   ``only-adaln|only-qkv|only-out|only-mlp1|only-mlp2|only-block<i>`` (everything else FP);
 - ``fp@<seed>``: the FP model sampled with another evaluation seed (the noise bar: FP vs FP).
@@ -53,7 +53,7 @@ PRESETS = {
     "noise": ["fp@1", "fp@2"],
     "sensitivity": [f"regime-w2:n2+only-{g}" for g in CORE] + [f"regime-w2:n2+only-block{b}" for b in range(4)],
     "levers": ["regime-w2:n1", "regime-w2:n2", "regime-w2:n2+rowscale", "regime-w2:n2+output", "regime-w2:n2+long",
-               "regime-w2:n2+fp-adaln"],
+               "regime-w2:n2+fp-adaln", "regime-w2:n2+aware"],
 }
 PRESETS["all"] = PRESETS["noise"] + PRESETS["levers"] + PRESETS["sensitivity"]
 
@@ -69,6 +69,8 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
             args.append(f"--model.num_candidates={lever[1]}")
         elif lever == "rowscale":
             args.append("--model.row_scale=true")
+        elif lever == "aware":
+            args.append("--model.kmeans_metric=activation")
         elif lever == "output":
             args.append("--model.output_weight=1.0")
         elif lever == "long":
@@ -113,7 +115,8 @@ def calibrate(row: str) -> tuple[torch.nn.Module, float, int, dict[str, float]]:
     return cli.model.student.eval(), wall, cli.trainer.global_step, logged
 
 
-def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: int) -> list[dict]:
+def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: int, on_row=None) -> list[dict]:
+    """Score FP and every row on the same labels and seeds; ``on_row(results)`` after each row."""
     labels, seeds = evaluation_plan(samples, 10, seed)
     sampler = SamplerConfig(sampler="ddpm", num_steps=steps, guidance_scale=guidance, clip_denoised=True)
     classifier, real = load_reference_classifier(), load_real_images("digits")
@@ -128,6 +131,8 @@ def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: i
 
     results = [{"row": "fp", "bits_per_weight": 32.0, **score(fp_images, None)}]
     for row in rows:
+        if on_row is not None:
+            on_row(results)
         print(f"[ablation] {row}", file=sys.stderr, flush=True)
         if row.startswith("fp@"):
             other_labels, other_seeds = evaluation_plan(samples, 10, int(row[3:]))
@@ -138,6 +143,8 @@ def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: i
         images = generate_images(student, labels, seeds, sampler, batch_size=250)
         results.append({"row": row, "bits_per_weight": vq_bits_per_weight(student), "calibration_s": wall,
                         "steps": steps_done, **logged, **score(images, fp_images)})
+    if on_row is not None:
+        on_row(results)
     return results
 
 
@@ -173,16 +180,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row_overrides(row, "")  # unknown settings or levers fail now, not after an hour
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    results = evaluate(rows, args.samples, args.steps, args.guidance, args.seed)
+    def partial(results: list[dict]) -> None:  # progress: the table so far, and the JSON
+        print(format_table(results).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.json:
+            from vq4dit.atomic import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(results, indent=2))
+
+    results = evaluate(rows, args.samples, args.steps, args.guidance, args.seed, partial)
     print(f"\nreference digits DiT; {args.samples} samples per row, DDPM {args.steps} steps, cfg {args.guidance}, "
           f"seed {args.seed}; calibration: configs/demo.yaml + row overrides; {time.strftime('%Y-%m-%d')}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; total {time.perf_counter() - start:.0f} s\n")
     print(format_table(results))
-    if args.json:
-        from vq4dit.atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(results, indent=2))
     return results
 
 
