@@ -222,9 +222,11 @@ def test_push_to_hub_uploads_the_folder(shared, tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     save_quantized(shared, tmp_path / "a", push_to_hub="org/dit-vq", commit_message="w2")
     load_quantized(tmp_path / "a").save_pretrained(tmp_path / "b", push_to_hub=True, repo_id="org/dit-vq-2")
+    DiTTransformer2DModel.from_pretrained(tmp_path / "a").push_to_hub("org/dit-vq-3", commit_message="v3")
     files = ["README.md", "config.json"]
     assert calls == [("org/dit-vq", [*files, "model.safetensors"], "w2"),
-                     ("org/dit-vq-2", [*files, "diffusion_pytorch_model.safetensors"], "Upload vq4dit-quantized model")]
+                     ("org/dit-vq-2", [*files, "diffusion_pytorch_model.safetensors"], "Upload vq4dit-quantized model"),
+                     ("org/dit-vq-3", [*files, "diffusion_pytorch_model.safetensors"], "v3")]
 
 
 # ---------------------------------------------------------------------------------- model card
@@ -264,3 +266,20 @@ def test_import_vq4dit_with_an_unsupported_diffusers_warns():
                           cwd=Path(__file__).parents[1], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
     assert "supports diffusers >=0.42,<0.43; found 0.99.0" in done.stderr
+
+
+def test_calibration_runs_write_their_settings_and_time_into_the_card(shared, tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.final_assignment import calibration_card
+
+    module = SimpleNamespace(hparams={"model": "reference", "bits": 2, "optimizer": "rmsprop", "export_dir": "x"},
+                             vq_config=VQConfig(codebook_size=16, subvector_dim=4, num_candidates=2, kmeans_iters=0))
+    trainer = SimpleNamespace(global_step=325, datamodule=SimpleNamespace(hparams={"num_trajectories": 8, "seed": 3}))
+    card = calibration_card(trainer, module, started=0.0)
+    assert card["calibration_seconds"] > 0 and "export_dir" not in card
+    assert {k: v for k, v in card.items() if k != "calibration_seconds"} == {
+        "base_model": "reference", "num_candidates": 2, "calibration_steps": 325, "bits": 2, "optimizer": "rmsprop",
+        "num_trajectories": 8, "trajectory_seed": 3}
+    text = (save_quantized(shared, tmp_path / "run", card=card) / "README.md").read_text()
+    assert "| 16 / 4 / 2 |" in text and "- calibration_steps: 325" in text and "base_model: reference" in text

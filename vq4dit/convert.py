@@ -123,7 +123,25 @@ def guard_save_pretrained(model: DiTTransformer2DModel) -> DiTTransformer2DModel
     """
     if getattr(model.__dict__.get("save_pretrained"), "__func__", None) is not _guarded_save_pretrained:
         model.save_pretrained = types.MethodType(_guarded_save_pretrained, model)
+    if getattr(model.__dict__.get("push_to_hub"), "__func__", None) is not _packed_push_to_hub:
+        model.push_to_hub = types.MethodType(_packed_push_to_hub, model)
     return model
+
+
+@functools.wraps(DiTTransformer2DModel.push_to_hub)
+def _packed_push_to_hub(self, repo_id, *args, **kwargs):
+    """diffusers' ``push_to_hub``, or for a quantized model ``vq4dit.diffusers_quantizer.push_to_hub_packed``
+    (diffusers' own would replace the model card by a blank one)."""
+    from .quantize import vq_layers
+
+    if not vq_layers(self):
+        return type(self).push_to_hub(self, repo_id, *args, **kwargs)
+    from .diffusers_quantizer import push_to_hub_packed
+
+    bound = inspect.signature(DiTTransformer2DModel.push_to_hub).bind(self, repo_id, *args, **kwargs)
+    arguments = {**bound.arguments, **bound.arguments.pop("kwargs", {})}
+    del arguments["self"], arguments["repo_id"]
+    return push_to_hub_packed(self, repo_id, **arguments)
 
 
 # ---------------------------------------------------------------------------------------------

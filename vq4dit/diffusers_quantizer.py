@@ -120,6 +120,11 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
 
     # -------------------------------------------------------------------------------- loading
     def validate_environment(self, *args, **kwargs) -> None:
+        from diffusers.utils import is_accelerate_available
+
+        if not is_accelerate_available():
+            raise ImportError("diffusers loads quantized models only with accelerate: pip install accelerate "
+                              "(a vq4dit dependency), or use vq4dit.load_quantized")
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and len({str(d) for d in device_map.values()}) > 1:
             raise ValueError(f"vq4dit models load onto one device; got device_map {device_map}")
@@ -220,6 +225,20 @@ def save_pretrained_packed(model, save_directory, *, push_to_hub: bool = False, 
             push_folder(save_directory, repo_id, **hub)
 
 
+def push_to_hub_packed(model, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                       token: str | None = None, create_pr: bool = False, subfolder: str | None = None, **save_kwargs):
+    """``model.push_to_hub`` of a quantized model: :func:`save_pretrained_packed` into a temporary
+    folder (model card included), uploaded to ``repo_id`` (under ``subfolder``)."""
+    import tempfile
+
+    from .model_card import push_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained_packed(model, tmp, **save_kwargs)
+        return push_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message,
+                           create_pr=create_pr, path_in_repo=subfolder)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------
@@ -283,5 +302,5 @@ def register_on_import() -> bool:
 
 __all__ = [
     "SUPPORTED", "UnsupportedDiffusersError", "VQ4DiTConfig", "VQ4DiTQuantizer", "check_diffusers_version",
-    "register", "save_pretrained_packed",
+    "push_to_hub_packed", "register", "save_pretrained_packed",
 ]

@@ -103,6 +103,7 @@ def push_folder(
     private: bool | None = None,
     commit_message: str | None = None,
     create_pr: bool = False,
+    path_in_repo: str | None = None,
 ) -> str:
     """Create the model repo ``repo_id`` if needed and upload ``folder`` to it
     (``huggingface_hub.HfApi.upload_folder``). Returns the commit URL."""
@@ -112,6 +113,7 @@ def push_folder(
     repo_id = api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model").repo_id
     info = api.upload_folder(
         folder_path=str(Path(folder)), repo_id=repo_id, repo_type="model", create_pr=create_pr,
+        **({"path_in_repo": path_in_repo} if path_in_repo else {}),
         commit_message=commit_message or "Upload vq4dit-quantized model",
     )
     return str(info)
