@@ -42,7 +42,7 @@ import safetensors
 from packaging import version
 
 from .packed_state import (
-    CHECKSUM_KEY, QUANT_METHOD, QuantizedCheckpointError, file_keys, install_vq_layers, resolve_aliases,
+    CHECKSUM_KEY, QUANT_METHOD, QuantizedCheckpointError, install_vq_layers, resolve_aliases,
     state_keys, tensor_digest, tie_tensors_, unpack_state_dict, validate_quant_config,
 )
 

@@ -41,8 +41,8 @@ from .atomic import WriteError, atomic_folder, recover
 from .convert import apply_timestep_freq_shift, guard_save_pretrained
 from .model_card import CARD_NAME, model_card, push_folder
 from .models import NonFiniteError, check_finite
-from .packed_state import (
-    CHECKSUM_KEY, FORMAT_VERSION, QUANT_METHOD, QuantizedCheckpointError, install_vq_layers, names,
+from .packed_state import (  # FORMAT_VERSION, QUANT_METHOD: re-exported
+    CHECKSUM_KEY, FORMAT_VERSION, QUANT_METHOD, QuantizedCheckpointError, install_vq_layers,  # noqa: F401
     pack_state_dict, quant_config_for, resolve_aliases, tensor_digest, tie_tensors_, unpack_state_dict,
     validate_quant_config,
 )

@@ -164,18 +164,9 @@ def install_vq_layers(model: nn.Module, qc: dict, path: object, device: torch.de
         setattr(model.get_submodule(parent), child, layer)
 
 
-def file_keys(model_keys: list[str], qc: dict) -> list[str]:
-    """The keys a file holds for a model with ``model_keys`` (the inverse of :func:`state_keys`)."""
-    vq_keys = {f"{name}.{key}" for name in qc["layers"] for key in _VQ_STATE}
-    aliases = qc.get("tensor_aliases", {})
-    keys = [k for k in model_keys if k not in vq_keys and k not in aliases]
-    for name, s in qc["layers"].items():
-        keys += [f"{name}.codebook", f"{name}.codes_packed"] + ([f"{name}.bias"] if s["bias"] else [])
-    return keys
-
-
 def state_keys(loaded_keys: list[str], qc: dict) -> list[str]:
-    """The ``state_dict`` keys a file with ``loaded_keys`` gives (codes unpacked, aliases resolved)."""
+    """The ``state_dict`` keys a file with ``loaded_keys`` gives (codes unpacked, aliases resolved):
+    what the model expects, so diffusers reports no missing or unexpected key."""
     keys = [k for k in loaded_keys if not k.endswith(".codes_packed")] + list(qc.get("tensor_aliases", {}))
     return keys + [f"{name}.{key}" for name in qc["layers"] for key in ("codes", *SOFT_STATE)]
 
