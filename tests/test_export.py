@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 
 from vq4dit import atomic, export, packing
 from vq4dit.atomic import WriteError
+from vq4dit.packed_state import FORMAT_VERSION
 from vq4dit.export import (
     QuantizedCheckpointError,
     load_quantized,
@@ -161,7 +162,7 @@ def test_roundtrip_keeps_dtypes(model, tmp_path):
 
 
 def test_file_format(model, saved):
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((saved / "config.json").read_text())
     assert config["_class_name"] == "DiTTransformer2DModel" and "_diffusers_version" in config
     assert config["num_layers"] == 2 and config["norm_type"] == "ada_norm_zero"
@@ -191,27 +192,21 @@ def test_file_format(model, saved):
     assert size_report(model).file_bytes == len(raw) - 8 - header_len
 
 
-def test_plain_diffusers_refuses_the_folder(saved, tmp_path):
+def test_plain_diffusers_refuses_the_folder(saved, tmp_path, monkeypatch):
+    # diffusers without vq4dit's backend (what it is before `import vq4dit` registers it)
+    from diffusers.models import modeling_utils
+    from diffusers.quantizers import auto
+
+    monkeypatch.delitem(auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "vq4dit")
+    monkeypatch.setattr(modeling_utils, "_get_model_file", modeling_utils._get_model_file.vq4dit_original)
     with pytest.raises(ValueError, match="Unknown quantization type, got vq4dit"):
         DiTTransformer2DModel.from_pretrained(saved)
+    monkeypatch.undo()
     # without the quantization_config it finds no diffusion_pytorch_model.* weights at all
     stripped = copy_ckpt(saved, tmp_path / "stripped")
     edit_config(stripped, lambda c: c.pop("quantization_config"))
     with pytest.raises(OSError, match="diffusion_pytorch_model"):
         DiTTransformer2DModel.from_pretrained(stripped)
-
-
-def test_plain_save_pretrained_of_loaded_model_fails_loudly(saved, tmp_path):
-    # save_pretrained would write VQ tensors, not dense weights (or fail on shared embedders):
-    # it is refused up front, with what to use instead; a plain from_pretrained refuses too
-    loaded = load_quantized(saved)
-    assert loaded.config.quantization_config["quant_method"] == "vq4dit"
-    with pytest.raises(QuantizedCheckpointError, match=r"use vq4dit\.save_quantized"):
-        loaded.save_pretrained(tmp_path / "plain")
-    assert not (tmp_path / "plain").exists()
-    with pytest.raises(QuantizedCheckpointError, match=r"use vq4dit\.save_quantized"):
-        copy.deepcopy(loaded).save_pretrained(tmp_path / "plain")
-    loaded.config.quantization_config  # still there after the refusal
 
 
 def test_loaded_model_runs_in_dit_pipeline(saved):
@@ -367,7 +362,7 @@ def test_bad_configs(saved, tmp_path):
 
     ff2 = "transformer_blocks.0.ff.net.2"
     cases = {
-        "newer": (lambda c: c["quantization_config"].update(format_version=3), "newer vq4dit"),
+        "newer": (lambda c: c["quantization_config"].update(format_version=FORMAT_VERSION + 1), "newer vq4dit"),
         "method": (lambda c: c["quantization_config"].update(quant_method="gptq"), "unknown quant_method 'gptq'"),
         "plain": (lambda c: c.pop("quantization_config"), "not a vq4dit checkpoint"),
         "class": (lambda c: c.update(_class_name="os"), "not a diffusers model class"),

@@ -231,7 +231,12 @@ def test_row_scales_normalise_rows_and_round_trip(tmp_path):
         assert torch.equal(layer.row_scales, vq_layers(model)[name].row_scales)  # FP16-exact after finalize
     set_inference_mode_(loaded, "decode")
     inputs = (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 999]))
+    from diffusers import DiTTransformer2DModel
+
+    stock = DiTTransformer2DModel.from_pretrained(tmp_path / "packed")  # the diffusers backend reads scales too
     with torch.no_grad():
         a = model(inputs[0], timestep=inputs[1], class_labels=inputs[2]).sample
         b = loaded(inputs[0], timestep=inputs[1], class_labels=inputs[2]).sample
+        c = stock(inputs[0], timestep=inputs[1], class_labels=inputs[2]).sample
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(b, c)

@@ -1,7 +1,9 @@
 """vq4dit: post-training vector quantization of Diffusion Transformers (VQ4DiT).
 
 The library works without Lightning's CLI: load a DiT, quantize it, calibrate it with
-``vq4dit.engine.Calibrator`` (or ``python train.py fit``), save and load packed models.
+``vq4dit.engine.Calibrator`` (or ``python train.py fit``), save and load packed models, with
+``vq4dit.save_quantized`` / ``load_quantized`` or, after ``import vq4dit``, diffusers'
+``from_pretrained`` / ``save_pretrained`` (``vq4dit.diffusers_quantizer``).
 """
 
 from .export import QuantizedCheckpointError, load_quantized, save_quantized, size_report
@@ -10,6 +12,9 @@ from .layers import VQLinear, replace_in_optimizer_
 from .quantize import finalize_model_, quantize_, set_inference_mode_, vq_layers
 from .kmeans import kmeans
 from .vq_config import VQConfig
+from .diffusers_quantizer import register_on_import as _register_on_import
+
+_register_on_import()  # the "vq4dit" quantization backend of diffusers: from_pretrained / save_pretrained
 
 __all__ = [
     "DiTLoadError",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import math
 import os
 import re
@@ -90,15 +91,15 @@ def apply_timestep_freq_shift(
 
 @functools.wraps(DiTTransformer2DModel.save_pretrained)
 def _guarded_save_pretrained(self, save_directory, *args, **kwargs):
-    qc = self.config.get("quantization_config")
-    if isinstance(qc, Mapping) and qc.get("quant_method") == "vq4dit":
-        from .export import QuantizedCheckpointError
+    from .quantize import vq_layers
 
-        raise QuantizedCheckpointError(
-            f"cannot save_pretrained {save_directory}: diffusers cannot store a vq4dit-quantized "
-            "model (packed VQ layers, shared embedders); use vq4dit.save_quantized(model, path) "
-            "and vq4dit.load_quantized(path)"
-        )
+    if vq_layers(self):  # packed (vq4dit.diffusers_quantizer), its shift re-applied by vq4dit's loaders
+        from .diffusers_quantizer import save_pretrained_packed
+
+        bound = inspect.signature(DiTTransformer2DModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        arguments = {**bound.arguments, **bound.arguments.pop("kwargs", {})}
+        del arguments["self"], arguments["save_directory"]
+        return save_pretrained_packed(self, save_directory, **arguments)
     shift = self.config.get(TIMESTEP_FREQ_SHIFT_KEY, _DIFFUSERS_FREQ_SHIFT)
     if shift != _DIFFUSERS_FREQ_SHIFT:
         warnings.warn(
@@ -114,14 +115,33 @@ def _guarded_save_pretrained(self, save_directory, *args, **kwargs):
 
 
 def guard_save_pretrained(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
-    """Make ``model.save_pretrained`` (a pipeline's ``save_pretrained`` calls it too) refuse a
-    vq4dit-quantized model and warn for a timestep frequency shift stock diffusers ignores.
+    """Make ``model.save_pretrained`` (a pipeline's ``save_pretrained`` calls it too) write a
+    vq4dit-quantized model packed (``vq4dit.diffusers_quantizer.save_pretrained_packed``) and warn
+    for a timestep frequency shift stock diffusers ignores.
 
     An instance attribute: it follows ``copy.deepcopy`` and ``.to()``, not pickling.
     """
     if getattr(model.__dict__.get("save_pretrained"), "__func__", None) is not _guarded_save_pretrained:
         model.save_pretrained = types.MethodType(_guarded_save_pretrained, model)
+    if getattr(model.__dict__.get("push_to_hub"), "__func__", None) is not _packed_push_to_hub:
+        model.push_to_hub = types.MethodType(_packed_push_to_hub, model)
     return model
+
+
+@functools.wraps(DiTTransformer2DModel.push_to_hub)
+def _packed_push_to_hub(self, repo_id, *args, **kwargs):
+    """diffusers' ``push_to_hub``, or for a quantized model ``vq4dit.diffusers_quantizer.push_to_hub_packed``
+    (diffusers' own would replace the model card by a blank one)."""
+    from .quantize import vq_layers
+
+    if not vq_layers(self):
+        return type(self).push_to_hub(self, repo_id, *args, **kwargs)
+    from .diffusers_quantizer import push_to_hub_packed
+
+    bound = inspect.signature(DiTTransformer2DModel.push_to_hub).bind(self, repo_id, *args, **kwargs)
+    arguments = {**bound.arguments, **bound.arguments.pop("kwargs", {})}
+    del arguments["self"], arguments["repo_id"]
+    return push_to_hub_packed(self, repo_id, **arguments)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,6 +106,10 @@ def quantize_(
         setattr(parent, child, VQLinear.from_linear(module, layer_config, name, weights))
         names.append(name)
     log.info("quantize_: swapped %d Linear layers for VQLinear (%s ...)", len(names), names[0])
+    if callable(getattr(model, "save_config", None)):  # a diffusers model: save_pretrained writes it packed
+        from .convert import guard_save_pretrained
+
+        guard_save_pretrained(model)
     return names
 
 
