@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from . import kernels
 from .codewords import WIDE_ROW_DTYPES
 RegularizerKind = Literal["paper", "official"]
 
@@ -144,7 +145,14 @@ def vq_weight(
         soft_rows: ``[S]`` ascending indices of the soft sub-vectors (S = N: all soft).
         candidates: ``[S, n]`` codeword indices of the soft rows.
         candidate_logits: ``[S, n]`` ratio logits of the soft rows (-inf = pruned candidate).
+
+    With the Triton backend (``vq4dit.kernels``, ``VQ4DIT_KERNELS=triton``) CUDA tensors take the
+    fused kernels of ``vq4dit.kernels.soft_triton`` (same values and gradients).
     """
+    if kernels.runs_triton(codebook):
+        from .kernels.soft_triton import vq_weight as triton_vq_weight
+
+        return triton_vq_weight(codebook, codes, soft_rows, candidates, candidate_logits)
     return _VQWeight.apply(codebook, candidate_logits, codes, soft_rows, candidates)
 
 
