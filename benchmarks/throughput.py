@@ -18,6 +18,11 @@ FLOPs). Steps of both kinds alternate, so machine load hits both alike; medians 
     python benchmarks/throughput.py                          # S/2 and XL block, w2 and w3
     python benchmarks/throughput.py --cases S --bits 2 --profile
     python benchmarks/throughput.py --precision bf16-mixed   # CPU autocast, as Lightning's bf16-mixed
+    python benchmarks/throughput.py --cases S --compile      # torch.compile of the soft reconstruction
+
+``--compile`` replaces the soft rows' forward (``vq4dit.soft._soft_mix``: ratios, gathers, weighted
+sum) and their logits gradient (``_soft_logits_grad``) by ``torch.compile(dynamic=True)`` versions
+(Inductor: one fused C++ loop each on the CPU); compilation happens in the warm-up steps.
 """
 
 from __future__ import annotations
@@ -220,6 +225,29 @@ def run_case(name: str, source: str, bits: int, args) -> dict:
     return result
 
 
+def _plain_soft_mix(codebook, index, candidate_logits):
+    """``vq4dit.soft._soft_mix`` in plain ops (no wide-row views: they pin the shapes), for Inductor
+    to fuse into one loop that never writes ``[S, n, d]``."""
+    ratios = torch.softmax(candidate_logits.float(), dim=1).to(codebook.dtype)  # [S, n]
+    return (codebook[index.long()] * ratios.unsqueeze(-1)).sum(1)
+
+
+def _plain_soft_logits_grad(grad_soft, codebook, index, candidate_logits):
+    """``vq4dit.soft._soft_logits_grad`` in plain ops (see ``_plain_soft_mix``)."""
+    ratios = torch.softmax(candidate_logits.float(), dim=1)  # [S, n]
+    dratio = (codebook[index.long()] * grad_soft.unsqueeze(1)).sum(-1).float()  # [S, n]
+    return (ratios * (dratio - (ratios * dratio).sum(1, keepdim=True))).to(candidate_logits.dtype)
+
+
+def compile_soft_path() -> None:
+    """Swap ``torch.compile(dynamic=True)`` versions into the soft reconstruction's forward and
+    logits gradient (S changes per layer and as rows harden: one dynamic-shape graph each)."""
+    from vq4dit import soft
+
+    soft._soft_mix = torch.compile(_plain_soft_mix, dynamic=True)
+    soft._soft_logits_grad = torch.compile(_plain_soft_logits_grad, dynamic=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["S", "XL-block"], choices=["S", "XL-block"])
@@ -237,8 +265,11 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=12, help="aten ops listed in the profile")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the soft reconstruction (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compile:
+        compile_soft_path()
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,7 +285,7 @@ def main() -> None:
     fp_keys = [f"fp-{o}" for o in args.fp_optimizers]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), precision {args.precision}, teacher {args.teacher_dtype}, "
-          f"n={args.num_candidates}, "
+          f"n={args.num_candidates}, " + ("soft reconstruction torch.compile'd, " if args.compile else "") +
           f"batch {2 * ITEMS} (4 classes + 4 null), median of {args.repeats}"
           + (f", {args.pre_harden:.0%} of rows hardened first" if args.pre_harden else "") + "\n")
     print("| model | bits | calibration step s | " + " | ".join(f"FP step s ({k[3:]})" for k in fp_keys)

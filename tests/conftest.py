@@ -7,6 +7,10 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by subprocess-based CLI tests
+if not torch.cuda.is_available():
+    # The Triton kernels (tests/test_kernels.py) run in Triton's CPU interpreter. Set before any
+    # test module is imported: a kernel defined before the variable is set cannot be interpreted.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
 try:
     import faiss

@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 import torch
 
+from . import kernels
 from .codewords import WIDE_ROW_DTYPES
 
 InferenceMode = Literal["decode", "cached"]
@@ -48,7 +49,12 @@ def gather_codewords(codebook: torch.Tensor, codes: torch.Tensor, out: torch.Ten
     Each codeword is viewed as one wide element (``d * itemsize`` bytes, e.g. 16 B for d=4 fp32)
     and the codes are widened to int32 only (``index_select`` needs int32/int64), never to int64.
     ``out``: optional contiguous ``[N * d]`` buffer of the codebook's dtype to write into.
+    With the Triton backend (``vq4dit.kernels``) CUDA tensors take the fused decode kernel.
     """
+    if kernels.runs_triton(codebook):
+        from .kernels.decode_triton import decode
+
+        return decode(codebook, codes, out=out)
     index = codes if codes.dtype in (torch.int32, torch.int64) else codes.to(torch.int32)
     codebook = codebook.detach().contiguous()
     num, dim = index.numel(), codebook.shape[1]

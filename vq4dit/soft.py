@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from . import kernels
 from .codewords import WIDE_ROW_DTYPES
 RegularizerKind = Literal["paper", "official"]
 
@@ -70,6 +71,25 @@ def soft_reconstruct(
     return _mix_candidates(codebook, candidates.int(), _candidate_ratios_t(candidate_logits))
 
 
+def _soft_mix(codebook: torch.Tensor, index: torch.Tensor, candidate_logits: torch.Tensor) -> torch.Tensor:
+    """The soft rows' forward: ratios and weighted candidates, ``[S, d]`` (``index [S, n]`` int32).
+    A module-level name: ``benchmarks/throughput.py --compile`` swaps in a ``torch.compile`` of it."""
+    return _mix_candidates(codebook, index, _candidate_ratios_t(candidate_logits))
+
+
+def _soft_logits_grad(grad_soft: torch.Tensor, codebook: torch.Tensor, index: torch.Tensor,
+                      candidate_logits: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits ``[S, n]`` of the soft rows from their output gradient ``grad_soft [S, d]``:
+    d loss / d ratio_m = <grad, codeword_m>, then the softmax Jacobian (swappable as ``_soft_mix``)."""
+    ratios_t = _candidate_ratios_t(candidate_logits)  # [n, S]
+    dratio = torch.stack([
+        torch.einsum("sd,sd->s", grad_soft, _gather_rows(codebook, index[:, m])).float()
+        for m in range(index.shape[1])
+    ])  # [n, S]
+    dlogits = ratios_t * (dratio - (ratios_t * dratio).sum(0, keepdim=True))
+    return dlogits.t().contiguous().to(candidate_logits.dtype)
+
+
 class _VQWeight(torch.autograd.Function):
     """Dense sub-vectors ``[N, d]`` of a VQ layer: hard rows ``codebook[codes]``, soft rows the
     ratio-weighted candidates (Eq. 7), without keeping intermediates for the backward.
@@ -89,7 +109,7 @@ class _VQWeight(torch.autograd.Function):
             num_soft = soft_rows.numel()
             if num_soft == 0:
                 return _gather_rows(codebook, codes.int())
-            mixed = _mix_candidates(codebook, candidates.int(), _candidate_ratios_t(candidate_logits))
+            mixed = _soft_mix(codebook, candidates.int(), candidate_logits)
             if num_soft == codes.numel():  # every row soft: soft_rows is 0..N-1 (kept ascending)
                 return mixed
             flat = _gather_rows(codebook, codes.int())
@@ -112,17 +132,11 @@ class _VQWeight(torch.autograd.Function):
                     grad_codebook.index_add_(0, codes.int(), grad_hard)
             if num_soft:
                 grad_soft = grad_flat if all_soft else grad_flat.index_select(0, soft_rows)  # [S, d]
-                ratios_t = _candidate_ratios_t(candidate_logits)  # [n, S]
                 index = candidates.int()
                 if ctx.needs_input_grad[1]:
-                    # d loss / d ratio_m = <grad, codeword_m>; then the softmax Jacobian
-                    dratio = torch.stack([
-                        torch.einsum("sd,sd->s", grad_soft, _gather_rows(codebook, index[:, m])).float()
-                        for m in range(index.shape[1])
-                    ])  # [n, S]
-                    dlogits = ratios_t * (dratio - (ratios_t * dratio).sum(0, keepdim=True))
-                    grad_logits = dlogits.t().contiguous().to(candidate_logits.dtype)
+                    grad_logits = _soft_logits_grad(grad_soft, codebook, index, candidate_logits)
                 if grad_codebook is not None:
+                    ratios_t = _candidate_ratios_t(candidate_logits)  # [n, S]
                     for m in range(index.shape[1]):
                         grad_codebook.index_add_(0, index[:, m], grad_soft * ratios_t[m].unsqueeze(1).to(grad_soft.dtype))
         return grad_codebook, grad_logits, None, None, None
@@ -144,7 +158,14 @@ def vq_weight(
         soft_rows: ``[S]`` ascending indices of the soft sub-vectors (S = N: all soft).
         candidates: ``[S, n]`` codeword indices of the soft rows.
         candidate_logits: ``[S, n]`` ratio logits of the soft rows (-inf = pruned candidate).
+
+    With the Triton backend (``vq4dit.kernels``, ``VQ4DIT_KERNELS=triton``) CUDA tensors take the
+    fused kernels of ``vq4dit.kernels.soft_triton`` (same values and gradients).
     """
+    if kernels.runs_triton(codebook):
+        from .kernels.soft_triton import vq_weight as triton_vq_weight
+
+        return triton_vq_weight(codebook, codes, soft_rows, candidates, candidate_logits)
     return _VQWeight.apply(codebook, candidate_logits, codes, soft_rows, candidates)
 
 
