@@ -7,7 +7,8 @@ with the shipped digits classifier (``vq4dit.metrics``). Rows are ``SETTING:LEVE
 - settings: ``paper-w2`` (k=256, d=4, the paper preset), ``regime-w2`` (k=16, d=2: 2 bits nominal,
   512-3,072 sub-vectors per codeword, DiT-XL/2's regime on 128-wide layers), ``w3`` (k=64, d=2);
 - levers, joined by ``+``: ``n1`` / ``n2`` / ``n3`` candidates; ``rowscale`` (FP16 per-row scales);
-  ``aware`` (activation-aware k-means and candidates); ``output`` (output-level loss term, weight 1); ``long`` (a longer codebook phase: stop rule
+  ``aware`` (activation-aware k-means and candidates); ``output`` (output-level loss term, weight 1); ``lr`` (codebook learning rate 1e-3 instead of
+  1e-4); ``teacher`` (every block calibrated on its FP input); ``long`` (a longer codebook phase: stop rule
   min 300 codebook steps, patience 200); ``fp-adaln`` (adaLN modulation kept FP); sensitivity
   ``only-adaln|only-qkv|only-out|only-mlp1|only-mlp2|only-block<i>`` (everything else FP);
 - ``fp@<seed>``: the FP model sampled with another evaluation seed (the noise bar: FP vs FP).
@@ -71,6 +72,10 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
             args.append("--model.row_scale=true")
         elif lever == "aware":
             args.append("--model.kmeans_metric=activation")
+        elif lever == "lr":
+            args.append("--model.lr_codebook=1e-3")
+        elif lever == "teacher":
+            args.append("--model.block_inputs=teacher")
         elif lever == "output":
             args.append("--model.output_weight=1.0")
         elif lever == "long":
