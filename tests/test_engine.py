@@ -54,7 +54,7 @@ def test_ten_line_loop_calibrates(tmp_path):
 def test_lightning_fit_is_the_engine_loop(tmp_path):
     """Same seeds and settings: the CLI fit and the plain loop export bit-identical models."""
     cli_main([
-        "fit", "--config", "configs/demo.yaml", "--model.model=tiny", "--model.codebook_size=16",
+        "fit", "--config", "configs/demo.yaml", "--model.model=tiny", "--model.recipe=paper", "--model.codebook_size=16",
         "--model.subvector_dim=2", "--data.num_classes=1000", "--data.num_trajectories=2", "--data.num_steps=8",
         "--data.val_trajectories=0", "--trainer.max_epochs=3", "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
@@ -176,3 +176,17 @@ def test_activation_metric_needs_items_and_builds_with_them():
     euclidean = build_student(teacher, TINY_VQ, progress=False)
     changed = [n for n, l in engine.layers.items() if not torch.equal(l.codebook, vq_layers(euclidean)[n].codebook)]
     assert len(changed) == len(engine.layers)  # every codebook follows the activation metric
+
+
+def test_recipes_choose_the_levers_and_flags_override_them():
+    from vq4dit.lightning import CalibrationModule
+    from vq4dit.recipes import RECIPES
+
+    default = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2)
+    paper = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2, recipe="paper")
+    explicit = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2, row_scale=not RECIPES["quality"]["row_scale"])
+    assert default.vq_config.row_scale is RECIPES["quality"]["row_scale"]
+    assert (paper.vq_config.row_scale, paper.vq_config.kmeans_metric, paper.calibration.output_weight) == (False, "euclidean", 0.0)
+    assert explicit.vq_config.row_scale is not RECIPES["quality"]["row_scale"]
+    with pytest.raises(ValueError, match="recipe"):
+        CalibrationModule(model="tiny", recipe="fast")

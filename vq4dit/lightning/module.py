@@ -12,6 +12,7 @@ from ..distributed import BlockSpread, ddp_ignored
 from ..engine import CalibrationConfig, Calibrator, load_packed_student
 from ..engine.config import BlockInputs, CodebookTraining, OptimizerName, Regularizer, TeacherDtype
 from ..models import load_dit
+from ..recipes import Recipe, recipe_settings
 from ..vq_config import KMeansMetric, RatioInit, VQConfig
 from .data import DataSettings
 from .evaluation import EvalModel, MetricsFeatures, SampleEvaluation
@@ -29,8 +30,9 @@ class CalibrationModule(pl.LightningModule):
         num_candidates: candidate codewords per sub-vector (n; 1 = plain VQ, codebook-only calibration).
         ratio_init: initial candidate ratios, ``inverse_distance`` (official) or ``uniform``.
         kmeans_iters: Lloyd iterations of the codebook initialisation.
-        row_scale: an FP16 scale per output row, calibrated with the codebook (k-means on RMS-normalised rows).
-        kmeans_metric: ``euclidean`` or ``activation`` (k-means weighs input dims by the teacher's E[x^2]).
+        recipe: ``quality`` (default: the levers measured better, see README) or ``paper`` (the paper's method).
+        row_scale: an FP16 scale per output row, calibrated with the codebook (default: the recipe's).
+        kmeans_metric: ``euclidean`` or ``activation`` (inputs weighted by E[x^2]; default: the recipe's).
         include: glob patterns of the Linear layers to quantize (default: the 7 core Linears per block).
         exclude: glob patterns of Linear layers left in full precision.
         overrides: glob -> VQ settings, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``.
@@ -53,7 +55,7 @@ class CalibrationModule(pl.LightningModule):
         metrics_features: FID / IS features: ``classifier`` (digits), ``inception`` or ``auto``.
         real_images: FID reference: ``digits``, an ``.npz`` (``arr_0 [N, H, W, C]`` uint8), ``auto`` or None.
         teacher_dtype: the frozen teacher's dtype after the student is built (k-means and trajectories: float32).
-        output_weight: weight of an output-level loss term (final noise-prediction MSE), student inputs only.
+        output_weight: weight of an output-level loss term (final noise MSE; default: the recipe's).
     """
 
     def __init__(
@@ -65,8 +67,9 @@ class CalibrationModule(pl.LightningModule):
         num_candidates: int = 2,
         ratio_init: RatioInit = "inverse_distance",
         kmeans_iters: int = 25,
-        row_scale: bool = False,
-        kmeans_metric: KMeansMetric = "euclidean",
+        recipe: Recipe = "quality",
+        row_scale: bool | None = None,
+        kmeans_metric: KMeansMetric | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         overrides: dict[str, dict[str, int]] | None = None,
@@ -89,21 +92,21 @@ class CalibrationModule(pl.LightningModule):
         metrics_features: MetricsFeatures = "auto",
         real_images: str | None = "auto",
         teacher_dtype: TeacherDtype = "float32",
-        output_weight: float = 0.0,
+        output_weight: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        levers = recipe_settings(recipe, row_scale=row_scale, kmeans_metric=kmeans_metric, output_weight=output_weight)
         self.vq_config = VQConfig.for_bits(
             bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=ratio_init, kmeans_iters=kmeans_iters,
-            row_scale=row_scale, kmeans_metric=kmeans_metric)
+            row_scale=levers["row_scale"], kmeans_metric=levers["kmeans_metric"])
         self.calibration = CalibrationConfig(
             block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window, codebook_training,
-            optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype, output_weight,
+            optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype, levers["output_weight"],
         )
         self.export_dir = export_dir  # FinalAssignment writes the packed model there
         self.evaluation = SampleEvaluation(model, eval_model, vae, metrics_features, real_images)
-        self.teacher = load_dit(model, num_heads=num_heads) if num_heads else load_dit(model)
-        self.teacher.requires_grad_(False).eval()
+        self.teacher = (load_dit(model, num_heads=num_heads) if num_heads else load_dit(model)).requires_grad_(False).eval()
         check_module_settings(self)  # everything knowable now fails now, before any heavy work
         self.student: nn.Module | None = None
         self.engine: Calibrator | None = None
@@ -116,8 +119,7 @@ class CalibrationModule(pl.LightningModule):
         return not self.hparams.spread_blocks
 
     def trajectory_teacher(self, device: torch.device) -> nn.Module:
-        """The float32 teacher on ``device``, for the data module's trajectories (and then for the
-        student's k-means, which ``configure_model`` runs on the same device)."""
+        """The float32 teacher on ``device`` for the trajectories (the student's k-means follows it there)."""
         return self.teacher.to(device)
 
     def setup(self, stage: str) -> None:
@@ -125,10 +127,8 @@ class CalibrationModule(pl.LightningModule):
         if datamodule is not None and hasattr(datamodule, "settings"):
             self.data_settings = datamodule.settings()
 
-    # ------------------------------------------------------------------------------ model setup
     def configure_model(self) -> None:
-        """Build the engine (student: a copy of the teacher with k-means-initialised VQ layers), or
-        load the packed model ``quantized`` for evaluation; none when only FP is evaluated."""
+        """Build the engine and its k-means student; or load ``quantized``; nothing for FP-only evaluation."""
         if self.student is not None:
             return
         stage = self._trainer.state.fn if self._trainer is not None else None
