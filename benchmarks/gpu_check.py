@@ -31,8 +31,6 @@ functions on the CPU with the ``tiny`` preset, 1 step each, the kernels under Tr
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import gc
 import json
 import os
@@ -242,7 +240,7 @@ def run_calibration(plan: Plan, bench: Bench, bits: int, state: dict) -> list[Ro
     fp_s = bench.median(lambda: fp(batch), plan.repeats, plan.warmup)
     fp_peak = bench.peak_mib()
     rows.append(Row("calibration", "FP fine-tuning step (RMSprop)", setting, 1e3 * fp_s, fp_peak))
-    del fp
+    fp = None  # free its model and optimizer state before the student is built
     bench.free()
     teacher.to(device)
 
@@ -288,7 +286,7 @@ def run_calibration(plan: Plan, bench: Bench, bits: int, state: dict) -> list[Ro
     rows.append(Row("calibration", "calibration step, all hard (torch)", setting, 1e3 * hard_s, bench.peak_mib(),
                     f"{hard_s / fp_s:.2f}x FP step", {"ratio_vs_fp": hard_s / fp_s}))
     state[bits] = (teacher, engine)  # the hard student serves the inference section
-    del calibration
+    calibration = None  # free the optimizer state
     return rows
 
 

@@ -17,7 +17,6 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from vq4dit import kernels  # noqa: E402
-from vq4dit.decoding import gather_codewords  # noqa: E402
 from vq4dit.kernels.decode_triton import decode  # noqa: E402
 from vq4dit.kernels.soft_triton import vq_weight as triton_vq_weight  # noqa: E402
 from vq4dit.layers import VQLinear  # noqa: E402
