@@ -217,7 +217,7 @@ def _child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         module = CalibrationModule(
             model=args.model, bits=args.bits[0], num_candidates=args.num_candidates, kmeans_iters=args.kmeans_iters,
-            export_dir=f"{tmp}/packed", **({"teacher_dtype": args.teacher_dtype} if args.teacher_dtype else {}),
+            export_dir=f"{tmp}/packed", recipe=args.recipe, **({"teacher_dtype": args.teacher_dtype} if args.teacher_dtype else {}),
         )
         mark("load teacher")
         data = CalibrationDataModule(
@@ -337,6 +337,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="sampling steps = optimisation steps")
     parser.add_argument("--precision", default="bf16-mixed", help="Trainer precision (the XL configs: bf16-mixed)")
     parser.add_argument("--teacher-dtype", default="bfloat16", help="CalibrationModule teacher_dtype (XL configs: bfloat16)")
+    parser.add_argument("--recipe", default="paper", choices=["paper", "quality"],
+                        help="calibration recipe (the README table: paper; quality adds row scales and activation statistics)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rss-limit-gb", type=float, default=21.0, help="watchdog: kill the child above this RSS")
     parser.add_argument("--min-free-gb", type=float, default=0.8, help="watchdog: kill the child below this free RAM")

@@ -16,7 +16,8 @@ def statistics_batches(items: dict[str, torch.Tensor], guidance_scale: float, ba
     """Model batches ``(x, t, y)`` over at most ``max_items`` calibration items (evenly strided over
     all trajectories and timesteps), with null-label copies when ``guidance_scale > 1``."""
     count = items["t"].numel()
-    index = torch.linspace(0, count - 1, min(count, max_items)).round().long().unique()
+    # explicit CPU: Lightning's configure_model runs under ``with torch.device(accelerator)``
+    index = torch.linspace(0, count - 1, min(count, max_items), device="cpu").round().long().unique()
     batches = []
     for chunk in index.split(batch_size):
         x, t, y = items["x"][chunk], items["t"][chunk], items["y"][chunk]
