@@ -93,6 +93,7 @@ class Calibrator:
         if not self.layers:
             raise ValueError("the student has no VQLinear layer to calibrate")
         self.gate = RegularizerGate(self.config.gate_window, self.config.regularizer_gating)
+        self.input_weights: dict[str, torch.Tensor] | None = None  # set by build() for activation-aware k-means
         self.update_codebook_trainability()
 
     @classmethod
@@ -124,6 +125,7 @@ class Calibrator:
         student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides,
                                 progress=progress, input_weights=weights)
         engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)
+        engine.input_weights = weights  # the activation statistics used, for baselines of the same layers
         if config.teacher_dtype != "float32":
             cast_teacher_(teacher, getattr(torch, config.teacher_dtype))
         return engine
