@@ -4,6 +4,7 @@ Every row calibrates with ``train.py fit --config configs/demo.yaml`` plus the r
 this process), then samples the same labels and seeds as FP (identical noise) and scores the images
 with the shipped digits classifier (``vq4dit.metrics``). Rows are ``SETTING:LEVERS``:
 
+- every row starts from the paper's method (``--model.recipe paper``) and adds only its levers;
 - settings: ``paper-w2`` (k=256, d=4, the paper preset), ``regime-w2`` (k=16, d=2: 2 bits nominal,
   512-3,072 sub-vectors per codeword, DiT-XL/2's regime on 128-wide layers), ``w3`` (k=64, d=2);
 - levers, joined by ``+``: ``n1`` / ``n2`` / ``n3`` candidates; ``rowscale`` (FP16 per-row scales);
@@ -69,7 +70,7 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
     setting, _, levers = row.partition(":")
     if setting not in SETTINGS:
         raise SystemExit(f"error: unknown setting {setting!r} in {row!r}; known: {', '.join(SETTINGS)}")
-    args, stop = list(SETTINGS[setting]), None
+    args, stop = ["--model.recipe=paper", *SETTINGS[setting]], None  # levers only where the row names them
     for lever in filter(None, levers.split("+")):
         if lever in ("n1", "n2", "n3"):
             args.append(f"--model.num_candidates={lever[1]}")
