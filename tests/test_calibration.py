@@ -215,7 +215,8 @@ def test_paper_configs_parse(name, capsys):
     ids=["teacher-inputs", "simultaneous", "paper-regularizer", "adam", "n3-uniform"],
 )
 def test_fit_modes(tmp_path, options, must_beat_kmeans):
-    module = cli_main(fit_args(tmp_path, "--trainer.max_epochs=6", *options)).model
+    # the paper's method with each of its options (the quality levers are measured in benchmarks/ablation.py)
+    module = cli_main(fit_args(tmp_path, "--trainer.max_epochs=6", "--model.recipe=paper", *options)).model
     assert all(layer.is_hard for layer in module.engine.layers.values())
     assert (tmp_path / "packed" / "model.safetensors").exists()
     batches = _val_batches(module.teacher)
