@@ -87,7 +87,7 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
         elif lever == "long":
             stop = LONG_STOP
         elif lever == "fp-adaln":
-            args.append("--model.exclude=[*.norm1.linear]")
+            args.append('--model.exclude=["*.norm1.linear"]')
         elif lever.startswith("only-block") and lever[10:].isdigit():
             names = [f"transformer_blocks.{lever[10:]}.{suffix}" for suffix in ALL_CORE]
             args.append(f"--model.include=[{', '.join(names)}]")
