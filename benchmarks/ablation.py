@@ -63,6 +63,14 @@ PRESETS["combinations"] = [
     "paper-w2:n2+rowscale+aware", "w3:n1", "w3:n2", "w3:n1+rowscale+aware", "w3:n2+rowscale+aware",
 ]
 PRESETS["all"] = PRESETS["noise"] + PRESETS["levers"] + PRESETS["combinations"] + PRESETS["sensitivity"]
+# The README table, row for row (python benchmarks/ablation.py --preset readme --samples 500)
+PRESETS["readme"] = PRESETS["noise"] + [
+    "regime-w2:n1", "regime-w2:n2", "regime-w2:n2+rowscale", "regime-w2:n2+aware", "regime-w2:n2+output",
+    "regime-w2:n2+long", "regime-w2:n2+rowscale+lr", "regime-w2:n2+rowscale+aware+lr+long", "regime-w2:n2+fp-adaln",
+    "regime-w2:n1+rowscale+aware", "regime-w2:n2+rowscale+aware",
+    "paper-w2:n1", "paper-w2:n2", "paper-w2:n1+rowscale+aware", "paper-w2:n2+rowscale+aware",
+    "w3:n1", "w3:n2", "w3:n1+rowscale+aware", "w3:n2+rowscale+aware",
+] + PRESETS["sensitivity"]
 
 
 def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], dict | None]:
