@@ -81,7 +81,8 @@ class SizeReport:
             "-" * len(head),
             f"{len(self.layers)} quantized layers: {self.num_weights:,} weights + {self.num_biases:,} biases",
             f"FP32 {self.fp32_mib:.2f} MiB -> {self.quantized_mib:.2f} MiB ({self.compression:.2f}x): codes "
-            f"{self.codes_mib:.2f} + codebooks {self.codebooks_mib:.3f} + biases {self.biases_mib:.2f} MiB",
+            f"{self.codes_mib:.2f} + codebooks{' + row scales' if any(r.scale_bytes for r in self.layers) else ''} "
+            f"{self.codebooks_mib:.3f} + biases {self.biases_mib:.2f} MiB",
             f"estimated file size {self.file_bytes / mib:.2f} MiB (other tensors {self.other_bytes / mib:.2f} MiB)",
         ])
 
