@@ -9,7 +9,7 @@ with the shipped digits classifier (``vq4dit.metrics``). Rows are ``SETTING:LEVE
   512-3,072 sub-vectors per codeword, DiT-XL/2's regime on 128-wide layers), ``w3`` (k=64, d=2);
 - levers, joined by ``+``: ``n1`` / ``n2`` / ``n3`` candidates; ``rowscale`` (FP16 per-row scales);
   ``aware`` (activation-aware k-means and candidates); ``output`` (output-level loss term, weight 1); ``lr`` (codebook learning rate 1e-3 instead of
-  1e-4); ``teacher`` (every block calibrated on its FP input); ``long`` (a longer codebook phase: stop rule
+  1e-4); ``teacher`` (every block calibrated on its FP input); ``adaln3`` (adaLN layers at k=64: 3 bits at d=2); ``long`` (a longer codebook phase: stop rule
   min 300 codebook steps, patience 200); ``fp-adaln`` (adaLN modulation kept FP); sensitivity
   ``only-adaln|only-qkv|only-out|only-mlp1|only-mlp2|only-block<i>`` (everything else FP);
 - ``fp@<seed>``: the FP model sampled with another evaluation seed (the noise bar: FP vs FP).
@@ -67,7 +67,7 @@ PRESETS["all"] = PRESETS["noise"] + PRESETS["levers"] + PRESETS["combinations"] 
 PRESETS["readme"] = PRESETS["noise"] + [
     "regime-w2:n1", "regime-w2:n2", "regime-w2:n2+rowscale", "regime-w2:n2+aware", "regime-w2:n2+output",
     "regime-w2:n2+long", "regime-w2:n2+rowscale+lr", "regime-w2:n2+rowscale+aware+lr+long", "regime-w2:n2+fp-adaln",
-    "regime-w2:n1+rowscale+aware", "regime-w2:n2+rowscale+aware",
+    "regime-w2:n1+rowscale+aware", "regime-w2:n2+rowscale+aware", "regime-w2:n2+rowscale+aware+adaln3",
     "paper-w2:n1", "paper-w2:n2", "paper-w2:n1+rowscale+aware", "paper-w2:n2+rowscale+aware",
     "w3:n1", "w3:n2", "w3:n1+rowscale+aware", "w3:n2+rowscale+aware",
 ] + PRESETS["sensitivity"]
@@ -90,6 +90,8 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
             args.append("--model.lr_codebook=1e-3")
         elif lever == "teacher":
             args.append("--model.block_inputs=teacher")
+        elif lever == "adaln3":  # bit allocation by sensitivity: adaLN at k=64 (3 bits with d=2)
+            args.append('--model.overrides={"*.norm1.linear": {"codebook_size": 64}}')
         elif lever == "output":
             args.append("--model.output_weight=1.0")
         elif lever == "long":
