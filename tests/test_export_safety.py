@@ -20,14 +20,6 @@ from vq4dit.vq_config import VQConfig
 CONFIG = VQConfig(codebook_size=16, subvector_dim=4, num_candidates=1, kmeans_iters=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return quantized_dit(CONFIG)
