@@ -63,8 +63,14 @@ class VQ4DiTCLI(LightningCLI):
             ckpt_path = self._resolve_last(config)
         if ckpt_path and Path(ckpt_path).is_file():
             check_resumable(ckpt_path, dict(config.get("model") or {}), dict(config.get("data") or {}))
+            self._resume_path = ckpt_path
         elif ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             raise ValueError(f"ckpt_path {ckpt_path!r} does not exist")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if getattr(self, "_resume_path", None) and hasattr(self.model, "resume_checkpoint"):
+            self.model.resume_checkpoint = self._resume_path  # its bit allocation is reused, not measured again
 
     def _resolve_last(self, config) -> str | None:
         trainer = config["trainer"]

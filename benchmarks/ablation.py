@@ -12,6 +12,12 @@ with the shipped digits classifier (``vq4dit.metrics``). Rows are ``SETTING:LEVE
   1e-4); ``teacher`` (every block calibrated on its FP input); ``adaln3`` (adaLN layers at k=64: 3 bits at d=2); ``long`` (a longer codebook phase: stop rule
   min 300 codebook steps, patience 200); ``fp-adaln`` (adaLN modulation kept FP); sensitivity
   ``only-adaln|only-qkv|only-out|only-mlp1|only-mlp2|only-block<i>`` (everything else FP);
+  ``feedback`` (error feedback: candidates assigned column group by group, GPTQ / GPTVQ);
+  ``alloc`` (bit allocation: per-layer k in k/4..4k from measured sensitivity, the same all-in bits);
+  ``budget<B>`` (bit allocation under B bits/weight all-in);
+  ``cfg<G>`` (calibration trajectories sampled at guidance G instead of the demo's 4);
+  ``data<N>`` (N calibration trajectories instead of the demo's 8);
+  ``seed<N>`` (calibration seed N: k-means and trajectories; the noise bar of a calibration);
 - ``fp@<seed>``: the FP model sampled with another evaluation seed (the noise bar: FP vs FP).
 
     python benchmarks/ablation.py --rows fp@1 fp@2 regime-w2:n2 regime-w2:n2+rowscale --samples 500
@@ -92,10 +98,22 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
             args.append("--model.block_inputs=teacher")
         elif lever == "adaln3":  # bit allocation by sensitivity: adaLN at k=64 (3 bits with d=2)
             args.append('--model.overrides={"*.norm1.linear": {"codebook_size": 64}}')
+        elif lever == "feedback":  # GPTQ-style error feedback across columns when assigning candidates
+            args.append("--model.error_feedback=true")
+        elif lever == "alloc":  # per-layer k from measured sensitivity, the uniform setting's bits
+            args.append("--model.bit_allocation=true")
+        elif lever.startswith("budget"):  # bit allocation under an explicit all-in budget
+            args.append(f"--model.bit_budget={float(lever[6:])}")
         elif lever == "output":
             args.append("--model.output_weight=1.0")
         elif lever == "long":
             stop = LONG_STOP
+        elif lever.startswith("cfg"):  # guidance of the calibration trajectories (demo: 4; evaluation: 1.5)
+            args.append(f"--data.guidance_scale={float(lever[3:])}")
+        elif lever.startswith("data") and lever[4:].isdigit():  # calibration trajectories (demo: 8)
+            args.append(f"--data.num_trajectories={lever[4:]}")
+        elif lever.startswith("seed") and lever[4:].isdigit():  # another calibration seed (k-means, trajectories)
+            args += [f"--seed_everything={lever[4:]}", f"--data.seed={lever[4:]}"]
         elif lever == "fp-adaln":
             args.append('--model.exclude=["*.norm1.linear"]')
         elif lever.startswith("only-block") and lever[10:].isdigit():

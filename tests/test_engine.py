@@ -169,7 +169,7 @@ def test_activation_metric_needs_items_and_builds_with_them():
     torch.manual_seed(0)
     teacher = load_dit("tiny")
     vq = TINY_VQ.with_overrides(kmeans_metric="activation")
-    with pytest.raises(ValueError, match="needs calibration items"):
+    with pytest.raises(ValueError, match="need calibration items"):
         Calibrator.build(teacher, vq, progress=False)
     items = generate_items(teacher, [0], TrajectoryPlan(0, 2, 1000, SAMPLER), progress=False)
     engine = Calibrator.build(teacher, vq, guidance_scale=4.0, progress=False, items=items)

@@ -26,6 +26,7 @@ from torch import nn
 
 from .codewords import index_dtype, init_candidate_logits, nearest_codewords, to_subvectors
 from .decoding import DECODE_CHUNK_ELEMENTS, HardDecoding, InferenceMode
+from .error_feedback import error_feedback_assign
 from .kmeans import kmeans
 from .soft import candidate_ratios, vq_weight
 from .vq_config import VQConfig
@@ -115,8 +116,13 @@ class VQLinear(HardDecoding, nn.Module):
 
         With ``num_candidates == 1`` every row starts hard (plain VQ, nearest codeword).
         ``input_weights [in]``: E[x_j^2] of the layer's inputs, needed by (and only used with)
-        ``config.kmeans_metric == "activation"``.
+        ``config.kmeans_metric == "activation"``; or ``[in, in]``, the full E[x x^T], which
+        ``config.error_feedback`` needs (:func:`vq4dit.error_feedback.error_feedback_assign`; its
+        diagonal serves the activation metric).
         """
+        hessian = None
+        if input_weights is not None and input_weights.dim() == 2:
+            hessian, input_weights = input_weights, input_weights.diagonal()
         config.validate_for(linear.out_features, linear.in_features, name)
         weight = linear.weight.detach()
         layer = cls(
@@ -138,7 +144,12 @@ class VQLinear(HardDecoding, nn.Module):
             per_dim = per_dim / per_dim.mean().clamp(min=torch.finfo(torch.float32).tiny)  # scale-free
             weights = per_dim.view(1, -1).expand(linear.out_features, -1).reshape(-1, config.subvector_dim)
         codebook = kmeans(points, config.codebook_size, config.kmeans_iters, config.kmeans_seed, weights=weights)
-        nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates, weights)
+        if config.error_feedback:
+            if hessian is None or hessian.shape != (linear.in_features, linear.in_features):
+                raise ValueError(f"{name}: error_feedback needs input_weights E[x x^T] [{linear.in_features}, {linear.in_features}]")
+            nearest, sq_distances = error_feedback_assign(weight, codebook, hessian, config.num_candidates)
+        else:
+            nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates, weights)
         layer.codebook.data.copy_(codebook)
         layer.codes.copy_(nearest[:, 0].to(layer.codes.dtype))
         if config.num_candidates > 1:
@@ -179,12 +190,9 @@ class VQLinear(HardDecoding, nn.Module):
 
     def bits_per_weight(self, include_codebook: bool = True) -> float:
         """log2(k)/d, plus the FP32 codebook amortised over this layer when asked."""
-        bits = self.config.nominal_bits_per_weight
         if include_codebook:
-            bits += self.codebook.numel() * 32 / (self.in_features * self.out_features)
-            if self.row_scales is not None:
-                bits += 16 / self.in_features  # one FP16 scale per row
-        return bits
+            return self.config.stored_bits_per_weight(self.out_features, self.in_features)
+        return self.config.nominal_bits_per_weight
 
     # ---------------------------------------------------------------------------------- forward
     def weight(self) -> torch.Tensor:

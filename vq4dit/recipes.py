@@ -14,8 +14,10 @@ from typing import Any, Literal, get_args
 Recipe = Literal["quality", "paper"]
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "paper": {"row_scale": False, "kmeans_metric": "euclidean", "output_weight": 0.0},
-    "quality": {"row_scale": True, "kmeans_metric": "activation", "output_weight": 0.0},
+    "paper": {"row_scale": False, "kmeans_metric": "euclidean", "output_weight": 0.0, "bit_allocation": False,
+              "error_feedback": False},
+    "quality": {"row_scale": True, "kmeans_metric": "activation", "output_weight": 0.0, "bit_allocation": False,
+                "error_feedback": False},
 }
 
 

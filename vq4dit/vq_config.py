@@ -42,6 +42,9 @@ class VQConfig:
             every input dimension j by the layer's input second moment E[x_j^2] on the
             calibration trajectories (the diagonal of the output-error metric, as GPTVQ / VPTQ
             use the Hessian diagonal), so codewords fit where the inputs are large.
+        error_feedback: assign the candidates one column group at a time and compensate each
+            group's output error on the columns not assigned yet (GPTQ / GPTVQ), under the
+            layer's input second moments E[x x^T] from the calibration trajectories.
     """
 
     codebook_size: int = 256
@@ -52,6 +55,7 @@ class VQConfig:
     kmeans_seed: int = 0
     row_scale: bool = False
     kmeans_metric: KMeansMetric = "euclidean"
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
         k, d, n = self.codebook_size, self.subvector_dim, self.num_candidates
@@ -111,6 +115,12 @@ class VQConfig:
     def nominal_bits_per_weight(self) -> float:
         """log2(k) / d: the code cost per weight, codebook overhead excluded."""
         return self.code_bits / self.subvector_dim
+
+    def stored_bits_per_weight(self, out_features: int, in_features: int) -> float:
+        """All-in bits per weight of an ``out x in`` layer: log2(k)/d codes, the FP32 codebook
+        amortised over the layer, and the FP16 row scales when ``row_scale``."""
+        bits = self.nominal_bits_per_weight + self.codebook_size * self.subvector_dim * 32 / (out_features * in_features)
+        return bits + (16 / in_features if self.row_scale else 0.0)
 
     def validate_for(self, out_features: int, in_features: int, name: str = "layer") -> None:
         """Raise ``ValueError`` if this config cannot quantize an ``out x in`` weight."""

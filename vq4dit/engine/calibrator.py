@@ -32,10 +32,14 @@ from ..models import NonFiniteError, block_modules
 from ..quantize import finalize_model_, select_layers, vq_layers
 from ..soft import logit_regularizer
 from ..vq_config import VQConfig
+from .allocation import allocate_bits
 from .config import CalibrationConfig
 from .losses import RegularizerGate, block_losses, with_null_labels
 from .statistics import input_second_moments, statistics_batches
 from .student import build_student, cast_teacher_
+
+
+ALLOCATION_ITEMS = 256  # calibration items (plus null-label copies) scoring each bit-allocation option
 
 
 @dataclass
@@ -94,6 +98,8 @@ class Calibrator:
             raise ValueError("the student has no VQLinear layer to calibrate")
         self.gate = RegularizerGate(self.config.gate_window, self.config.regularizer_gating)
         self.input_weights: dict[str, torch.Tensor] | None = None  # set by build() for activation-aware k-means
+        self.allocation: dict[str, dict[str, int]] | None = None  # set by build(): per-layer codebook sizes
+        self.allocation_report: str | None = None
         self.update_codebook_trainability()
 
     @classmethod
@@ -109,23 +115,42 @@ class Calibrator:
         guidance_scale: float = 1.0,
         progress: bool = True,
         items: dict[str, torch.Tensor] | None = None,
+        bit_allocation: bool = False,
+        bit_budget: float | None = None,
+        allocation: Mapping[str, Mapping[str, int]] | None = None,
     ) -> "Calibrator":
         """Freeze ``teacher``, build the k-means-initialised student, cast the teacher to
         ``config.teacher_dtype``: a ready engine. ``items`` (``{"x", "t", "y"}`` calibration
-        items) give the input statistics of layers with ``kmeans_metric="activation"``."""
+        items) give the input statistics of layers with ``kmeans_metric="activation"`` and the
+        sensitivities of ``bit_allocation``: per-layer codebook sizes chosen so the selected
+        layers cost ``bit_budget`` bits per weight all-in (None: what the uniform settings cost;
+        :mod:`vq4dit.engine.allocation`). ``allocation``: a previous run's per-layer codebook
+        sizes (``engine.allocation``), reused as they are (a resume)."""
         config = config or CalibrationConfig()
         teacher.requires_grad_(False).eval()
         selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
-        aware = [name for name, _, layer_config in selected if layer_config.kmeans_metric == "activation"]
+        aware = [name for name, _, c in selected if c.kmeans_metric == "activation" or c.error_feedback]
+        full = {name for name, _, c in selected if c.error_feedback}
+        if (aware or (bit_allocation and allocation is None)) and items is None:
+            raise ValueError("activation-aware k-means, error feedback and bit allocation need calibration items")
         weights = None
         if aware:
-            if items is None:
-                raise ValueError("kmeans_metric='activation' needs calibration items for the input statistics")
-            weights = input_second_moments(teacher, aware, statistics_batches(items, guidance_scale))
+            weights = input_second_moments(teacher, aware, statistics_batches(items, guidance_scale), full=full)
+        report = None
+        if bit_allocation and allocation is None:
+            batches = statistics_batches(items, guidance_scale, batch_size=32, max_items=ALLOCATION_ITEMS)
+            measured = allocate_bits(teacher, selected, batches, bit_budget, weights, progress=progress)
+            allocation, report = measured.overrides(), measured.format()
+        if allocation is not None:  # exact layer names after the user's patterns: they win on their layers
+            overrides = {**(overrides or {}), **{name: dict(fields) for name, fields in allocation.items()}}
         student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides,
                                 progress=progress, input_weights=weights)
         engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)
-        engine.input_weights = weights  # the activation statistics used, for baselines of the same layers
+        # the activation statistics used (E[x^2]; not the full matrices), for baselines of the same layers
+        engine.input_weights = None if weights is None else {
+            name: w.diagonal().clone() if w.dim() == 2 else w for name, w in weights.items()}
+        engine.allocation = None if allocation is None else {name: dict(fields) for name, fields in allocation.items()}
+        engine.allocation_report = report  # the measured table (None when uniform or reused)
         if config.teacher_dtype != "float32":
             cast_teacher_(teacher, getattr(torch, config.teacher_dtype))
         return engine
@@ -330,12 +355,14 @@ class Calibrator:
             "layers": sorted(self.layers),
             "vq_config": vars(self.vq_config) if self.vq_config is not None else None,
             "gate_minimum": self.gate.minimum,
+            "allocation": self.allocation,
         }
 
     def load_state_dict(self, saved: Mapping) -> None:
         """Restore :meth:`state_dict`; ``ValueError`` if it came from another configuration."""
         mine = self.state_dict()
-        if saved.get("vq_config") != mine["vq_config"] or list(saved.get("layers", [])) != mine["layers"]:
+        if (saved.get("vq_config") != mine["vq_config"] or list(saved.get("layers", [])) != mine["layers"]
+                or saved.get("allocation") != mine["allocation"]):
             raise ValueError(
                 "cannot resume: the checkpoint was calibrated with another configuration "
                 f"(checkpoint: {saved.get('vq_config')}, {len(saved.get('layers', []))} layers; "

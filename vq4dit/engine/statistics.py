@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Container, Iterable
 
 import torch
 import torch.distributed as dist
@@ -26,16 +26,18 @@ def statistics_batches(items: dict[str, torch.Tensor], guidance_scale: float, ba
 
 
 @torch.no_grad()
-def input_second_moments(model: nn.Module, names: Iterable[str], batches) -> dict[str, torch.Tensor]:
+def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: Container[str] = ()) -> dict[str, torch.Tensor]:
     """``E[x_j^2]`` ``[in]`` of the inputs of ``model``'s Linear layers ``names`` over ``batches``
-    of ``(x [B, C, H, W], t [B], y [B])`` (every token of every item counts once)."""
+    of ``(x [B, C, H, W], t [B], y [B])`` (every token of every item counts once); for the layers
+    in ``full`` the whole ``E[x x^T]`` ``[in, in]`` (error feedback; its diagonal is ``E[x_j^2]``)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
     for name in names:
         def record(_module, args, name=name):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums[name] + x.pow(2).sum(0) if name in sums else x.pow(2).sum(0)
+            moment = x.t() @ x if name in full else x.pow(2).sum(0)
+            sums[name] = sums[name] + moment if name in sums else moment
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
@@ -51,7 +53,7 @@ def input_second_moments(model: nn.Module, names: Iterable[str], batches) -> dic
         raise ValueError(f"no input reached {missing[:3]} while collecting activation statistics")
     if dist.is_available() and dist.is_initialized():  # every DDP rank must build the same codebooks
         for name in sums:
-            total = torch.cat([sums[name], torch.tensor([float(counts[name])], device=sums[name].device)])
+            total = torch.cat([sums[name].flatten(), torch.tensor([float(counts[name])], device=sums[name].device)])
             dist.all_reduce(total)
-            sums[name], counts[name] = total[:-1], total[-1].item()
+            sums[name], counts[name] = total[:-1].view_as(sums[name]), total[-1].item()
     return {name: (sums[name] / counts[name]).cpu() for name in sums}

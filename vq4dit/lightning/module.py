@@ -4,6 +4,8 @@ once and calls :class:`vq4dit.engine.Calibrator` from its hooks; evaluation is d
 
 from __future__ import annotations
 
+import sys
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from ..recipes import Recipe, recipe_settings
 from ..vq_config import KMeansMetric, RatioInit, VQConfig
 from .data import DataSettings
 from .evaluation import EvalModel, MetricsFeatures, SampleEvaluation
+from .resume import read_allocation
 from .validation import check_module_settings
 
 
@@ -56,6 +59,12 @@ class CalibrationModule(pl.LightningModule):
         real_images: FID reference: ``digits``, an ``.npz`` (``arr_0 [N, H, W, C]`` uint8), ``auto`` or None.
         teacher_dtype: the frozen teacher's dtype after the student is built (k-means and trajectories: float32).
         output_weight: weight of an output-level loss term (final noise MSE; default: the recipe's).
+        bit_allocation: per-layer codebook sizes (k / 4 .. 4 k, same d) chosen from each layer's measured
+            sensitivity so the quantized layers cost ``bit_budget`` (default: the recipe's).
+        bit_budget: bits per weight all-in (codes, codebooks, row scales) of the quantized layers under
+            ``bit_allocation`` (None: what the uniform k, d cost: the same bits, spent where they matter).
+        error_feedback: assign candidates column group by column group, compensating each group's output
+            error on the later columns under the teacher's E[x x^T] (GPTQ / GPTVQ; default: the recipe's).
     """
 
     def __init__(
@@ -93,13 +102,20 @@ class CalibrationModule(pl.LightningModule):
         real_images: str | None = "auto",
         teacher_dtype: TeacherDtype = "float32",
         output_weight: float | None = None,
+        bit_allocation: bool | None = None,
+        bit_budget: float | None = None,
+        error_feedback: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        levers = recipe_settings(recipe, row_scale=row_scale, kmeans_metric=kmeans_metric, output_weight=output_weight)
+        levers = recipe_settings(recipe, row_scale=row_scale, kmeans_metric=kmeans_metric, output_weight=output_weight,
+                                 bit_allocation=True if bit_budget is not None and bit_allocation is None else bit_allocation,
+                                 error_feedback=error_feedback)
+        self.bit_allocation = levers["bit_allocation"]
+        self.resume_checkpoint: str | None = None  # set by train.py when resuming: its allocation is reused
         self.vq_config = VQConfig.for_bits(
             bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=ratio_init, kmeans_iters=kmeans_iters,
-            row_scale=levers["row_scale"], kmeans_metric=levers["kmeans_metric"])
+            row_scale=levers["row_scale"], kmeans_metric=levers["kmeans_metric"], error_feedback=levers["error_feedback"])
         self.calibration = CalibrationConfig(
             block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window, codebook_training,
             optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype, levers["output_weight"],
@@ -145,8 +161,12 @@ class CalibrationModule(pl.LightningModule):
             self.teacher, self.vq_config, self.calibration, include=hp.include, exclude=hp.exclude,
             overrides=hp.overrides, guidance_scale=self.data_settings.guidance_scale,
             progress=self.global_rank == 0 if self._trainer else True, items=self.data_settings.train_items,
+            bit_allocation=self.bit_allocation, bit_budget=hp.bit_budget,
+            allocation=read_allocation(self.resume_checkpoint) if self.bit_allocation and self.resume_checkpoint else None,
         )
         self.student = self.engine.student
+        if self.engine.allocation_report and self.global_rank == 0:
+            print(self.engine.allocation_report, file=sys.stderr, flush=True)
         if hp.spread_blocks and self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.world_size > 1:
             self.engine.spread = BlockSpread.for_student(self.student, self.trainer.global_rank, self.trainer.world_size)
             # DDP refuses a module without a parameter to sync: a scalar that every loss uses with

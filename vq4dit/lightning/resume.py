@@ -61,3 +61,9 @@ def check_resumable(path: str | Path, model: Mapping, data: Mapping) -> None:
     conflicts += [f"data.{c}" for c in resume_conflicts(saved_data, data, RESUMABLE_DATA)]
     if conflicts:
         raise ValueError(f"cannot resume from {path}: it was calibrated with another configuration ({'; '.join(conflicts)})")
+
+
+def read_allocation(path: str | Path) -> dict[str, dict[str, int]] | None:
+    """The per-layer codebook sizes a calibration checkpoint was built with (None: uniform)."""
+    checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    return (checkpoint.get("vq4dit") or {}).get("allocation")

@@ -57,4 +57,16 @@ def check_module_settings(module) -> None:
         if not is_packed_model(Path(hp.quantized)):
             raise ValueError(f"quantized={hp.quantized!r} is not a packed vq4dit model folder (no config.json with quant_method vq4dit)")
         return
-    select_layers(module.teacher, module.vq_config, include=hp.include, exclude=hp.exclude, overrides=hp.overrides)
+    selected = select_layers(module.teacher, module.vq_config, include=hp.include, exclude=hp.exclude, overrides=hp.overrides)
+    if hp.bit_budget is not None:
+        if not module.bit_allocation:
+            raise ValueError("bit_budget needs bit_allocation (it was turned off explicitly)")
+        if not isinstance(hp.bit_budget, (int, float)) or not hp.bit_budget > 0:
+            raise ValueError(f"bit_budget must be a positive number of bits per weight, got {hp.bit_budget!r}")
+    if module.bit_allocation:
+        from ..engine.allocation import cheapest_bits_per_weight
+
+        floor = cheapest_bits_per_weight(selected)
+        if hp.bit_budget is not None and hp.bit_budget < floor:
+            raise ValueError(f"bit_budget {hp.bit_budget} is below the cheapest allocation of the selected layers "
+                             f"({floor:.3f} bits/weight all-in)")
