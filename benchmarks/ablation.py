@@ -12,9 +12,12 @@ with the shipped digits classifier (``vq4dit.metrics``). Rows are ``SETTING:LEVE
   1e-4); ``teacher`` (every block calibrated on its FP input); ``adaln3`` (adaLN layers at k=64: 3 bits at d=2); ``long`` (a longer codebook phase: stop rule
   min 300 codebook steps, patience 200); ``fp-adaln`` (adaLN modulation kept FP); sensitivity
   ``only-adaln|only-qkv|only-out|only-mlp1|only-mlp2|only-block<i>`` (everything else FP);
-  ``feedback`` (error feedback: candidates assigned column group by group, GPTQ / GPTVQ);
+  ``feedback`` (error feedback: candidates assigned column group by group in decreasing E[x^2]
+  order, each group's output error compensated on the later groups: GPTQ / GPTVQ with act-order);
   ``alloc`` (bit allocation: per-layer k in k/4..4k from measured sensitivity, the same all-in bits);
   ``budget<B>`` (bit allocation under B bits/weight all-in);
+  ``confident`` (initial ratios 0.9 on the nearest candidate, 0.1 shared by the others);
+  ``lrlog<X>`` (ratio-logit learning rate X instead of 5e-2);
   ``cfg<G>`` (calibration trajectories sampled at guidance G instead of the demo's 4);
   ``data<N>`` (N calibration trajectories instead of the demo's 8);
   ``seed<N>`` (calibration seed N: k-means and trajectories; the noise bar of a calibration);
@@ -108,6 +111,10 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
             args.append("--model.output_weight=1.0")
         elif lever == "long":
             stop = LONG_STOP
+        elif lever == "confident":  # ratios start at 0.9 on the nearest (feedback) candidate
+            args.append("--model.ratio_init=confident")
+        elif lever.startswith("lrlog"):  # learning rate of the ratio logits (default 5e-2)
+            args.append(f"--model.lr_logits={float(lever[5:])}")
         elif lever.startswith("cfg"):  # guidance of the calibration trajectories (demo: 4; evaluation: 1.5)
             args.append(f"--data.guidance_scale={float(lever[3:])}")
         elif lever.startswith("data") and lever[4:].isdigit():  # calibration trajectories (demo: 8)

@@ -64,7 +64,7 @@ def main() -> None:
         hard_step = stop.hard_since if stop is not None else None
         steps = cli.trainer.global_step
         config = module.vq_config
-        start = build_student(module.teacher, config.with_overrides(num_candidates=1), progress=False,
+        start = build_student(module.teacher, config.with_overrides(num_candidates=1, error_feedback=False), progress=False,
                               input_weights=module.engine.input_weights)
         before = mean_losses(Calibrator(module.teacher, start, module.calibration, guidance_scale=module.engine.guidance_scale), batches)
         rows.append((bits, config, before, after, hard_step, steps, wall))

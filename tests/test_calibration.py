@@ -38,7 +38,7 @@ def hard_block_mse(teacher, student, batches) -> float:
 
 def kmeans_only(module: CalibrationModule):
     """The k-means start of the same layers: every sub-vector on its nearest codeword, no calibration."""
-    return build_student(module.teacher, module.vq_config.with_overrides(num_candidates=1), progress=False,
+    return build_student(module.teacher, module.vq_config.with_overrides(num_candidates=1, error_feedback=False), progress=False,
                          input_weights=module.engine.input_weights)
 
 

@@ -149,3 +149,12 @@ def test_ratio_regularizer_forms():
     with pytest.raises(ValueError):
         ratio_regularizer(half, "l1")
     assert math.isclose(float(ratio_regularizer(torch.tensor([[0.75, 0.25]]), "paper")), 0.5)
+
+
+def test_confident_ratio_init_starts_near_the_nearest_candidate():
+    from vq4dit.codewords import init_candidate_logits
+
+    ratios = init_candidate_logits(torch.tensor([[0.1, 0.2, 0.3], [5.0, 5.0, 9.0]]), "confident").softmax(dim=1)
+    torch.testing.assert_close(ratios, torch.tensor([[0.9, 0.05, 0.05]] * 2))
+    two = init_candidate_logits(torch.tensor([[0.1, 0.2]]), "confident").softmax(dim=1)
+    torch.testing.assert_close(two, torch.tensor([[0.9, 0.1]]))

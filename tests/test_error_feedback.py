@@ -63,3 +63,47 @@ def test_full_second_moments_have_the_diagonal_of_the_plain_ones():
     assert full[names[1]].shape == (256, 256)
     torch.testing.assert_close(full[names[1]].diagonal(), diagonal[names[1]], rtol=1e-5, atol=1e-7)
     assert torch.allclose(full[names[1]], full[names[1]].t())
+
+
+def test_cli_error_feedback_changes_the_assignment(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from tests.test_calibration import fit_args
+    from tests.test_trust import run_main
+
+    one = ["--trainer.max_epochs=1", "--model.num_candidates=1"]
+    assert run_main(monkeypatch, capsys, fit_args(tmp_path / "plain", *one))[0] == 0
+    assert run_main(monkeypatch, capsys, fit_args(tmp_path / "fed", *one, "--model.error_feedback=true"))[0] == 0
+    plain, fed = (load_file(str(tmp_path / run / "packed" / "model.safetensors")) for run in ("plain", "fed"))
+    codes = [key for key in plain if key.endswith(".codes_packed")]
+    assert codes and plain.keys() == fed.keys()
+    assert sum(not torch.equal(plain[key], fed[key]) for key in codes) == len(codes)  # every layer assigned anew
+
+
+def test_activation_order_is_the_input_order_of_the_permuted_layer():
+    """Act-order = left-to-right feedback on the column groups sorted by E[x^2], put back in place."""
+    torch.manual_seed(0)
+    x = correlated_inputs(12) * torch.tensor([0.1, 0.1, 3.0, 3.0, 1.0, 1.0, 0.5, 0.5, 2.0, 2.0, 0.2, 0.2])
+    hessian, weight = x.t() @ x / x.shape[0], torch.randn(10, 12)
+    codebook = kmeans(to_subvectors(weight, 2), 4, 10, 0)
+    ordered, _ = error_feedback_assign(weight, codebook, hessian, 2, order="activation")
+    groups = hessian.diagonal().view(6, 2).sum(1).argsort(descending=True)
+    columns = (groups.view(-1, 1) * 2 + torch.arange(2)).flatten()
+    permuted, _ = error_feedback_assign(weight[:, columns], codebook, hessian[columns][:, columns], 2, order="input")
+    back = permuted.view(10, 6, 2)[:, groups.argsort()].reshape(-1, 2)
+    assert torch.equal(ordered, back)
+    unordered, _ = error_feedback_assign(weight, codebook, hessian, 2, order="input")
+    assert not torch.equal(ordered, unordered)
+    with pytest.raises(ValueError, match="order"):
+        error_feedback_assign(weight, codebook, hessian, order="random")
+
+
+def test_lazy_blocks_are_the_column_by_column_update():
+    torch.manual_seed(0)
+    x = correlated_inputs(96)
+    hessian, weight = x.t() @ x / x.shape[0], torch.randn(40, 96)
+    codebook = kmeans(to_subvectors(weight, 2), 16, 10, 0)
+    one, dist_one = error_feedback_assign(weight, codebook, hessian, 2, block_columns=1)
+    blocked, dist_blocked = error_feedback_assign(weight, codebook, hessian, 2, block_columns=32)
+    assert (one == blocked).float().mean() > 0.99  # round-off may flip a near tie
+    torch.testing.assert_close(dist_one[(one == blocked).all(1)], dist_blocked[(one == blocked).all(1)], rtol=1e-3, atol=1e-6)

@@ -6,6 +6,8 @@ and the ratio regulariser in ``vq4dit.soft``). Nothing here knows about modules,
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .vq_config import RatioInit
@@ -100,10 +102,17 @@ def init_candidate_logits(sq_distances: torch.Tensor, mode: RatioInit = "inverse
     """Ratio logits ``[N, n]`` whose softmax gives the initial candidate ratios.
 
     ``inverse_distance``: ratio_m proportional to 1 / (||w - c_m|| + eps), i.e. the nearest
-    candidate weighs most (official code); ``uniform``: 1/n each (one reading of the paper).
+    candidate weighs most (official code); ``uniform``: 1/n each (one reading of the paper);
+    ``confident``: 0.9 on the nearest, 0.1 shared by the others (the start stays near the
+    nearest-codeword weight, e.g. an error-feedback assignment, while every candidate stays open).
     """
     if mode == "uniform":
         return torch.zeros_like(sq_distances, dtype=torch.float32)
+    if mode == "confident":
+        n = sq_distances.shape[1]
+        logits = torch.full_like(sq_distances, math.log(0.1 / max(n - 1, 1)), dtype=torch.float32)
+        logits[:, 0] = math.log(0.9)
+        return logits
     if mode != "inverse_distance":
         raise ValueError(f"unknown ratio init {mode!r}")
     distances = sq_distances.float().clamp(min=0).sqrt()

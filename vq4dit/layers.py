@@ -147,7 +147,8 @@ class VQLinear(HardDecoding, nn.Module):
         if config.error_feedback:
             if hessian is None or hessian.shape != (linear.in_features, linear.in_features):
                 raise ValueError(f"{name}: error_feedback needs input_weights E[x x^T] [{linear.in_features}, {linear.in_features}]")
-            nearest, sq_distances = error_feedback_assign(weight, codebook, hessian, config.num_candidates)
+            nearest, sq_distances = error_feedback_assign(weight, codebook, hessian, config.num_candidates,
+                                                          ratio_init=config.ratio_init)
         else:
             nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates, weights)
         layer.codebook.data.copy_(codebook)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
-RatioInit = Literal["inverse_distance", "uniform"]
+RatioInit = Literal["inverse_distance", "uniform", "confident"]
 KMeansMetric = Literal["euclidean", "activation"]
 
 
@@ -30,8 +30,8 @@ class VQConfig:
         codebook_size: number of codewords ``k`` (a power of two; a code takes log2(k) bits).
         subvector_dim: sub-vector length ``d``; must divide the layer's ``in_features``.
         num_candidates: candidate codewords ``n`` kept per sub-vector (1 = plain VQ).
-        ratio_init: ``inverse_distance`` (ratios proportional to 1/distance, official code) or
-            ``uniform`` (1/n).
+        ratio_init: ``inverse_distance`` (ratios proportional to 1/distance, official code),
+            ``uniform`` (1/n) or ``confident`` (0.9 on the nearest candidate).
         kmeans_iters: Lloyd iterations on all sub-vectors after the subsampled warm start.
         kmeans_seed: seed of the k-means++ seeding and subsampling (results are deterministic).
         row_scale: a scale per output row (stored as FP16, 16 / in_features bits per weight): the
@@ -67,9 +67,9 @@ class VQConfig:
             raise ValueError(f"num_candidates must be >= 1, got {n!r}")
         if n > k:
             raise ValueError(f"num_candidates ({n}) cannot exceed codebook_size ({k})")
-        if self.ratio_init not in ("inverse_distance", "uniform"):
+        if self.ratio_init not in ("inverse_distance", "uniform", "confident"):
             raise ValueError(
-                f"ratio_init must be 'inverse_distance' or 'uniform', got {self.ratio_init!r}"
+                f"ratio_init must be 'inverse_distance', 'uniform' or 'confident', got {self.ratio_init!r}"
             )
         if self.kmeans_metric not in ("euclidean", "activation"):
             raise ValueError(f"kmeans_metric must be 'euclidean' or 'activation', got {self.kmeans_metric!r}")

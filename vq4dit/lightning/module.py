@@ -31,7 +31,7 @@ class CalibrationModule(pl.LightningModule):
         codebook_size: explicit k (a power of two).
         subvector_dim: explicit d (must divide every quantized layer's input size).
         num_candidates: candidate codewords per sub-vector (n; 1 = plain VQ, codebook-only calibration).
-        ratio_init: initial candidate ratios, ``inverse_distance`` (official) or ``uniform``.
+        ratio_init: initial candidate ratios, ``inverse_distance`` (official), ``uniform`` or ``confident`` (0.9 on the nearest).
         kmeans_iters: Lloyd iterations of the codebook initialisation.
         recipe: ``quality`` (default: the levers measured better, see README) or ``paper`` (the paper's method).
         row_scale: an FP16 scale per output row, calibrated with the codebook (default: the recipe's).
