@@ -24,7 +24,8 @@ with the shipped digits classifier (``vq4dit.metrics``). Rows are ``SETTING:LEVE
 - ``fp@<seed>``: the FP model sampled with another evaluation seed (the noise bar: FP vs FP).
 
     python benchmarks/ablation.py --rows fp@1 fp@2 regime-w2:n2 regime-w2:n2+rowscale --samples 500
-    python benchmarks/ablation.py --preset all --samples 500 --json outputs/ablation.json   # the README table
+    python benchmarks/ablation.py --preset readme --samples 500 --json outputs/ablation.json   # the README table
+    python benchmarks/ablation.py --preset pictures --grid docs/levers_samples.png           # the README picture
 
 FID numbers are digits-FID against the 1797 real digits; "FID/FP" divides by the FP row's FID.
 """
@@ -72,14 +73,27 @@ PRESETS["combinations"] = [
     "paper-w2:n2+rowscale+aware", "w3:n1", "w3:n2", "w3:n1+rowscale+aware", "w3:n2+rowscale+aware",
 ]
 PRESETS["all"] = PRESETS["noise"] + PRESETS["levers"] + PRESETS["combinations"] + PRESETS["sensitivity"]
+QUALITY = "rowscale+aware+feedback+confident+alloc"  # the quality recipe's levers (vq4dit.recipes), spelled as levers
+FEEDBACK = "rowscale+aware+feedback+confident"  # the quality recipe without bit allocation
+SEEDS = lambda row: [row, f"{row}+seed1", f"{row}+seed2"]  # noqa: E731  (a calibration noise bar)
+PRESETS["feedback"] = [
+    *SEEDS("regime-w2:n1+rowscale+aware+feedback"), "regime-w2:n2+rowscale+aware+feedback",
+    *SEEDS(f"regime-w2:n2+{FEEDBACK}"), *SEEDS("regime-w2:n2+rowscale+aware+feedback+lrlog0.01"),
+    *SEEDS(f"regime-w2:n2+{FEEDBACK}+lrlog0.01"), f"regime-w2:n2+{FEEDBACK}+cfg1.5", *SEEDS(f"regime-w2:n2+{QUALITY}"),
+    "paper-w2:n1+rowscale+aware+feedback", "paper-w2:n2+rowscale+aware+feedback", *SEEDS(f"paper-w2:n2+{FEEDBACK}"),
+    f"paper-w2:n2+{QUALITY}", "w3:n1+rowscale+aware+feedback", *SEEDS(f"w3:n2+{FEEDBACK}"), f"w3:n2+{QUALITY}",
+]
+PRESETS["pictures"] = ["regime-w2:n2", "regime-w2:n2+rowscale+aware", f"regime-w2:n2+{FEEDBACK}", "paper-w2:n2",
+                       f"paper-w2:n2+{FEEDBACK}", "w3:n2", f"w3:n2+{FEEDBACK}"]
 # The README table, row for row (python benchmarks/ablation.py --preset readme --samples 500)
 PRESETS["readme"] = PRESETS["noise"] + [
     "regime-w2:n1", "regime-w2:n2", "regime-w2:n2+rowscale", "regime-w2:n2+aware", "regime-w2:n2+output",
     "regime-w2:n2+long", "regime-w2:n2+rowscale+lr", "regime-w2:n2+rowscale+aware+lr+long", "regime-w2:n2+fp-adaln",
-    "regime-w2:n1+rowscale+aware", "regime-w2:n2+rowscale+aware", "regime-w2:n2+rowscale+aware+adaln3",
+    "regime-w2:n1+rowscale+aware", *SEEDS("regime-w2:n2+rowscale+aware"), "regime-w2:n2+rowscale+aware+adaln3",
+    "regime-w2:n2+rowscale+aware+alloc", "regime-w2:n2+rowscale+aware+data32", "regime-w2:n2+rowscale+aware+data32+lr",
     "paper-w2:n1", "paper-w2:n2", "paper-w2:n1+rowscale+aware", "paper-w2:n2+rowscale+aware",
     "w3:n1", "w3:n2", "w3:n1+rowscale+aware", "w3:n2+rowscale+aware",
-] + PRESETS["sensitivity"]
+] + PRESETS["feedback"] + PRESETS["sensitivity"]
 
 
 def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], dict | None]:
@@ -161,8 +175,10 @@ def calibrate(row: str) -> tuple[torch.nn.Module, float, int, dict[str, float]]:
     return cli.model.student.eval(), wall, cli.trainer.global_step, logged
 
 
-def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: int, on_row=None) -> list[dict]:
-    """Score FP and every row on the same labels and seeds; ``on_row(results)`` after each row."""
+def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: int, on_row=None,
+             keep_images: int = 0) -> list[dict]:
+    """Score FP and every row on the same labels and seeds; ``on_row(results)`` after each row.
+    ``keep_images``: each result also holds its first images under ``"images"`` (for a grid)."""
     labels, seeds = evaluation_plan(samples, 10, seed)
     sampler = SamplerConfig(sampler="ddpm", num_steps=steps, guidance_scale=guidance, clip_denoised=True)
     classifier, real = load_reference_classifier(), load_real_images("digits")
@@ -176,6 +192,8 @@ def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: i
         return {k: float(v) for k, v in metrics.compute().items()}
 
     results = [{"row": "fp", "bits_per_weight": 32.0, **score(fp_images, None)}]
+    if keep_images:
+        results[0]["images"] = fp_images[:keep_images]
     for row in rows:
         if on_row is not None:
             on_row(results)
@@ -184,11 +202,15 @@ def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: i
             other_labels, other_seeds = evaluation_plan(samples, 10, int(row[3:]))
             images = generate_images(load_reference_model(), other_labels, other_seeds, sampler, batch_size=250)
             results.append({"row": row, "bits_per_weight": 32.0, **score(images, None)})
+            if keep_images:
+                results[-1]["images"] = images[:keep_images]
             continue
         student, wall, steps_done, logged = calibrate(row)
         images = generate_images(student, labels, seeds, sampler, batch_size=250)
         results.append({"row": row, "bits_per_weight": vq_bits_per_weight(student), "calibration_s": wall,
                         "steps": steps_done, **logged, **score(images, fp_images)})
+        if keep_images:
+            results[-1]["images"] = images[:keep_images]
     if on_row is not None:
         on_row(results)
     return results
@@ -207,6 +229,27 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_summary(results: list[dict]) -> str:
+    """Rows calibrated with several seeds (``ROW``, ``ROW+seed1``, ...): mean and range over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in results[1:]:
+        base, _, last = r["row"].rpartition("+")
+        key = base if last.startswith("seed") and last[4:].isdigit() else r["row"]
+        groups.setdefault(key, []).append(r)
+    fp_fid = results[0]["fid"]
+    lines = ["| row (calibration seeds) | seeds | FID/FP mean | FID/FP range | class acc % mean | class acc % range "
+             "| MSE to FP mean |", "|---|---|---|---|---|---|---|"]
+    for key, rows in groups.items():
+        if len(rows) < 2:
+            continue
+        ratios = [r["fid"] / fp_fid for r in rows]
+        accs = [100 * r["class_accuracy"] for r in rows]
+        mse = sum(r["mse_to_fp"] for r in rows) / len(rows)
+        lines.append(f"| {key} | {len(rows)} | {sum(ratios) / len(rows):.2f} | {min(ratios):.2f}-{max(ratios):.2f} "
+                     f"| {sum(accs) / len(rows):.1f} | {min(accs):.1f}-{max(accs):.1f} | {mse:.4f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=[], help="SETTING:LEVERS rows or fp@SEED")
@@ -217,6 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results as JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--grid", default=None, help="also write a PNG: one row of 20 samples per table row (same noise)")
     args = parser.parse_args(argv)
     rows = (PRESETS[args.preset] if args.preset else []) + args.rows
     if not rows:
@@ -231,14 +275,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.json:
             from vq4dit.atomic import atomic_write_text
 
-            atomic_write_text(args.json, json.dumps(results, indent=2))
+            atomic_write_text(args.json, json.dumps([{k: v for k, v in r.items() if k != "images"} for r in results],
+                                                    indent=2))
 
-    results = evaluate(rows, args.samples, args.steps, args.guidance, args.seed, partial)
+    results = evaluate(rows, args.samples, args.steps, args.guidance, args.seed, partial, keep_images=20 if args.grid else 0)
+    if args.grid:
+        from vq4dit.images import make_grid, save_png
+
+        grid = make_grid([r.pop("images") for r in results], scale=2)
+        print(f"grid ({', '.join(r['row'] for r in results)} top to bottom): {save_png(grid, args.grid)}", file=sys.stderr)
     print(f"\nreference digits DiT; {args.samples} samples per row, DDPM {args.steps} steps, cfg {args.guidance}, "
           f"seed {args.seed}; calibration: configs/demo.yaml + row overrides; {time.strftime('%Y-%m-%d')}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; total {time.perf_counter() - start:.0f} s\n")
     print(format_table(results))
+    summary = seed_summary(results)
+    if summary:
+        print("\n" + summary)
     return results
 
 

@@ -49,8 +49,9 @@ class FinalAssignment(pl.Callback):
 
 
 _DATA_KEYS = ("num_trajectories", "classes_per_trajectory", "batch_size", "sampler", "num_steps", "guidance_scale", "seed")
-_MODULE_KEYS = ("bits", "ratio_init", "kmeans_iters", "regularizer", "codebook_training", "optimizer",
-                "lr_codebook", "lr_bias", "lr_logits", "block_inputs")
+_MODULE_KEYS = ("recipe", "bits", "kmeans_iters", "regularizer", "codebook_training", "optimizer",
+                "lr_codebook", "lr_bias", "lr_logits", "block_inputs", "bit_budget")
+_VQ_KEYS = ("ratio_init", "row_scale", "kmeans_metric", "error_feedback")  # as the recipe resolved them
 
 
 def calibration_card(trainer: pl.Trainer, pl_module, started: float | None) -> dict:
@@ -60,6 +61,10 @@ def calibration_card(trainer: pl.Trainer, pl_module, started: float | None) -> d
     card = {"base_model": hp.get("model"), "num_candidates": getattr(getattr(pl_module, "vq_config", None), "num_candidates", None),
             "calibration_steps": trainer.global_step}
     card.update({key: hp[key] for key in _MODULE_KEYS if key in hp})
+    vq_config = getattr(pl_module, "vq_config", None)
+    card.update({key: getattr(vq_config, key) for key in _VQ_KEYS if hasattr(vq_config, key)})
+    if getattr(pl_module, "bit_allocation", False):
+        card["bit_allocation"] = True
     card.update({f"trajectory_{key}" if key in ("seed", "sampler") else key: data[key] for key in _DATA_KEYS if key in data})
     if started is not None:
         card["calibration_seconds"] = round(time.monotonic() - started, 1)

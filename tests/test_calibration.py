@@ -44,7 +44,9 @@ def kmeans_only(module: CalibrationModule):
 
 def test_fit_calibrates_exports_and_samples(tmp_path):
     """The demo on the shipped reference DiT: fit -> packed checkpoint -> load -> samples."""
-    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=10", "--data.num_trajectories=4", model=[]))
+    # bit allocation at k = 64..1024 would add minutes here; tests/test_allocation.py covers it
+    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=10", "--data.num_trajectories=4", "--model.bit_allocation=false",
+                            model=[]))
     module, data = cli.model, cli.datamodule
     assert module.hparams.model == "reference" and module.vq_config.codebook_size == 256
     assert not module.teacher.training and not module.student.training  # eval mode inside fit

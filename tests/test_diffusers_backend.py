@@ -280,6 +280,7 @@ def test_calibration_runs_write_their_settings_and_time_into_the_card(shared, tm
     assert card["calibration_seconds"] > 0 and "export_dir" not in card
     assert {k: v for k, v in card.items() if k != "calibration_seconds"} == {
         "base_model": "reference", "num_candidates": 2, "calibration_steps": 325, "bits": 2, "optimizer": "rmsprop",
-        "num_trajectories": 8, "trajectory_seed": 3}
+        "num_trajectories": 8, "trajectory_seed": 3, "ratio_init": "inverse_distance", "row_scale": False,
+        "kmeans_metric": "euclidean", "error_feedback": False}
     text = (save_quantized(shared, tmp_path / "run", card=card) / "README.md").read_text()
     assert "| 16 / 4 / 2 |" in text and "- calibration_steps: 325" in text and "base_model: reference" in text

@@ -2,8 +2,10 @@
 
 ``paper``: VQ4DiT as the paper and its official code run it (euclidean k-means codebooks, no
 row scales, the block loss only). ``quality`` (the default): the levers that measured better on
-the reference model (README, "Beyond the paper"): scale-normalised sub-vectors and activation-aware
-codebooks (k-means under the teacher's input second moments). An explicit
+the reference model (README, "Beyond the paper"): scale-normalised sub-vectors, activation-aware
+codebooks (k-means under the teacher's input second moments), candidates assigned with error
+feedback (GPTQ / GPTVQ with act-order), ratios that start at 0.9 on the feedback's codeword, and
+per-layer codebook sizes allocated by measured sensitivity at the bits the uniform setting costs. An explicit
 setting (``--model.row_scale false``) always wins over the recipe.
 """
 
@@ -15,9 +17,9 @@ Recipe = Literal["quality", "paper"]
 
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {"row_scale": False, "kmeans_metric": "euclidean", "output_weight": 0.0, "bit_allocation": False,
-              "error_feedback": False},
-    "quality": {"row_scale": True, "kmeans_metric": "activation", "output_weight": 0.0, "bit_allocation": False,
-                "error_feedback": False},
+              "error_feedback": False, "ratio_init": "inverse_distance"},
+    "quality": {"row_scale": True, "kmeans_metric": "activation", "output_weight": 0.0, "bit_allocation": True,
+                "error_feedback": True, "ratio_init": "confident"},
 }
 
 

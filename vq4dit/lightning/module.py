@@ -31,7 +31,8 @@ class CalibrationModule(pl.LightningModule):
         codebook_size: explicit k (a power of two).
         subvector_dim: explicit d (must divide every quantized layer's input size).
         num_candidates: candidate codewords per sub-vector (n; 1 = plain VQ, codebook-only calibration).
-        ratio_init: initial candidate ratios, ``inverse_distance`` (official), ``uniform`` or ``confident`` (0.9 on the nearest).
+        ratio_init: initial candidate ratios, ``inverse_distance`` (official), ``uniform`` or ``confident`` (0.9 on the
+            nearest; default: the recipe's).
         kmeans_iters: Lloyd iterations of the codebook initialisation.
         recipe: ``quality`` (default: the levers measured better, see README) or ``paper`` (the paper's method).
         row_scale: an FP16 scale per output row, calibrated with the codebook (default: the recipe's).
@@ -74,7 +75,7 @@ class CalibrationModule(pl.LightningModule):
         codebook_size: int | None = None,
         subvector_dim: int | None = None,
         num_candidates: int = 2,
-        ratio_init: RatioInit = "inverse_distance",
+        ratio_init: RatioInit | None = None,
         kmeans_iters: int = 25,
         recipe: Recipe = "quality",
         row_scale: bool | None = None,
@@ -110,11 +111,11 @@ class CalibrationModule(pl.LightningModule):
         self.save_hyperparameters()
         levers = recipe_settings(recipe, row_scale=row_scale, kmeans_metric=kmeans_metric, output_weight=output_weight,
                                  bit_allocation=True if bit_budget is not None and bit_allocation is None else bit_allocation,
-                                 error_feedback=error_feedback)
+                                 error_feedback=error_feedback, ratio_init=ratio_init)
         self.bit_allocation = levers["bit_allocation"]
         self.resume_checkpoint: str | None = None  # set by train.py when resuming: its allocation is reused
         self.vq_config = VQConfig.for_bits(
-            bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=ratio_init, kmeans_iters=kmeans_iters,
+            bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=levers["ratio_init"], kmeans_iters=kmeans_iters,
             row_scale=levers["row_scale"], kmeans_metric=levers["kmeans_metric"], error_feedback=levers["error_feedback"])
         self.calibration = CalibrationConfig(
             block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window, codebook_training,
