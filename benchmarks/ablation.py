@@ -81,7 +81,7 @@ PRESETS["feedback"] = [
     *SEEDS(f"regime-w2:n2+{FEEDBACK}"), *SEEDS("regime-w2:n2+rowscale+aware+feedback+lrlog0.01"),
     *SEEDS(f"regime-w2:n2+{FEEDBACK}+lrlog0.01"), f"regime-w2:n2+{FEEDBACK}+cfg1.5", *SEEDS(f"regime-w2:n2+{QUALITY}"),
     "paper-w2:n1+rowscale+aware+feedback", "paper-w2:n2+rowscale+aware+feedback", *SEEDS(f"paper-w2:n2+{FEEDBACK}"),
-    f"paper-w2:n2+{QUALITY}", "w3:n1+rowscale+aware+feedback", *SEEDS(f"w3:n2+{FEEDBACK}"), f"w3:n2+{QUALITY}",
+    f"paper-w2:n2+{QUALITY}", f"paper-w2:n2+{QUALITY}+seed1", "w3:n1+rowscale+aware+feedback", *SEEDS(f"w3:n2+{FEEDBACK}"), f"w3:n2+{QUALITY}",
 ]
 PRESETS["pictures"] = ["regime-w2:n2", "regime-w2:n2+rowscale+aware", f"regime-w2:n2+{FEEDBACK}", "paper-w2:n2",
                        f"paper-w2:n2+{FEEDBACK}", "w3:n2", f"w3:n2+{FEEDBACK}"]
