@@ -42,15 +42,21 @@ def allocation_options(config: VQConfig, out_features: int, in_features: int, sp
     return options
 
 
-def cheapest_bits_per_weight(selected: Iterable[tuple[str, nn.Linear, VQConfig]], span: int = 2) -> float:
-    """The fewest all-in bits per weight any allocation of ``selected`` layers can reach."""
+def mean_bits_per_weight(selected: Iterable[tuple[str, nn.Linear, VQConfig]], span: int | None = None) -> float:
+    """All-in bits per weight of ``selected`` layers as configured (``span`` None), or the fewest
+    any allocation over ``k / 2^span .. k * 2^span`` can reach."""
     total = bits = 0.0
     for _, linear, config in selected:
+        options = [config] if span is None else allocation_options(config, linear.out_features, linear.in_features, span)
         weights = linear.out_features * linear.in_features
-        options = allocation_options(config, linear.out_features, linear.in_features, span)
         bits += min(o.stored_bits_per_weight(linear.out_features, linear.in_features) for o in options) * weights
         total += weights
     return bits / total
+
+
+def cheapest_bits_per_weight(selected: Iterable[tuple[str, nn.Linear, VQConfig]], span: int = 2) -> float:
+    """The fewest all-in bits per weight any allocation of ``selected`` layers can reach."""
+    return mean_bits_per_weight(selected, span)
 
 
 @dataclass
@@ -78,11 +84,6 @@ class BitAllocation:
         """All-in bits per weight of the allocation over the selected layers."""
         total = sum(layer.bits[self.choice[layer.name]] * layer.num_weights for layer in self.layers)
         return total / sum(layer.num_weights for layer in self.layers)
-
-    @property
-    def predicted_mse(self) -> float:
-        """Sum of the chosen options' single-layer output MSEs (the knapsack's objective)."""
-        return sum(layer.scores[self.choice[layer.name]] for layer in self.layers)
 
     def overrides(self) -> dict[str, dict[str, int]]:
         """Exact layer name -> ``{"codebook_size": k}`` (``quantize_``'s ``overrides``)."""
@@ -218,8 +219,7 @@ def allocate_bits(
     None: what the selected configs cost as given, i.e. the same bits spent where they matter)."""
     selected = list(selected)
     if budget is None:
-        budget = sum(c.stored_bits_per_weight(m.out_features, m.in_features) * m.out_features * m.in_features
-                     for _, m, c in selected) / sum(m.out_features * m.in_features for _, m, _ in selected)
+        budget = mean_bits_per_weight(selected)
     layers = measure_sensitivity(teacher, selected, batches, input_weights, span, progress)
     allocation = BitAllocation(budget, layers)
     allocation.choice = solve_allocation(layers, budget)
