@@ -113,7 +113,7 @@ def test_cli_budget_allocates_and_resume_reuses_the_allocation(tmp_path, monkeyp
     assert run_main(monkeypatch, capsys, fit_args(resumed, "--trainer.max_epochs=1", *budget))[0] == 0
     code, err = run_main(monkeypatch, capsys, fit_args(resumed, "--trainer.max_epochs=2", "--ckpt_path=last", *budget))
     assert code == 0 and "resuming from" in err and "bit allocation: budget" not in err  # reused, not measured
-    a, b = (load_file(str(folder / "packed" / "model.safetensors")) for folder in (straight, resumed))
+    a, b = (load_file(str(folder / "packed" / "diffusion_pytorch_model.safetensors")) for folder in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

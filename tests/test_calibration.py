@@ -109,7 +109,7 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, override, message):
 def packed_tensors(folder):
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "model.safetensors"))
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
 def test_resume_gives_the_same_model(tmp_path):
@@ -187,7 +187,7 @@ def test_bf16_mixed_fit(tmp_path):
     cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=2", "--trainer.precision=bf16-mixed"))
     assert cli.trainer.precision == "bf16-mixed"
     assert all(layer.is_hard for layer in cli.model.engine.layers.values())
-    assert (tmp_path / "packed" / "model.safetensors").exists()
+    assert (tmp_path / "packed" / "diffusion_pytorch_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("name", ["256_w2", "256_w3", "512_w2", "512_w3"])
@@ -220,7 +220,7 @@ def test_fit_modes(tmp_path, options, must_beat_kmeans):
     # the paper's method with each of its options (the quality levers are measured in benchmarks/ablation.py)
     module = cli_main(fit_args(tmp_path, "--trainer.max_epochs=6", "--model.recipe=paper", *options)).model
     assert all(layer.is_hard for layer in module.engine.layers.values())
-    assert (tmp_path / "packed" / "model.safetensors").exists()
+    assert (tmp_path / "packed" / "diffusion_pytorch_model.safetensors").exists()
     batches = _val_batches(module.teacher)
     calibrated = hard_block_mse(module.teacher, module.student, batches)
     assert torch.isfinite(torch.tensor(calibrated))

@@ -1,5 +1,6 @@
 """vq4dit as a diffusers quantization backend: from_pretrained / save_pretrained / push_to_hub of
-packed models and pipelines, hub ids from a local hub cache (offline), the model card."""
+packed models and pipelines through the quantizer hooks only (nothing of diffusers replaced), hub ids
+from a local hub cache (offline), the model card, format 1-3 folders."""
 
 import json
 import os
@@ -20,14 +21,15 @@ pytest.importorskip("accelerate", reason="diffusers loads quantized models only 
 import vq4dit  # noqa: E402  (registers the backend)
 from tests.test_export import forward, quantized_dit  # noqa: E402
 from tests.test_shared_tensors import with_shared_embedders  # noqa: E402
-from vq4dit import diffusers_quantizer  # noqa: E402
 from vq4dit.convert import apply_timestep_freq_shift  # noqa: E402
-from vq4dit.export import load_quantized, save_quantized  # noqa: E402
+from vq4dit.io import diffusers_backend, load_quantized, save_quantized  # noqa: E402
 from vq4dit.layers import VQLinear  # noqa: E402
 from vq4dit.vq_config import VQConfig  # noqa: E402
 
 CONFIG = VQConfig(codebook_size=16, subvector_dim=4, num_candidates=1, kmeans_iters=0)
 EMB = "transformer_blocks.{}.norm1.emb.class_embedder.embedding_table.weight"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+V3 = Path(__file__).parent / "data" / "packed_v3"  # written by save_quantized at 715203d (model.safetensors)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,7 @@ def sample(pipe) -> np.ndarray:
 
 
 def file_tensors(folder: Path) -> tuple[dict, dict]:
-    file = next(folder / name for name in ("model.safetensors", "diffusion_pytorch_model.safetensors")
-                if (folder / name).is_file())
+    file = next(folder / name for name in (WEIGHTS, "model.safetensors") if (folder / name).is_file())
     with safetensors.safe_open(str(file), framework="pt") as handle:
         metadata = handle.metadata()
     return safetensors.torch.load_file(str(file)), metadata
@@ -87,7 +88,7 @@ def test_the_four_lines_of_a_diffusers_user(packed, shared, tmp_path):
     DiTPipeline(transformer=load_quantized(packed), vae=tiny_vae(), scheduler=DDIMScheduler(),
                 id2label=None).save_pretrained(folder)
     shutil.rmtree(folder / "transformer")
-    shutil.copytree(packed, folder / "transformer")  # as save_quantized wrote it (model.safetensors)
+    shutil.copytree(packed, folder / "transformer")  # as save_quantized wrote it
 
     # the four lines (README "diffusers"), the first being `import vq4dit`
     pipe = DiTPipeline.from_pretrained(folder)
@@ -100,8 +101,11 @@ def test_the_four_lines_of_a_diffusers_user(packed, shared, tmp_path):
     plain = DiTPipeline(transformer=load_quantized(packed), vae=pipe.vae, scheduler=DDIMScheduler(), id2label=None)
     assert np.array_equal(sample(plain), images)  # == load_quantized
     written = tmp_path / "resaved" / "transformer"
-    assert sorted(p.name for p in written.iterdir()) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
-    assert os.path.getsize(written / "diffusion_pytorch_model.safetensors") < 1.1 * os.path.getsize(packed / "model.safetensors")
+    assert sorted(p.name for p in written.iterdir()) == ["config.json", WEIGHTS]  # stock: no model card
+    assert os.path.getsize(written / WEIGHTS) == os.path.getsize(packed / WEIGHTS)
+    vq4dit.save_pretrained(pipe, tmp_path / "atomic")  # the atomic writer: same files plus the card
+    assert sorted(p.name for p in (tmp_path / "atomic" / "transformer").iterdir()) == ["README.md", "config.json", WEIGHTS]
+    assert np.array_equal(sample(DiTPipeline.from_pretrained(tmp_path / "atomic")), images)
 
 
 # ------------------------------------------------------------------------- model round trips
@@ -169,7 +173,7 @@ def test_corrupted_file_is_refused(packed, tmp_path):
     folder = shutil.copytree(packed, tmp_path / "bad")
     tensors, meta = file_tensors(folder)
     tensors["proj_out_2.bias"] = tensors["proj_out_2.bias"] + 1
-    safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata=meta)
+    safetensors.torch.save_file(tensors, str(folder / WEIGHTS), metadata=meta)
     with pytest.raises(vq4dit.QuantizedCheckpointError, match="checksum"):
         DiTTransformer2DModel.from_pretrained(folder)
 
@@ -206,6 +210,7 @@ def test_hub_ids_load_from_the_hub_cache(packed, shared, tmp_path, offline):
 
 
 def test_push_to_hub_uploads_the_folder(shared, tmp_path, monkeypatch):
+    import diffusers.utils.hub_utils
     from huggingface_hub import HfApi
 
     calls = []
@@ -214,19 +219,23 @@ def test_push_to_hub_uploads_the_folder(shared, tmp_path, monkeypatch):
         def __init__(self, repo_id):
             self.repo_id = repo_id
 
-    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+    def upload_folder(*args, folder_path, repo_id, **kwargs):
         calls.append((repo_id, sorted(os.listdir(folder_path)), kwargs.get("commit_message")))
         return "https://hub/commit/1"
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: Repo(repo_id))
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(diffusers.utils.hub_utils, "create_repo", lambda repo_id, **kwargs: Repo(repo_id))
+    monkeypatch.setattr(diffusers.utils.hub_utils, "upload_folder", upload_folder)
+    monkeypatch.setattr(diffusers.utils.hub_utils, "load_or_create_model_card", lambda *a, **k: type(
+        "Card", (), {"save": lambda self, path: Path(path).write_text("stock card")})())
+    monkeypatch.setattr(diffusers.utils.hub_utils, "populate_model_card", lambda card, *a, **k: card)
     save_quantized(shared, tmp_path / "a", push_to_hub="org/dit-vq", commit_message="w2")
-    load_quantized(tmp_path / "a").save_pretrained(tmp_path / "b", push_to_hub=True, repo_id="org/dit-vq-2")
-    DiTTransformer2DModel.from_pretrained(tmp_path / "a").push_to_hub("org/dit-vq-3", commit_message="v3")
-    files = ["README.md", "config.json"]
-    assert calls == [("org/dit-vq", [*files, "model.safetensors"], "w2"),
-                     ("org/dit-vq-2", [*files, "diffusion_pytorch_model.safetensors"], "Upload vq4dit-quantized model"),
-                     ("org/dit-vq-3", [*files, "diffusion_pytorch_model.safetensors"], "v3")]
+    vq4dit.save_pretrained(load_quantized(tmp_path / "a"), tmp_path / "b", push_to_hub="org/dit-vq-2")
+    DiTTransformer2DModel.from_pretrained(tmp_path / "a").push_to_hub("org/dit-vq-3", commit_message="v3")  # stock
+    files = ["README.md", "config.json", WEIGHTS]
+    assert calls == [("org/dit-vq", files, "w2"), ("org/dit-vq-2", files, "Upload vq4dit-quantized model"),
+                     ("org/dit-vq-3", files, "v3")]
 
 
 # ---------------------------------------------------------------------------------- model card
@@ -241,8 +250,10 @@ def test_model_card(shared, tmp_path):
                  "- cfg_scale: 4.0", f"| vq4dit version | {vq4dit.__version__} |", "bits per weight, all-in",
                  "MiB |"):
         assert fact in text, fact
-    load_quantized(tmp_path / "carded").save_pretrained(tmp_path / "resaved")  # the card is kept
+    vq4dit.save_pretrained(load_quantized(tmp_path / "carded"), tmp_path / "resaved")  # the card is kept
     assert (tmp_path / "resaved" / "README.md").read_text() == text
+    load_quantized(tmp_path / "carded").save_pretrained(tmp_path / "stock")  # stock: the facts stay in config.json
+    assert json.loads((tmp_path / "stock" / "config.json").read_text())["quantization_config"]["card"] == card
     save_quantized(shared, tmp_path / "bare")  # without a card: what the model tells
     bare = (tmp_path / "bare" / "README.md").read_text()
     assert "| 16 / 4 / not recorded |" in bare and "| calibration time | not recorded |" in bare
@@ -252,10 +263,10 @@ def test_model_card(shared, tmp_path):
 
 
 def test_unsupported_diffusers_version_is_said_clearly(monkeypatch, tmp_path):
-    monkeypatch.setattr(diffusers_quantizer, "diffusers_version", lambda: "0.30.0")
-    with pytest.warns(UserWarning, match=r"supports diffusers >=0\.42,<0\.43; found 0\.30\.0"):
-        assert diffusers_quantizer.register_on_import() is False
-    with pytest.raises(diffusers_quantizer.UnsupportedDiffusersError, match="use vq4dit.load_quantized"):
+    monkeypatch.setattr(diffusers_backend, "diffusers_version", lambda: "0.30.0")
+    with pytest.warns(UserWarning, match=r"supports diffusers >=0\.39,<0\.43; found 0\.30\.0"):
+        assert diffusers_backend.register_on_import() is False
+    with pytest.raises(diffusers_backend.UnsupportedDiffusersError, match="use vq4dit.load_quantized"):
         quantized_dit(CONFIG).save_pretrained(tmp_path / "x")
 
 
@@ -265,7 +276,7 @@ def test_import_vq4dit_with_an_unsupported_diffusers_warns():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[1], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
-    assert "supports diffusers >=0.42,<0.43; found 0.99.0" in done.stderr
+    assert "supports diffusers >=0.39,<0.43; found 0.99.0" in done.stderr
 
 
 def test_calibration_runs_write_their_settings_and_time_into_the_card(shared, tmp_path):

@@ -48,7 +48,7 @@ def test_ten_line_loop_calibrates(tmp_path):
 
     assert mse(engine.student) < 0.8 * mse(start)  # better than the k-means start
     save_quantized(engine.student, tmp_path / "packed")
-    assert (tmp_path / "packed" / "model.safetensors").is_file()
+    assert (tmp_path / "packed" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_lightning_fit_is_the_engine_loop(tmp_path):
@@ -64,7 +64,7 @@ def test_lightning_fit_is_the_engine_loop(tmp_path):
     torch.manual_seed(0)  # seed_everything(0): the tiny preset's random weights
     engine = calibrate_without_lightning(load_dit("tiny"), epochs=3)
     save_quantized(engine.student, tmp_path / "plain")
-    cli, plain = load_file(str(tmp_path / "cli" / "model.safetensors")), load_file(str(tmp_path / "plain" / "model.safetensors"))
+    cli, plain = load_file(str(tmp_path / "cli" / "diffusion_pytorch_model.safetensors")), load_file(str(tmp_path / "plain" / "diffusion_pytorch_model.safetensors"))
     assert cli.keys() == plain.keys()
     assert [k for k in cli if not torch.equal(cli[k], plain[k])] == []
 
@@ -131,7 +131,7 @@ def test_readme_library_loop_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert all(layer.is_hard for layer in namespace["engine"].layers.values())
-    assert (tmp_path / "out" / "reference-w2" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "reference-w2" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_pruned_candidates_are_not_divergence():

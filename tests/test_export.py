@@ -12,17 +12,12 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from vq4dit import atomic, export, packing
+from vq4dit import atomic, packing
 from vq4dit.atomic import WriteError
-from vq4dit.packed_state import FORMAT_VERSION
-from vq4dit.export import (
-    QuantizedCheckpointError,
-    load_quantized,
-    pack_codes,
-    save_quantized,
-    size_report,
-    unpack_codes,
-)
+from vq4dit.io import FORMAT_VERSION, QuantizedCheckpointError, load_quantized, save_quantized
+from vq4dit.io.packed import tensor_digest
+from vq4dit.packing import pack_codes, unpack_codes
+from vq4dit.size import size_report
 from vq4dit.layers import VQLinear
 from vq4dit.quantize import quantize_, vq_layers
 from vq4dit.vq_config import VQConfig
@@ -82,17 +77,17 @@ def forward(model, seed=0):
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
     dst.mkdir()
-    for name in ("config.json", "model.safetensors"):
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
 
 
 def rewrite_tensors(folder: Path, edit) -> None:
     """Apply ``edit`` to the file's tensors and rewrite it with a valid checksum."""
-    file = folder / "model.safetensors"
+    file = folder / "diffusion_pytorch_model.safetensors"
     tensors = safetensors.torch.load_file(str(file))
     edit(tensors)
-    metadata = {"format": "pt", "vq4dit_sha256": export._tensor_digest(tensors)}
+    metadata = {"format": "pt", "vq4dit_sha256": tensor_digest(tensors)}
     safetensors.torch.save_file(tensors, str(file), metadata=metadata)
 
 
@@ -162,7 +157,7 @@ def test_roundtrip_keeps_dtypes(model, tmp_path):
 
 
 def test_file_format(model, saved):
-    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
     config = json.loads((saved / "config.json").read_text())
     assert config["_class_name"] == "DiTTransformer2DModel" and "_diffusers_version" in config
     assert config["num_layers"] == 2 and config["norm_type"] == "ada_norm_zero"
@@ -177,7 +172,7 @@ def test_file_format(model, saved):
         "subvector_dim": layers["transformer_blocks.0.ff.net.2"].config.subvector_dim,
         "code_bits": int(math.log2(k)), "bias": True,
     }
-    tensors = safetensors.torch.load_file(str(saved / "model.safetensors"))
+    tensors = safetensors.torch.load_file(str(saved / "diffusion_pytorch_model.safetensors"))
     assert not any(key.endswith(("soft_rows", "candidates", "candidate_logits", ".codes")) for key in tensors)
     for name, layer in layers.items():
         assert f"{name}.weight" not in tensors
@@ -187,26 +182,20 @@ def test_file_format(model, saved):
         assert torch.equal(tensors[f"{name}.codebook"], layer.codebook)
     assert torch.equal(tensors["pos_embed.proj.weight"], model.pos_embed.proj.weight)
     # the size report's file estimate is the exact data section of the file
-    raw = (saved / "model.safetensors").read_bytes()
+    raw = (saved / "diffusion_pytorch_model.safetensors").read_bytes()
     header_len = struct.unpack("<Q", raw[:8])[0]
     assert size_report(model).file_bytes == len(raw) - 8 - header_len
 
 
 def test_plain_diffusers_refuses_the_folder(saved, tmp_path, monkeypatch):
     # diffusers without vq4dit's backend (what it is before `import vq4dit` registers it)
-    from diffusers.models import modeling_utils
     from diffusers.quantizers import auto
 
     monkeypatch.delitem(auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "vq4dit")
-    monkeypatch.setattr(modeling_utils, "_get_model_file", modeling_utils._get_model_file.vq4dit_original)
     with pytest.raises(ValueError, match="Unknown quantization type, got vq4dit"):
         DiTTransformer2DModel.from_pretrained(saved)
     monkeypatch.undo()
-    # without the quantization_config it finds no diffusion_pytorch_model.* weights at all
-    stripped = copy_ckpt(saved, tmp_path / "stripped")
-    edit_config(stripped, lambda c: c.pop("quantization_config"))
-    with pytest.raises(OSError, match="diffusion_pytorch_model"):
-        DiTTransformer2DModel.from_pretrained(stripped)
+    assert isinstance(DiTTransformer2DModel.from_pretrained(saved).transformer_blocks[0].attn1.to_q, VQLinear)
 
 
 def test_loaded_model_runs_in_dit_pipeline(saved):
@@ -256,10 +245,10 @@ def test_soft_model_refuses_to_save(tmp_path):
 
 def test_existing_path_needs_overwrite(model, saved, tmp_path):
     target = copy_ckpt(saved, tmp_path / "ckpt")
-    before = (target / "model.safetensors").read_bytes()
+    before = (target / "diffusion_pytorch_model.safetensors").read_bytes()
     with pytest.raises(QuantizedCheckpointError, match="overwrite=True"):
         save_quantized(model, target)
-    assert (target / "model.safetensors").read_bytes() == before
+    assert (target / "diffusion_pytorch_model.safetensors").read_bytes() == before
     (target / "config.json").write_text("{}")  # make the old one distinguishable
     save_quantized(model, target, overwrite=True)
     assert torch.equal(forward(load_quantized(target)), forward(model))
@@ -292,7 +281,7 @@ def test_interrupted_save_leaves_nothing(model, saved, tmp_path, monkeypatch):
 def test_interrupted_swap_restores_the_old_checkpoint(model, saved, tmp_path, monkeypatch):
     # where the OS cannot swap two folders atomically (renameat2 RENAME_EXCHANGE), two renames
     old = copy_ckpt(saved, tmp_path / "old")
-    before = (old / "model.safetensors").read_bytes()
+    before = (old / "diffusion_pytorch_model.safetensors").read_bytes()
     real_rename = os.rename
     monkeypatch.setattr(atomic, "_renameat2", lambda src, dst, flags: False)
 
@@ -305,7 +294,7 @@ def test_interrupted_swap_restores_the_old_checkpoint(model, saved, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         save_quantized(model, old, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
-    assert (old / "model.safetensors").read_bytes() == before
+    assert (old / "diffusion_pytorch_model.safetensors").read_bytes() == before
 
 
 def test_unwritable_parent(model, tmp_path):
@@ -323,20 +312,20 @@ def test_unwritable_parent(model, tmp_path):
 
 
 def test_truncated_and_corrupted_files(saved, tmp_path):
-    raw = (saved / "model.safetensors").read_bytes()
+    raw = (saved / "diffusion_pytorch_model.safetensors").read_bytes()
     for i, damaged in enumerate([raw[: len(raw) // 2], raw[:5], raw[:-1]]):
         folder = copy_ckpt(saved, tmp_path / f"cut{i}")
-        (folder / "model.safetensors").write_bytes(damaged)
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(damaged)
         with pytest.raises(QuantizedCheckpointError, match="truncated or corrupted"):
             load_quantized(folder)
     folder = copy_ckpt(saved, tmp_path / "flipped")
     flipped = bytearray(raw)
     flipped[-100] ^= 0x10  # a data byte: the header stays valid
-    (folder / "model.safetensors").write_bytes(bytes(flipped))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(bytes(flipped))
     with pytest.raises(QuantizedCheckpointError, match="checksum"):
         load_quantized(folder)
-    (folder / "model.safetensors").unlink()
-    with pytest.raises(QuantizedCheckpointError, match="model.safetensors is missing"):
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(QuantizedCheckpointError, match="no diffusion_pytorch_model.safetensors .*incomplete"):
         load_quantized(folder)
 
 

@@ -19,7 +19,7 @@ def test_demo_export_is_bit_identical_to_the_recorded_one(tmp_path):
         "fit", "--config", "configs/demo.yaml", "--config", "tests/golden/demo_short.yaml",
         f"--model.export_dir={tmp_path / 'packed'}", f"--trainer.default_root_dir={tmp_path}",
     ])
-    golden, exported = load_file(GOLDEN), load_file(str(tmp_path / "packed" / "model.safetensors"))
+    golden, exported = load_file(GOLDEN), load_file(str(tmp_path / "packed" / "diffusion_pytorch_model.safetensors"))
     assert set(golden) <= set(exported)
     changed = [key for key in sorted(golden) if not golden[key].equal(exported[key])]
     assert not changed, f"{len(changed)} of {len(golden)} packed tensors differ, e.g. {changed[:5]}"

@@ -9,7 +9,7 @@ import torch
 
 from tests.dit_reference import random_original_state_dict
 from tests.test_export import edit_config, forward, quantized_dit
-from vq4dit.export import QuantizedCheckpointError, load_quantized, save_quantized, tie_tensors_
+from vq4dit.io import QuantizedCheckpointError, load_quantized, save_quantized, tie_tensors_
 from vq4dit.models import load_dit
 from vq4dit.quantize import quantize_, vq_layers
 from vq4dit.packing import identical_tensors
@@ -40,7 +40,7 @@ def big_embedder_keys(model) -> list[str]:
 
 
 def data_bytes(folder) -> int:
-    raw = (folder / "model.safetensors").read_bytes()
+    raw = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
     return len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
 
 
@@ -65,7 +65,7 @@ def test_equal_embedders_are_stored_once_and_tied_on_load(tmp_path):
     assert len(shared_keys) == 3  # both weights and the label table; the 64-float biases stay
     aliases = {f"transformer_blocks.1.norm1.emb.{key}": f"transformer_blocks.0.norm1.emb.{key}" for key in shared_keys}
     assert qc["format_version"] == 2 and qc["tensor_aliases"] == aliases
-    stored = safetensors.torch.load_file(str(shared / "model.safetensors"))
+    stored = safetensors.torch.load_file(str(shared / "diffusion_pytorch_model.safetensors"))
     assert not set(aliases) & set(stored)
     emb = model.transformer_blocks[1].norm1.emb.state_dict()
     embedder_bytes = sum(emb[key].numel() * emb[key].element_size() for key in shared_keys)
@@ -93,7 +93,7 @@ def test_equal_embedders_are_stored_once_and_tied_on_load(tmp_path):
 
     resaved = save_quantized(load_quantized(shared), tmp_path / "resaved")  # tied model saves the same file
     assert json.loads((resaved / "config.json").read_text())["quantization_config"]["tensor_aliases"] == aliases
-    again = safetensors.torch.load_file(str(resaved / "model.safetensors"))
+    again = safetensors.torch.load_file(str(resaved / "diffusion_pytorch_model.safetensors"))
     assert again.keys() == stored.keys() and all(torch.equal(again[k], stored[k]) for k in stored)
 
 

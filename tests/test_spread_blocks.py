@@ -53,7 +53,7 @@ def fit_args(config, run_dir, *extra):
 def packed_tensors(folder):
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "model.safetensors"))
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
 def read_png(path):

@@ -114,7 +114,7 @@ def test_ckpt_path_last_resumes_the_latest_checkpoint_of_the_run(tmp_path, monke
     assert run_main(monkeypatch, capsys, fit_args(resumed, "--trainer.max_epochs=2"))[0] == 0
     code, err = run_main(monkeypatch, capsys, fit_args(resumed, "--trainer.max_epochs=4", "--ckpt_path=last"))
     assert code == 0 and "resuming from" in err and "last.ckpt" in err
-    a, b = (load_file(str(folder / "packed" / "model.safetensors")) for folder in (straight, resumed))
+    a, b = (load_file(str(folder / "packed" / "diffusion_pytorch_model.safetensors")) for folder in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run
     assert sorted(p.name for p in (resumed / "tensorboard").iterdir()) == ["version_0"]  # logs on in the same folder
 
@@ -158,7 +158,7 @@ def test_disk_full_while_exporting_is_one_line_and_keeps_the_earlier_export(tmp_
     real_fsync = os.fsync
 
     def full(fd):
-        if os.fstat(fd).st_size > 100_000:  # the new model.safetensors
+        if os.fstat(fd).st_size > 100_000:  # the new diffusion_pytorch_model.safetensors
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 

@@ -13,9 +13,10 @@ Two numerical differences between the layouts are handled here:
   the config under :data:`TIMESTEP_FREQ_SHIFT_KEY` so that it survives ``save_pretrained``.
   Stock diffusers cannot express shift 0 (``CombinedTimestepLabelEmbeddings`` hard-codes 1, no
   config option; a different frequency set cannot be folded exactly into ``linear_1``) and
-  ignores the key: ``DiTTransformer2DModel.from_pretrained`` of such a folder loads silently with
-  shift 1 (outputs ~25 % off). So ``save_pretrained`` of a shifted model (also through a
-  pipeline's) warns; load such folders with ``vq4dit.load_dit``.
+  ignores the key: ``DiTTransformer2DModel.from_pretrained`` of an unquantized save loads with
+  shift 1 (outputs ~25 % off). No diffusers hook exists for unquantized models, so converting a
+  checkpoint says it once per process (:func:`warn_shift_once`); load such folders with
+  ``vq4dit.load_dit``. Packed models re-apply it on load (``vq4dit.io``).
 * Block LayerNorm epsilon. The original uses 1e-6 everywhere; diffusers' ``norm3`` reads the
   config's ``norm_eps`` (default 1e-5), so converted configs set ``norm_eps=1e-6``.
 """
@@ -23,12 +24,9 @@ Two numerical differences between the layouts are handled here:
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import math
 import os
 import re
-import types
 import warnings
 from collections.abc import Mapping
 
@@ -84,64 +82,26 @@ def apply_timestep_freq_shift(
         model.register_to_config(**{TIMESTEP_FREQ_SHIFT_KEY: shift})
     for block in model.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = shift
-    if shift != _DIFFUSERS_FREQ_SHIFT:
-        guard_save_pretrained(model)
     return model
 
 
-@functools.wraps(DiTTransformer2DModel.save_pretrained)
-def _guarded_save_pretrained(self, save_directory, *args, **kwargs):
-    from .quantize import vq_layers
+_warned_shift = False
 
-    if vq_layers(self):  # packed (vq4dit.diffusers_quantizer), its shift re-applied by vq4dit's loaders
-        from .diffusers_quantizer import save_pretrained_packed
 
-        bound = inspect.signature(DiTTransformer2DModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
-        arguments = {**bound.arguments, **bound.arguments.pop("kwargs", {})}
-        del arguments["self"], arguments["save_directory"]
-        return save_pretrained_packed(self, save_directory, **arguments)
-    shift = self.config.get(TIMESTEP_FREQ_SHIFT_KEY, _DIFFUSERS_FREQ_SHIFT)
-    if shift != _DIFFUSERS_FREQ_SHIFT:
+def warn_shift_once(source: object) -> None:
+    """Say once per process that a model with shift 0 saved by stock ``save_pretrained`` loads
+    with shift 1 in stock diffusers (no diffusers hook can carry it for unquantized models)."""
+    global _warned_shift
+    if not _warned_shift:
+        _warned_shift = True
         warnings.warn(
-            f"{save_directory}: this DiT uses timestep frequency shift {shift} (original DiT "
-            f"checkpoint), recorded as {TIMESTEP_FREQ_SHIFT_KEY!r} in config.json, which stock "
-            "diffusers ignores: DiTTransformer2DModel/DiTPipeline.from_pretrained would load it "
-            "with shift 1 and different outputs. Load it with vq4dit.load_dit(folder), or call "
-            "vq4dit.models.apply_timestep_freq_shift(model) after from_pretrained.",
+            f"{os.fspath(source)!r} is an original DiT checkpoint: converted with timestep frequency shift 0, "
+            f"recorded as {TIMESTEP_FREQ_SHIFT_KEY!r} in config.json by save_pretrained, which stock diffusers "
+            "ignores: DiTTransformer2DModel/DiTPipeline.from_pretrained of an unquantized save would use shift 1 "
+            "(different outputs). Load such folders with vq4dit.load_dit; packed (quantized) saves re-apply it.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
-
-
-def guard_save_pretrained(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
-    """Make ``model.save_pretrained`` (a pipeline's ``save_pretrained`` calls it too) write a
-    vq4dit-quantized model packed (``vq4dit.diffusers_quantizer.save_pretrained_packed``) and warn
-    for a timestep frequency shift stock diffusers ignores.
-
-    An instance attribute: it follows ``copy.deepcopy`` and ``.to()``, not pickling.
-    """
-    if getattr(model.__dict__.get("save_pretrained"), "__func__", None) is not _guarded_save_pretrained:
-        model.save_pretrained = types.MethodType(_guarded_save_pretrained, model)
-    if getattr(model.__dict__.get("push_to_hub"), "__func__", None) is not _packed_push_to_hub:
-        model.push_to_hub = types.MethodType(_packed_push_to_hub, model)
-    return model
-
-
-@functools.wraps(DiTTransformer2DModel.push_to_hub)
-def _packed_push_to_hub(self, repo_id, *args, **kwargs):
-    """diffusers' ``push_to_hub``, or for a quantized model ``vq4dit.diffusers_quantizer.push_to_hub_packed``
-    (diffusers' own would replace the model card by a blank one)."""
-    from .quantize import vq_layers
-
-    if not vq_layers(self):
-        return type(self).push_to_hub(self, repo_id, *args, **kwargs)
-    from .diffusers_quantizer import push_to_hub_packed
-
-    bound = inspect.signature(DiTTransformer2DModel.push_to_hub).bind(self, repo_id, *args, **kwargs)
-    arguments = {**bound.arguments, **bound.arguments.pop("kwargs", {})}
-    del arguments["self"], arguments["repo_id"]
-    return push_to_hub_packed(self, repo_id, **arguments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,4 +349,5 @@ def load_original_checkpoint(
         )
     model.load_state_dict(convert_original_state_dict(state_dict, config["num_layers"]))
     apply_timestep_freq_shift(model, 0)
+    warn_shift_once(path)
     return model.eval()

@@ -26,7 +26,6 @@ from vq4dit.convert import (
     TIMESTEP_FREQ_SHIFT_KEY,
     DiTLoadError,
     apply_timestep_freq_shift,
-    guard_save_pretrained,
     load_original_checkpoint,
 )
 
@@ -40,7 +39,6 @@ __all__ = [
     "block_modules",
     "check_finite",
     "default_linear_filter",
-    "guard_save_pretrained",
     "load_dit",
     "preset_config",
 ]

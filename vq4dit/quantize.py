@@ -12,11 +12,16 @@ from torch import nn
 
 from .decoding import INFERENCE_MODES, InferenceMode
 from .layers import VQLinear
+from .models import default_linear_filter
 from .vq_config import VQConfig
 
 log = logging.getLogger(__name__)
 
 FilterFn = Callable[[nn.Module, str], bool]
+
+# Called with the model at the end of every quantize_: higher layers register here instead of being
+# imported (vq4dit.io gives diffusers models the vq4dit backend, so save_pretrained writes them packed).
+QUANTIZED_HOOKS: list[Callable[[nn.Module], object]] = []
 
 def _match_any(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -37,8 +42,6 @@ def select_layers(
         ValueError: nothing matched, or a setting does not fit a selected layer.
     """
     if filter_fn is None and not include:
-        from .models import default_linear_filter
-
         filter_fn = default_linear_filter
     include, exclude = list(include or []), list(exclude or [])
     overrides = dict(overrides or {})
@@ -106,10 +109,8 @@ def quantize_(
         setattr(parent, child, VQLinear.from_linear(module, layer_config, name, weights))
         names.append(name)
     log.info("quantize_: swapped %d Linear layers for VQLinear (%s ...)", len(names), names[0])
-    if callable(getattr(model, "save_config", None)):  # a diffusers model: save_pretrained writes it packed
-        from .convert import guard_save_pretrained
-
-        guard_save_pretrained(model)
+    for hook in QUANTIZED_HOOKS:
+        hook(model)
     return names
 
 

@@ -60,7 +60,7 @@ def cast_teacher_(teacher: nn.Module, dtype: torch.dtype) -> nn.Module:
 def load_packed_student(path: str, teacher: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
     """The packed model ``path`` (``vq4dit.load_quantized``), checked to be a quantization of
     ``teacher``'s architecture (``ValueError`` naming the differing config fields otherwise)."""
-    from ..export import load_quantized
+    from ..io import load_quantized
 
     student = load_quantized(path, device=device)
     mine = {k: v for k, v in teacher.config.items() if not k.startswith("_")}

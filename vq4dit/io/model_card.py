@@ -16,15 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._version import __version__
+from ..quantize import vq_layers
+
 CARD_NAME = "README.md"
 # card keys shown in the facts table, in this order; any other key is listed under "Calibration"
 _FACTS = ("base_model", "num_candidates", "calibration_seconds")
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _base_model(model: nn.Module, card: dict) -> str | None:
@@ -35,8 +32,6 @@ def _base_model(model: nn.Module, card: dict) -> str | None:
 def model_card(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor]) -> str:
     """README.md text for ``model`` saved with ``config`` (its ``quantization_config`` holds the
     layers and the optional ``card`` facts) and file ``tensors``."""
-    from .quantize import vq_layers
-
     qc = config["quantization_config"]
     card = dict(qc.get("card") or {})
     layers = qc["layers"]
@@ -62,7 +57,7 @@ def model_card(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
         ("quantized layers / weights", f"{len(layers)} / {weights:,}"),
         ("file size", f"{file_bytes / 1024**2:.2f} MiB"),
         ("calibration time", f"{card['calibration_seconds']:.0f} s" if "calibration_seconds" in card else "not recorded"),
-        ("vq4dit version", _version()),
+        ("vq4dit version", __version__),
     ]
     settings = {key: value for key, value in card.items() if key not in _FACTS}
     lines = [

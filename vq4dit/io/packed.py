@@ -1,24 +1,52 @@
-"""The packed checkpoint format as state-dict conversions, shared by ``vq4dit.export``
-(``save_quantized`` / ``load_quantized``) and the diffusers backend (``vq4dit.diffusers_quantizer``):
-model ``state_dict`` -> file tensors (:func:`pack_state_dict`), file tensors -> ``state_dict``
-(:func:`unpack_state_dict`), the ``quantization_config`` of a model (:func:`quant_config_for`) and
-its validation, the ``VQLinear`` skeleton a config describes (:func:`install_vq_layers`), and the
-tying of tensors stored once (:func:`tie_tensors_`). The layout is documented in ``vq4dit.export``.
+"""The packed checkpoint format: its folder layout, and the conversions model ``state_dict`` ->
+file tensors (:func:`pack_state_dict`) and back (:func:`unpack_state_dict`), the
+``quantization_config`` of a model (:func:`quant_config_for`) and its validation, the ``VQLinear``
+skeleton a config describes (:func:`install_vq_layers`), the tying of tensors stored once
+(:func:`tie_tensors_`) and the check of a file's header against its config before any data is read
+(:func:`check_header`). Shared by ``vq4dit.io.checkpoint`` (``save_quantized`` / ``load_quantized``)
+and the diffusers backend (``vq4dit.io.diffusers_backend``).
+
+Folder layout (diffusers' own: ``save_pretrained`` / ``from_pretrained`` read and write it)::
+
+    config.json        the diffusers config plus "quantization_config": {"quant_method": "vq4dit",
+                       "format_version": 1|2|3, "codebook_size", "subvector_dim",
+                       "layers": {name: per-layer settings}, "tensor_aliases": {alias: source}
+                       (version >= 2), "card": {model card facts} (optional)}
+    diffusion_pytorch_model.safetensors
+                       <layer>.codebook [k, d], <layer>.codes_packed [ceil(N*log2(k)/8)] uint8,
+                       <layer>.bias [out], <layer>.row_scales [out] FP16 (version 3); every other
+                       state_dict tensor in its own dtype, stored once when several are identical
+                       (an alias is read from its source). Header metadata "vq4dit_sha256" hashes
+                       all tensors (corruption check).
+    README.md          the model card (``vq4dit.io.model_card``), written by vq4dit's writers
+
+Folders written before the layout moved to diffusers' file name (format 1-3, by
+``save_quantized`` up to 715203d) hold the same tensors as ``model.safetensors``; ``load_quantized``
+reads both names. ``format_version`` says which tensors exist (3 with row scales, 2 with aliases,
+else 1), not the file name. Codes are bit-packed at exactly ``b = log2(k)`` bits (``vq4dit.packing``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import struct
 from collections import Counter
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .layers import VQLinear
-from .packing import identical_tensors, pack_codes, packed_size, unpack_codes
-from .quantize import vq_layers
-from .vq_config import VQConfig
+from ..layers import VQLinear
+from ..models import NonFiniteError, check_finite
+from ..packing import identical_tensors, pack_codes, packed_size, unpack_codes
+from ..quantize import vq_layers
+from ..vq_config import VQConfig
 
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' name: stock from_pretrained finds it
+LEGACY_WEIGHTS_NAME = "model.safetensors"  # what save_quantized wrote up to 715203d (format 1-3)
 QUANT_METHOD = "vq4dit"
 FORMAT_VERSION = 3  # the newest this version reads and writes: 3 with row scales, 2 with aliases, else 1
 CHECKSUM_KEY = "vq4dit_sha256"
@@ -176,21 +204,27 @@ def state_keys(loaded_keys: list[str], qc: dict) -> list[str]:
     return keys + [f"{name}.{key}" for name in qc["layers"] for key in ("codes", *SOFT_STATE)]
 
 
-def resolve_aliases(tensors: dict, aliases: dict[str, str], path: object) -> dict:
-    """The file's tensors plus every alias, as the very tensor of its source."""
-    stored_twice = sorted(set(aliases) & set(tensors))
-    dangling = sorted(a for a, s in aliases.items() if s not in tensors)
+def check_aliases(stored: Iterable[str], aliases: dict[str, str], path: object) -> None:
+    """Refuse ``tensor_aliases`` naming a tensor the file also stores, or a source it lacks."""
+    stored = set(stored)
+    stored_twice = sorted(set(aliases) & stored)
+    dangling = sorted(a for a, s in aliases.items() if s not in stored)
     if stored_twice or dangling:
         raise QuantizedCheckpointError(
             f"{path}: bad tensor_aliases: stored as well: [{names(stored_twice)}]; "
             f"source not in the file: [{names(dangling)}]"
         )
+
+
+def resolve_aliases(tensors: dict, aliases: dict[str, str], path: object) -> dict:
+    """The file's tensors plus every alias, as the very tensor of its source."""
+    check_aliases(tensors, aliases, path)
     return {**tensors, **{alias: tensors[source] for alias, source in aliases.items()}}
 
 
-def unpack_state_dict(tensors: dict, qc: dict, model_state: dict, path: object) -> dict:
-    """Check the file ``tensors`` (aliases resolved) against ``model_state`` (the skeleton of
-    :func:`install_vq_layers`, may be on the meta device), unpack the codes: a complete ``state_dict``."""
+def expected_shapes(qc: dict, model_state: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint of ``qc`` holds once aliases are resolved, given
+    ``model_state`` (the skeleton of :func:`install_vq_layers`, may be on the meta device)."""
     expected: dict[str, tuple[int, ...]] = {}
     layer_names = set(qc["layers"])
     for name, s in qc["layers"].items():
@@ -202,6 +236,13 @@ def unpack_state_dict(tensors: dict, qc: dict, model_state: dict, path: object) 
         if s.get("row_scales") is True:
             expected[f"{name}.row_scales"] = (s["out_features"],)
     expected.update({k: tuple(v.shape) for k, v in model_state.items() if k.rpartition(".")[0] not in layer_names})
+    return expected
+
+
+def unpack_state_dict(tensors: dict, qc: dict, model_state: dict, path: object) -> dict:
+    """Check the file ``tensors`` (aliases resolved) against ``model_state`` (the skeleton of
+    :func:`install_vq_layers`, may be on the meta device), unpack the codes: a complete ``state_dict``."""
+    expected = expected_shapes(qc, model_state)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise QuantizedCheckpointError(
@@ -246,3 +287,78 @@ def tie_tensors_(model: nn.Module, aliases: dict[str, str]) -> int:
         else:
             raise ValueError(f"cannot tie {alias} to {source}: not both parameters or both buffers")
     return saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before reading data
+# ---------------------------------------------------------------------------------------------
+
+_MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def read_header(file: str | os.PathLike) -> tuple[dict, dict]:
+    """The safetensors header of ``file`` (name -> {dtype, shape, data_offsets}) and its metadata,
+    read without touching the data; refuses a header whose sizes disagree with each other or with
+    the file's size (a truncated file, or one that claims more data than it holds)."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(size - 8, _MAX_HEADER_BYTES):
+            raise QuantizedCheckpointError(f"{file} is truncated or corrupted: not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise QuantizedCheckpointError(f"{file} is truncated or corrupted: unreadable header ({err})") from err
+    if not isinstance(header, dict):
+        raise QuantizedCheckpointError(f"{file} is corrupted: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for name, info in header.items():
+        try:
+            begin, stop = (int(x) for x in info["data_offsets"])
+            numel = 1
+            for dim in info["shape"]:
+                numel *= int(dim)
+            nbytes = numel * _DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise QuantizedCheckpointError(f"{file} is corrupted: bad header entry {name!r}") from err
+        if stop - begin != nbytes or begin < 0:
+            raise QuantizedCheckpointError(f"{file} is corrupted: {name} claims {nbytes} bytes at {begin}..{stop}")
+        end = max(end, stop)
+    if 8 + length + end != size:
+        raise QuantizedCheckpointError(
+            f"{file} is truncated or corrupted: its header describes {8 + length + end} bytes, the file has {size}"
+        )
+    return header, metadata
+
+
+def check_header(header: dict, qc: dict, model_state: dict, path: object) -> None:
+    """Refuse a file whose tensor names, shapes or code dtypes (``header`` of :func:`read_header`)
+    are not those the config ``qc`` and the model skeleton ``model_state`` give, before any data
+    is read (a header may claim gigabytes the model has no place for)."""
+    aliases = qc.get("tensor_aliases", {})
+    check_aliases(header, aliases, path)
+    expected = {k: v for k, v in expected_shapes(qc, model_state).items() if k not in aliases}
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    wrong = [f"{k} {tuple(header[k]['shape'])} != {shape}" for k, shape in expected.items()
+             if k in header and tuple(header[k]["shape"]) != shape]
+    wrong += [f"{k} {header[k]['dtype']}" for k in expected if k.endswith("_packed") and k in header
+              and header[k]["dtype"] != "U8"]
+    if missing or unexpected or wrong:
+        raise QuantizedCheckpointError(
+            f"{path}: the weights file does not match config.json (a half-written or foreign folder?): "
+            f"missing keys: [{names(missing)}]; unexpected keys: [{names(unexpected)}]; "
+            f"shape/dtype mismatch: [{names(wrong)}]"
+        )
+
+
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """:class:`QuantizedCheckpointError` naming the tensors holding NaN/Inf (a model that should not
+    be written, or a file that should not be loaded)."""
+    try:
+        check_finite(tensors, what=what)
+    except NonFiniteError as err:
+        raise QuantizedCheckpointError(f"{err}; pass allow_nonfinite=True to accept them") from err
