@@ -295,3 +295,64 @@ def test_calibration_runs_write_their_settings_and_time_into_the_card(shared, tm
         "kmeans_metric": "euclidean", "error_feedback": False}
     text = (save_quantized(shared, tmp_path / "run", card=card) / "README.md").read_text()
     assert "| 16 / 4 / 2 |" in text and "- calibration_steps: 325" in text and "base_model: reference" in text
+
+
+# ------------------------------------------------------------------ nothing of diffusers replaced
+
+
+def test_import_vq4dit_replaces_nothing_in_diffusers(packed, tmp_path):
+    code = ("import diffusers.models.modeling_utils as m, diffusers.utils.hub_utils as h; "
+            "before = (m._get_model_file, m.ModelMixin.save_pretrained, h.PushToHubMixin.push_to_hub); import vq4dit; "
+            "print(before == (m._get_model_file, m.ModelMixin.save_pretrained, h.PushToHubMixin.push_to_hub))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.stdout.strip() == "True", done.stderr
+    models = [load_quantized(packed), DiTTransformer2DModel.from_pretrained(packed), quantized_dit(CONFIG),
+              DiTPipeline.from_pretrained(pipeline_folder(packed, tmp_path)).transformer]
+    for model in models:
+        assert not {"save_pretrained", "push_to_hub"} & set(vars(model))
+        assert isinstance(model.hf_quantizer, diffusers_backend.VQ4DiTQuantizer)  # diffusers' own attribute
+
+
+def pipeline_folder(packed: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "pipe-src"
+    DiTPipeline(transformer=load_quantized(packed), vae=tiny_vae(), scheduler=DDIMScheduler(),
+                id2label=None).save_pretrained(folder)
+    return folder
+
+
+def test_a_deep_copy_saves_itself_not_the_original(packed, tmp_path):
+    import copy
+
+    model = load_quantized(packed)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.proj_out_2.bias.add_(1)
+    twin.save_pretrained(tmp_path / "twin")
+    assert torch.equal(load_quantized(tmp_path / "twin").proj_out_2.bias, twin.proj_out_2.bias)
+    assert not torch.equal(twin.proj_out_2.bias, model.proj_out_2.bias)
+
+
+# ------------------------------------------------------------------------ format 1-3 folders
+
+
+def test_a_v3_folder_written_by_715203d_loads_and_resaves_in_the_diffusers_layout(tmp_path):
+    assert (V3 / "model.safetensors").is_file() and not (V3 / WEIGHTS).exists()
+    qc = json.loads((V3 / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 3 and qc["tensor_aliases"] and qc["card"]["base_model"] == "tiny-test"
+    expected = safetensors.torch.load_file(str(V3.parent / "packed_v3_expected.safetensors"))
+    model = load_quantized(V3)
+    with torch.no_grad():
+        out = model(expected["x"], timestep=torch.tensor([3, 700]), class_labels=torch.tensor([1, 9])).sample
+    torch.testing.assert_close(out, expected["y"], rtol=1e-5, atol=1e-5)  # same shift 0, scales, aliases
+    assert model.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift == 0
+    resaved = save_quantized(model, tmp_path / "v3-resaved")
+    old, _ = file_tensors(V3)
+    new, _ = file_tensors(resaved)
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)  # the same bytes
+    assert json.loads((resaved / "config.json").read_text())["quantization_config"]["card"] == qc["card"]
+    stock = DiTTransformer2DModel.from_pretrained(resaved)
+    assert all(torch.equal(a, b) for a, b in zip(stock.state_dict().values(), model.state_dict().values()))
+    with torch.no_grad():
+        again = stock(expected["x"], timestep=torch.tensor([3, 700]), class_labels=torch.tensor([1, 9])).sample
+    assert torch.equal(again, out)
