@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench clean test-diffusers-range
 
 venv: $(STAMP)
 
@@ -34,6 +34,24 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/kmeans.py
+
+# The backend tests with the oldest and newest diffusers of pyproject.toml's range, each in a
+# throwaway venv that installs only that diffusers (and what it lacks) over this venv's packages
+# (a .pth file): no torch download. Downloads from PyPI; not part of `make test`.
+DIFFUSERS_RANGE ?= 0.39.0 0.42.1
+test-diffusers-range: $(STAMP)
+	@set -e; base=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	for v in $(DIFFUSERS_RANGE); do \
+	  dir=$$(mktemp -d); trap 'rm -rf $$dir' EXIT; \
+	  $(PY) -m venv $$dir; \
+	  $$dir/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" | \
+	    xargs -I{} sh -c "echo $$base > {}/vq4dit_base.pth"; \
+	  $$dir/bin/python -m pip install --quiet "diffusers==$$v"; \
+	  echo "== diffusers $$v"; \
+	  PYTHONPATH=$$PWD OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $$dir/bin/python -m pytest -q -p no:cacheprovider \
+	    tests/test_diffusers_backend.py tests/test_io_trust.py -k "not kill"; \
+	  rm -rf $$dir; \
+	done
 
 clean:
 	rm -rf $(VENV) runs outputs
