@@ -85,23 +85,18 @@ def apply_timestep_freq_shift(
     return model
 
 
-_warned_shift = False
-
-
-def warn_shift_once(source: object) -> None:
-    """Say once per process that a model with shift 0 saved by stock ``save_pretrained`` loads
-    with shift 1 in stock diffusers (no diffusers hook can carry it for unquantized models)."""
-    global _warned_shift
-    if not _warned_shift:
-        _warned_shift = True
-        warnings.warn(
-            f"{os.fspath(source)!r} is an original DiT checkpoint: converted with timestep frequency shift 0, "
-            f"recorded as {TIMESTEP_FREQ_SHIFT_KEY!r} in config.json by save_pretrained, which stock diffusers "
-            "ignores: DiTTransformer2DModel/DiTPipeline.from_pretrained of an unquantized save would use shift 1 "
-            "(different outputs). Load such folders with vq4dit.load_dit; packed (quantized) saves re-apply it.",
-            UserWarning,
-            stacklevel=3,
-        )
+def warn_shift_once() -> None:
+    """Say (once per process: Python's default warning filter, the text never changes) that a
+    model with shift 0 saved by stock ``save_pretrained`` loads with shift 1 in stock diffusers: no
+    diffusers hook can carry it for unquantized models, so it is said when a checkpoint is converted."""
+    warnings.warn(
+        "an original DiT checkpoint is converted with timestep frequency shift 0, recorded as "
+        f"{TIMESTEP_FREQ_SHIFT_KEY!r} in config.json by save_pretrained, which stock diffusers ignores: "
+        "DiTTransformer2DModel/DiTPipeline.from_pretrained of an unquantized save would use shift 1 (different "
+        "outputs). Load such folders with vq4dit.load_dit(folder); packed (quantized) saves re-apply it.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,5 +344,5 @@ def load_original_checkpoint(
         )
     model.load_state_dict(convert_original_state_dict(state_dict, config["num_layers"]))
     apply_timestep_freq_shift(model, 0)
-    warn_shift_once(path)
+    warn_shift_once()
     return model.eval()
