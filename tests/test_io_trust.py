@@ -194,3 +194,18 @@ def test_every_writer_under_kill_9(writer, worker, tmp_path):
     assert "OTHER" not in outcomes, outcomes  # never an unknown model
     if writer in ("save_quantized", "vq4dit.save_pretrained(pipe)"):
         assert outcomes == ["old/new"] * kills  # atomic: always a complete model
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path):
+    target = tmp_path / "small"
+    target.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        for writer in ("save_quantized", "vq4dit.save_pretrained(pipe)"):
+            with pytest.raises(WriteError, match=r"^cannot write .*/small/out: No space left on device$"):
+                WRITERS[writer](quantized_dit(CONFIG), target / "out")
+            assert os.listdir(target) == []
+    finally:
+        subprocess.run(["umount", str(target)], check=True)

@@ -132,6 +132,9 @@ def save_pretrained(
                 config = _read_config(folder / CONFIG_NAME)
                 text = model_card(model, config, _header_tensors(folder / WEIGHTS_NAME))
                 (folder / CARD_NAME).write_text(text, encoding="utf-8")
+    except SafetensorError as err:  # safetensors' own type for OS write errors (a full disk: ENOSPC)
+        cause = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(err))
+        raise WriteError(f"cannot write {path}: {cause.group(1) if cause else err}") from err
     finally:
         for quantizer, old in zip(quantizers, cards):
             quantizer.allow_nonfinite = False

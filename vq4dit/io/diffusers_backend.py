@@ -212,6 +212,11 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
         written from it), or refuse it with a :class:`QuantizedCheckpointError` (soft rows, meta
         device, NaN/Inf unless ``allow_nonfinite``)."""
         model = self.model
+        if model is None and not self.qc.get("layers"):
+            raise QuantizedCheckpointError(
+                "the vq4dit quantizer of this model lost its model (pickled or copied alone); call "
+                "vq4dit.io.attach(model) again before save_pretrained"
+            )
         if model is not None:
             check_diffusers_version()
             self.quantization_config.update_(quant_config_for(model))
