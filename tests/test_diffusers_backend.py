@@ -321,16 +321,17 @@ def pipeline_folder(packed: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def test_a_deep_copy_saves_itself_not_the_original(packed, tmp_path):
+def test_a_copy_saves_itself_not_the_original(packed, tmp_path):
     import copy
+    import pickle
 
     model = load_quantized(packed)
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        twin.proj_out_2.bias.add_(1)
-    twin.save_pretrained(tmp_path / "twin")
-    assert torch.equal(load_quantized(tmp_path / "twin").proj_out_2.bias, twin.proj_out_2.bias)
-    assert not torch.equal(twin.proj_out_2.bias, model.proj_out_2.bias)
+    for how, twin in (("deepcopy", copy.deepcopy(model)), ("pickle", pickle.loads(pickle.dumps(model)))):
+        with torch.no_grad():
+            twin.proj_out_2.bias.add_(1)
+        twin.save_pretrained(tmp_path / how)
+        assert torch.equal(load_quantized(tmp_path / how).proj_out_2.bias, twin.proj_out_2.bias), how
+        assert not torch.equal(twin.proj_out_2.bias, model.proj_out_2.bias)
 
 
 # ------------------------------------------------------------------------ format 1-3 folders

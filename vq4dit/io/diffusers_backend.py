@@ -122,7 +122,7 @@ class VQ4DiTConfig(QuantizationConfigMixin):
 class VQ4DiTQuantizer(DiffusersQuantizer):
     """Loads and saves pre-quantized (packed) vq4dit models; it cannot quantize on load (use
     ``vq4dit.quantize_`` and the calibration). Bound to the model it serves (a weak reference that
-    follows ``copy.deepcopy`` and is dropped by pickling)."""
+    follows ``copy.deepcopy`` and pickling)."""
 
     requires_calibration = True
     use_keep_in_fp32_modules = False
@@ -157,8 +157,14 @@ class VQ4DiTQuantizer(DiffusersQuantizer):
         new._model_ref = weakref.ref(memo[id(model)]) if model is not None and id(model) in memo else None
         return new
 
-    def __getstate__(self):
-        return {**self.__dict__, "_model_ref": None}
+    def __getstate__(self):  # pickling the model pickles this with it: keep the binding
+        return {**self.__dict__, "_model_ref": None, "_pickled_model": self.model}
+
+    def __setstate__(self, state):
+        model = state.pop("_pickled_model", None)
+        self.__dict__.update(state)
+        if model is not None:
+            self.bind(model)
 
     # -------------------------------------------------------------------------------- loading
     def validate_environment(self, *args, **kwargs) -> None:
