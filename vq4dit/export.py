@@ -139,8 +139,10 @@ def save_quantized(
         _check_finite(tensors, "the model")
     readme = model_card(model, config, tensors)
 
-    with atomic_folder(path, overwrite=overwrite, validate=lambda p: _check_target(p, overwrite)) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + 2 * len(config_text) + len(readme) + 65536
+    with atomic_folder(path, overwrite=overwrite, validate=lambda p: _check_target(p, overwrite), size=size) as tmp:
+        (tmp / CONFIG_NAME).write_text(config_text, encoding="utf-8")
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         (tmp / CARD_NAME).write_text(readme, encoding="utf-8")
     if push_to_hub:

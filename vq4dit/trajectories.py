@@ -123,7 +123,8 @@ def cached_items(
         except (OSError, SafetensorError, ValueError) as error:
             log.warning("trajectory cache %s is unreadable (%s): generating the trajectories again", path, error)
     items = generate_items(teacher, indices, plan, progress=progress)
-    with atomic_path(path) as tmp:  # WriteError (a ValueError) names the file and the cause
+    size = sum(v.numel() * v.element_size() for v in items.values()) + 4096
+    with atomic_path(path, size=size) as tmp:  # WriteError (a ValueError) names the file and the cause
         save_file({k: v.contiguous() for k, v in items.items()}, str(tmp))
     return items
 
