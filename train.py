@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import callbacks  # noqa: F401  (short class paths in YAML: callbacks.CandidatePruning)
@@ -188,7 +189,7 @@ def main() -> None:
         phase = f" while {stop.phase}" if getattr(stop, "phase", None) else ""  # (a progress bar may be cut mid-line)
         print(f"\nerror: stopped by SIGTERM at step {getattr(stop, 'step', 0)}{phase}: {where}", file=sys.stderr)
         sys.exit(143)
-    except ValueError as error:  # user mistakes are ValueErrors with a message naming the problem
+    except (ValueError, MisconfigurationException) as error:  # user mistakes, with a message naming the problem
         if os.environ.get("VQ4DIT_DEBUG"):
             raise
         print(f"error: {one_line(str(error))}", file=sys.stderr)
