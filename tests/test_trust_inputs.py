@@ -105,6 +105,8 @@ def test_a_trajectory_cache_with_wrong_content_is_generated_again(tmp_path, capl
     teacher, plan = load_dit("tiny"), TrajectoryPlan(0, 2, 10, SamplerConfig(num_steps=3, guidance_scale=1.0))
     first = cached_items(teacher, [0], plan, str(tmp_path), progress=False)
     (path,) = tmp_path.glob("trajectories-*.safetensors")
+    cached_items(teacher, [0], plan, str(tmp_path), progress=False)
+    assert "generating the trajectories again" not in caplog.text  # a sound cache file is read as it is
     bad = {"too_few_items": {k: v[:2].contiguous() for k, v in first.items()},
            "nan": {**first, "x": torch.full_like(first["x"], float("nan"))},
            "labels_only": {"y": first["y"]}}[damage]
