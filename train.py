@@ -11,13 +11,15 @@ import contextlib
 import io
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 import yaml
 
-from pytorch_lightning.cli import ArgsType, LightningCLI
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import callbacks  # noqa: F401  (short class paths in YAML: callbacks.CandidatePruning)
@@ -26,6 +28,22 @@ from callbacks.settings import RANGE_ERROR
 from vq4dit.lightning import CalibrationDataModule, CalibrationModule
 from vq4dit.lightning.checkpoint_io import AtomicCheckpointIO
 from vq4dit.lightning.resume import check_resumable, find_latest_checkpoint, logger_version_of
+
+
+class VQ4DiTParser(LightningArgumentParser):
+    """Prints a bad value of one flag (``--model.lr_codebook nan``) as one ``error:`` line, not the
+    usage of every flag; other parse errors as jsonargparse does."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        found = re.search(r'Parser key "([^"]+)":\s*(.+)', message, flags=re.DOTALL)
+        if found is None or not self.exit_on_error or os.environ.get("VQ4DIT_DEBUG"):
+            return super().error(message, ex)
+        key, detail = found.group(1), " ".join(found.group(2).split())
+        value = re.search(r"Got value: (\S+)$", detail)
+        if value and value.group(1).lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            detail = f"{value.group(1)} is not a finite number"
+        print(f"error: --{key}: {detail[:300]} (--help lists the options)", file=sys.stderr)
+        sys.exit(2)
 
 
 class VQ4DiTCLI(LightningCLI):
@@ -99,6 +117,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> VQ4DiTCLI:
         CalibrationDataModule,
         seed_everything_default=0,
         auto_configure_optimizers=False,
+        parser_class=VQ4DiTParser,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
@@ -136,20 +155,53 @@ def one_line(message: str) -> str:
     return found.group(1) if found else message
 
 
+# Outermost function of each phase before the fit loop (where a SIGTERM there stopped the run).
+PHASES = {
+    "load_dit": "loading the model", "generate_items": "generating the teacher trajectories",
+    "input_second_moments": "measuring the activation statistics",
+    "allocate_bits": "measuring the bit-allocation sensitivities", "build_student": "the k-means start",
+}
+
+
+def _stop_before_the_fit(signum: int, frame) -> None:
+    """SIGTERM before Lightning's own handler is in place (loading, trajectories, statistics, bit
+    allocation, k-means): stop now with a ``SIGTERMException`` naming the phase; once the fit has
+    installed its handler (which calls this one too), Lightning stops at the next step itself."""
+    if signal.getsignal(signal.SIGTERM) is not _stop_before_the_fit:
+        return
+    phase = None
+    while frame is not None:
+        phase = PHASES.get(frame.f_code.co_name, phase)  # the outermost one wins
+        frame = frame.f_back
+    stop = SIGTERMException()
+    stop.phase = phase or "setting up the calibration"
+    raise stop
+
+
 def main() -> None:
+    previous = signal.signal(signal.SIGTERM, _stop_before_the_fit)
     try:
         cli_main()
     except SIGTERMException as stop:  # Lightning turns SIGTERM into a SystemExit with status 0
         saved = getattr(stop, "checkpoint", None)
         where = f"resumable checkpoint {saved}; resume with the same command plus --ckpt_path last" if saved \
-            else "nothing calibrated yet; run the same command again"
-        print(f"error: stopped by SIGTERM at step {getattr(stop, 'step', '?')}: {where}", file=sys.stderr)
+            else "nothing calibrated yet, nothing written; run the same command again"
+        phase = f" while {stop.phase}" if getattr(stop, "phase", None) else ""  # (a progress bar may be cut mid-line)
+        print(f"\nerror: stopped by SIGTERM at step {getattr(stop, 'step', 0)}{phase}: {where}", file=sys.stderr)
         sys.exit(143)
-    except ValueError as error:  # user mistakes are ValueErrors with a message naming the problem
+    except (ValueError, MisconfigurationException) as error:  # user mistakes, with a message naming the problem
         if os.environ.get("VQ4DIT_DEBUG"):
             raise
         print(f"error: {one_line(str(error))}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # an environment fault outside the atomic writers (they raise WriteError)
+        if os.environ.get("VQ4DIT_DEBUG"):
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

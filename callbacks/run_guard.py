@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -11,18 +12,22 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
 class RunGuard(pl.Callback):
-    """On SIGTERM (schedulers stop jobs with it) save a resumable ``last.ckpt``; on any other
-    failure before the first optimisation step remove the empty TensorBoard version folder.
+    """On SIGTERM (schedulers stop jobs with it) save a resumable ``last.ckpt``; on any failure
+    before the first optimisation step (SIGTERM included) remove the TensorBoard version folder
+    this run created, which holds nothing yet.
 
     The checkpoint's path and the step are attached to the exception (``checkpoint``, ``step``),
     so the command line can say how to resume.
     """
 
+    def __init__(self) -> None:
+        self._started = time.time() - 1.0  # files older than this run (a resumed run's logs) are kept
+
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             self._save_on_sigterm(trainer, exception)
-        elif trainer.global_step == 0 and trainer.is_global_zero:
-            self._remove_empty_log_dir(trainer)
+        if trainer.global_step == 0 and trainer.is_global_zero:
+            self._remove_empty_log_dir(trainer)  # stopped before the first step: nothing to look at
 
     def _save_on_sigterm(self, trainer: pl.Trainer, exception: BaseException) -> None:
         exception.step = trainer.global_step
@@ -38,9 +43,14 @@ class RunGuard(pl.Callback):
         rank_zero_info(f"SIGTERM at step {trainer.global_step}: resumable checkpoint written to {path}")
 
     @staticmethod
-    def _remove_empty_log_dir(trainer: pl.Trainer) -> None:
+    def _log_dir(trainer: pl.Trainer) -> Path | None:
         logger = trainer.logger
-        log_dir = Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
-        if log_dir is None or not log_dir.is_dir() or any(log_dir.rglob("*.ckpt")):
+        return Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
+
+    def _remove_empty_log_dir(self, trainer: pl.Trainer) -> None:
+        log_dir = self._log_dir(trainer)
+        if log_dir is None or not log_dir.is_dir():
             return
+        if any(p.suffix == ".ckpt" or p.stat().st_mtime < self._started for p in log_dir.rglob("*")):
+            return  # a checkpoint, or logs of an earlier run in the same folder
         shutil.rmtree(log_dir, ignore_errors=True)

@@ -4,7 +4,12 @@ Every write goes to a hidden temporary sibling of the target in the same folder
 (``.NAME.tmp-HOST-PID-RANDOM``), is fsynced, then renamed onto the target, so a reader sees the
 old content or the new one, never a mix. Environment faults (disk full, no permission, a parent
 that is a file, ...) become one :class:`WriteError` whose one-line message names the path and
-the cause; the temporary is removed and the target left untouched.
+the cause; the temporary is removed and the target left untouched. The libraries' own write
+failures count too (safetensors' ``SafetensorError`` with an OS error, torch.save's
+``RuntimeError: [enforce fail at inline_container.cc...]``, which names no cause: a probe write
+finds it), and where the caller knows the size to write, the free space and the file size limit
+(``ulimit -f``) are checked before anything is written. What is written follows the umask, as
+any file the user writes does (files ``0666 & ~umask``, folders ``0777 & ~umask``).
 
 Folder replacement (:func:`atomic_folder` with ``overwrite=True``) swaps the new folder and the
 old one with ``renameat2(RENAME_EXCHANGE)`` where the OS and file system allow (Linux >= 3.15,
@@ -35,9 +40,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .write_faults import WriteError, _follow_umask, _library_write_error, _reason, check_room
+
 __all__ = [
     "STALE_AFTER_S", "WriteError", "atomic_folder", "atomic_path", "atomic_write_bytes",
-    "atomic_write_text", "recover",
+    "atomic_write_text", "check_room", "recover",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,14 +54,6 @@ _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 _LEFTOVER = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[A-Za-z0-9_]+")
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
-
-
-class WriteError(ValueError):
-    """A file or folder cannot be written; the message says which and why, in one line."""
-
-
-def _reason(err: OSError) -> str:
-    return err.strerror or str(err) or type(err).__name__
 
 
 def _write_error(path: Path, err: OSError) -> WriteError:
@@ -132,24 +131,35 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` for the caller to write a file to; when the block
-    ends without error it is fsynced and ``os.replace``d onto ``path``, otherwise removed.
+    ends without error it is fsynced, given the umask's mode and ``os.replace``d onto ``path``,
+    otherwise removed. ``size``: the bytes about to be written, checked against the free space
+    and the file size limit first (:func:`check_room`).
 
-    Raises :class:`WriteError` for environment faults (``OSError``), in the block or after it.
+    Raises :class:`WriteError` for environment faults (``OSError``, or a library's write failure),
+    in the block or after it.
     """
     path = Path(path).absolute()
     tmp = path.parent / (_temp_name(path, "tmp") + secrets.token_hex(4))
     try:
         _prepare_parent(path)
+        if size is not None:
+            check_room(path, size)
         yield tmp
         if not tmp.is_file():
             raise WriteError(f"cannot write {path}: nothing was written to the temporary file")
+        _follow_umask(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
     except OSError as err:
         raise _write_error(path, err) from err
+    except Exception as err:  # noqa: BLE001  (a library's write failure; anything else passes through)
+        cause = None if isinstance(err, ValueError) else _library_write_error(err, tmp)
+        if cause is None:
+            raise
+        raise _write_error(path, cause) from err
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -175,7 +185,8 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 @contextlib.contextmanager
 def atomic_folder(
-    path: str | os.PathLike, *, overwrite: bool = False, validate: Callable[[Path], None] | None = None
+    path: str | os.PathLike, *, overwrite: bool = False, validate: Callable[[Path], None] | None = None,
+    size: int | None = None,
 ) -> Iterator[Path]:
     """Yield a new empty hidden folder next to ``path`` to fill; when the block ends without error
     its files and itself are fsynced and it takes the place of ``path``.
@@ -185,6 +196,7 @@ def atomic_folder(
         overwrite: replace an existing ``path`` (its old content is deleted afterwards).
         validate: called with ``path`` just before the swap (it may have appeared meanwhile);
             raise to refuse replacing what is there.
+        size: the bytes about to be written in all, checked first (:func:`check_room`).
 
     Stale leftovers of interrupted writes of ``path`` are recovered first (:func:`recover`).
     Raises :class:`WriteError` for environment faults; the target is then untouched and the
@@ -195,8 +207,11 @@ def atomic_folder(
     try:
         _prepare_parent(path)
         recover(path)
+        if size is not None:
+            check_room(path, size)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_name(path, "tmp"), dir=path.parent))
         yield tmp
+        _follow_umask(tmp)
         _fsync_tree(tmp)
         if validate is not None:
             validate(path)
@@ -209,9 +224,20 @@ def atomic_folder(
         _fsync(path.parent)
     except OSError as err:
         raise _write_error(path, err) from err
+    except Exception as err:  # noqa: BLE001  (a library's write failure; anything else passes through)
+        cause = None if isinstance(err, ValueError) or tmp is None else _library_write_error(err, _newest_file(tmp))
+        if cause is None:
+            raise
+        raise _write_error(path, cause) from err
     finally:
         if tmp is not None:
             _remove(tmp)  # after a swap: the old content; after a failure: the partial new one
+
+
+def _newest_file(folder: Path) -> Path:
+    """The file written last in ``folder`` (the one a failed write was writing), else a new name."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else folder / ".probe"
 
 
 def _replace_folder(new: Path, path: Path) -> None:

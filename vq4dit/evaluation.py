@@ -6,6 +6,7 @@ Plain functions (``benchmarks/quality.py`` uses them; ``train.py test`` / ``pred
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -96,10 +97,12 @@ def load_real_images(source: str) -> torch.Tensor:
     try:
         with np.load(path) as archive:
             array = archive["arr_0"]
-    except (OSError, KeyError, ValueError) as error:
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"cannot read arr_0 from {path}: {error}") from error
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 1 or 3], got {array.dtype} {array.shape}")
+    if array.shape[0] < 2:  # FID needs a covariance
+        raise ValueError(f"{path}: arr_0 holds {array.shape[0]} image(s); FID / precision / recall need at least 2")
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 

@@ -183,12 +183,27 @@ def _load_folder(folder: Path) -> DiTTransformer2DModel:
             "diffusion_pytorch_model.safetensors (or .bin, or sharded files with an index)"
         )
     try:
-        model = DiTTransformer2DModel.from_pretrained(
-            folder, subfolder=subfolder, low_cpu_mem_usage=False
+        model, info = DiTTransformer2DModel.from_pretrained(
+            folder, subfolder=subfolder, low_cpu_mem_usage=False, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as err:
-        raise DiTLoadError(f"cannot load the DiT in {str(model_dir)!r}: {err}") from err
+        raise DiTLoadError(f"cannot load the DiT in {str(model_dir)!r}: {_disagreement(err)}") from err
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    if missing or unexpected:  # diffusers would leave random weights in place and only warn
+        parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in (
+            (missing, "tensors the config describes are not in the weights"),
+            (unexpected, "tensors in the weights are not in the config")) if keys]
+        raise DiTLoadError(f"config.json and the weights in {str(model_dir)!r} disagree: {'; '.join(parts)}")
     return model
+
+
+def _disagreement(err: Exception) -> str:
+    """torch's multi-line "size mismatch" report as one line: the first tensor and the count."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith("size mismatch")]
+    if not lines:
+        return " ".join(str(err).split())
+    more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+    return f"config.json and the weights disagree: {lines[0]}{more}"
 
 
 def _load_hub(repo_id: str) -> DiTTransformer2DModel:

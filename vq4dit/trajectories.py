@@ -117,15 +117,30 @@ def cached_items(
     if path.exists():
         try:
             items = load_file(str(path))
-            if set(items) == {"x", "t", "y"}:
+            expected = len(indices) * plan.classes_per_trajectory * plan.sampler.num_steps
+            problem = _cache_problem(items, expected)
+            if problem is None:
                 return items
-            log.warning("trajectory cache %s lacks x/t/y: generating the trajectories again", path)
+            log.warning("trajectory cache %s %s: generating the trajectories again", path, problem)
         except (OSError, SafetensorError, ValueError) as error:
             log.warning("trajectory cache %s is unreadable (%s): generating the trajectories again", path, error)
     items = generate_items(teacher, indices, plan, progress=progress)
-    with atomic_path(path) as tmp:  # WriteError (a ValueError) names the file and the cause
+    size = sum(v.numel() * v.element_size() for v in items.values()) + 4096
+    with atomic_path(path, size=size) as tmp:  # WriteError (a ValueError) names the file and the cause
         save_file({k: v.contiguous() for k, v in items.items()}, str(tmp))
     return items
+
+
+def _cache_problem(items: dict[str, torch.Tensor], expected: int) -> str | None:
+    """What is wrong with a cache file's content (None: nothing): keys, item count, shapes, values."""
+    if set(items) != {"x", "t", "y"}:
+        return f"holds {sorted(items)}, not x/t/y"
+    x, t, y = items["x"], items["t"], items["y"]
+    if x.ndim != 4 or t.shape != (expected,) or y.shape != (expected,) or x.shape[0] != expected:
+        return f"holds x {tuple(x.shape)}, t {tuple(t.shape)}, y {tuple(y.shape)}, not the {expected} items of its plan"
+    if not bool(torch.isfinite(x).all()):
+        return "holds NaN/Inf"
+    return None
 
 
 class ShuffledBatches(IterableDataset):

@@ -33,6 +33,7 @@ from ..quantize import finalize_model_, select_layers, vq_layers
 from ..soft import logit_regularizer
 from ..vq_config import VQConfig
 from .allocation import allocate_bits
+from .overrides import check_overrides, merge_overrides, refuse_allocated_fields
 from .config import CalibrationConfig
 from .losses import RegularizerGate, block_losses, with_null_labels
 from .statistics import input_second_moments, statistics_batches
@@ -128,7 +129,10 @@ class Calibrator:
         sizes (``engine.allocation``), reused as they are (a resume)."""
         config = config or CalibrationConfig()
         teacher.requires_grad_(False).eval()
+        check_overrides(overrides)
         selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
+        if bit_allocation or allocation is not None:
+            refuse_allocated_fields(overrides, [name for name, _, _ in selected])
         aware = [name for name, _, c in selected if c.kmeans_metric == "activation" or c.error_feedback]
         full = {name for name, _, c in selected if c.error_feedback}
         if (aware or (bit_allocation and allocation is None)) and items is None:
@@ -141,8 +145,8 @@ class Calibrator:
             batches = statistics_batches(items, guidance_scale, batch_size=32, max_items=ALLOCATION_ITEMS)
             measured = allocate_bits(teacher, selected, batches, bit_budget, weights, progress=progress)
             allocation, report = measured.overrides(), measured.format()
-        if allocation is not None:  # exact layer names after the user's patterns: they win on their layers
-            overrides = {**(overrides or {}), **{name: dict(fields) for name, fields in allocation.items()}}
+        if allocation is not None:  # field by field: the user's other fields of a layer stay
+            overrides = merge_overrides(overrides, allocation)
         student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides,
                                 progress=progress, input_weights=weights)
         engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)

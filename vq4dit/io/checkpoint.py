@@ -125,7 +125,8 @@ def save_pretrained(
     try:
         for quantizer in quantizers:
             quantizer.prepare_()  # records the models, refuses soft/meta/NaN before any write
-        with atomic_folder(path, overwrite=overwrite, validate=lambda p: _check_target(p, overwrite)) as tmp:
+        with atomic_folder(path, overwrite=overwrite, validate=lambda p: _check_target(p, overwrite),
+                           size=sum(_packed_bytes(model) for model in models.values())) as tmp:
             obj.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
             for name, model in models.items():
                 folder = tmp / name
@@ -144,6 +145,23 @@ def save_pretrained(
     if push_to_hub:
         push_folder(path, push_to_hub, token=token, private=private, commit_message=commit_message)
     return path
+
+
+def _packed_bytes(model: nn.Module) -> int:
+    """A lower bound of the bytes ``model`` takes packed (codes at log2(k) bits, identical tensors
+    once, every other tensor as stored), for the free-space check before a write."""
+    layers = vq_layers(model)
+    packed = {f"{name}.{part}" for name in layers for part in ("codes", "candidates", "candidate_logits", "soft_rows")}
+    distinct: dict[tuple, list[torch.Tensor]] = {}
+    total = 0
+    for key, tensor in model.state_dict().items():
+        group = distinct.setdefault((tuple(tensor.shape), tensor.dtype), [])
+        if key in packed or any(tensor.data_ptr() == t.data_ptr() or torch.equal(tensor, t) for t in group):
+            continue
+        group.append(tensor)
+        total += tensor.numel() * tensor.element_size()
+    return total + sum(layer.codes.numel() * max(1, (layer.codebook.shape[0] - 1).bit_length()) // 8
+                       for layer in layers.values())
 
 
 def save_quantized(

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from ..engine.overrides import check_overrides, highest_bits_per_weight, refuse_allocated_fields
 from ..quantize import select_layers
 
 
@@ -57,7 +58,10 @@ def check_module_settings(module) -> None:
         if not is_packed_model(Path(hp.quantized)):
             raise ValueError(f"quantized={hp.quantized!r} is not a packed vq4dit model folder (no config.json with quant_method vq4dit)")
         return
+    check_overrides(hp.overrides)
     selected = select_layers(module.teacher, module.vq_config, include=hp.include, exclude=hp.exclude, overrides=hp.overrides)
+    if module.bit_allocation:
+        refuse_allocated_fields(hp.overrides, [name for name, _, _ in selected])
     if hp.bit_budget is not None:
         if not module.bit_allocation:
             raise ValueError("bit_budget needs bit_allocation (it was turned off explicitly)")
@@ -70,3 +74,8 @@ def check_module_settings(module) -> None:
         if hp.bit_budget is not None and hp.bit_budget < floor:
             raise ValueError(f"bit_budget {hp.bit_budget} is below the cheapest allocation of the selected layers "
                              f"({floor:.3f} bits/weight all-in)")
+        ceiling = highest_bits_per_weight(selected)
+        if hp.bit_budget is not None and hp.bit_budget > ceiling * (1 + 1e-9):
+            raise ValueError(f"bit_budget {hp.bit_budget} cannot be reached: the allocation of the selected layers "
+                             f"tops out at {ceiling:.3f} bits/weight all-in (k up to 4x the configured one); "
+                             "lower the budget or raise codebook_size")
