@@ -146,4 +146,4 @@ def test_what_is_written_follows_the_umask(tmp_path, umask):
     for name, mode in modes.items():
         want = (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask
         assert mode == want, f"{name}: {oct(mode)}, umask {oct(umask)} wants {oct(want)}"
-    assert {"packed", "packed/model.safetensors", "packed/config.json", "ckpt/last.ckpt"} <= modes.keys()
+    assert {"packed", "packed/diffusion_pytorch_model.safetensors", "packed/config.json", "ckpt/last.ckpt"} <= modes.keys()
