@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) benchmarks/kmeans.py
+	$(PY) -m benchmarks.kmeans
 
 clean:
 	rm -rf $(VENV) runs outputs
