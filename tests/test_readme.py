@@ -73,16 +73,18 @@ def test_train_commands_parse(command, capsys, monkeypatch):
     assert ("usage:" in out) if "--help" in args else ("model:" in out and "trainer:" in out)
 
 
-def test_every_flag_named_in_the_readme_exists(capsys, monkeypatch):
-    """Flags named anywhere in the README (tables, prose) are in ``train.py fit --help``."""
+def test_every_flag_named_in_readme_and_docs_exists(capsys, monkeypatch):
+    """Flags named anywhere in the README or the docs pages (tables, prose) are in ``train.py fit --help``."""
     from train import cli_main
 
     monkeypatch.setattr(sys, "argv", ["train.py"])
     with pytest.raises(SystemExit):
         cli_main(["fit", "--help"])
     listed = set(re.findall(r"--[\w.]+", capsys.readouterr().out))
-    named = set(re.findall(r"--(?:model|data|trainer)\.[\w.]*\w", README.read_text()))
-    assert len(named) >= 15 and named <= listed, sorted(named - listed)
+    for page in [README, *DOCS]:
+        named = set(re.findall(r"--(?:model|data|trainer)\.[\w.]*\w", page.read_text()))
+        assert named <= listed, (page.name, sorted(named - listed))
+    assert len(set(re.findall(r"--model\.\w+", README.read_text()))) >= 15
 
 
 @pytest.mark.parametrize("command", BENCH, ids=[" ".join(c[2:]) for c in BENCH])
