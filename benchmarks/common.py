@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["Timer", "bits_per_weight", "cpu_name", "fit", "fit_args", "machine_line", "markdown_row", "markdown_table", "timed"]
+__all__ = ["Timer", "bits_per_weight", "cpu_name", "fit", "fit_args", "machine_line", "markdown_row", "markdown_table",
+           "timed"]
 
 
 def cpu_name() -> str:
