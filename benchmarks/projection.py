@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from benchmarks.common import Timer, machine_line
+from benchmarks.common import Timer, machine_line, markdown_table
 from benchmarks.throughput import ITEMS, CalibrationStep, FineTuneStep, make_batch, xl_block_folder
 from callbacks import CandidatePruning
 from vq4dit.codewords import to_subvectors
@@ -564,11 +564,11 @@ def step_table(rows: list[tuple[str, Counts, dict[int, Counts]]], target: int, h
 
 
 def top_ops(counts: Counts, top: int) -> str:
-    lines = ["| aten op | kernels | GFLOP | GB moved | optimistic ms | share |", "|---|---|---|---|---|---|"]
     total = sum(v[3] for v in counts.ops.values()) or 1.0
-    for name, (kernels, flops, moved, seconds) in sorted(counts.ops.items(), key=lambda kv: -kv[1][3])[:top]:
-        lines.append(f"| {name} | {kernels:,.0f} | {flops / 1e9:.0f} | {moved / 1e9:.2f} | {seconds * 1e3:.2f} | {seconds / total:.1%} |")
-    return "\n".join(lines)
+    ranked = sorted(counts.ops.items(), key=lambda kv: -kv[1][3])[:top]
+    return markdown_table(["aten op", "kernels", "GFLOP", "GB moved", "optimistic ms", "share"], [
+        [name, f"{kernels:,.0f}", f"{flops / 1e9:.0f}", f"{moved / 1e9:.2f}", f"{seconds * 1e3:.2f}", f"{seconds / total:.1%}"]
+        for name, (kernels, flops, moved, seconds) in ranked])
 
 
 def parse_soft_steps(values: list[str]) -> dict[int, int]:
@@ -718,8 +718,7 @@ def main() -> None:
           f"steps (steps until all layers were hard on the reference model, README), hard cost afterwards; "
           f"conservative: soft cost for every step. Step counts: {args.stop_steps} = default stop rule on the reference "
           f"model; {epoch_steps} = one epoch of this config; {max_steps} = CalibrationStop max_steps (official budget)\n")
-    lines = ["| bits | steps | schedule | k-means init | trajectories | optimisation steps | **total (low - high)** |",
-             "|---|---|---|---|---|---|---|"]
+    rows = []
     for b in args.bits:
         km, soft, hard = kmeans_total[b], fitted[f"w{b}_soft"], fitted[f"w{b}_hard"]
         for n_steps in (args.stop_steps, epoch_steps, max_steps):
@@ -727,13 +726,13 @@ def main() -> None:
                 n_soft = min(n_steps, soft_steps.get(b, n_steps)) if schedule == "soft, then hard" else n_steps
                 cost = {s.name: n_soft * soft.projected_s(s) + (n_steps - n_soft) * hard.projected_s(s) for s in SCENARIOS}
                 fixed = {s.name: km.projected_s(s) + trajectory_forwards * traj.projected_s(s) for s in SCENARIOS}
-                lines.append(
-                    f"| {b} | {n_steps:,} | {schedule} | {fmt_s(km.projected_s(opt))} - {fmt_s(km.projected_s(pes))} "
-                    f"| {fmt_s(trajectory_forwards * traj.projected_s(opt))} - {fmt_s(trajectory_forwards * traj.projected_s(pes))} "
-                    f"| {fmt_s(cost[opt.name])} - {fmt_s(cost[pes.name])} "
-                    f"| **{fmt_s(fixed[opt.name] + cost[opt.name])} - {fmt_s(fixed[pes.name] + cost[pes.name])}** |"
-                )
-    print("\n".join(lines))
+                rows.append([
+                    b, f"{n_steps:,}", schedule, f"{fmt_s(km.projected_s(opt))} - {fmt_s(km.projected_s(pes))}",
+                    f"{fmt_s(trajectory_forwards * traj.projected_s(opt))} - {fmt_s(trajectory_forwards * traj.projected_s(pes))}",
+                    f"{fmt_s(cost[opt.name])} - {fmt_s(cost[pes.name])}",
+                    f"**{fmt_s(fixed[opt.name] + cost[opt.name])} - {fmt_s(fixed[pes.name] + cost[pes.name])}**"])
+    print(markdown_table(["bits", "steps", "schedule", "k-means init", "trajectories", "optimisation steps",
+                          "**total (low - high)**"], rows))
     val_batches = data.get("val_trajectories", 0) * classes * steps // data["batch_size"]
     for b in args.bits:
         v = fitted[f"w{b}_val"]
