@@ -375,14 +375,14 @@ def main() -> None:
                           "k-means + student s", "step 1 s", "step 2 s", "export s", "status"], table))
     print("\nRSS per phase (GB): after the phase / peak during the phase\n")
     names = [p["phase"] for p in max((r["phases"] for r in results.values()), key=len)]
-    print("| phase | " + " | ".join(f"w{b} after | w{b} peak" for b in results) + " |")
-    print("|---|" + "---|---|" * len(results))
+    rows = []
     for name in names:
         cells = []
         for result in results.values():
             phase = next((p for p in result["phases"] if p["phase"] == name), None)
             cells += ["-", "-"] if phase is None else [f"{phase['rss_gb']:.2f}", f"{phase['peak_gb']:.2f}"]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append([name, *cells])
+    print(markdown_table(["phase", *(f"w{b} {when}" for b in results for when in ("after", "peak"))], rows))
 
     complete = {b: r["sizes"] for b, r in results.items() if "saved_activations" in r["sizes"]}
     if not complete:
@@ -390,13 +390,12 @@ def main() -> None:
     print(f"\nEstimate for one 80 GB GPU, batch {PAPER_BATCH} (4 classes + 4 null), bf16-mixed, "
           "from the tensor sizes measured above (GB)\n")
     estimates = {b: gpu_estimate(s) for b, s in complete.items()}
-    print("| component | alive | " + " | ".join(f"w{b}" for b in estimates) + " | note |")
-    print("|---|---|" + "---|" * len(estimates) + "---|")
     first = next(iter(estimates.values()))
-    for i, (name, when, _, note) in enumerate(first):
-        print(f"| {name} | {when} | " + " | ".join(f"{rows[i][2]:.2f}" for rows in estimates.values()) + f" | {note} |")
-    print("| **peak** = always + max(forward, backward) | | "
-          + " | ".join(f"**{estimate_peak(rows):.2f}**" for rows in estimates.values()) + " | |")
+    rows = [[name, when, *(f"{estimate[i][2]:.2f}" for estimate in estimates.values()), note]
+            for i, (name, when, _, note) in enumerate(first)]
+    rows.append(["**peak** = always + max(forward, backward)", "",
+                 *(f"**{estimate_peak(estimate):.2f}**" for estimate in estimates.values()), ""])
+    print(markdown_table(["component", "alive", *(f"w{b}" for b in estimates), "note"], rows))
     sizes = next(iter(complete.values()))
     traj = XL_TRAJECTORIES[0] * XL_TRAJECTORIES[1] * XL_TRAJECTORIES[2] * sizes["trajectory_item_bytes"] / GB
     print(f"\nTrajectories stay in host RAM (batches move to the GPU): {traj:.2f} GB for "
