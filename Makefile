@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) benchmarks/kmeans.py
+	$(PY) -m benchmarks.kmeans
 
 # The backend tests with the oldest and newest diffusers of pyproject.toml's range, each in a
 # throwaway venv that installs only that diffusers (and what it lacks) over this venv's packages

@@ -23,9 +23,9 @@ with the shipped digits classifier (``vq4dit.metrics``). Rows are ``SETTING:LEVE
   ``seed<N>`` (calibration seed N: k-means and trajectories; the noise bar of a calibration);
 - ``fp@<seed>``: the FP model sampled with another evaluation seed (the noise bar: FP vs FP).
 
-    python benchmarks/ablation.py --rows fp@1 fp@2 regime-w2:n2 regime-w2:n2+rowscale --samples 500
-    python benchmarks/ablation.py --preset readme --samples 500 --json outputs/ablation.json   # the README table
-    python benchmarks/ablation.py --preset pictures --grid docs/levers_samples.png           # the README picture
+    python -m benchmarks.ablation --rows fp@1 fp@2 regime-w2:n2 regime-w2:n2+rowscale --samples 500
+    python -m benchmarks.ablation --preset readme --samples 500 --json outputs/ablation.json   # the README table
+    python -m benchmarks.ablation --preset pictures --grid docs/levers_samples.png           # the README picture
 
 FID numbers are digits-FID against the 1797 real digits; "FID/FP" divides by the FP row's FID.
 """
@@ -34,22 +34,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.quality import vq_bits_per_weight  # noqa: E402
-from vq4dit.evaluation import build_metrics, evaluation_plan, generate_images, load_real_images  # noqa: E402
-from vq4dit.reference import load_reference_classifier, load_reference_model  # noqa: E402
-from vq4dit.sampling import SamplerConfig  # noqa: E402
+from benchmarks.common import Timer, bits_per_weight, fit, fit_args, machine_line
+from vq4dit.evaluation import build_metrics, evaluation_plan, generate_images, load_real_images
+from vq4dit.reference import load_reference_classifier, load_reference_model
+from vq4dit.sampling import SamplerConfig
 
 SETTINGS = {
     "paper-w2": ["--model.bits=2"],
@@ -85,7 +80,7 @@ PRESETS["feedback"] = [
 ]
 PRESETS["pictures"] = ["regime-w2:n2", "regime-w2:n2+rowscale+aware", f"regime-w2:n2+{FEEDBACK}", "paper-w2:n2",
                        f"paper-w2:n2+{FEEDBACK}", "w3:n2", f"w3:n2+{FEEDBACK}"]
-# The README table, row for row (python benchmarks/ablation.py --preset readme --samples 500)
+# The README table, row for row (python -m benchmarks.ablation --preset readme --samples 500)
 PRESETS["readme"] = PRESETS["noise"] + [
     "regime-w2:n1", "regime-w2:n2", "regime-w2:n2+rowscale", "regime-w2:n2+aware", "regime-w2:n2+output",
     "regime-w2:n2+long", "regime-w2:n2+rowscale+lr", "regime-w2:n2+rowscale+aware+lr+long", "regime-w2:n2+fp-adaln",
@@ -150,11 +145,9 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
 
 def calibrate(row: str) -> tuple[torch.nn.Module, float, int, dict[str, float]]:
     """Calibrate one row through the CLI: (hard student, wall s, steps, final train/val metrics)."""
-    from train import cli_main
-
     with tempfile.TemporaryDirectory() as tmp:
         overrides, stop = row_overrides(row, tmp)
-        configs = ["--config", "configs/demo.yaml"]
+        configs = ["configs/demo.yaml"]
         if stop is not None:  # a second config file replaces the callbacks list
             demo = yaml.safe_load(Path("configs/demo.yaml").read_text())
             callbacks = [c for c in demo["trainer"]["callbacks"] if not c["class_path"].endswith(("SampleImages", "ModelCheckpoint", "LearningRateMonitor"))]
@@ -162,15 +155,10 @@ def calibrate(row: str) -> tuple[torch.nn.Module, float, int, dict[str, float]]:
                 if c["class_path"].endswith("CalibrationStop"):
                     c["init_args"] = dict(stop)
             Path(tmp, "stop.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-            configs += ["--config", str(Path(tmp, "stop.yaml"))]
-        args = ["fit", *configs, f"--trainer.default_root_dir={tmp}", "--trainer.logger=false",
-                "--trainer.enable_checkpointing=false", f"--model.export_dir={tmp}/packed",
-                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *overrides]
+            configs.append(str(Path(tmp, "stop.yaml")))
         if stop is None:  # no sample grids, no checkpoints: only the calibration itself
-            args.append("--trainer.callbacks=[{class_path: callbacks.CandidatePruning}, {class_path: callbacks.CalibrationStop, init_args: {max_steps: 2000}}]")
-        start = time.perf_counter()
-        cli = cli_main(args)
-        wall = time.perf_counter() - start
+            overrides.append("--trainer.callbacks=[{class_path: callbacks.CandidatePruning}, {class_path: callbacks.CalibrationStop, init_args: {max_steps: 2000}}]")
+        cli, wall = fit(fit_args(tmp, configs, "--trainer.enable_checkpointing=false", *overrides, logger=False))
     logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k in ("val/block_mse", "val/output_mse")}
     return cli.model.student.eval(), wall, cli.trainer.global_step, logged
 
@@ -207,7 +195,7 @@ def evaluate(rows: list[str], samples: int, steps: int, guidance: float, seed: i
             continue
         student, wall, steps_done, logged = calibrate(row)
         images = generate_images(student, labels, seeds, sampler, batch_size=250)
-        results.append({"row": row, "bits_per_weight": vq_bits_per_weight(student), "calibration_s": wall,
+        results.append({"row": row, "bits_per_weight": bits_per_weight(student), "calibration_s": wall,
                         "steps": steps_done, **logged, **score(images, fp_images)})
         if keep_images:
             results[-1]["images"] = images[:keep_images]
@@ -269,7 +257,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not row.startswith("fp@"):
             row_overrides(row, "")  # unknown settings or levers fail now, not after an hour
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    total = Timer()
+
     def partial(results: list[dict]) -> None:  # progress: the table so far, and the JSON
         print(format_table(results).splitlines()[-1], file=sys.stderr, flush=True)
         if args.json:
@@ -285,9 +274,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         grid = make_grid([r.pop("images") for r in results], scale=2)
         print(f"grid ({', '.join(r['row'] for r in results)} top to bottom): {save_png(grid, args.grid)}", file=sys.stderr)
     print(f"\nreference digits DiT; {args.samples} samples per row, DDPM {args.steps} steps, cfg {args.guidance}, "
-          f"seed {args.seed}; calibration: configs/demo.yaml + row overrides; {time.strftime('%Y-%m-%d')}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; total {time.perf_counter() - start:.0f} s\n")
+          f"seed {args.seed}; calibration: configs/demo.yaml + row overrides")
+    print(machine_line(f"total {total.elapsed:.0f} s") + "\n")
     print(format_table(results))
     summary = seed_summary(results)
     if summary:

@@ -7,31 +7,26 @@ demo's calibration trajectories (8 x 4 samples, 25 DDPM steps, cfg 4, with null 
 codeword under the activation metric: the default recipe before error feedback), ``feedback``
 (error feedback, column groups left to right), ``feedback-act`` (groups by decreasing E[x^2]).
 Row scales and activation-aware k-means as in the quality recipe. A fast screen (seconds): the
-calibration and the images decide (``benchmarks/ablation.py``).
+calibration and the images decide (``python -m benchmarks.ablation``).
 
-    python benchmarks/assignment.py
+    python -m benchmarks.assignment
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
-from datetime import date
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vq4dit import VQConfig  # noqa: E402
-from vq4dit.engine import input_second_moments, statistics_batches  # noqa: E402
-from vq4dit.error_feedback import error_feedback_assign  # noqa: E402
-from vq4dit.layers import VQLinear  # noqa: E402
-from vq4dit.quantize import select_layers  # noqa: E402
-from vq4dit.reference import load_reference_model  # noqa: E402
-from vq4dit.sampling import SamplerConfig  # noqa: E402
-from vq4dit.trajectories import TrajectoryPlan, generate_items  # noqa: E402
+from benchmarks.common import machine_line, markdown_table
+from vq4dit import VQConfig
+from vq4dit.engine import input_second_moments, statistics_batches
+from vq4dit.error_feedback import error_feedback_assign
+from vq4dit.layers import VQLinear
+from vq4dit.quantize import select_layers
+from vq4dit.reference import load_reference_model
+from vq4dit.sampling import SamplerConfig
+from vq4dit.trajectories import TrajectoryPlan, generate_items
 
 SETTINGS = {"regime-w2": (16, 2), "paper-w2": (256, 4), "w3": (64, 2)}
 METHODS = ("nearest", "feedback", "feedback-act")
@@ -76,18 +71,18 @@ def main(argv: list[str] | None = None) -> dict:
                 error = relative_output_error(linear.weight.detach(), hard_weight(linear, config, hessians[name], method),
                                               hessians[name])
                 results[(setting, name, method)] = error
-    print(f"relative layer output error before calibration, reference digits DiT; {date.today()}")
-    print(f"machine: {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)\n")
+    print("relative layer output error before calibration, reference digits DiT")
+    print(machine_line() + "\n")
     kinds = sorted(set(TYPES.values()), key=list(TYPES.values()).index)
-    print("| setting | method | mean | " + " | ".join(kinds) + " |")
-    print("|---|---|---|" + "---|" * len(kinds))
+    rows = []
     for setting in args.settings:
         for method in METHODS:
             errors = {name: results[(setting, name, method)] for name in names}
             by_kind = {kind: [e for n, e in errors.items() if TYPES[next(s for s in TYPES if n.endswith(s))] == kind]
                        for kind in kinds}
-            cells = " | ".join(f"{sum(v) / len(v):.4f}" for v in by_kind.values())
-            print(f"| {setting} | {method} | {sum(errors.values()) / len(errors):.4f} | {cells} |")
+            rows.append([setting, method, f"{sum(errors.values()) / len(errors):.4f}",
+                         *(f"{sum(v) / len(v):.4f}" for v in by_kind.values())])
+    print(markdown_table(["setting", "method", "mean", *kinds], rows))
     return results
 
 

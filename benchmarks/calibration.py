@@ -5,26 +5,19 @@ markdown table. "k-means only" is the calibration start made hard at once (every
 its nearest codeword, n = 1): the "traditional VQ" baseline. All numbers are on the datamodule's
 validation trajectories (FP-teacher inputs not used for training).
 
-    python benchmarks/calibration.py                   # reference digits DiT, w2 and w3
-    python benchmarks/calibration.py --bits 2 --epochs 4
+    python -m benchmarks.calibration                   # reference digits DiT, w2 and w3
+    python -m benchmarks.calibration --bits 2 --epochs 4
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import sys
 import tempfile
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train import cli_main  # noqa: E402
-from vq4dit.engine import Calibrator, build_student  # noqa: E402
+from benchmarks.common import fit, fit_args, machine_line, markdown_table
+from vq4dit.engine import Calibrator, build_student
 
 
 @torch.no_grad()
@@ -48,15 +41,8 @@ def main() -> None:
     rows = []
     for bits in args.bits:
         with tempfile.TemporaryDirectory() as tmp:
-            cli_args = [
-                "fit", "--config", args.config, f"--model.bits={bits}",
-                f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
-                f"--model.export_dir={tmp}/packed", "--trainer.enable_progress_bar=false",
-                *(["--trainer.max_epochs", str(args.epochs)] if args.epochs else []), *args.extra,
-            ]
-            start = time.perf_counter()
-            cli = cli_main(cli_args)
-            wall = time.perf_counter() - start
+            epochs = [f"--trainer.max_epochs={args.epochs}"] if args.epochs else []
+            cli, wall = fit(fit_args(tmp, [args.config], f"--model.bits={bits}", *epochs, *args.extra))
         module, data = cli.model, cli.datamodule
         batches = list(data.val_dataloader())
         after = mean_losses(module.engine, batches)
@@ -69,17 +55,13 @@ def main() -> None:
         before = mean_losses(Calibrator(module.teacher, start, module.calibration, guidance_scale=module.engine.guidance_scale), batches)
         rows.append((bits, config, before, after, hard_step, steps, wall))
 
-    print()
-    print(f"model: {cli.model.hparams.model}; machine: {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print()
-    print("| bits | k | d | n | block MSE k-means only | block MSE calibrated | output MSE k-means only "
-          "| output MSE calibrated | steps to all-hard | steps | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for bits, config, before, after, hard_step, steps, wall in rows:
-        print(f"| {bits} | {config.codebook_size} | {config.subvector_dim} | {config.num_candidates} "
-              f"| {before[0]:.3e} | {after[0]:.3e} | {before[1]:.3e} | {after[1]:.3e} "
-              f"| {hard_step if hard_step is not None else 'not reached'} | {steps} | {wall:.0f} |")
+    print(f"\nmodel: {cli.model.hparams.model}; {machine_line()}\n")
+    print(markdown_table(
+        ["bits", "k", "d", "n", "block MSE k-means only", "block MSE calibrated", "output MSE k-means only",
+         "output MSE calibrated", "steps to all-hard", "steps", "wall s"],
+        [[bits, config.codebook_size, config.subvector_dim, config.num_candidates, f"{before[0]:.3e}",
+          f"{after[0]:.3e}", f"{before[1]:.3e}", f"{after[1]:.3e}", hard_step if hard_step is not None else "not reached",
+          steps, f"{wall:.0f}"] for bits, config, before, after, hard_step, steps, wall in rows]))
 
 
 if __name__ == "__main__":

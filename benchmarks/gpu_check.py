@@ -1,7 +1,7 @@
 """First GPU run: everything the CPU measurements and projections left open, in one command.
 
-    python benchmarks/gpu_check.py                     # one CUDA GPU (H100/H200/A100): < 8 minutes
-    python benchmarks/gpu_check.py --dry-run           # every code path on the CPU, tiny shapes, < 2 minutes
+    python -m benchmarks.gpu_check                     # one CUDA GPU (H100/H200/A100): < 8 minutes
+    python -m benchmarks.gpu_check --dry-run           # every code path on the CPU, tiny shapes, < 2 minutes
 
 Measures on the first CUDA device (random-weight DiT-XL/2-256 preset; step times do not depend on
 the weights), printing the time each section took and one table at the end, and writing it all as
@@ -38,10 +38,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from benchmarks.common import Timer, machine_line, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("tests", "kernel", "calibration", "kmeans", "sampling", "inference")
@@ -112,9 +113,9 @@ class Bench:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
-        began = time.perf_counter()
-        fn()
-        return time.perf_counter() - began
+        with Timer() as t:
+            fn()
+        return t.seconds
 
     def median(self, fn, repeats: int, warmup: int) -> float:
         for _ in range(warmup):
@@ -155,14 +156,14 @@ def run_tests(plan: Plan, bench: Bench) -> list[Row]:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env["TRITON_INTERPRET"] = "0" if bench.cuda else "1"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"]
-    began = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    with Timer() as t:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     lines = [l for l in result.stdout.splitlines() if l.strip()]
     summary = lines[-1].strip("= ") if lines else result.stderr.strip()[-200:]
     if result.returncode != 0:
         log("kernel tests failed:\n" + result.stdout[-4000:] + result.stderr[-2000:])
     where = "CUDA, compiled kernels" if bench.cuda else "CPU, Triton interpreter"
-    return [Row("tests", "tests/test_kernels.py", where, 1e3 * (time.perf_counter() - began), None,
+    return [Row("tests", "tests/test_kernels.py", where, 1e3 * t.seconds, None,
                 f"{'ok' if result.returncode == 0 else 'FAILED'}: {summary}", {"returncode": result.returncode})]
 
 
@@ -245,10 +246,10 @@ def run_calibration(plan: Plan, bench: Bench, bits: int, state: dict) -> list[Ro
     teacher.to(device)
 
     vq_config = VQConfig.from_bits(bits, num_candidates=2, kmeans_iters=plan.calibration_kmeans_iters)
-    began = time.perf_counter()
+    built = Timer()
     engine = Calibrator.build(teacher, vq_config, CalibrationConfig(), guidance_scale=1.0, progress=False)
     bench.sync()
-    log(f"  w{bits}: student built in {time.perf_counter() - began:.1f} s")
+    log(f"  w{bits}: student built in {built.elapsed:.1f} s")
     calibration = CalibrationStep(engine, CandidatePruning(every_n_steps=1), autocast)
     backends = ["torch"] + (["triton"] if kernels.triton_available() else [])
 
@@ -379,12 +380,10 @@ def run_inference(plan: Plan, bench: Bench, teacher, student, bits: int) -> list
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| section | measurement | setting | ms | peak GPU MiB | note |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        ms = "" if r.ms is None else f"{r.ms:.2f}" if r.ms < 100 else f"{r.ms:.0f}"
-        peak = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
-        lines.append(f"| {r.section} | {r.what} | {r.setting} | {ms} | {peak} | {r.note} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["section", "measurement", "setting", "ms", "peak GPU MiB", "note"],
+        [[r.section, r.what, r.setting, "" if r.ms is None else f"{r.ms:.2f}" if r.ms < 100 else f"{r.ms:.0f}",
+          "" if r.peak_mib is None else f"{r.peak_mib:.0f}", r.note] for r in rows])
 
 
 def device_description(bench: Bench) -> dict:
@@ -421,7 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before vq4dit.kernels defines its kernels
         os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, str(ROOT))
     from vq4dit.atomic import atomic_write_text
 
     plan = DRY_PLAN if args.dry_run else GPU_PLAN
@@ -430,10 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"device: {info['device']}, torch {info['torch']}, triton {info['triton']}, plan {plan.preset}")
     rows: list[Row] = []
     seconds: dict[str, float] = {}
-    began_all = time.perf_counter()
+    clock = Timer()
 
     def section(name: str, fn, *fn_args):
-        began = time.perf_counter()
+        began = Timer()
         log(f"{name} ...")
         try:
             rows.extend(fn(*fn_args))
@@ -441,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name} FAILED:\n{traceback.format_exc()}")
             rows.append(Row(name, "ERROR", "", note=f"{type(err).__name__}: {err}"[:300], extra={"error": True}))
         finally:
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - began
-            log(f"{name}: {time.perf_counter() - began:.1f} s (total {time.perf_counter() - began_all:.1f} s)")
+            seconds[name] = seconds.get(name, 0.0) + began.elapsed
+            log(f"{name}: {began.elapsed:.1f} s (total {clock.elapsed:.1f} s)")
 
     chosen = set(args.sections)
     if "tests" in chosen:
@@ -467,9 +465,10 @@ def main(argv: list[str] | None = None) -> int:
         section("kmeans", run_kmeans, plan, bench)
     rows = sorted((r for r in rows if r.section in chosen or r.extra.get("error")), key=lambda r: SECTIONS.index(r.section))
 
-    total = time.perf_counter() - began_all
+    total = clock.elapsed
     print(f"\ngpu_check{' --dry-run (CPU, tiny shapes: no GPU numbers)' if args.dry_run else ''}: "
-          f"{info['device']}, torch {info['torch']}, triton {info['triton']}, {total:.0f} s\n")
+          f"{info['device']}, triton {info['triton']}, {total:.0f} s")
+    print(machine_line() + "\n")
     print(table(rows))
     report = {"info": info, "dry_run": args.dry_run, "plan": asdict(plan), "section_seconds": seconds,
               "total_seconds": total, "rows": [asdict(r) for r in rows]}

@@ -19,28 +19,28 @@ row is always the stock diffusers model, 28 copies, as ``from_pretrained`` gives
 The forward batch is ``--batch`` latents 4x32x32 (default 4: 2 latents + their null-label copies,
 one classifier-free-guidance step of DiTPipeline), under ``torch.no_grad`` like the pipeline.
 
-    python benchmarks/inference.py                       # FP, w2 and w3 (decode, cached); ~6 min
-    python benchmarks/inference.py --bits 2 --batch 1    # the few-token regime
-    python benchmarks/inference.py --embedders separate  # 28 embedder copies in the quantized models
+    python -m benchmarks.inference                       # FP, w2 and w3 (decode, cached); ~6 min
+    python -m benchmarks.inference --bits 2 --batch 1    # the few-token regime
+    python -m benchmarks.inference --embedders separate  # 28 embedder copies in the quantized models
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
+from benchmarks.common import machine_line, markdown_table
 from vq4dit.export import size_report, tie_tensors_
 from vq4dit.models import default_linear_filter, preset_config
 from vq4dit.decoding import DECODE_CHUNK_ELEMENTS
@@ -152,10 +152,10 @@ def run_child(config: str, batch: int, repeats: int, threads: int, chunk_element
 
 def spawn(config: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    command = [sys.executable, __file__, "--child", config, "--batch", str(args.batch), "--repeats",
+    command = [sys.executable, "-m", "benchmarks.inference", "--child", config, "--batch", str(args.batch), "--repeats",
                str(args.repeats), "--threads", str(args.threads), "--chunk-elements", str(args.chunk_elements),
                "--embedders", args.embedders]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT)]
     if done.returncode or not lines:
         raise SystemExit(f"{config} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -202,12 +202,10 @@ def main() -> None:
         return
 
     load = os.getloadavg()[0]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other work "
-          f"(load average {load:.2f} at start), torch {torch.__version__}, {args.threads} thread(s); {PRESET}, "
-          f"batch {args.batch} x 4x32x32, torch.no_grad, fp32; median of {args.repeats} after 1 warm-up, "
-          f"{args.runs} process(es) per config; "
-          f"decode chunks of {args.chunk_elements or DECODE_CHUNK_ELEMENTS:,} weights; quantized models: "
-          f"embedders {args.embedders}; {datetime.date.today()}")
+    print(machine_line(f"load average {load:.2f} at start, {args.threads} thread(s) per run") + "\n"
+          f"{PRESET}, batch {args.batch} x 4x32x32, torch.no_grad, fp32; median of {args.repeats} after 1 warm-up, "
+          f"{args.runs} process(es) per config; decode chunks of {args.chunk_elements or DECODE_CHUNK_ELEMENTS:,} "
+          f"weights; quantized models: embedders {args.embedders}")
     print()
     configs = ["fp"] + [f"w{b}-{mode}" for b in args.bits for mode in args.modes]
     runs: dict[str, list[dict]] = {config: [] for config in configs}
@@ -218,9 +216,7 @@ def main() -> None:
     results = {config: {key: median_of(rs, key) for key in rs[0]} for config, rs in runs.items()}
     fp = results["fp"]
     print()
-    print("| config | peak RSS MiB | peak vs FP | RSS after build MiB | model tensors MiB | first fwd s "
-          "| median fwd s | min fwd s | time vs FP | median CPU s | CPU vs FP | output |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    table = []
     for config in configs:
         r, peaks = results[config], [run["peak_mib"] for run in runs[config]]
         spread = f" ({min(peaks):.0f}-{max(peaks):.0f})" if len(peaks) > 1 else ""
@@ -229,19 +225,20 @@ def main() -> None:
             decoded = {run["checksum"] for run in runs[config.replace("cached", "decode")]}
             same = ", = decode" if {run["checksum"] for run in runs[config]} == decoded else ", != decode!"
         finite = all(run["finite"] for run in runs[config])
-        print(f"| {config} | {r['peak_mib']:.0f}{spread} | {r['peak_mib'] / fp['peak_mib']:.3f} | {r['built_mib']:.0f} "
-              f"| {r['tensor_mib']:.0f} | {r['first_s']:.2f} | {r['median_s']:.2f} | {r['min_s']:.2f} "
-              f"| {r['median_s'] / fp['median_s']:.3f} | {r['cpu_s']:.2f} | {r['cpu_s'] / fp['cpu_s']:.3f} "
-              f"| {'finite' if finite else 'NOT FINITE'}{same} |")
+        table.append([config, f"{r['peak_mib']:.0f}{spread}", f"{r['peak_mib'] / fp['peak_mib']:.3f}",
+                      f"{r['built_mib']:.0f}", f"{r['tensor_mib']:.0f}", f"{r['first_s']:.2f}", f"{r['median_s']:.2f}",
+                      f"{r['min_s']:.2f}", f"{r['median_s'] / fp['median_s']:.3f}", f"{r['cpu_s']:.2f}",
+                      f"{r['cpu_s'] / fp['cpu_s']:.3f}", f"{'finite' if finite else 'NOT FINITE'}{same}"])
+    print(markdown_table(["config", "peak RSS MiB", "peak vs FP", "RSS after build MiB", "model tensors MiB",
+                          "first fwd s", "median fwd s", "min fwd s", "time vs FP", "median CPU s", "CPU vs FP",
+                          "output"], table))
     print(f"\nPython + torch + diffusers before building a model: {fp['baseline_mib']:.0f} MiB RSS.")
     print()
-    print("| DiT-XL/2-256 | fp32 bytes | packed file bytes | in memory bytes (codes as uint8) | file vs fp32 |")
-    print("|---|---|---|---|---|")
-    for bits in args.bits:
-        fp32, packed, memory = packed_sizes(bits, args.embedders == "shared")
-        print(f"| w{bits} | {fp32:,} | {packed:,} | {memory:,} | {packed / fp32:.4f} "
-              f"({fp32 / packed:.2f}x smaller) |")
-
+    sizes = [(bits, *packed_sizes(bits, args.embedders == "shared")) for bits in args.bits]
+    print(markdown_table(
+        ["DiT-XL/2-256", "fp32 bytes", "packed file bytes", "in memory bytes (codes as uint8)", "file vs fp32"],
+        [[f"w{bits}", f"{fp32:,}", f"{packed:,}", f"{memory:,}", f"{packed / fp32:.4f} ({fp32 / packed:.2f}x smaller)"]
+         for bits, fp32, packed, memory in sizes]))
 
 if __name__ == "__main__":
     main()

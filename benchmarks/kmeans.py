@@ -5,20 +5,17 @@ vq4dit.kmeans (k-means++ seeding on a subsample + Lloyd on all points; backend a
 CPU) and of faiss.Kmeans trained on all points from its own random init (25 iterations, the faiss
 default), plus round-to-nearest per-channel at 2 and 3 bits for scale.
 
-    python benchmarks/kmeans.py            # all rows (about 3 minutes on 2 cores)
-    python benchmarks/kmeans.py --quick    # 1152x1152 only
+    python -m benchmarks.kmeans             # all rows (about 3 minutes on 2 cores)
+    python -m benchmarks.kmeans --quick     # 1152x1152 only
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import time
 
 import torch
 
+from benchmarks.common import machine_line, markdown_row, markdown_table, timed
 from vq4dit.kmeans import kmeans, kmeans_backend
 from vq4dit.vq_config import VQConfig
 from vq4dit.baselines import round_to_nearest
@@ -37,15 +34,6 @@ def make_weight(shape, kind: str, seed: int) -> torch.Tensor:
     normal = torch.randn(shape, generator=generator)
     chi2 = torch.randn(3, *shape, generator=generator).pow(2).sum(0)
     return 0.02 * normal / (chi2 / 3).sqrt()
-
-
-def timed(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def vq_error(points, codebook) -> float:
@@ -69,14 +57,12 @@ def main() -> None:
     try:
         import faiss  # noqa: F401
     except ImportError:
-        raise SystemExit("benchmarks/kmeans.py compares against faiss: pip install faiss-cpu")
+        raise SystemExit("benchmarks.kmeans compares against faiss: pip install faiss-cpu")
 
     shapes = SHAPES[:1] if args.quick else SHAPES
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, our backend: {kmeans_backend('cpu')}")
-    print()
-    print("| shape | weights | preset | ours s | ours rel-MSE | faiss-all s | faiss-all rel-MSE | RTN-2b rel-MSE | RTN-3b rel-MSE |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(machine_line(f"our backend: {kmeans_backend('cpu')}") + "\n")
+    print(markdown_table(["shape", "weights", "preset", "ours s", "ours rel-MSE", "faiss-all s", "faiss-all rel-MSE",
+                          "RTN-2b rel-MSE", "RTN-3b rel-MSE"]))
     for shape in shapes:
         for kind in ("uniform", "student-t3"):
             weight = make_weight(shape, kind, seed=0)
@@ -87,12 +73,9 @@ def main() -> None:
                 k = config.codebook_size
                 ours_t, ours_cb = timed(lambda: kmeans(points, k, config.kmeans_iters, config.kmeans_seed), args.repeats)
                 faiss_t, faiss_cb = timed(lambda: faiss_all(points, k), args.repeats)
-                print(
-                    f"| {shape[0]}x{shape[1]} | {kind} | {preset} (k={k}, d={config.subvector_dim}) "
-                    f"| {ours_t:.2f} | {vq_error(points, ours_cb):.5f} | {faiss_t:.2f} "
-                    f"| {vq_error(points, faiss_cb):.5f} | {rtn[0]:.5f} | {rtn[1]:.5f} |",
-                    flush=True,
-                )
+                print(markdown_row([f"{shape[0]}x{shape[1]}", kind, f"{preset} (k={k}, d={config.subvector_dim})",
+                                    f"{ours_t:.2f}", f"{vq_error(points, ours_cb):.5f}", f"{faiss_t:.2f}",
+                                    f"{vq_error(points, faiss_cb):.5f}", f"{rtn[0]:.5f}", f"{rtn[1]:.5f}"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,37 +11,23 @@ random positive-definite ``E[x x^T]`` (the cost does not depend on the values), 
 and the memory of the statistics each needs per layer (E[x^2]: ``in`` floats; E[x x^T]:
 ``in^2`` floats). The last lines scale the per-shape times to the 28 blocks of DiT-XL/2.
 
-    python benchmarks/lever_cost.py                         # k=16 d=2, the CPU, 1 thread
-    python benchmarks/lever_cost.py --codebook-size 64 --shapes 1152x1152
+    python -m benchmarks.lever_cost                         # k=16 d=2, the CPU, 1 thread
+    python -m benchmarks.lever_cost --codebook-size 64 --shapes 1152x1152
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
-import time
-from datetime import date
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vq4dit.codewords import nearest_codewords, to_subvectors  # noqa: E402
-from vq4dit.error_feedback import error_feedback_assign  # noqa: E402
-from vq4dit.kmeans import kmeans  # noqa: E402
+from benchmarks.common import machine_line, markdown_table, timed
+from vq4dit.codewords import nearest_codewords, to_subvectors
+from vq4dit.error_feedback import error_feedback_assign
+from vq4dit.kmeans import kmeans
 
 # out x in, and how many of that shape one DiT-XL/2 block has
 XL_SHAPES = {"6912x1152": 1, "1152x1152": 4, "4608x1152": 1, "1152x4608": 1}
-
-
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, result
 
 
 def measure(shape: str, k: int, d: int, n: int, iters: int, device: str) -> dict:
@@ -73,13 +59,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [measure(s, args.codebook_size, args.subvector_dim, args.candidates, args.kmeans_iters, args.device)
             for s in args.shapes]
     print(f"lever cost on DiT-XL/2 layer shapes; k={args.codebook_size}, d={args.subvector_dim}, "
-          f"n={args.candidates}, {args.kmeans_iters} Lloyd iterations; {date.today()}")
-    print(f"machine: {platform.machine()}, {args.device}, torch {torch.__version__}, {args.threads} thread(s)\n")
-    print("| layer shape | per block | k-means s | nearest s | feedback s | E[x^2] MB | E[x x^T] MB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {XL_SHAPES.get(r['shape'], '-')} | {r['kmeans_s']:.2f} | {r['nearest_s']:.2f} "
-              f"| {r['feedback_s']:.2f} | {r['diag_mb']:.3f} | {r['full_mb']:.1f} |")
+          f"n={args.candidates}, {args.kmeans_iters} Lloyd iterations")
+    print(machine_line(f"on {args.device}") + "\n")
+    print(markdown_table(
+        ["layer shape", "per block", "k-means s", "nearest s", "feedback s", "E[x^2] MB", "E[x x^T] MB"],
+        [[r["shape"], XL_SHAPES.get(r["shape"], "-"), f"{r['kmeans_s']:.2f}", f"{r['nearest_s']:.2f}",
+          f"{r['feedback_s']:.2f}", f"{r['diag_mb']:.3f}", f"{r['full_mb']:.1f}"] for r in rows]))
     if all(s in {r["shape"] for r in rows} for s in XL_SHAPES):
         per = {r["shape"]: r for r in rows}
         total = lambda key: 28 * sum(per[s][key] * count for s, count in XL_SHAPES.items())  # noqa: E731

@@ -15,8 +15,8 @@ Part 2 estimates the memory of one calibration step on one 80 GB GPU at the pape
 measured: parameters and buffers of teacher and student, optimizer state, and every tensor
 autograd saved for the backward (captured with ``saved_tensors_hooks`` during step 1).
 
-    python benchmarks/memory.py                        # w2 and w3 (k-means dominates: ~10-20 min each)
-    python benchmarks/memory.py --bits 3 --kmeans-iters 0   # quick memory check, no Lloyd iterations
+    python -m benchmarks.memory                        # w2 and w3 (k-means dominates: ~10-20 min each)
+    python -m benchmarks.memory --bits 3 --kmeans-iters 0   # quick memory check, no Lloyd iterations
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -34,8 +33,9 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.common import machine_line, markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 GB = 1e9
 PAPER_BATCH = 8  # 4 classes + 4 null labels
@@ -245,7 +245,7 @@ def _run_child(args: argparse.Namespace, bits: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [
-            "/usr/bin/time", "-v", sys.executable, __file__, "--child", "--json", str(out), "--bits", str(bits),
+            "/usr/bin/time", "-v", sys.executable, "-m", "benchmarks.memory", "--child", "--json", str(out), "--bits", str(bits),
             "--model", args.model, "--kmeans-iters", str(args.kmeans_iters), "--steps", str(args.steps),
             "--precision", args.precision, "--threads", str(args.threads), "--num-candidates", str(args.num_candidates),
             *(["--teacher-dtype", args.teacher_dtype] if args.teacher_dtype else []),
@@ -359,31 +359,30 @@ def main() -> None:
     if args.save_json:
         Path(args.save_json).write_text(json.dumps(results, indent=1))
     print(f"\nmodel {args.model}, n={args.num_candidates}, {args.steps} steps, precision {args.precision}, "
-          f"kmeans_iters {args.kmeans_iters}, teacher {args.teacher_dtype or 'float32'}, {args.threads} thread(s); "
-          f"{platform.machine()}, {os.cpu_count()} cores"
+          f"kmeans_iters {args.kmeans_iters}, teacher {args.teacher_dtype or 'float32'}, {args.threads} thread(s)\n"
+          + machine_line()
           + (f"; MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "")
           + "\n")
-    print("| bits | peak RSS GB (time -v) | wall s | load teacher s | trajectories s | k-means + student s "
-          "| step 1 s | step 2 s | export s | status |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    table = []
     for bits, result in results.items():
         seconds = {p["phase"]: p["seconds"] for p in result["phases"]}
         cells = [seconds.get(name) for name in
                  ("load teacher", "trajectories", "k-means + student", "step 1", "step 2", "final assignment + export")]
         wall = result.get("wall_s")
-        print(f"| {bits} | {result['peak_rss_gb']:.2f} | {'-' if wall is None else f'{wall:.0f}'} | "
-              + " | ".join("-" if c is None else f"{c:.1f}" for c in cells)
-              + f" | {result['failed'] or 'ok'} |")
+        table.append([bits, f"{result['peak_rss_gb']:.2f}", "-" if wall is None else f"{wall:.0f}",
+                      *("-" if c is None else f"{c:.1f}" for c in cells), result["failed"] or "ok"])
+    print(markdown_table(["bits", "peak RSS GB (time -v)", "wall s", "load teacher s", "trajectories s",
+                          "k-means + student s", "step 1 s", "step 2 s", "export s", "status"], table))
     print("\nRSS per phase (GB): after the phase / peak during the phase\n")
     names = [p["phase"] for p in max((r["phases"] for r in results.values()), key=len)]
-    print("| phase | " + " | ".join(f"w{b} after | w{b} peak" for b in results) + " |")
-    print("|---|" + "---|---|" * len(results))
+    rows = []
     for name in names:
         cells = []
         for result in results.values():
             phase = next((p for p in result["phases"] if p["phase"] == name), None)
             cells += ["-", "-"] if phase is None else [f"{phase['rss_gb']:.2f}", f"{phase['peak_gb']:.2f}"]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append([name, *cells])
+    print(markdown_table(["phase", *(f"w{b} {when}" for b in results for when in ("after", "peak"))], rows))
 
     complete = {b: r["sizes"] for b, r in results.items() if "saved_activations" in r["sizes"]}
     if not complete:
@@ -391,13 +390,12 @@ def main() -> None:
     print(f"\nEstimate for one 80 GB GPU, batch {PAPER_BATCH} (4 classes + 4 null), bf16-mixed, "
           "from the tensor sizes measured above (GB)\n")
     estimates = {b: gpu_estimate(s) for b, s in complete.items()}
-    print("| component | alive | " + " | ".join(f"w{b}" for b in estimates) + " | note |")
-    print("|---|---|" + "---|" * len(estimates) + "---|")
     first = next(iter(estimates.values()))
-    for i, (name, when, _, note) in enumerate(first):
-        print(f"| {name} | {when} | " + " | ".join(f"{rows[i][2]:.2f}" for rows in estimates.values()) + f" | {note} |")
-    print("| **peak** = always + max(forward, backward) | | "
-          + " | ".join(f"**{estimate_peak(rows):.2f}**" for rows in estimates.values()) + " | |")
+    rows = [[name, when, *(f"{estimate[i][2]:.2f}" for estimate in estimates.values()), note]
+            for i, (name, when, _, note) in enumerate(first)]
+    rows.append(["**peak** = always + max(forward, backward)", "",
+                 *(f"**{estimate_peak(estimate):.2f}**" for estimate in estimates.values()), ""])
+    print(markdown_table(["component", "alive", *(f"w{b}" for b in estimates), "note"], rows))
     sizes = next(iter(complete.values()))
     traj = XL_TRAJECTORIES[0] * XL_TRAJECTORIES[1] * XL_TRAJECTORIES[2] * sizes["trajectory_item_bytes"] / GB
     print(f"\nTrajectories stay in host RAM (batches move to the GPU): {traj:.2f} GB for "

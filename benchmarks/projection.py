@@ -21,8 +21,8 @@ Trajectory generation (fp32 teacher, ``generate_items`` batching) and the k-mean
 (torch backend, from one measured layer) are projected the same way (both run on the trainer's
 device); their measured CPU times are printed for comparison.
 
-    python benchmarks/projection.py                      # w2 and w3 (2-4 min here, 1 thread)
-    python benchmarks/projection.py --bits 2 --no-trajectory-batch
+    python -m benchmarks.projection                      # w2 and w3 (2-4 min here, 1 thread)
+    python -m benchmarks.projection --bits 2 --no-trajectory-batch
 """
 
 from __future__ import annotations
@@ -32,11 +32,8 @@ import contextlib
 import gc
 import inspect
 import math
-import os
-import platform
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
@@ -47,20 +44,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import Timer, machine_line, markdown_table
+from benchmarks.throughput import ITEMS, CalibrationStep, FineTuneStep, make_batch, xl_block_folder
+from callbacks import CandidatePruning
+from vq4dit.codewords import to_subvectors
+from vq4dit.engine import CalibrationConfig, Calibrator
+from vq4dit.kmeans import kmeans, kmeans_backend
+from vq4dit.layers import VQLinear
+from vq4dit.lightning import CalibrationModule
+from vq4dit.models import default_linear_filter, load_dit, preset_config
+from vq4dit.sampling import guided_output
+from vq4dit.trajectories import generate_items
+from vq4dit.vq_config import VQConfig
 
-from benchmarks.throughput import ITEMS, CalibrationStep, FineTuneStep, make_batch, xl_block_folder  # noqa: E402
-from callbacks import CandidatePruning  # noqa: E402
-from vq4dit.engine import CalibrationConfig, Calibrator  # noqa: E402
-from vq4dit.lightning import CalibrationModule  # noqa: E402
-from vq4dit.trajectories import generate_items  # noqa: E402
-from vq4dit.models import default_linear_filter, load_dit, preset_config  # noqa: E402
-from vq4dit.layers import VQLinear  # noqa: E402
-from vq4dit.kmeans import kmeans, kmeans_backend  # noqa: E402
-from vq4dit.vq_config import VQConfig  # noqa: E402
-from vq4dit.codewords import to_subvectors  # noqa: E402
-from vq4dit.sampling import guided_output  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 aten = torch.ops.aten
 XL_PRESET = "DiT-XL/2-256"
@@ -339,11 +336,9 @@ def fit_blocks(by_layers: dict[int, Counts], layers: int) -> Counts:
 def count_ops(fn: Callable[[], Any], hardware: Hardware = H100) -> Counts:
     """Run ``fn()`` once under :class:`OpCounter`; its :class:`Counts` (with CPU wall seconds)."""
     counter = OpCounter(hardware)
-    start = time.perf_counter()
-    with counter:
+    with Timer() as wall, counter:
         fn()
-    wall = time.perf_counter() - start
-    return summarise(counter.records, wall, hardware)
+    return summarise(counter.records, wall.seconds, hardware)
 
 
 # ----------------------------------------------------------------------------- the measured runs
@@ -486,9 +481,9 @@ def host_kmeans_seconds(bits: int, num_candidates: int, hidden: int, iters: int)
     torch.manual_seed(0)
     linear = torch.nn.Linear(hidden, hidden)
     config = VQConfig.from_bits(bits, num_candidates=num_candidates, kmeans_iters=iters)
-    start = time.perf_counter()
-    VQLinear.from_linear(linear, config)
-    return time.perf_counter() - start
+    with Timer() as t:
+        VQLinear.from_linear(linear, config)
+    return t.seconds
 
 
 def project_kmeans(parts: dict[str, Counts], hidden: int, lloyd_iters: int, target_iters: int,
@@ -569,11 +564,11 @@ def step_table(rows: list[tuple[str, Counts, dict[int, Counts]]], target: int, h
 
 
 def top_ops(counts: Counts, top: int) -> str:
-    lines = ["| aten op | kernels | GFLOP | GB moved | optimistic ms | share |", "|---|---|---|---|---|---|"]
     total = sum(v[3] for v in counts.ops.values()) or 1.0
-    for name, (kernels, flops, moved, seconds) in sorted(counts.ops.items(), key=lambda kv: -kv[1][3])[:top]:
-        lines.append(f"| {name} | {kernels:,.0f} | {flops / 1e9:.0f} | {moved / 1e9:.2f} | {seconds * 1e3:.2f} | {seconds / total:.1%} |")
-    return "\n".join(lines)
+    ranked = sorted(counts.ops.items(), key=lambda kv: -kv[1][3])[:top]
+    return markdown_table(["aten op", "kernels", "GFLOP", "GB moved", "optimistic ms", "share"], [
+        [name, f"{kernels:,.0f}", f"{flops / 1e9:.0f}", f"{moved / 1e9:.2f}", f"{seconds * 1e3:.2f}", f"{seconds / total:.1%}"]
+        for name, (kernels, flops, moved, seconds) in ranked])
 
 
 def parse_soft_steps(values: list[str]) -> dict[int, int]:
@@ -610,7 +605,7 @@ def main() -> None:
 
         faiss.omp_set_num_threads(args.threads)
     hardware = H100
-    started = time.perf_counter()
+    started = Timer()
     soft_steps = parse_soft_steps(args.soft_steps)
     configs = dict.fromkeys(args.bits, read_config(*(ROOT / path for path in args.config)))
     first = configs[args.bits[0]]
@@ -626,7 +621,7 @@ def main() -> None:
                                            trajectory_samples)
                 for key, counts in rows.items():
                     measured.setdefault(key, {})[layers] = counts
-                print(f"measured: L={layers} w{bits} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+                print(f"measured: L={layers} w{bits} ({started.elapsed:.0f} s)", file=sys.stderr, flush=True)
                 gc.collect()
     hidden = preset_config(XL_PRESET)["num_attention_heads"] * preset_config(XL_PRESET)["attention_head_dim"]
     shapes = quantized_layer_shapes()
@@ -636,7 +631,7 @@ def main() -> None:
         kmeans_parts[bits] = measure_kmeans(bits, configs[bits]["model"].get("num_candidates", 2), hidden,
                                             args.kmeans_measure_iters)
         host_kmeans[bits] = host_kmeans_seconds(bits, configs[bits]["model"].get("num_candidates", 2), hidden, target_iters)
-        print(f"measured: k-means w{bits} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        print(f"measured: k-means w{bits} ({started.elapsed:.0f} s)", file=sys.stderr, flush=True)
     fitted = {key: fit_blocks(by_layers, args.target_layers) for key, by_layers in measured.items()}
     kmeans_total = {bits: project_kmeans(kmeans_parts[bits], hidden, args.kmeans_measure_iters, target_iters, shapes)
                     for bits in args.bits}
@@ -646,8 +641,7 @@ def main() -> None:
     data = first["data"]
     classes, steps = data["classes_per_trajectory"], data["num_steps"]
     print(f"\n{PROJECTION_BANNER}\n")
-    print(f"measured on: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); runs: random-init {XL_PRESET} with L = "
+    print(f"{machine_line(label='measured on')}; runs: random-init {XL_PRESET} with L = "
           f"{' and '.join(map(str, args.layers))} blocks, fitted cost(L) = outside + L * per_block, shown at "
           f"L = {args.target_layers}")
     print(f"projected device: {hardware.name}: bf16 dense {hardware.bf16_flops / 1e12:.0f} TFLOP/s, fp32 matmul "
@@ -724,8 +718,7 @@ def main() -> None:
           f"steps (steps until all layers were hard on the reference model, README), hard cost afterwards; "
           f"conservative: soft cost for every step. Step counts: {args.stop_steps} = default stop rule on the reference "
           f"model; {epoch_steps} = one epoch of this config; {max_steps} = CalibrationStop max_steps (official budget)\n")
-    lines = ["| bits | steps | schedule | k-means init | trajectories | optimisation steps | **total (low - high)** |",
-             "|---|---|---|---|---|---|---|"]
+    rows = []
     for b in args.bits:
         km, soft, hard = kmeans_total[b], fitted[f"w{b}_soft"], fitted[f"w{b}_hard"]
         for n_steps in (args.stop_steps, epoch_steps, max_steps):
@@ -733,13 +726,13 @@ def main() -> None:
                 n_soft = min(n_steps, soft_steps.get(b, n_steps)) if schedule == "soft, then hard" else n_steps
                 cost = {s.name: n_soft * soft.projected_s(s) + (n_steps - n_soft) * hard.projected_s(s) for s in SCENARIOS}
                 fixed = {s.name: km.projected_s(s) + trajectory_forwards * traj.projected_s(s) for s in SCENARIOS}
-                lines.append(
-                    f"| {b} | {n_steps:,} | {schedule} | {fmt_s(km.projected_s(opt))} - {fmt_s(km.projected_s(pes))} "
-                    f"| {fmt_s(trajectory_forwards * traj.projected_s(opt))} - {fmt_s(trajectory_forwards * traj.projected_s(pes))} "
-                    f"| {fmt_s(cost[opt.name])} - {fmt_s(cost[pes.name])} "
-                    f"| **{fmt_s(fixed[opt.name] + cost[opt.name])} - {fmt_s(fixed[pes.name] + cost[pes.name])}** |"
-                )
-    print("\n".join(lines))
+                rows.append([
+                    b, f"{n_steps:,}", schedule, f"{fmt_s(km.projected_s(opt))} - {fmt_s(km.projected_s(pes))}",
+                    f"{fmt_s(trajectory_forwards * traj.projected_s(opt))} - {fmt_s(trajectory_forwards * traj.projected_s(pes))}",
+                    f"{fmt_s(cost[opt.name])} - {fmt_s(cost[pes.name])}",
+                    f"**{fmt_s(fixed[opt.name] + cost[opt.name])} - {fmt_s(fixed[pes.name] + cost[pes.name])}**"])
+    print(markdown_table(["bits", "steps", "schedule", "k-means init", "trajectories", "optimisation steps",
+                          "**total (low - high)**"], rows))
     val_batches = data.get("val_trajectories", 0) * classes * steps // data["batch_size"]
     for b in args.bits:
         v = fitted[f"w{b}_val"]
@@ -767,7 +760,7 @@ def main() -> None:
     key = f"w{args.bits[0]}_soft"
     print(f"\n### Where the projected time goes: {labels[key]}, L = {args.target_layers}, optimistic, top {args.top} aten ops\n")
     print(top_ops(fitted[key], args.top))
-    print(f"\nscript wall time: {time.perf_counter() - started:.0f} s")
+    print(f"\nscript wall time: {started.elapsed:.0f} s")
 
 
 if __name__ == "__main__":

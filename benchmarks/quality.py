@@ -3,9 +3,9 @@
 Same layers (the 7 core Linears of every block), same evaluation harness, same labels and seeds
 (identical noise for every model). Calibrated methods run ``train.py fit`` with the demo config.
 
-    python benchmarks/quality.py                        # the README table (~30 min on 2 CPU cores)
-    python benchmarks/quality.py --methods fp rtn-c2 vq4dit-w2-n2 --samples 100 --steps 10
-    python benchmarks/quality.py --grid outputs/quality.png  # also a sample grid, one row per method
+    python -m benchmarks.quality                        # the README table (~30 min on 2 CPU cores)
+    python -m benchmarks.quality --methods fp rtn-c2 vq4dit-w2-n2 --samples 100 --steps 10
+    python -m benchmarks.quality --grid outputs/quality.png  # also a sample grid, one row per method
 
 Methods: ``fp``; ``rtn-c{b}`` round-to-nearest per output channel and ``rtn-g64-{b}`` per group of
 64 inputs at b bits (fp16 scale and zero point per group counted in bits/weight); ``vq-w{b}``
@@ -19,27 +19,22 @@ digits classifier (max 10), pixel MSE and FID to the FP samples.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vq4dit.evaluation import build_metrics, evaluation_plan, generate_images, load_real_images  # noqa: E402
-from vq4dit.images import make_grid, save_png  # noqa: E402
-from vq4dit.models import default_linear_filter  # noqa: E402
-from vq4dit.quantize import finalize_model_, quantize_, vq_layers  # noqa: E402
-from vq4dit.vq_config import VQConfig  # noqa: E402
-from vq4dit.baselines import round_to_nearest  # noqa: E402
-from vq4dit.reference import load_reference_classifier, load_reference_model  # noqa: E402
-from vq4dit.sampling import SamplerConfig  # noqa: E402
+from benchmarks.common import Timer, bits_per_weight, fit, fit_args, machine_line
+from vq4dit.baselines import round_to_nearest
+from vq4dit.evaluation import build_metrics, evaluation_plan, generate_images, load_real_images
+from vq4dit.images import make_grid, save_png
+from vq4dit.models import default_linear_filter
+from vq4dit.quantize import finalize_model_, quantize_
+from vq4dit.reference import load_reference_classifier, load_reference_model
+from vq4dit.sampling import SamplerConfig
+from vq4dit.vq_config import VQConfig
 
 DEFAULT_METHODS = [
     "fp", "rtn-c4", "rtn-c3", "rtn-c2", "rtn-g64-4", "rtn-g64-3", "rtn-g64-2", "vq-w3", "vq-w2",
@@ -77,37 +72,21 @@ def rtn_model(bits: int, group_size: int | None) -> tuple[torch.nn.Module, float
     return model, total_bits / total_weights
 
 
-def vq_bits_per_weight(model: torch.nn.Module) -> float:
-    """Codes at log2(k) bits + FP32 codebooks, over the quantized weights."""
-    layers = vq_layers(model).values()
-    bits = sum(l.bits_per_weight(include_codebook=True) * l.in_features * l.out_features for l in layers)
-    return bits / sum(l.in_features * l.out_features for l in layers)
-
-
 def plain_vq_model(bits: int) -> tuple[torch.nn.Module, float]:
     model = load_reference_model()
     quantize_(model, VQConfig.from_bits(bits).with_overrides(num_candidates=1), filter_fn=default_linear_filter,
               progress=False)
     finalize_model_(model)
-    return model, vq_bits_per_weight(model)
+    return model, bits_per_weight(model)
 
 
 def calibrated_model(bits: int, candidates: int, config: str, extra: list[str]) -> tuple[torch.nn.Module, float, float, int]:
     """``train.py fit`` on the reference model: (hard student, bits/weight, wall s, steps)."""
-    from train import cli_main
-
     with tempfile.TemporaryDirectory() as tmp:
-        args = [
-            "fit", "--config", config, "--model.model=reference", f"--model.bits={bits}",
-            f"--model.num_candidates={candidates}", f"--trainer.default_root_dir={tmp}",
-            f"--trainer.logger.init_args.save_dir={tmp}", f"--model.export_dir={tmp}/packed",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
-        ]
-        start = time.perf_counter()
-        cli = cli_main(args)
-        wall = time.perf_counter() - start
+        cli, wall = fit(fit_args(tmp, [config], "--model.model=reference", f"--model.bits={bits}",
+                                 f"--model.num_candidates={candidates}", *extra))
     student = cli.model.student.eval()
-    return student, vq_bits_per_weight(student), wall, cli.trainer.global_step
+    return student, bits_per_weight(student), wall, cli.trainer.global_step
 
 
 def build(method: str, config: str, extra: list[str]) -> tuple[torch.nn.Module, float, float | None, int | None]:
@@ -188,13 +167,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     if args.samples < 10:
         parser.error("--samples must be >= 10")
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    total = Timer()
     results = run(args.methods, args.samples, args.steps, args.guidance, args.seed, args.config, args.extra)
     print()
     print(f"reference digits DiT; {args.samples} samples per method (balanced), DDPM {args.steps} steps, "
           f"cfg {args.guidance}, seed {args.seed}; calibration: {args.config} {' '.join(args.extra)}".rstrip())
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; total {time.perf_counter() - start:.0f} s")
+    print(machine_line(f"total {total.elapsed:.0f} s"))
     print()
     print(format_table(results))
     if args.grid:

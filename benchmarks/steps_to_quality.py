@@ -7,33 +7,27 @@ generated images (pixel MSE to the FP samples under identical noise, class accur
 default run (the demo config as shipped, ``CalibrationStop`` on) gives the default's step count,
 wall time and final quality.
 
-    python benchmarks/steps_to_quality.py                    # w2 and w3 (~40 min on 2 busy cores)
-    python benchmarks/steps_to_quality.py --bits 2 --max-steps 400 --every 100 --samples 50
+    python -m benchmarks.steps_to_quality                    # w2 and w3 (~40 min on 2 busy cores)
+    python -m benchmarks.steps_to_quality --bits 2 --max-steps 400 --every 100 --samples 50
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train import cli_main  # noqa: E402
-from vq4dit.engine import block_losses  # noqa: E402
-from vq4dit.evaluation import evaluation_plan, generate_images  # noqa: E402
-from vq4dit.quantize import finalize_model_  # noqa: E402
-from vq4dit.reference import classifier_accuracy, load_reference_classifier  # noqa: E402
-from vq4dit.sampling import SamplerConfig  # noqa: E402
+from benchmarks.common import Timer, fit, fit_args, machine_line, markdown_table
+from vq4dit.engine import block_losses
+from vq4dit.evaluation import evaluation_plan, generate_images
+from vq4dit.quantize import finalize_model_
+from vq4dit.reference import classifier_accuracy, load_reference_classifier
+from vq4dit.sampling import SamplerConfig
 
 
 class ImageProbe:
@@ -78,19 +72,19 @@ class Probe(pl.Callback):
         self.every, self.samples, self.steps = every, samples, steps
         self.rows: list[tuple[int, float, dict]] = []
         self.probe_time = 0.0
-        self.start = 0.0
+        self.clock = Timer()
 
     def _score(self, trainer, module) -> None:
-        begin = time.perf_counter()
-        if not hasattr(self, "images"):
-            self.images = ImageProbe(module.teacher, self.samples, self.steps) if self.samples else None
-            self.batches = list(trainer.datamodule.val_dataloader())
-        scores = hard_scores(module.engine, self.batches, self.images)
-        self.probe_time += time.perf_counter() - begin
-        self.rows.append((trainer.global_step, time.perf_counter() - self.start - self.probe_time, scores))
+        with Timer() as probing:
+            if not hasattr(self, "images"):
+                self.images = ImageProbe(module.teacher, self.samples, self.steps) if self.samples else None
+                self.batches = list(trainer.datamodule.val_dataloader())
+            scores = hard_scores(module.engine, self.batches, self.images)
+        self.probe_time += probing.seconds
+        self.rows.append((trainer.global_step, self.clock.elapsed - self.probe_time, scores))
 
     def on_train_start(self, trainer, module) -> None:
-        self.start = time.perf_counter()
+        self.clock = Timer()
         self._score(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -100,21 +94,17 @@ class Probe(pl.Callback):
 
 def calibrate(bits: int, config: str, override: dict | None, extra: list[str], tmp: str, probe: Probe | None):
     """One ``fit`` of the reference model; returns (cli, wall seconds without probing)."""
-    args = [
-        "--config", config, f"--model.bits={bits}", f"--trainer.default_root_dir={tmp}",
-        f"--trainer.logger.init_args.save_dir={tmp}", f"--model.export_dir={tmp}/packed",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
-    ]
+    configs = [config]
     if override is not None:
         path = Path(tmp) / "override.yaml"
         path.write_text(yaml.safe_dump(override))
-        args[2:2] = ["--config", str(path)]
-    cli = cli_main(args, run=False)
+        configs.append(str(path))
+    cli, _ = fit(fit_args(tmp, configs, f"--model.bits={bits}", *extra), run=False)
     if probe is not None:
         cli.trainer.callbacks.append(probe)
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return cli, time.perf_counter() - start - (probe.probe_time if probe else 0.0)
+    with Timer() as t:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, t.seconds - (probe.probe_time if probe else 0.0)
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -134,8 +124,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     print(f"reference digits DiT, {args.config} {' '.join(extra)}; probes: hard (argmax) copy of the student, "
-          f"{args.samples} images DDPM {args.sample_steps} steps cfg 1.5; machine: {platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.samples} images DDPM {args.sample_steps} steps cfg 1.5; {machine_line()}")
     for bits in args.bits:
         long_run = {
             "trainer": {"max_epochs": 1000, "callbacks": [
@@ -156,14 +145,12 @@ def main() -> None:
         print(f"w{bits}: default stop rule stopped at step {final[0]} (all layers hard at step {stop.hard_since}), "
               f"{wall:.0f} s for the whole fit (teacher trajectories and k-means included; 'calib. s' counts from the first step)")
         print()
-        print("| run | step | calib. s | hard % | block MSE | output MSE | image MSE to FP | class acc % |")
-        print("|---|---|---|---|---|---|---|---|")
         rows = [("long", *row) for row in probe.rows] + [("**default**", *final)]
-        for name, step, seconds, s in rows:
-            print(f"| {name} | {step} | {seconds:.0f} | {100 * s['hard']:.1f} | {s['block_mse']:.3e} | "
-                  f"{s['output_mse']:.3e} | {fmt(s.get('image_mse'), '.4f')} | "
-                  f"{fmt(100 * s['accuracy'] if 'accuracy' in s else None, '.1f')} |")
-
+        print(markdown_table(
+            ["run", "step", "calib. s", "hard %", "block MSE", "output MSE", "image MSE to FP", "class acc %"],
+            [[name, step, f"{seconds:.0f}", f"{100 * s['hard']:.1f}", f"{s['block_mse']:.3e}", f"{s['output_mse']:.3e}",
+              fmt(s.get('image_mse'), '.4f'), fmt(100 * s['accuracy'] if 'accuracy' in s else None, '.1f')]
+             for name, step, seconds, s in rows]))
 
 if __name__ == "__main__":
     main()

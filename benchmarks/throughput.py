@@ -15,10 +15,10 @@ Cases: the ``DiT-S/2-256`` preset, and one DiT-XL/2 block (a 1-block DiT-XL/2-25
 256 tokens x 1152; the patch embedding and output head are included, they are ~1 % of the
 FLOPs). Steps of both kinds alternate, so machine load hits both alike; medians are reported.
 
-    python benchmarks/throughput.py                          # S/2 and XL block, w2 and w3
-    python benchmarks/throughput.py --cases S --bits 2 --profile
-    python benchmarks/throughput.py --precision bf16-mixed   # CPU autocast, as Lightning's bf16-mixed
-    python benchmarks/throughput.py --cases S --compile      # torch.compile of the soft reconstruction
+    python -m benchmarks.throughput                          # S/2 and XL block, w2 and w3
+    python -m benchmarks.throughput --cases S --bits 2 --profile
+    python -m benchmarks.throughput --precision bf16-mixed   # CPU autocast, as Lightning's bf16-mixed
+    python -m benchmarks.throughput --cases S --compile      # torch.compile of the soft reconstruction
 
 ``--compile`` replaces the soft rows' forward (``vq4dit.soft._soft_mix``: ratios, gathers, weighted
 sum) and their logits gradient (``_soft_logits_grad``) by ``torch.compile(dynamic=True)`` versions
@@ -30,24 +30,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from callbacks import CandidatePruning  # noqa: E402
-from vq4dit.engine import CalibrationConfig, Calibrator  # noqa: E402
-from vq4dit.models import block_modules, capture_blocks, load_dit, preset_config  # noqa: E402
-from vq4dit.sampling import NULL_CLASS  # noqa: E402
-from vq4dit.vq_config import VQConfig  # noqa: E402
+from benchmarks.common import Timer, machine_line, markdown_table
+from callbacks import CandidatePruning
+from vq4dit.engine import CalibrationConfig, Calibrator
+from vq4dit.models import block_modules, capture_blocks, load_dit, preset_config
+from vq4dit.sampling import NULL_CLASS
+from vq4dit.vq_config import VQConfig
 
 ITEMS = 4  # classes per batch; each with its null-label copy: model batch 8 (official)
 REGIONS = ("teacher forward", "student forward", "backward", "optimizer", "pruning callback")
@@ -115,21 +111,22 @@ class CalibrationStep:
 
     def __call__(self, batch) -> float:
         engine, timer, pruning = self.engine, self.timer, self.pruning
-        start = time.perf_counter()
-        engine.update_codebook_trainability()  # the module's on_train_batch_start
-        with self.autocast():  # forward only, as Lightning's precision plugin
-            loss = engine.step_loss(batch, self.step).loss
-        self.optimizer.zero_grad(set_to_none=True)  # Lightning's order: after the forward
-        with timer.region("backward"):
-            loss.backward()
-        with timer.region("optimizer"):
-            self.optimizer.step()
-        self.step += 1
-        with timer.region("pruning callback"):
-            if self.step % pruning.every_n_steps == 0:  # CandidatePruning.on_train_batch_end
-                engine.prune_(self.optimizer, pruning.harden_threshold, pruning.prune_floor, pruning.finalize_fraction)
-                engine.soft_counts()  # the counts the callback logs (a host sync on a GPU)
-        return time.perf_counter() - start
+        with Timer() as step:
+            engine.update_codebook_trainability()  # the module's on_train_batch_start
+            with self.autocast():  # forward only, as Lightning's precision plugin
+                loss = engine.step_loss(batch, self.step).loss
+            self.optimizer.zero_grad(set_to_none=True)  # Lightning's order: after the forward
+            with timer.region("backward"):
+                loss.backward()
+            with timer.region("optimizer"):
+                self.optimizer.step()
+            self.step += 1
+            with timer.region("pruning callback"):
+                if self.step % pruning.every_n_steps == 0:  # CandidatePruning.on_train_batch_end
+                    engine.prune_(self.optimizer, pruning.harden_threshold, pruning.prune_floor,
+                                  pruning.finalize_fraction)
+                    engine.soft_counts()  # the counts the callback logs (a host sync on a GPU)
+        return step.seconds
 
 
 class FineTuneStep:
@@ -150,15 +147,16 @@ class FineTuneStep:
             self.optimizer = torch.optim.RMSprop(params, lr=1e-4, alpha=0.9, eps=1e-8)
 
     def __call__(self, batch) -> float:
-        start = time.perf_counter()
         x, t, y = batch
-        with self.autocast(), capture_blocks(self.blocks) as (outputs, _):
-            self.model(x, timestep=t, class_labels=y)
-            loss = torch.stack([F.mse_loss(o.float(), target.float()) for o, target in zip(outputs, self.targets)]).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return time.perf_counter() - start
+        with Timer() as step:
+            with self.autocast(), capture_blocks(self.blocks) as (outputs, _):
+                self.model(x, timestep=t, class_labels=y)
+                loss = torch.stack([F.mse_loss(o.float(), target.float())
+                                    for o, target in zip(outputs, self.targets)]).mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return step.seconds
 
 
 def soft_fraction(engine: Calibrator) -> float:
@@ -283,27 +281,21 @@ def main() -> None:
                 print(f"done: {name} w{bits}", file=sys.stderr, flush=True)
 
     fp_keys = [f"fp-{o}" for o in args.fp_optimizers]
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), precision {args.precision}, teacher {args.teacher_dtype}, "
-          f"n={args.num_candidates}, " + ("soft reconstruction torch.compile'd, " if args.compile else "") +
-          f"batch {2 * ITEMS} (4 classes + 4 null), median of {args.repeats}"
-          + (f", {args.pre_harden:.0%} of rows hardened first" if args.pre_harden else "") + "\n")
-    print("| model | bits | calibration step s | " + " | ".join(f"FP step s ({k[3:]})" for k in fp_keys)
-          + " | " + " | ".join(f"ratio vs {k[3:]}" for k in fp_keys) + " | soft rows after |")
-    print("|---|---|---|" + "---|" * (2 * len(fp_keys)) + "---|")
-    for r in results:
-        m = r["median"]
-        print(f"| {r['case']} | {r['bits']} | {m['calibration']:.3f} | "
-              + " | ".join(f"{m[k]:.3f}" for k in fp_keys) + " | "
-              + " | ".join(f"{m['calibration'] / m[k]:.2f}x" for k in fp_keys) + f" | {r['soft']:.1%} |")
+    print("\n" + machine_line(
+        f"precision {args.precision}", f"teacher {args.teacher_dtype}", f"n={args.num_candidates}",
+        "soft reconstruction torch.compile'd" if args.compile else "", f"batch {2 * ITEMS} (4 classes + 4 null)",
+        f"median of {args.repeats}", f"{args.pre_harden:.0%} of rows hardened first" if args.pre_harden else "") + "\n")
+    print(markdown_table(
+        ["model", "bits", "calibration step s", *(f"FP step s ({k[3:]})" for k in fp_keys),
+         *(f"ratio vs {k[3:]}" for k in fp_keys), "soft rows after"],
+        [[r["case"], r["bits"], f"{r['median']['calibration']:.3f}", *(f"{r['median'][k]:.3f}" for k in fp_keys),
+          *(f"{r['median']['calibration'] / r['median'][k]:.2f}x" for k in fp_keys), f"{r['soft']:.1%}"]
+         for r in results]))
     print("\nWhere a calibration step goes (mean s per step; student forward includes the soft reconstruction)\n")
-    print("| model | bits | " + " | ".join(REGIONS) + " | rest |")
-    print("|---|---|" + "---|" * (len(REGIONS) + 1))
-    for r in results:
-        regions = r["regions"]
-        rest = r["median"]["calibration"] - sum(regions.get(k, 0.0) for k in REGIONS)
-        print(f"| {r['case']} | {r['bits']} | " + " | ".join(f"{regions.get(k, 0.0):.3f}" for k in REGIONS)
-              + f" | {rest:.3f} |")
+    print(markdown_table(
+        ["model", "bits", *REGIONS, "rest"],
+        [[r["case"], r["bits"], *(f"{r['regions'].get(k, 0.0):.3f}" for k in REGIONS),
+          f"{r['median']['calibration'] - sum(r['regions'].get(k, 0.0) for k in REGIONS):.3f}"] for r in results]))
     for r in results:
         if "profile" in r:
             print(f"\nProfile: {r['case']} w{r['bits']}, {args.profile_steps} calibration steps\n")

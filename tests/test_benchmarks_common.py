@@ -1,0 +1,49 @@
+"""benchmarks/common.py: bits/weight from ``size_report`` against the per-layer definition, the
+machine line, timing and tables."""
+
+import os
+import time
+from datetime import date
+
+import torch
+
+from benchmarks.common import Timer, bits_per_weight, fit_args, machine_line, markdown_table, timed
+from vq4dit import VQConfig, finalize_model_, load_dit, quantize_
+from vq4dit.quantize import vq_layers
+
+
+def test_bits_per_weight_is_the_weighted_mean_of_the_layers():
+    model = load_dit("tiny")
+    # two codebook sizes, so an unweighted mean over layers would differ
+    quantize_(model, VQConfig(codebook_size=16, subvector_dim=2, num_candidates=1, kmeans_iters=0, row_scale=True),
+              overrides={"*.ff.*": {"codebook_size": 64}}, progress=False)
+    finalize_model_(model)
+    layers = list(vq_layers(model).values())
+    weights = [l.in_features * l.out_features for l in layers]
+    expected = sum(l.bits_per_weight(include_codebook=True) * w for l, w in zip(layers, weights)) / sum(weights)
+    assert abs(bits_per_weight(model) - expected) < 1e-9
+    assert len({l.config.codebook_size for l in layers}) == 2 and expected > 2.0  # codes + codebooks + scales
+
+
+def test_machine_line_names_cores_threads_and_date():
+    line = machine_line("extra bit", "", label="measured on")
+    assert line.startswith("measured on: ") and f"{os.cpu_count()} cores" in line
+    assert f"{torch.get_num_threads()} thread(s)" in line and date.today().isoformat() in line
+    assert line.endswith(", extra bit")
+
+
+def test_timer_and_timed():
+    with Timer() as t:
+        time.sleep(0.02)
+    assert 0.02 <= t.seconds < 1.0
+    calls = []
+    seconds, result = timed(lambda: calls.append(1) or len(calls), repeats=3)
+    assert result == 3 and len(calls) == 3 and 0 <= seconds < 1.0
+
+
+def test_markdown_table_and_fit_args():
+    table = markdown_table(["a", "b"], [[1, "x"], [2.5, "y"]]).splitlines()
+    assert table == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | y |"]
+    args = fit_args("/tmp/run", ["configs/demo.yaml", "extra.yaml"], "--model.bits=3", logger=False)
+    assert args[:4] == ["--config", "configs/demo.yaml", "--config", "extra.yaml"] and args[-1] == "--model.bits=3"
+    assert "--trainer.logger=false" in args and "--model.export_dir=/tmp/run/packed" in args
