@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .write_faults import WriteError, _follow_umask, _library_write_error, _reason, check_room
+from .write_faults import WriteError, follow_umask, library_write_error, os_reason, check_room
 
 __all__ = [
     "STALE_AFTER_S", "WriteError", "atomic_folder", "atomic_path", "atomic_write_bytes",
@@ -57,7 +57,7 @@ _AT_FDCWD = -100
 
 
 def _write_error(path: Path, err: OSError) -> WriteError:
-    return WriteError(f"cannot write {path}: {_reason(err)}")
+    return WriteError(f"cannot write {path}: {os_reason(err)}")
 
 
 def _prepare_parent(path: Path) -> None:
@@ -149,14 +149,14 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         yield tmp
         if not tmp.is_file():
             raise WriteError(f"cannot write {path}: nothing was written to the temporary file")
-        _follow_umask(tmp)
+        follow_umask(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
     except OSError as err:
         raise _write_error(path, err) from err
     except Exception as err:  # noqa: BLE001  (a library's write failure; anything else passes through)
-        cause = None if isinstance(err, ValueError) else _library_write_error(err, tmp)
+        cause = None if isinstance(err, ValueError) else library_write_error(err, tmp)
         if cause is None:
             raise
         raise _write_error(path, cause) from err
@@ -211,7 +211,7 @@ def atomic_folder(
             check_room(path, size)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_name(path, "tmp"), dir=path.parent))
         yield tmp
-        _follow_umask(tmp)
+        follow_umask(tmp)
         _fsync_tree(tmp)
         if validate is not None:
             validate(path)
@@ -225,7 +225,7 @@ def atomic_folder(
     except OSError as err:
         raise _write_error(path, err) from err
     except Exception as err:  # noqa: BLE001  (a library's write failure; anything else passes through)
-        cause = None if isinstance(err, ValueError) or tmp is None else _library_write_error(err, _newest_file(tmp))
+        cause = None if isinstance(err, ValueError) or tmp is None else library_write_error(err, _newest_file(tmp))
         if cause is None:
             raise
         raise _write_error(path, cause) from err

@@ -11,14 +11,14 @@ import re
 import resource
 from pathlib import Path
 
-__all__ = ["WriteError", "check_room"]
+__all__ = ["WriteError", "check_room", "follow_umask", "library_write_error", "os_reason"]
 
 
 class WriteError(ValueError):
     """A file or folder cannot be written; the message says which and why, in one line."""
 
 
-def _reason(err: OSError) -> str:
+def os_reason(err: OSError) -> str:
     reason = err.strerror or str(err) or type(err).__name__
     if err.errno == errno.EFBIG:
         reason += " (the file size limit, ulimit -f)"
@@ -29,7 +29,7 @@ _OS_ERROR = re.compile(r"os error (\d+)")
 _TORCH_WRITE = ("inline_container.cc", "PytorchStreamWriter", "file write failed")
 
 
-def _library_write_error(err: Exception, written: Path) -> OSError | None:
+def library_write_error(err: Exception, written: Path) -> OSError | None:
     """The ``OSError`` behind a library's own write failure, None for any other exception.
 
     safetensors raises ``SafetensorError("... I/O error: No space left on device (os error 28)")``;
@@ -95,7 +95,7 @@ def _umask() -> int:
     return mask
 
 
-def _follow_umask(path: Path) -> None:
+def follow_umask(path: Path) -> None:
     """Give ``path`` (and, for a folder, everything in it) the modes of a plain write under the
     umask; temporary-file helpers and safetensors create 0700 folders and 0600 files."""
     mask = _umask()
