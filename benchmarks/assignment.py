@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vq4dit import VQConfig  # noqa: E402
 from vq4dit.engine import input_second_moments, statistics_batches  # noqa: E402
 from vq4dit.error_feedback import error_feedback_assign  # noqa: E402
-from vq4dit.layers import VQLinear  # noqa: E402
+from vq4dit.layers import InputMoments, VQLinear  # noqa: E402
 from vq4dit.quantize import select_layers  # noqa: E402
 from vq4dit.reference import load_reference_model  # noqa: E402
 from vq4dit.sampling import SamplerConfig  # noqa: E402
@@ -46,7 +46,7 @@ def relative_output_error(weight: torch.Tensor, approximation: torch.Tensor, hes
 
 def hard_weight(linear, config: VQConfig, hessian: torch.Tensor, method: str) -> torch.Tensor:
     """The n = 1 weight of one method (k-means and row scales as ``VQLinear.from_linear``)."""
-    layer = VQLinear.from_linear(linear, config.with_overrides(num_candidates=1), "layer", hessian.diagonal())
+    layer = VQLinear.from_linear(linear, config.with_overrides(num_candidates=1), "layer", InputMoments(diagonal=hessian.diagonal()))
     if method != "nearest":
         scales = layer.row_scales.detach().unsqueeze(1)
         order = "activation" if method == "feedback-act" else "input"
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     plan = TrajectoryPlan(0, 4, 10, SamplerConfig(sampler="ddpm", num_steps=25, guidance_scale=4.0))
     items = generate_items(teacher, list(range(8)), plan, progress=False)
     names = [name for name, _, _ in select_layers(teacher, VQConfig(codebook_size=16, subvector_dim=2))]
-    hessians = input_second_moments(teacher, names, statistics_batches(items, 4.0), full=set(names))
+    hessians = {name: moments.full for name, moments in
+                input_second_moments(teacher, names, statistics_batches(items, 4.0), full=set(names)).items()}
     results = {}
     for setting in args.settings:
         k, d = SETTINGS[setting]

@@ -98,9 +98,9 @@ def calibrated_model(bits: int, candidates: int, config: str, extra: list[str]) 
 
     with tempfile.TemporaryDirectory() as tmp:
         args = [
-            "fit", "--config", config, "--model.model=reference", f"--model.bits={bits}",
-            f"--model.num_candidates={candidates}", f"--trainer.default_root_dir={tmp}",
-            f"--trainer.logger.init_args.save_dir={tmp}", f"--model.export_dir={tmp}/packed",
+            "fit", "--config", config, "--model.model=reference", f"--model.vq.bits={bits}",
+            f"--model.vq.num_candidates={candidates}", f"--trainer.default_root_dir={tmp}",
+            f"--trainer.logger.init_args.save_dir={tmp}", f"--model.export.dir={tmp}/packed",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
         ]
         start = time.perf_counter()

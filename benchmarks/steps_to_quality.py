@@ -101,8 +101,8 @@ class Probe(pl.Callback):
 def calibrate(bits: int, config: str, override: dict | None, extra: list[str], tmp: str, probe: Probe | None):
     """One ``fit`` of the reference model; returns (cli, wall seconds without probing)."""
     args = [
-        "--config", config, f"--model.bits={bits}", f"--trainer.default_root_dir={tmp}",
-        f"--trainer.logger.init_args.save_dir={tmp}", f"--model.export_dir={tmp}/packed",
+        "--config", config, f"--model.vq.bits={bits}", f"--trainer.default_root_dir={tmp}",
+        f"--trainer.logger.init_args.save_dir={tmp}", f"--model.export.dir={tmp}/packed",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
     ]
     if override is not None:

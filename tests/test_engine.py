@@ -180,17 +180,17 @@ def test_activation_metric_needs_items_and_builds_with_them():
 
 def test_recipes_choose_the_levers_and_flags_override_them():
     from vq4dit.lightning import CalibrationModule
-    from vq4dit.recipes import RECIPES
 
-    default = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2)
-    paper = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2, recipe="paper")
-    explicit = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2, row_scale=not RECIPES["quality"]["row_scale"])
-    assert default.vq_config.row_scale is RECIPES["quality"]["row_scale"]
+    small = {"codebook_size": 16, "subvector_dim": 2}
+    default = CalibrationModule(model="tiny", vq=small)
+    paper = CalibrationModule(model="tiny", vq=small, recipe="paper")
+    explicit = CalibrationModule(model="tiny", vq={**small, "row_scale": False})
+    assert default.vq_config.row_scale is True and explicit.vq_config.row_scale is False
     assert (paper.vq_config.row_scale, paper.vq_config.kmeans_metric, paper.calibration.output_weight) == (False, "euclidean", 0.0)
-    assert explicit.vq_config.row_scale is not RECIPES["quality"]["row_scale"]
     assert (default.vq_config.error_feedback, default.vq_config.ratio_init) == (True, "confident")
     assert (paper.vq_config.error_feedback, paper.vq_config.ratio_init) == (False, "inverse_distance")
-    other = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2, error_feedback=False, ratio_init="uniform")
+    assert (default.allocation.enabled, paper.allocation.enabled) == (True, False)
+    other = CalibrationModule(model="tiny", vq={**small, "error_feedback": False, "ratio_init": "uniform"})
     assert (other.vq_config.error_feedback, other.vq_config.ratio_init, other.vq_config.row_scale) == (False, "uniform", True)
     with pytest.raises(ValueError, match="recipe"):
         CalibrationModule(model="tiny", recipe="fast")
