@@ -59,8 +59,9 @@ def calibration_card(trainer: pl.Trainer, pl_module, started: float | None) -> d
     data = dict(getattr(getattr(trainer, "datamodule", None), "hparams", {}) or {})
     card = {"base_model": settings.pop("model", None), "num_candidates": settings.get("vq.num_candidates"),
             "calibration_steps": trainer.global_step}
-    card.update({key: value for key, value in settings.items() if not is_resumable(key)})
-    card.update({f"data.{key}": value for key, value in data.items() if key not in RESUMABLE_DATA})
+    card.update({key: value for key, value in settings.items() if not is_resumable(key) and not key.startswith("_")})
+    card.update({f"data.{key}": value for key, value in data.items()
+                 if key not in RESUMABLE_DATA and not key.startswith("_")})  # _instantiator: LightningCLI's
     if started is not None:
         card["calibration_seconds"] = round(time.monotonic() - started, 1)
     return {key: value for key, value in card.items() if value is not None}

@@ -137,10 +137,10 @@ def test_resuming_with_the_recipes_own_flag_is_accepted(tmp_path, monkeypatch, c
 
 def test_the_card_shows_every_resolved_setting_that_decides_the_calibration():
     hparams = resolved_record(INIT, {"model": "reference", "vq": {"bits": 3}, "export": {"dir": "x"}})
-    trainer = SimpleNamespace(global_step=7, datamodule=SimpleNamespace(hparams={"seed": 3, "cache_dir": "c"}))
+    trainer = SimpleNamespace(global_step=7, datamodule=SimpleNamespace(hparams={"seed": 3, "cache_dir": "c", "_instantiator": "x"}))
     card = calibration_card(trainer, SimpleNamespace(hparams=hparams), started=None)
     expected = {key: value for key, value in flatten(hparams).items()
                 if key != "model" and not is_resumable(key) and value is not None}
     assert {key: card[key] for key in expected} == expected  # an added setting appears without any other edit
-    assert not any(key.startswith(("export.", "evaluation.")) for key in card) and "data.cache_dir" not in card
+    assert not any(key.startswith(("export.", "evaluation.", "data._")) for key in card) and "data.cache_dir" not in card
     assert (card["base_model"], card["num_candidates"], card["data.seed"], card["vq.row_scale"]) == ("reference", 2, 3, True)
