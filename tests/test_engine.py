@@ -101,11 +101,14 @@ def test_codebooks_train_once_their_layer_is_hard():
     assert all(l.codebook.requires_grad for l in engine.layers.values())
     simultaneous = Calibrator.build(load_dit("tiny"), TINY_VQ, CalibrationConfig(codebook_training="simultaneous"), progress=False)
     assert all(l.codebook.requires_grad for l in simultaneous.layers.values())
+    assert engine.make_optimizer().defaults["alpha"] == 0.9  # the official RMSprop
+    smoother = Calibrator(engine.teacher, engine.student, CalibrationConfig(rmsprop_alpha=0.99))
+    assert smoother.make_optimizer().defaults["alpha"] == 0.99
 
 
 @pytest.mark.parametrize(
     "field, value", [("block_inputs", "both"), ("optimizer", "sgd"), ("lr_logits", -1.0), ("gate_window", 0),
-                     ("regularizer_weight", float("nan"))],
+                     ("regularizer_weight", float("nan")), ("rmsprop_alpha", 1.0)],
 )
 def test_invalid_calibration_config(field, value):
     with pytest.raises(ValueError, match=field):

@@ -243,10 +243,11 @@ class Calibrator:
         return groups + ([{"params": scales, "lr": c.lr_codebook, "name": "row_scales"}] if scales else [])
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        """RMSprop (official: alpha 0.9, eps 1e-8) or Adam over :meth:`param_groups`."""
+        """RMSprop (``config.rmsprop_alpha``, eps 1e-8) or Adam over :meth:`param_groups`."""
         if self.config.optimizer == "adam":
             return torch.optim.Adam(self.param_groups())
-        return torch.optim.RMSprop(self.param_groups(), alpha=0.9, eps=1e-8, momentum=0.0, weight_decay=0.0)
+        return torch.optim.RMSprop(self.param_groups(), alpha=self.config.rmsprop_alpha, eps=1e-8, momentum=0.0,
+                                   weight_decay=0.0)
 
     def average_gradients_(self, world_size: int) -> None:
         """Plain DDP: average the gradients DDP cannot bucket (codebooks, ratio logits change shape

@@ -38,6 +38,8 @@ class CalibrationConfig:
         codebook_training: ``after_hardening`` (a layer's codebook trains once all its rows are
             hard: official code) or ``simultaneous`` (with the ratios: the paper's wording).
         optimizer: ``rmsprop`` (official: alpha 0.9, eps 1e-8) or ``adam``.
+        rmsprop_alpha: smoothing constant of RMSprop's running mean of squared gradients
+            (official: 0.9; torch's default: 0.99).
         lr_codebook: learning rate of the codebooks.
         lr_bias: learning rate of the quantized layers' biases.
         lr_logits: learning rate of the ratio logits.
@@ -55,6 +57,7 @@ class CalibrationConfig:
     gate_window: int = 50
     codebook_training: CodebookTraining = "after_hardening"
     optimizer: OptimizerName = "rmsprop"
+    rmsprop_alpha: float = 0.9
     lr_codebook: float = 1e-4
     lr_bias: float = 1e-4
     lr_logits: float = 5e-2
@@ -75,6 +78,8 @@ class CalibrationConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if (self.output_weight or 0) > 0 and self.block_inputs != "student":
             raise ValueError("output_weight needs block_inputs='student' (teacher inputs give no student output)")
+        if not isinstance(self.rmsprop_alpha, (int, float)) or not 0 <= self.rmsprop_alpha < 1:
+            raise ValueError(f"rmsprop_alpha must be in [0, 1), got {self.rmsprop_alpha}")
         if not isinstance(self.gate_window, int) or self.gate_window < 1:
             raise ValueError(f"gate_window must be >= 1, got {self.gate_window}")
 
