@@ -144,3 +144,15 @@ def test_the_card_shows_every_resolved_setting_that_decides_the_calibration():
     assert {key: card[key] for key in expected} == expected  # an added setting appears without any other edit
     assert not any(key.startswith(("export.", "evaluation.", "data._")) for key in card) and "data.cache_dir" not in card
     assert (card["base_model"], card["num_candidates"], card["data.seed"], card["vq.row_scale"]) == ("reference", 2, 3, True)
+
+
+def test_the_settings_page_lists_every_field_and_former_flag():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "settings.md").read_text()
+    former = dict(re.findall(r"^\| `--model\.(\w+)` \| `--model\.([\w.]+)` \|$", text, flags=re.MULTILINE))
+    assert former == LEGACY_NAMES
+    for name, group in GROUPS.items():
+        (row,) = re.findall(rf"^\| `{name}` \|.*\| (.*) \|$", text, flags=re.MULTILINE)
+        assert [f.replace("\\*", "") for f in row.split(", ")] == [f.name for f in dataclasses.fields(group)], name
