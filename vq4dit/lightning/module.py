@@ -31,6 +31,8 @@ class CalibrationModule(pl.LightningModule):
     as nested sections (``--model.vq.bits 3``, ``model: {vq: {bits: 3}}``). Settings left None are
     decided by ``recipe`` (:func:`vq4dit.recipes.apply_recipe`); ``self.settings`` is the resolved
     object, and the hyperparameters (checkpoints, the resume check, the model card) are its record.
+    In Python a group may be a dict of the fields set (``vq={"bits": 3}``: the others as on the
+    command line); a dataclass built directly holds the paper's values for the recipe fields.
 
     Args:
         model: ``reference``, a preset (``DiT-XL/2-256``), a diffusers folder or hub id, or an original DiT ``.pt``.
