@@ -72,6 +72,8 @@ def main() -> None:
     print()
     print(f"model: {cli.model.hparams.model}; machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    resolved = {k: v for k, v in flatten(module.hparams).items() if not is_resumable(k) and not k.startswith("_")}
+    print("resolved settings (last row): " + ", ".join(f"{k}={v}" for k, v in resolved.items()))
     print()
     print("| bits | k | d | n | block MSE k-means only | block MSE calibrated | output MSE k-means only "
           "| output MSE calibrated | steps to all-hard | steps | wall s |")
