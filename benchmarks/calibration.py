@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train import cli_main  # noqa: E402
 from vq4dit.engine import Calibrator, build_student  # noqa: E402
+from vq4dit.lightning.settings import flatten, is_resumable  # noqa: E402
 
 
 @torch.no_grad()
