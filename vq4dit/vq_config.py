@@ -28,7 +28,7 @@ _PRESETS = {
 class VQConfig:
     """Settings of one vector-quantized layer (or the default for all layers).
 
-    Fields marked "recipe" are None on the command line until the recipe (``vq4dit.recipes``) fills
+    Fields marked "None: the recipe decides" are None on the command line until the recipe (``vq4dit.recipes``) fills
     them; in Python their default is the paper's value.
 
     Args:
@@ -41,19 +41,19 @@ class VQConfig:
         num_candidates: candidate codewords ``n`` kept per sub-vector at the start (1 = plain VQ,
             codebook-only calibration); pruning lowers a layer's count later
             (``VQLinear.active_candidates``).
-        ratio_init: recipe; ``inverse_distance`` (ratios proportional to 1/distance, official code),
+        ratio_init: (None: the recipe decides) ``inverse_distance`` (ratios proportional to 1/distance, official code),
             ``uniform`` (1/n) or ``confident`` (0.9 on the nearest candidate).
         kmeans_iters: Lloyd iterations on all sub-vectors after the subsampled warm start.
         kmeans_seed: seed of the k-means++ seeding and subsampling (results are deterministic).
-        row_scale: recipe; a scale per output row (stored as FP16, 16 / in_features bits per
+        row_scale: (None: the recipe decides) a scale per output row (stored as FP16, 16 / in_features bits per
             weight): the rows are divided by their RMS before k-means, so one codebook serves rows
             of very different magnitude (the adaLN modulation rows differ ~60x); the scales are
             calibrated with the codebook (AQLM's scale-normalised codes).
-        kmeans_metric: recipe; ``euclidean`` or ``activation``: k-means and the candidate search
+        kmeans_metric: (None: the recipe decides) ``euclidean`` or ``activation``: k-means and the candidate search
             weigh every input dimension j by the layer's input second moment E[x_j^2] on the
             calibration trajectories (the diagonal of the output-error metric, as GPTVQ / VPTQ
             use the Hessian diagonal), so codewords fit where the inputs are large.
-        error_feedback: recipe; assign the candidates one column group at a time and compensate
+        error_feedback: (None: the recipe decides) assign the candidates one column group at a time and compensate
             each group's output error on the columns not assigned yet (GPTQ / GPTVQ), under the
             layer's input second moments E[x x^T] from the calibration trajectories.
     """

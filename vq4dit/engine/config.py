@@ -45,7 +45,7 @@ class CalibrationConfig:
         lr_logits: learning rate of the ratio logits.
         teacher_dtype: dtype of the frozen teacher once the student is built (k-means and the
             trajectories use float32).
-        output_weight: recipe; weight of an output-level term, the MSE of the final noise
+        output_weight: (None: the recipe decides) weight of an output-level term, the MSE of the final noise
             prediction (``block_inputs="student"`` only), next to the mean block MSE (0: the
             paper's loss).
     """
@@ -109,7 +109,7 @@ class BitAllocation:
     sensitivity so that the quantized layers cost ``budget`` bits per weight.
 
     Args:
-        enabled: recipe; allocate the bits per layer (a budget implies it: None with a budget
+        enabled: (None: the recipe decides) allocate the bits per layer (a budget implies it: None with a budget
             is True, False with a budget is refused).
         budget: bits per weight all-in (codes, codebooks, row scales) of the quantized layers
             (None: what the uniform k, d cost: the same bits, spent where they matter).
