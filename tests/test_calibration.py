@@ -198,9 +198,9 @@ def test_paper_configs_parse(name, capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", "configs/dit_xl2.yaml", *overlay, "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"]["bits"] == int(name[-1])
+    assert config["model"]["vq"]["bits"] == int(name[-1])
     assert config["model"]["model"] == f"facebook/DiT-XL-2-{name[:3]}"
-    assert config["model"]["export_dir"] == f"outputs/dit_xl2_{name}/quantized"
+    assert config["model"]["export"]["dir"] == f"outputs/dit_xl2_{name}/quantized"
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert config["data"]["guidance_scale"] == 4.0 and config["data"]["num_steps"] == 50
 
