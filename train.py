@@ -149,8 +149,11 @@ def cli_main(args: ArgsType = None, run: bool = True) -> VQ4DiTCLI:
     """Parse ``args`` (default: ``sys.argv``) and run the subcommand; ``run=False``: build model,
     datamodule and trainer only (``args`` then has no subcommand), for scripts that add callbacks.
     The former flat ``--model.*`` names are translated (:func:`translate_legacy`)."""
-    if args is None or isinstance(args, (list, tuple)):
-        args = translate_legacy(list(sys.argv[1:] if args is None else args))
+    if args is None:  # sys.argv: passed on only when a former flag was renamed
+        translated = translate_legacy(sys.argv[1:])
+        args = None if translated == sys.argv[1:] else translated
+    elif isinstance(args, (list, tuple)):
+        args = translate_legacy(list(args))
     return VQ4DiTCLI(
         CalibrationModule,
         CalibrationDataModule,
