@@ -8,6 +8,7 @@ line and exits with status 2; set ``VQ4DIT_DEBUG=1`` for the full traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import re
@@ -28,6 +29,7 @@ from callbacks.settings import RANGE_ERROR
 from vq4dit.lightning import CalibrationDataModule, CalibrationModule
 from vq4dit.lightning.checkpoint_io import AtomicCheckpointIO
 from vq4dit.lightning.resume import check_resumable, find_latest_checkpoint, logger_version_of
+from vq4dit.lightning.settings import LEGACY_NAMES, nest_legacy, resolved_record
 
 
 class VQ4DiTParser(LightningArgumentParser):
@@ -74,13 +76,17 @@ class VQ4DiTCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
-        if subcommand == "fit" and (config.get("model") or {}).get("quantized"):
-            raise ValueError("model.quantized is for test / predict / validate; resume a calibration with --ckpt_path")
+        model = config.get("model")
+        model = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
+        if subcommand == "fit" and (model.get("evaluation") or {}).get("quantized"):
+            raise ValueError("model.quantized is for test / predict / validate (model.evaluation.quantized); "
+                             "resume a calibration with --ckpt_path")
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last" and subcommand == "fit":
             ckpt_path = self._resolve_last(config)
         if ckpt_path and Path(ckpt_path).is_file():
-            check_resumable(ckpt_path, dict(config.get("model") or {}), dict(config.get("data") or {}))
+            check_resumable(ckpt_path, model, dict(config.get("data") or {}),
+                            resolve=functools.partial(resolved_record, CalibrationModule.__init__))
             self._resume_path = ckpt_path
         elif ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             raise ValueError(f"ckpt_path {ckpt_path!r} does not exist")
@@ -109,9 +115,63 @@ class VQ4DiTCLI(LightningCLI):
         return str(found)
 
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _translated_config(source: str) -> str:
+    """A ``--config`` file (or YAML string) with its former flat ``model:`` names moved to their
+    groups: the same path when it has none, else the translated YAML text (one notice per name)."""
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else source
+        content = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError):
+        return source  # the parser reports it
+    if not isinstance(content, dict):
+        return source
+    sections = [content] + [content[name] for name in SUBCOMMANDS if isinstance(content.get(name), dict)]
+    moved_any = False
+    for section in sections:
+        if isinstance(section.get("model"), dict):
+            section["model"], moved = nest_legacy(section["model"])
+            for old, new in moved:
+                print(f"note: model.{old} in {source if path.is_file() else '--config'} is now model.{new}", file=sys.stderr)
+            moved_any = moved_any or bool(moved)
+    return yaml.safe_dump(content, sort_keys=False) if moved_any else source
+
+
+def translate_legacy(args: list[str]) -> list[str]:
+    """``args`` with the former flat ``--model.X`` flags (``--model.bits 3``) renamed to their place
+    in the nested settings (``--model.vq.bits 3``), in flags and in ``--config`` files, with one
+    ``note:`` line per renamed flag (``vq4dit.lightning.settings.LEGACY_NAMES``)."""
+    translated, after_config = [], False
+    for arg in args:
+        if after_config:
+            translated.append(_translated_config(arg))
+            after_config = False
+            continue
+        if arg == "--config":
+            after_config = True
+        elif arg.startswith("--config="):
+            arg = "--config=" + _translated_config(arg[len("--config="):])
+        elif arg.startswith("--model."):
+            name, sep, value = arg[len("--model."):].partition("=")
+            if name in LEGACY_NAMES:
+                print(f"note: --model.{name} is now --model.{LEGACY_NAMES[name]}", file=sys.stderr)
+                arg = f"--model.{LEGACY_NAMES[name]}{sep}{value}"
+        translated.append(arg)
+    return translated
+
+
 def cli_main(args: ArgsType = None, run: bool = True) -> VQ4DiTCLI:
     """Parse ``args`` (default: ``sys.argv``) and run the subcommand; ``run=False``: build model,
-    datamodule and trainer only (``args`` then has no subcommand), for scripts that add callbacks."""
+    datamodule and trainer only (``args`` then has no subcommand), for scripts that add callbacks.
+    The former flat ``--model.*`` names are translated (:func:`translate_legacy`)."""
+    if args is None:  # sys.argv: passed on only when a former flag was renamed
+        translated = translate_legacy(sys.argv[1:])
+        args = None if translated == sys.argv[1:] else translated
+    elif isinstance(args, (list, tuple)):
+        args = translate_legacy(list(args))
     return VQ4DiTCLI(
         CalibrationModule,
         CalibrationDataModule,
@@ -144,6 +204,7 @@ for _message in (
     r".*`IterableDataset` has `__len__` defined.*",  # our datasets shard themselves per rank
     r".*Couldn't infer the batch indices.*",  # SampleWriter uses the sample indices in the batch
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*args parameter is intended.*",  # cli_main passes sys.argv with the former flag names translated
 ):
     warnings.filterwarnings("ignore", message=_message)
 

@@ -47,9 +47,9 @@ from vq4dit.reference import load_reference_classifier, load_reference_model
 from vq4dit.sampling import SamplerConfig
 
 SETTINGS = {
-    "paper-w2": ["--model.bits=2"],
-    "regime-w2": ["--model.bits=2", "--model.codebook_size=16", "--model.subvector_dim=2"],
-    "w3": ["--model.bits=3"],
+    "paper-w2": ["--model.vq.bits=2"],
+    "regime-w2": ["--model.vq.bits=2", "--model.vq.codebook_size=16", "--model.vq.subvector_dim=2"],
+    "w3": ["--model.vq.bits=3"],
 }
 CORE = {"adaln": ["norm1.linear"], "qkv": ["attn1.to_q", "attn1.to_k", "attn1.to_v"], "out": ["attn1.to_out.0"],
         "mlp1": ["ff.net.0.proj"], "mlp2": ["ff.net.2"]}
@@ -99,31 +99,31 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
     args, stop = ["--model.recipe=paper", *SETTINGS[setting]], None  # levers only where the row names them
     for lever in filter(None, levers.split("+")):
         if lever in ("n1", "n2", "n3"):
-            args.append(f"--model.num_candidates={lever[1]}")
+            args.append(f"--model.vq.num_candidates={lever[1]}")
         elif lever == "rowscale":
-            args.append("--model.row_scale=true")
+            args.append("--model.vq.row_scale=true")
         elif lever == "aware":
-            args.append("--model.kmeans_metric=activation")
+            args.append("--model.vq.kmeans_metric=activation")
         elif lever == "lr":
-            args.append("--model.lr_codebook=1e-3")
+            args.append("--model.calibration.lr_codebook=1e-3")
         elif lever == "teacher":
-            args.append("--model.block_inputs=teacher")
+            args.append("--model.calibration.block_inputs=teacher")
         elif lever == "adaln3":  # bit allocation by sensitivity: adaLN at k=64 (3 bits with d=2)
-            args.append('--model.overrides={"*.norm1.linear": {"codebook_size": 64}}')
+            args.append('--model.layers.overrides={"*.norm1.linear": {"codebook_size": 64}}')
         elif lever == "feedback":  # GPTQ-style error feedback across columns when assigning candidates
-            args.append("--model.error_feedback=true")
+            args.append("--model.vq.error_feedback=true")
         elif lever == "alloc":  # per-layer k from measured sensitivity, the uniform setting's bits
-            args.append("--model.bit_allocation=true")
+            args.append("--model.allocation.enabled=true")
         elif lever.startswith("budget"):  # bit allocation under an explicit all-in budget
-            args.append(f"--model.bit_budget={float(lever[6:])}")
+            args.append(f"--model.allocation.budget={float(lever[6:])}")
         elif lever == "output":
-            args.append("--model.output_weight=1.0")
+            args.append("--model.calibration.output_weight=1.0")
         elif lever == "long":
             stop = LONG_STOP
         elif lever == "confident":  # ratios start at 0.9 on the nearest (feedback) candidate
-            args.append("--model.ratio_init=confident")
+            args.append("--model.vq.ratio_init=confident")
         elif lever.startswith("lrlog"):  # learning rate of the ratio logits (default 5e-2)
-            args.append(f"--model.lr_logits={float(lever[5:])}")
+            args.append(f"--model.calibration.lr_logits={float(lever[5:])}")
         elif lever.startswith("cfg"):  # guidance of the calibration trajectories (demo: 4; evaluation: 1.5)
             args.append(f"--data.guidance_scale={float(lever[3:])}")
         elif lever.startswith("data") and lever[4:].isdigit():  # calibration trajectories (demo: 8)
@@ -131,13 +131,13 @@ def row_overrides(row: str, tmp: str, num_blocks: int = 4) -> tuple[list[str], d
         elif lever.startswith("seed") and lever[4:].isdigit():  # another calibration seed (k-means, trajectories)
             args += [f"--seed_everything={lever[4:]}", f"--data.seed={lever[4:]}"]
         elif lever == "fp-adaln":
-            args.append('--model.exclude=["*.norm1.linear"]')
+            args.append('--model.layers.exclude=["*.norm1.linear"]')
         elif lever.startswith("only-block") and lever[10:].isdigit():
             names = [f"transformer_blocks.{lever[10:]}.{suffix}" for suffix in ALL_CORE]
-            args.append(f"--model.include=[{', '.join(names)}]")
+            args.append(f"--model.layers.include=[{', '.join(names)}]")
         elif lever.startswith("only-") and lever[5:] in CORE:
             names = [f"transformer_blocks.{b}.{suffix}" for b in range(num_blocks) for suffix in CORE[lever[5:]]]
-            args.append(f"--model.include=[{', '.join(names)}]")
+            args.append(f"--model.layers.include=[{', '.join(names)}]")
         else:
             raise SystemExit(f"error: unknown lever {lever!r} in {row!r}")
     return args, stop

@@ -41,7 +41,7 @@ def relative_output_error(weight: torch.Tensor, approximation: torch.Tensor, hes
 
 def hard_weight(linear, config: VQConfig, hessian: torch.Tensor, method: str) -> torch.Tensor:
     """The n = 1 weight of one method (k-means and row scales as ``VQLinear.from_linear``)."""
-    layer = VQLinear.from_linear(linear, config.with_overrides(num_candidates=1), "layer", hessian.diagonal())
+    layer = VQLinear.from_linear(linear, config.with_overrides(num_candidates=1), "layer", InputMoments(diagonal=hessian.diagonal()))
     if method != "nearest":
         scales = layer.row_scales.detach().unsqueeze(1)
         order = "activation" if method == "feedback-act" else "input"
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     plan = TrajectoryPlan(0, 4, 10, SamplerConfig(sampler="ddpm", num_steps=25, guidance_scale=4.0))
     items = generate_items(teacher, list(range(8)), plan, progress=False)
     names = [name for name, _, _ in select_layers(teacher, VQConfig(codebook_size=16, subvector_dim=2))]
-    hessians = input_second_moments(teacher, names, statistics_batches(items, 4.0), full=set(names))
+    hessians = {name: moments.full for name, moments in
+                input_second_moments(teacher, names, statistics_batches(items, 4.0), full=set(names)).items()}
     results = {}
     for setting in args.settings:
         k, d = SETTINGS[setting]

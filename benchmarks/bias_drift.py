@@ -9,7 +9,7 @@ constant added to every key's score, so what the optimizer sees is rounding nois
 other layers, and the median |gradient| of each group at the first step.
 
     python benchmarks/bias_drift.py                    # rmsprop, lr_bias 1e-4 (the demo) and 1e-5
-    python benchmarks/bias_drift.py --settings "--model.optimizer=adam"
+    python benchmarks/bias_drift.py --settings "--model.calibration.optimizer=adam"
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def run(settings: list[str], scale: float) -> BiasRecorder:
     recorder = BiasRecorder(scale)
     with tempfile.TemporaryDirectory() as folder:
         cli = cli_main(["--config", "configs/demo.yaml", "--config", "tests/golden/demo_short.yaml",
-                        f"--model.export_dir={folder}/packed", f"--trainer.default_root_dir={folder}", *settings], run=False)
+                        f"--model.export.dir={folder}/packed", f"--trainer.default_root_dir={folder}", *settings], run=False)
         cli.trainer.callbacks.append(recorder)
         cli.trainer.fit(cli.model, cli.datamodule)
     return recorder
@@ -70,7 +70,7 @@ def run(settings: list[str], scale: float) -> BiasRecorder:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="*", default=["", "--model.lr_bias=1e-5"],
+    parser.add_argument("--settings", nargs="*", default=["", "--model.calibration.lr_bias=1e-5"],
                         help="extra flags per setting ('' = the golden settings)")
     parser.add_argument("--scale", type=float, default=1e-6)
     args = parser.parse_args()

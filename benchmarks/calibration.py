@@ -35,14 +35,14 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
-    parser.add_argument("extra", nargs="*", help="more LightningCLI overrides, e.g. --model.num_candidates=3")
+    parser.add_argument("extra", nargs="*", help="more LightningCLI overrides, e.g. --model.vq.num_candidates=3")
     args = parser.parse_args()
 
     rows = []
     for bits in args.bits:
         with tempfile.TemporaryDirectory() as tmp:
             epochs = [f"--trainer.max_epochs={args.epochs}"] if args.epochs else []
-            cli, wall = fit(fit_args(tmp, [args.config], f"--model.bits={bits}", *epochs, *args.extra))
+            cli, wall = fit(fit_args(tmp, [args.config], f"--model.vq.bits={bits}", *epochs, *args.extra))
         module, data = cli.model, cli.datamodule
         batches = list(data.val_dataloader())
         after = mean_losses(module.engine, batches)
@@ -51,7 +51,7 @@ def main() -> None:
         steps = cli.trainer.global_step
         config = module.vq_config
         start = build_student(module.teacher, config.with_overrides(num_candidates=1, error_feedback=False), progress=False,
-                              input_weights=module.engine.input_weights)
+                              input_moments=module.engine.input_moments)
         before = mean_losses(Calibrator(module.teacher, start, module.calibration, guidance_scale=module.engine.guidance_scale), batches)
         rows.append((bits, config, before, after, hard_step, steps, wall))
 

@@ -102,7 +102,7 @@ def fit_args(tmp: str | Path, configs: Sequence[str | Path], *overrides: str, lo
     args: list[str] = []
     for config in configs:
         args += ["--config", str(config)]
-    args += [f"--trainer.default_root_dir={tmp}", f"--model.export_dir={tmp}/packed",
+    args += [f"--trainer.default_root_dir={tmp}", f"--model.export.dir={tmp}/packed",
              f"--trainer.logger.init_args.save_dir={tmp}" if logger else "--trainer.logger=false",
              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     return args + list(overrides)

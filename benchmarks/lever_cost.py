@@ -6,7 +6,7 @@ random positive-definite ``E[x x^T]`` (the cost does not depend on the values), 
 
 - ``k-means``: the codebook (``vq4dit.kmeans``, activation-weighted, the run's iterations);
 - ``nearest``: candidate search of every sub-vector (the default assignment);
-- ``feedback``: the error-feedback assignment (``--model.error_feedback``);
+- ``feedback``: the error-feedback assignment (``--model.vq.error_feedback``);
 
 and the memory of the statistics each needs per layer (E[x^2]: ``in`` floats; E[x x^T]:
 ``in^2`` floats). The last lines scale the per-shape times to the 28 blocks of DiT-XL/2.

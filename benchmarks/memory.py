@@ -216,8 +216,9 @@ def _child(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         module = CalibrationModule(
-            model=args.model, bits=args.bits[0], num_candidates=args.num_candidates, kmeans_iters=args.kmeans_iters,
-            export_dir=f"{tmp}/packed", recipe=args.recipe, **({"teacher_dtype": args.teacher_dtype} if args.teacher_dtype else {}),
+            model=args.model, recipe=args.recipe, export={"dir": f"{tmp}/packed"},
+            vq={"bits": args.bits[0], "num_candidates": args.num_candidates, "kmeans_iters": args.kmeans_iters},
+            calibration={"teacher_dtype": args.teacher_dtype} if args.teacher_dtype else {},
         )
         mark("load teacher")
         data = CalibrationDataModule(

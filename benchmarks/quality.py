@@ -83,8 +83,8 @@ def plain_vq_model(bits: int) -> tuple[torch.nn.Module, float]:
 def calibrated_model(bits: int, candidates: int, config: str, extra: list[str]) -> tuple[torch.nn.Module, float, float, int]:
     """``train.py fit`` on the reference model: (hard student, bits/weight, wall s, steps)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cli, wall = fit(fit_args(tmp, [config], "--model.model=reference", f"--model.bits={bits}",
-                                 f"--model.num_candidates={candidates}", *extra))
+        cli, wall = fit(fit_args(tmp, [config], "--model.model=reference", f"--model.vq.bits={bits}",
+                                 f"--model.vq.num_candidates={candidates}", *extra))
     student = cli.model.student.eval()
     return student, bits_per_weight(student), wall, cli.trainer.global_step
 

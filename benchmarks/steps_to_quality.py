@@ -99,7 +99,7 @@ def calibrate(bits: int, config: str, override: dict | None, extra: list[str], t
         path = Path(tmp) / "override.yaml"
         path.write_text(yaml.safe_dump(override))
         configs.append(str(path))
-    cli, _ = fit(fit_args(tmp, configs, f"--model.bits={bits}", *extra), run=False)
+    cli, _ = fit(fit_args(tmp, configs, f"--model.vq.bits={bits}", *extra), run=False)
     if probe is not None:
         cli.trainer.callbacks.append(probe)
     with Timer() as t:

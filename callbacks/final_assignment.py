@@ -8,6 +8,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
 from vq4dit.export import save_quantized, size_report
+from vq4dit.lightning.resume import RESUMABLE_DATA
+from vq4dit.lightning.settings import flatten, is_resumable
 from vq4dit.quantize import finalize_model_
 
 
@@ -44,28 +46,22 @@ class FinalAssignment(pl.Callback):
                 path = save_quantized(pl_module.student, export_dir, overwrite=True, card=card)
                 rank_zero_info(f"packed quantized model written to {path}")
             else:
-                rank_zero_info("model.export_dir is not set: the packed model was not written")
+                rank_zero_info("model.export.dir is not set: the packed model was not written")
         trainer.strategy.barrier()
 
 
-_DATA_KEYS = ("num_trajectories", "classes_per_trajectory", "batch_size", "sampler", "num_steps", "guidance_scale", "seed")
-_MODULE_KEYS = ("recipe", "bits", "kmeans_iters", "regularizer", "codebook_training", "optimizer",
-                "lr_codebook", "lr_bias", "lr_logits", "block_inputs", "bit_budget")
-_VQ_KEYS = ("ratio_init", "row_scale", "kmeans_metric", "error_feedback")  # as the recipe resolved them
-
-
 def calibration_card(trainer: pl.Trainer, pl_module, started: float | None) -> dict:
-    """Model card facts of a calibration run (``vq4dit.model_card``): base model, n, settings, time."""
-    hp = dict(getattr(pl_module, "hparams", {}) or {})
+    """Model card facts of a calibration run (``vq4dit.model_card``): base model, n, time, and
+    every resolved setting that decides what is calibrated: the module's settings record
+    (``vq.bits``, ``calibration.lr_bias``, ...) and the data module's (``data.seed``, ...), less
+    where the result goes and how it is evaluated (the settings a resume may change)."""
+    settings = flatten(dict(getattr(pl_module, "hparams", {}) or {}))
     data = dict(getattr(getattr(trainer, "datamodule", None), "hparams", {}) or {})
-    card = {"base_model": hp.get("model"), "num_candidates": getattr(getattr(pl_module, "vq_config", None), "num_candidates", None),
+    card = {"base_model": settings.pop("model", None), "num_candidates": settings.get("vq.num_candidates"),
             "calibration_steps": trainer.global_step}
-    card.update({key: hp[key] for key in _MODULE_KEYS if key in hp})
-    vq_config = getattr(pl_module, "vq_config", None)
-    card.update({key: getattr(vq_config, key) for key in _VQ_KEYS if hasattr(vq_config, key)})
-    if getattr(pl_module, "bit_allocation", False):
-        card["bit_allocation"] = True
-    card.update({f"trajectory_{key}" if key in ("seed", "sampler") else key: data[key] for key in _DATA_KEYS if key in data})
+    card.update({key: value for key, value in settings.items() if not is_resumable(key) and not key.startswith("_")})
+    card.update({f"data.{key}": value for key, value in data.items()
+                 if key not in RESUMABLE_DATA and not key.startswith("_")})  # _instantiator: LightningCLI's
     if started is not None:
         card["calibration_seconds"] = round(time.monotonic() - started, 1)
     return {key: value for key, value in card.items() if value is not None}

@@ -39,7 +39,7 @@ def hard_block_mse(teacher, student, batches) -> float:
 def kmeans_only(module: CalibrationModule):
     """The k-means start of the same layers: every sub-vector on its nearest codeword, no calibration."""
     return build_student(module.teacher, module.vq_config.with_overrides(num_candidates=1, error_feedback=False), progress=False,
-                         input_weights=module.engine.input_weights)
+                         input_moments=module.engine.input_moments)
 
 
 def test_fit_calibrates_exports_and_samples(tmp_path):
@@ -77,8 +77,10 @@ def test_print_config(capsys):
         cli_main(["fit", "--config", "configs/demo.yaml", "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["model"] == "reference"
-    assert config["model"]["lr_logits"] == 0.05 and config["model"]["optimizer"] == "rmsprop"
-    assert config["model"]["lr_codebook"] == 1e-4 and config["model"]["lr_bias"] == 1e-4
+    calibration = config["model"]["calibration"]
+    assert calibration["lr_logits"] == 0.05 and calibration["optimizer"] == "rmsprop"
+    assert calibration["lr_codebook"] == 1e-4 and calibration["lr_bias"] == 1e-4
+    assert config["model"]["vq"]["row_scale"] is None  # the recipe decides (see tests/test_settings.py)
     assert config["data"]["num_steps"] == 25 and config["data"]["num_classes"] == 10
 
 
@@ -196,9 +198,9 @@ def test_paper_configs_parse(name, capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", "configs/dit_xl2.yaml", *overlay, "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"]["bits"] == int(name[-1])
+    assert config["model"]["vq"]["bits"] == int(name[-1])
     assert config["model"]["model"] == f"facebook/DiT-XL-2-{name[:3]}"
-    assert config["model"]["export_dir"] == f"outputs/dit_xl2_{name}/quantized"
+    assert config["model"]["export"]["dir"] == f"outputs/dit_xl2_{name}/quantized"
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert config["data"]["guidance_scale"] == 4.0 and config["data"]["num_steps"] == 50
 

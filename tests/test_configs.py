@@ -1,6 +1,7 @@
 """The DiT-XL/2 configs: base + overlay give exactly the settings of the former one-file configs.
 
-``tests/data/legacy_configs`` holds the four former files verbatim. Both sides are parsed by the real
+``tests/data/legacy_configs`` holds the four former files verbatim (flat ``model:`` names, which the CLI
+translates to the nested settings, as it does for any former config). Both sides are parsed by the real
 CLI parser (``--print_config``: every default filled in, nothing loaded or downloaded), so a value
 equal to a code default counts the same whether a file writes it or not.
 """
@@ -46,7 +47,7 @@ def configs():
     parsed = {name: (flatten(effective_config(LEGACY / f"{name}.yaml")), flatten(effective_config(*files)))
               for name, files in NEW_FILES.items()}
     # the outputs of the four runs must not overwrite each other
-    for key in ("model.export_dir", "trainer.default_root_dir", "trainer.logger.init_args.save_dir"):
+    for key in ("model.export.dir", "trainer.default_root_dir", "trainer.logger.init_args.save_dir"):
         assert len({new[key] for _, new in parsed.values()}) == len(NEW_FILES), key
     return parsed
 

@@ -283,16 +283,18 @@ def test_calibration_runs_write_their_settings_and_time_into_the_card(shared, tm
     from types import SimpleNamespace
 
     from callbacks.final_assignment import calibration_card
+    from vq4dit.lightning import CalibrationModule
+    from vq4dit.lightning.settings import resolved_record
 
-    module = SimpleNamespace(hparams={"model": "reference", "bits": 2, "optimizer": "rmsprop", "export_dir": "x"},
-                             vq_config=VQConfig(codebook_size=16, subvector_dim=4, num_candidates=2, kmeans_iters=0))
+    hparams = resolved_record(CalibrationModule.__init__, {"model": "reference", "recipe": "paper", "export": {"dir": "x"}})
     trainer = SimpleNamespace(global_step=325, datamodule=SimpleNamespace(hparams={"num_trajectories": 8, "seed": 3}))
-    card = calibration_card(trainer, module, started=0.0)
-    assert card["calibration_seconds"] > 0 and "export_dir" not in card
-    assert {k: v for k, v in card.items() if k != "calibration_seconds"} == {
-        "base_model": "reference", "num_candidates": 2, "calibration_steps": 325, "bits": 2, "optimizer": "rmsprop",
-        "num_trajectories": 8, "trajectory_seed": 3, "ratio_init": "inverse_distance", "row_scale": False,
-        "kmeans_metric": "euclidean", "error_feedback": False}
+    card = calibration_card(trainer, SimpleNamespace(hparams=hparams), started=0.0)
+    assert card["calibration_seconds"] > 0 and not any(key.startswith("export.") for key in card)
+    assert {k: card[k] for k in ("base_model", "num_candidates", "calibration_steps", "vq.bits", "calibration.optimizer",
+                                 "data.num_trajectories", "data.seed", "vq.ratio_init", "vq.row_scale")} == {
+        "base_model": "reference", "num_candidates": 2, "calibration_steps": 325, "vq.bits": 2,
+        "calibration.optimizer": "rmsprop", "data.num_trajectories": 8, "data.seed": 3,
+        "vq.ratio_init": "inverse_distance", "vq.row_scale": False}
     text = (save_quantized(shared, tmp_path / "run", card=card) / "README.md").read_text()
     assert "| 16 / 4 / 2 |" in text and "- calibration_steps: 325" in text and "base_model: reference" in text
 

@@ -101,11 +101,14 @@ def test_codebooks_train_once_their_layer_is_hard():
     assert all(l.codebook.requires_grad for l in engine.layers.values())
     simultaneous = Calibrator.build(load_dit("tiny"), TINY_VQ, CalibrationConfig(codebook_training="simultaneous"), progress=False)
     assert all(l.codebook.requires_grad for l in simultaneous.layers.values())
+    assert engine.make_optimizer().defaults["alpha"] == 0.9  # the official RMSprop
+    smoother = Calibrator(engine.teacher, engine.student, CalibrationConfig(rmsprop_alpha=0.99))
+    assert smoother.make_optimizer().defaults["alpha"] == 0.99
 
 
 @pytest.mark.parametrize(
     "field, value", [("block_inputs", "both"), ("optimizer", "sgd"), ("lr_logits", -1.0), ("gate_window", 0),
-                     ("regularizer_weight", float("nan"))],
+                     ("regularizer_weight", float("nan")), ("rmsprop_alpha", 1.0)],
 )
 def test_invalid_calibration_config(field, value):
     with pytest.raises(ValueError, match=field):
@@ -180,17 +183,17 @@ def test_activation_metric_needs_items_and_builds_with_them():
 
 def test_recipes_choose_the_levers_and_flags_override_them():
     from vq4dit.lightning import CalibrationModule
-    from vq4dit.recipes import RECIPES
 
-    default = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2)
-    paper = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2, recipe="paper")
-    explicit = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2, row_scale=not RECIPES["quality"]["row_scale"])
-    assert default.vq_config.row_scale is RECIPES["quality"]["row_scale"]
+    small = {"codebook_size": 16, "subvector_dim": 2}
+    default = CalibrationModule(model="tiny", vq=small)
+    paper = CalibrationModule(model="tiny", vq=small, recipe="paper")
+    explicit = CalibrationModule(model="tiny", vq={**small, "row_scale": False})
+    assert default.vq_config.row_scale is True and explicit.vq_config.row_scale is False
     assert (paper.vq_config.row_scale, paper.vq_config.kmeans_metric, paper.calibration.output_weight) == (False, "euclidean", 0.0)
-    assert explicit.vq_config.row_scale is not RECIPES["quality"]["row_scale"]
     assert (default.vq_config.error_feedback, default.vq_config.ratio_init) == (True, "confident")
     assert (paper.vq_config.error_feedback, paper.vq_config.ratio_init) == (False, "inverse_distance")
-    other = CalibrationModule(model="tiny", codebook_size=16, subvector_dim=2, error_feedback=False, ratio_init="uniform")
+    assert (default.allocation.enabled, paper.allocation.enabled) == (True, False)
+    other = CalibrationModule(model="tiny", vq={**small, "error_feedback": False, "ratio_init": "uniform"})
     assert (other.vq_config.error_feedback, other.vq_config.ratio_init, other.vq_config.row_scale) == (False, "uniform", True)
     with pytest.raises(ValueError, match="recipe"):
         CalibrationModule(model="tiny", recipe="fast")

@@ -8,7 +8,7 @@ from vq4dit.codewords import nearest_codewords, to_subvectors
 from vq4dit.engine import input_second_moments, with_null_labels
 from vq4dit.error_feedback import error_feedback_assign
 from vq4dit.kmeans import kmeans
-from vq4dit.layers import VQLinear
+from vq4dit.layers import InputMoments, VQLinear
 
 
 def correlated_inputs(features: int, count: int = 4096, seed: int = 0) -> torch.Tensor:
@@ -29,7 +29,7 @@ def test_feedback_lowers_the_layer_output_error(d):
     hessian = x.t() @ x / x.shape[0]
     plain = VQLinear.from_linear(linear, VQConfig(codebook_size=16, subvector_dim=d, num_candidates=1), "l")
     fed = VQLinear.from_linear(linear, VQConfig(codebook_size=16, subvector_dim=d, num_candidates=1, error_feedback=True),
-                               "l", hessian)
+                               "l", InputMoments.from_full(hessian))
     assert torch.equal(plain.codebook, fed.codebook)  # same k-means: only the assignment differs
     plain_error, fed_error = (output_error(x, linear.weight, layer.weight()) for layer in (plain, fed))
     assert fed_error < 0.95 * plain_error, (fed_error, plain_error)
@@ -46,8 +46,8 @@ def test_without_correlations_feedback_is_the_nearest_codeword():
 
 def test_feedback_needs_the_full_second_moments():
     config = VQConfig(codebook_size=4, subvector_dim=2, error_feedback=True)
-    with pytest.raises(ValueError, match="error_feedback needs input_weights"):
-        VQLinear.from_linear(torch.nn.Linear(8, 8), config, "l", torch.ones(8))
+    with pytest.raises(ValueError, match="error_feedback needs the full input moments"):
+        VQLinear.from_linear(torch.nn.Linear(8, 8), config, "l", InputMoments(diagonal=torch.ones(8)))
     with pytest.raises(ValueError, match="hessian"):
         error_feedback_assign(torch.randn(4, 8), torch.randn(4, 2), torch.eye(6))
 
@@ -59,10 +59,11 @@ def test_full_second_moments_have_the_diagonal_of_the_plain_ones():
     batches = [with_null_labels(torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.tensor([3, 9]))]
     diagonal = input_second_moments(model, names, batches)
     full = input_second_moments(model, names, batches, full={names[1]})
-    assert torch.equal(full[names[0]], diagonal[names[0]])
-    assert full[names[1]].shape == (256, 256)
-    torch.testing.assert_close(full[names[1]].diagonal(), diagonal[names[1]], rtol=1e-5, atol=1e-7)
-    assert torch.allclose(full[names[1]], full[names[1]].t())
+    assert torch.equal(full[names[0]].diagonal, diagonal[names[0]].diagonal)
+    assert full[names[0]].full is None and diagonal[names[1]].full is None
+    assert full[names[1]].full.shape == (256, 256)
+    torch.testing.assert_close(full[names[1]].diagonal, diagonal[names[1]].diagonal, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(full[names[1]].full, full[names[1]].full.t())
 
 
 def test_cli_error_feedback_changes_the_assignment(tmp_path, monkeypatch, capsys):

@@ -105,7 +105,7 @@ def test_prune_candidates_really_shrinks(linear):
     logits[:10, 1] = -10.0  # rows 0..9 keep a single live candidate -> hard
     layer.candidate_logits.data = logits
     layer.prune_candidates_(floor=0.01)
-    assert layer.num_candidates == 2
+    assert layer.active_candidates == 2 and layer.config.num_candidates == 3
     assert layer.num_soft == s - 10
     assert torch.isfinite(layer.candidate_logits).all()
     # mixed: some rows keep 3, others 2 -> width stays 3 with -inf marking pruned entries
@@ -115,7 +115,7 @@ def test_prune_candidates_really_shrinks(linear):
     layer2.candidate_logits.data = logits
     w_before = layer2.weight().detach()
     layer2.prune_candidates_(floor=0.01)
-    assert layer2.num_candidates == 3
+    assert layer2.active_candidates == 3
     assert torch.isinf(layer2.candidate_logits[::2, 2]).all()
     # pruning a ~0 ratio barely changes the weight
     assert torch.allclose(layer2.weight(), w_before, atol=1e-4)

@@ -58,7 +58,7 @@ def test_vq_weight_matches_plain_autograd(state, n):
 
 def test_one_hot_soft_rows_reproduce_codewords_exactly():
     layer = make_layer("all soft")
-    winner = torch.randint(0, layer.num_candidates, (layer.num_soft,))
+    winner = torch.randint(0, layer.active_candidates, (layer.num_soft,))
     layer.candidate_logits.data = torch.full_like(layer.candidate_logits, -1e4).scatter_(1, winner[:, None], 1e4)
     chosen = layer.candidates.long().gather(1, winner[:, None]).squeeze(1)
     expected = layer.codebook.detach()[chosen].reshape(layer.out_features, layer.in_features)
@@ -164,7 +164,7 @@ def test_bf16_teacher_keeps_a_float32_student_and_accepts_float32_inputs():
     with pytest.raises(ValueError, match="teacher_dtype"):
         CalibrationConfig(teacher_dtype="float16")
     with pytest.raises(ValueError, match="teacher_dtype"):
-        CalibrationModule(model="tiny", teacher_dtype="float16")
+        CalibrationModule(model="tiny", calibration={"teacher_dtype": "float16"})
 
 
 @pytest.mark.parametrize("kind, n", [("official", 2), ("official", 3), ("paper", 2), ("paper", 3)])
@@ -221,7 +221,7 @@ def test_student_builds_under_a_foreign_default_device():
     default device fails). ``meta`` stands in for ``cuda`` here."""
     from vq4dit.lightning import CalibrationModule
 
-    module = CalibrationModule(model="tiny", bits=2, kmeans_iters=2, recipe="paper")  # no activation statistics
+    module = CalibrationModule(model="tiny", vq={"bits": 2, "kmeans_iters": 2}, recipe="paper")  # no activation statistics
     with torch.device("meta"):
         module.configure_model()
     assert {t.device.type for t in (*module.student.parameters(), *module.student.buffers())} == {"cpu"}

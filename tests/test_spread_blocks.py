@@ -75,8 +75,8 @@ def assert_same_packed_model(a, b):
 
 
 def test_spread_blocks_needs_teacher_inputs():
-    with pytest.raises(ValueError, match="spread_blocks needs block_inputs='teacher'"):
-        CalibrationModule(model="tiny", spread_blocks=True, block_inputs="student")
+    with pytest.raises(ValueError, match="spread_blocks needs calibration.block_inputs='teacher'"):
+        CalibrationModule(model="tiny", spread_blocks=True, calibration={"block_inputs": "student"})
 
 
 def test_round_robin_ownership():

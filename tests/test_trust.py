@@ -103,8 +103,9 @@ def test_help_lists_enum_choices(capsys):
     with pytest.raises(SystemExit):
         train.cli_main(["fit", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--model.block_inputs {student,teacher}", "--model.optimizer {rmsprop,adam}",
-                 "--model.regularizer {official,paper}", "--data.sampler {ddpm,ddim}"):
+    for flag in ("--model.calibration.block_inputs {student,teacher}", "--model.calibration.optimizer {rmsprop,adam}",
+                 "--model.calibration.regularizer {official,paper}", "--model.recipe {quality,paper}",
+                 "--model.evaluation.model {quantized,fp}", "--data.sampler {ddpm,ddim}"):
         assert flag in out, flag
 
 

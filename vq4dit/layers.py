@@ -33,6 +33,30 @@ from .vq_config import VQConfig
 
 log = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class InputMoments:
+    """Second moments of one Linear layer's inputs ``x [in]`` on the calibration trajectories.
+
+    Args:
+        diagonal: ``E[x_j^2]`` ``[in]``: weighs every input dimension under
+            ``kmeans_metric="activation"``.
+        full: ``E[x x^T]`` ``[in, in]`` (its diagonal is ``diagonal``), which ``error_feedback``
+            needs; None where only the diagonal was collected.
+    """
+
+    diagonal: torch.Tensor
+    full: torch.Tensor | None = None
+
+    @classmethod
+    def from_full(cls, full: torch.Tensor) -> "InputMoments":
+        """Both moments from ``E[x x^T]`` ``[in, in]``."""
+        return cls(diagonal=full.diagonal(), full=full)
+
+    def without_full(self) -> "InputMoments":
+        """Only the diagonal (the full matrix is ``in^2`` floats: 85 MB for a 4608-wide layer)."""
+        return InputMoments(diagonal=self.diagonal.clone())
+
+
 @dataclass
 class RowReindex:
     """How the soft tensors ``[S, n]`` were shrunk to ``[S', n']``: ``new = old[rows][:, cols]``.
@@ -111,18 +135,16 @@ class VQLinear(HardDecoding, nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, config: VQConfig, name: str = "layer",
-                    input_weights: torch.Tensor | None = None) -> "VQLinear":
+                    moments: InputMoments | None = None) -> "VQLinear":
         """Quantize ``linear``: k-means codebook, n nearest candidates, initial ratio logits.
 
         With ``num_candidates == 1`` every row starts hard (plain VQ, nearest codeword).
-        ``input_weights [in]``: E[x_j^2] of the layer's inputs, needed by (and only used with)
-        ``config.kmeans_metric == "activation"``; or ``[in, in]``, the full E[x x^T], which
-        ``config.error_feedback`` needs (:func:`vq4dit.error_feedback.error_feedback_assign`; its
-        diagonal serves the activation metric).
+        ``moments``: the layer's input second moments; ``config.kmeans_metric == "activation"``
+        needs their ``diagonal`` E[x_j^2] ``[in]``, ``config.error_feedback`` their ``full``
+        E[x x^T] ``[in, in]`` (:func:`vq4dit.error_feedback.error_feedback_assign`).
         """
-        hessian = None
-        if input_weights is not None and input_weights.dim() == 2:
-            hessian, input_weights = input_weights, input_weights.diagonal()
+        diagonal = None if moments is None else moments.diagonal
+        hessian = None if moments is None else moments.full
         config.validate_for(linear.out_features, linear.in_features, name)
         weight = linear.weight.detach()
         layer = cls(
@@ -138,15 +160,17 @@ class VQLinear(HardDecoding, nn.Module):
         points = to_subvectors(weight, config.subvector_dim)  # [N, d]
         weights = None
         if config.kmeans_metric == "activation":
-            if input_weights is None or input_weights.shape != (linear.in_features,):
-                raise ValueError(f"{name}: kmeans_metric='activation' needs input_weights [{linear.in_features}]")
-            per_dim = input_weights.float().to(weight.device)
+            if diagonal is None or diagonal.shape != (linear.in_features,):
+                raise ValueError(f"{name}: kmeans_metric='activation' needs the input moments' diagonal E[x^2] "
+                                 f"[{linear.in_features}]")
+            per_dim = diagonal.float().to(weight.device)
             per_dim = per_dim / per_dim.mean().clamp(min=torch.finfo(torch.float32).tiny)  # scale-free
             weights = per_dim.view(1, -1).expand(linear.out_features, -1).reshape(-1, config.subvector_dim)
         codebook = kmeans(points, config.codebook_size, config.kmeans_iters, config.kmeans_seed, weights=weights)
         if config.error_feedback:
             if hessian is None or hessian.shape != (linear.in_features, linear.in_features):
-                raise ValueError(f"{name}: error_feedback needs input_weights E[x x^T] [{linear.in_features}, {linear.in_features}]")
+                raise ValueError(f"{name}: error_feedback needs the full input moments E[x x^T] "
+                                 f"[{linear.in_features}, {linear.in_features}]")
             nearest, sq_distances = error_feedback_assign(weight, codebook, hessian, config.num_candidates,
                                                           ratio_init=config.ratio_init)
         else:
@@ -180,8 +204,9 @@ class VQLinear(HardDecoding, nn.Module):
         return 1.0 - self.num_soft / max(self.num_subvectors, 1)
 
     @property
-    def num_candidates(self) -> int:
-        """Current (possibly pruned) candidate columns of the soft rows."""
+    def active_candidates(self) -> int:
+        """Candidate columns the soft rows still have: ``config.num_candidates`` (the configured n)
+        at the start, fewer once pruning removed a column from every row."""
         return self.candidates.shape[1]
 
     def ratios(self) -> torch.Tensor:
@@ -286,7 +311,7 @@ class VQLinear(HardDecoding, nn.Module):
         if self.num_soft == 0:
             return RowReindex(rows=torch.zeros(0, dtype=torch.long, device=self.codes.device))
         ratios = self.ratios()
-        if floor * self.num_candidates <= 1.0:  # the best candidate (ratio >= 1/n) always survives
+        if floor * self.active_candidates <= 1.0:  # the best candidate (ratio >= 1/n) always survives
             newly_dead = (ratios < floor) & torch.isfinite(self.candidate_logits)
             if not newly_dead.any():  # the common case: skip the sort and the re-layout
                 return RowReindex(rows=torch.arange(self.num_soft, device=self.codes.device))
@@ -341,7 +366,7 @@ class VQLinear(HardDecoding, nn.Module):
         c = self.config
         return (
             f"in={self.in_features}, out={self.out_features}, k={c.codebook_size}, "
-            f"d={c.subvector_dim}, n={self.num_candidates}, bits/weight={self.bits_per_weight():.3f}, "
+            f"d={c.subvector_dim}, n={c.num_candidates} ({self.active_candidates} active), bits/weight={self.bits_per_weight():.3f}, "
             f"hard={self.hard_fraction:.1%}, inference={self.inference_mode}"
         )
 

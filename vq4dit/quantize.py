@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from .decoding import INFERENCE_MODES, InferenceMode
-from .layers import VQLinear
+from .layers import InputMoments, VQLinear
 from .models import default_linear_filter
+from .typed_settings import require_resolved
 from .vq_config import VQConfig
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,10 @@ def select_layers(
     model order; cheap (no k-means), so settings can be checked before any heavy work.
 
     Raises:
-        ValueError: nothing matched, or a setting does not fit a selected layer.
+        ValueError: nothing matched, a setting does not fit a selected layer, or ``config`` has
+            a setting left to a recipe (None).
     """
+    require_resolved(config)
     if filter_fn is None and not include:
         filter_fn = default_linear_filter
     include, exclude = list(include or []), list(exclude or [])
@@ -74,7 +77,7 @@ def quantize_(
     exclude: Iterable[str] | None = None,
     overrides: Mapping[str, Mapping[str, int]] | None = None,
     progress: bool = True,
-    input_weights: Mapping[str, torch.Tensor] | None = None,
+    input_moments: Mapping[str, InputMoments] | None = None,
 ) -> list[str]:
     """Replace selected ``nn.Linear`` layers of ``model`` in place by k-means-initialised ``VQLinear``.
 
@@ -89,7 +92,7 @@ def quantize_(
         overrides: glob pattern -> VQConfig fields, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``;
             the last matching pattern wins.
         progress: show a progress bar (k-means on DiT-XL takes minutes).
-        input_weights: layer name -> E[x^2] of its inputs ``[in]`` (layers whose ``kmeans_metric``
+        input_moments: layer name -> its input second moments (layers whose ``kmeans_metric``
             is ``activation``; see :func:`vq4dit.engine.input_second_moments`).
 
     Returns:
@@ -105,8 +108,8 @@ def quantize_(
     for name, module, layer_config in tqdm(selected, desc="k-means init", unit="layer", disable=not progress):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        weights = None if input_weights is None else input_weights.get(name)
-        setattr(parent, child, VQLinear.from_linear(module, layer_config, name, weights))
+        moments = None if input_moments is None else input_moments.get(name)
+        setattr(parent, child, VQLinear.from_linear(module, layer_config, name, moments))
         names.append(name)
     log.info("quantize_: swapped %d Linear layers for VQLinear (%s ...)", len(names), names[0])
     for hook in QUANTIZED_HOOKS:

@@ -1,33 +1,37 @@
-"""Calibration recipes: which quality levers a run uses unless a flag says otherwise.
+"""Calibration recipes: the values of the settings a user left unset (None: "the recipe decides").
 
-``paper``: VQ4DiT as the paper and its official code run it (euclidean k-means codebooks, no
-row scales, the block loss only). ``quality`` (the default): the levers that measured better on
-the reference model (README, "Beyond the paper"): scale-normalised sub-vectors, activation-aware
-codebooks (k-means under the teacher's input second moments), candidates assigned with error
-feedback (GPTQ / GPTVQ with act-order), ratios that start at 0.9 on the feedback's codeword, and
-per-layer codebook sizes allocated by measured sensitivity at the bits the uniform setting costs. An explicit
-setting (``--model.row_scale false``) always wins over the recipe.
+``paper``: VQ4DiT as the paper and its official code run it: every recipe field keeps the default
+declared with it (euclidean k-means codebooks, no row scales, the block loss only, uniform bits).
+``quality`` (the default): the levers that measured better on the reference model (README, "Beyond
+the paper"): scale-normalised sub-vectors, activation-aware codebooks (k-means under the teacher's
+input second moments), candidates assigned with error feedback (GPTQ / GPTVQ with act-order),
+ratios that start at 0.9 on the feedback's codeword, and per-layer codebook sizes allocated by
+measured sensitivity at the bits the uniform setting costs. An explicit setting
+(``--model.vq.row_scale false``) always wins over the recipe.
+
+The recipe fields are the dataclass fields declared with :func:`vq4dit.typed_settings.recipe_field`;
+``tests/test_settings.py`` checks that every recipe leaves none of them unset.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
+
+from .engine.config import BitAllocation, CalibrationConfig
+from .typed_settings import fill, fill_defaults
+from .vq_config import VQConfig
 
 Recipe = Literal["quality", "paper"]
 
-RECIPES: dict[str, dict[str, Any]] = {
-    "paper": {"row_scale": False, "kmeans_metric": "euclidean", "output_weight": 0.0, "bit_allocation": False,
-              "error_feedback": False, "ratio_init": "inverse_distance"},
-    "quality": {"row_scale": True, "kmeans_metric": "activation", "output_weight": 0.0, "bit_allocation": True,
-                "error_feedback": True, "ratio_init": "confident"},
-}
 
-
-def recipe_settings(recipe: str, **explicit: Any) -> dict[str, Any]:
-    """The recipe's lever settings with every explicit (not None) value in their place."""
-    if recipe not in RECIPES:
+def apply_recipe(
+    recipe: Recipe, *, vq: VQConfig, calibration: CalibrationConfig, allocation: BitAllocation
+) -> tuple[VQConfig, CalibrationConfig, BitAllocation]:
+    """``(vq, calibration, allocation)`` with every recipe field left None set by ``recipe``
+    (explicit values are kept)."""
+    if recipe not in get_args(Recipe):
         raise ValueError(f"recipe must be one of {list(get_args(Recipe))}, got {recipe!r}")
-    unknown = sorted(set(explicit) - set(RECIPES[recipe]))
-    if unknown:
-        raise ValueError(f"not a recipe setting: {unknown}")
-    return {**RECIPES[recipe], **{key: value for key, value in explicit.items() if value is not None}}
+    if recipe == "quality":
+        vq = fill(vq, row_scale=True, kmeans_metric="activation", error_feedback=True, ratio_init="confident")
+        allocation = fill(allocation, enabled=True)
+    return fill_defaults(vq), fill_defaults(calibration), fill_defaults(allocation)

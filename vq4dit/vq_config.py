@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from .typed_settings import recipe_field
+
 RatioInit = Literal["inverse_distance", "uniform", "confident"]
 KMeansMetric = Literal["euclidean", "activation"]
 
@@ -22,42 +24,62 @@ _PRESETS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class VQConfig:
     """Settings of one vector-quantized layer (or the default for all layers).
 
+    Fields marked "None: the recipe decides" are None on the command line until the recipe (``vq4dit.recipes``) fills
+    them; in Python their default is the paper's value.
+
     Args:
-        codebook_size: number of codewords ``k`` (a power of two; a code takes log2(k) bits).
-        subvector_dim: sub-vector length ``d``; must divide the layer's ``in_features``.
-        num_candidates: candidate codewords ``n`` kept per sub-vector (1 = plain VQ).
-        ratio_init: ``inverse_distance`` (ratios proportional to 1/distance, official code),
+        bits: the paper preset, 2 (k=256, d=4) or 3 (k=64, d=2), giving codebook_size and
+            subvector_dim where they are not set.
+        codebook_size: number of codewords ``k`` (a power of two; a code takes log2(k) bits; None:
+            the preset's).
+        subvector_dim: sub-vector length ``d``; must divide the layer's ``in_features`` (None: the
+            preset's).
+        num_candidates: candidate codewords ``n`` kept per sub-vector at the start (1 = plain VQ,
+            codebook-only calibration); pruning lowers a layer's count later
+            (``VQLinear.active_candidates``).
+        ratio_init: (None: the recipe decides) ``inverse_distance`` (ratios proportional to 1/distance, official code),
             ``uniform`` (1/n) or ``confident`` (0.9 on the nearest candidate).
         kmeans_iters: Lloyd iterations on all sub-vectors after the subsampled warm start.
         kmeans_seed: seed of the k-means++ seeding and subsampling (results are deterministic).
-        row_scale: a scale per output row (stored as FP16, 16 / in_features bits per weight): the
-            rows are divided by their RMS before k-means, so one codebook serves rows of very
-            different magnitude (the adaLN modulation rows differ ~60x); the scales are
+        row_scale: (None: the recipe decides) a scale per output row (stored as FP16, 16 / in_features bits per
+            weight): the rows are divided by their RMS before k-means, so one codebook serves rows
+            of very different magnitude (the adaLN modulation rows differ ~60x); the scales are
             calibrated with the codebook (AQLM's scale-normalised codes).
-        kmeans_metric: ``euclidean`` or ``activation``: k-means and the candidate search weigh
-            every input dimension j by the layer's input second moment E[x_j^2] on the
+        kmeans_metric: (None: the recipe decides) ``euclidean`` or ``activation``: k-means and the candidate search
+            weigh every input dimension j by the layer's input second moment E[x_j^2] on the
             calibration trajectories (the diagonal of the output-error metric, as GPTVQ / VPTQ
             use the Hessian diagonal), so codewords fit where the inputs are large.
-        error_feedback: assign the candidates one column group at a time and compensate each
-            group's output error on the columns not assigned yet (GPTQ / GPTVQ), under the
+        error_feedback: (None: the recipe decides) assign the candidates one column group at a time and compensate
+            each group's output error on the columns not assigned yet (GPTQ / GPTVQ), under the
             layer's input second moments E[x x^T] from the calibration trajectories.
     """
 
-    codebook_size: int = 256
-    subvector_dim: int = 4
+    bits: int = 2
+    codebook_size: int | None = None
+    subvector_dim: int | None = None
     num_candidates: int = 2
-    ratio_init: RatioInit = "inverse_distance"
+    ratio_init: RatioInit | None = recipe_field("inverse_distance")
     kmeans_iters: int = 25
     kmeans_seed: int = 0
-    row_scale: bool = False
-    kmeans_metric: KMeansMetric = "euclidean"
-    error_feedback: bool = False
+    row_scale: bool | None = recipe_field(False)
+    kmeans_metric: KMeansMetric | None = recipe_field("euclidean")
+    error_feedback: bool | None = recipe_field(False)
 
     def __post_init__(self) -> None:
+        if self.bits not in (2, 3):
+            raise ValueError(
+                f"bits must be 2 or 3 (the paper presets), got {self.bits!r}; "
+                "codebook_size and subvector_dim override the preset for other settings"
+            )
+        preset_k, preset_d = _PRESETS[f"w{self.bits}"]
+        if self.codebook_size is None:
+            object.__setattr__(self, "codebook_size", preset_k)
+        if self.subvector_dim is None:
+            object.__setattr__(self, "subvector_dim", preset_d)
         k, d, n = self.codebook_size, self.subvector_dim, self.num_candidates
         if not isinstance(k, int) or k < 2 or k & (k - 1):
             raise ValueError(f"codebook_size must be a power of two >= 2, got {k!r}")
@@ -67,11 +89,11 @@ class VQConfig:
             raise ValueError(f"num_candidates must be >= 1, got {n!r}")
         if n > k:
             raise ValueError(f"num_candidates ({n}) cannot exceed codebook_size ({k})")
-        if self.ratio_init not in ("inverse_distance", "uniform", "confident"):
+        if self.ratio_init not in ("inverse_distance", "uniform", "confident", None):
             raise ValueError(
                 f"ratio_init must be 'inverse_distance', 'uniform' or 'confident', got {self.ratio_init!r}"
             )
-        if self.kmeans_metric not in ("euclidean", "activation"):
+        if self.kmeans_metric not in ("euclidean", "activation", None):
             raise ValueError(f"kmeans_metric must be 'euclidean' or 'activation', got {self.kmeans_metric!r}")
         if self.kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
@@ -81,26 +103,12 @@ class VQConfig:
         """``w2`` = (k=256, d=4), ``w3`` = (k=64, d=2), as in the official VQ4DiT code."""
         if name not in _PRESETS:
             raise ValueError(f"unknown VQ preset {name!r}; expected one of {sorted(_PRESETS)}")
-        k, d = _PRESETS[name]
-        return cls(codebook_size=k, subvector_dim=d, **overrides)
+        return cls(bits=int(name[1:]), **overrides)
 
     @classmethod
     def from_bits(cls, bits: int, **overrides) -> "VQConfig":
         """The paper preset for 2 or 3 bits per weight."""
-        if bits not in (2, 3):
-            raise ValueError(f"bits must be 2 or 3 (the paper presets), got {bits!r}")
-        return cls.preset(f"w{bits}", **overrides)
-
-    @classmethod
-    def for_bits(cls, bits: int, codebook_size: int | None = None, subvector_dim: int | None = None, **fields) -> "VQConfig":
-        """The paper preset of ``bits`` (2 or 3) with an explicit k and/or d replacing the preset's."""
-        if bits not in (2, 3):
-            raise ValueError(
-                f"bits must be 2 or 3 (the paper presets), got {bits!r}; "
-                "codebook_size and subvector_dim override the preset for other settings"
-            )
-        k, d = _PRESETS[f"w{bits}"]
-        return cls(codebook_size=codebook_size or k, subvector_dim=subvector_dim or d, **fields)
+        return cls(bits=bits, **overrides)
 
     def with_overrides(self, **changes) -> "VQConfig":
         """A copy with some fields replaced (validated again)."""

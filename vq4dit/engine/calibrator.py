@@ -27,10 +27,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import BlockSpread
-from ..layers import VQLinear, replace_in_optimizer_
+from ..layers import InputMoments, VQLinear, replace_in_optimizer_
 from ..models import NonFiniteError, block_modules
 from ..quantize import finalize_model_, select_layers, vq_layers
 from ..soft import logit_regularizer
+from ..typed_settings import require_resolved
 from ..vq_config import VQConfig
 from .allocation import allocate_bits
 from .overrides import check_overrides, merge_overrides, refuse_allocated_fields
@@ -93,12 +94,13 @@ class Calibrator:
     ) -> None:
         self.teacher, self.student = teacher, student
         self.config = config or CalibrationConfig()
+        require_resolved(self.config)
         self.vq_config, self.guidance_scale, self.spread = vq_config, guidance_scale, spread
         self.layers: dict[str, VQLinear] = vq_layers(student)
         if not self.layers:
             raise ValueError("the student has no VQLinear layer to calibrate")
         self.gate = RegularizerGate(self.config.gate_window, self.config.regularizer_gating)
-        self.input_weights: dict[str, torch.Tensor] | None = None  # set by build() for activation-aware k-means
+        self.input_moments: dict[str, InputMoments] | None = None  # set by build(): diagonals of activation-aware layers
         self.allocation: dict[str, dict[str, int]] | None = None  # set by build(): per-layer codebook sizes
         self.allocation_report: str | None = None
         self.update_codebook_trainability()
@@ -137,22 +139,21 @@ class Calibrator:
         full = {name for name, _, c in selected if c.error_feedback}
         if (aware or (bit_allocation and allocation is None)) and items is None:
             raise ValueError("activation-aware k-means, error feedback and bit allocation need calibration items")
-        weights = None
+        moments = None
         if aware:
-            weights = input_second_moments(teacher, aware, statistics_batches(items, guidance_scale), full=full)
+            moments = input_second_moments(teacher, aware, statistics_batches(items, guidance_scale), full=full)
         report = None
         if bit_allocation and allocation is None:
             batches = statistics_batches(items, guidance_scale, batch_size=32, max_items=ALLOCATION_ITEMS)
-            measured = allocate_bits(teacher, selected, batches, bit_budget, weights, progress=progress)
+            measured = allocate_bits(teacher, selected, batches, bit_budget, moments, progress=progress)
             allocation, report = measured.overrides(), measured.format()
         if allocation is not None:  # field by field: the user's other fields of a layer stay
             overrides = merge_overrides(overrides, allocation)
         student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides,
-                                progress=progress, input_weights=weights)
+                                progress=progress, input_moments=moments)
         engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)
         # the activation statistics used (E[x^2]; not the full matrices), for baselines of the same layers
-        engine.input_weights = None if weights is None else {
-            name: w.diagonal().clone() if w.dim() == 2 else w for name, w in weights.items()}
+        engine.input_moments = None if moments is None else {name: m.without_full() for name, m in moments.items()}
         engine.allocation = None if allocation is None else {name: dict(fields) for name, fields in allocation.items()}
         engine.allocation_report = report  # the measured table (None when uniform or reused)
         if config.teacher_dtype != "float32":
@@ -246,10 +247,11 @@ class Calibrator:
         return groups + ([{"params": scales, "lr": c.lr_codebook, "name": "row_scales"}] if scales else [])
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        """RMSprop (official: alpha 0.9, eps 1e-8) or Adam over :meth:`param_groups`."""
+        """RMSprop (``config.rmsprop_alpha``, eps 1e-8) or Adam over :meth:`param_groups`."""
         if self.config.optimizer == "adam":
             return torch.optim.Adam(self.param_groups())
-        return torch.optim.RMSprop(self.param_groups(), alpha=0.9, eps=1e-8, momentum=0.0, weight_decay=0.0)
+        return torch.optim.RMSprop(self.param_groups(), alpha=self.config.rmsprop_alpha, eps=1e-8, momentum=0.0,
+                                   weight_decay=0.0)
 
     def average_gradients_(self, world_size: int) -> None:
         """Plain DDP: average the gradients DDP cannot bucket (codebooks, ratio logits change shape
@@ -332,7 +334,7 @@ class Calibrator:
         owned = self.owned_layers()
         device = next(iter(self.layers.values())).codes.device
         local = torch.tensor(
-            [[l.num_soft, l.num_soft * l.num_candidates] if n in owned else [0, 0] for n, l in self.layers.items()],
+            [[l.num_soft, l.num_soft * l.active_candidates] if n in owned else [0, 0] for n, l in self.layers.items()],
             dtype=torch.int64, device=device,
         ).reshape(-1, 2)  # [M, 2]
         return {name: (soft, slots) for name, (soft, slots) in zip(self.layers, self.global_sum(local).tolist())}

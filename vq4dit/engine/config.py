@@ -1,10 +1,14 @@
-"""Typed settings of a calibration run (the VQ settings of the layers are :class:`vq4dit.VQConfig`)."""
+"""Typed settings of a calibration run (the VQ settings of the layers are :class:`vq4dit.VQConfig`):
+how it is calibrated (:class:`CalibrationConfig`), which layers (:class:`LayerSelection`), and the
+per-layer bit allocation (:class:`BitAllocation`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
+
+from ..typed_settings import recipe_field
 
 BlockInputs = Literal["student", "teacher"]
 Regularizer = Literal["official", "paper"]
@@ -20,7 +24,7 @@ def check_choice(name: str, value: object, literal: object) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CalibrationConfig:
     """How the soft assignments, codebooks and biases are calibrated (paper Eq. 8-10).
 
@@ -34,13 +38,16 @@ class CalibrationConfig:
         codebook_training: ``after_hardening`` (a layer's codebook trains once all its rows are
             hard: official code) or ``simultaneous`` (with the ratios: the paper's wording).
         optimizer: ``rmsprop`` (official: alpha 0.9, eps 1e-8) or ``adam``.
+        rmsprop_alpha: smoothing constant of RMSprop's running mean of squared gradients
+            (official: 0.9; torch's default: 0.99).
         lr_codebook: learning rate of the codebooks.
         lr_bias: learning rate of the quantized layers' biases.
         lr_logits: learning rate of the ratio logits.
         teacher_dtype: dtype of the frozen teacher once the student is built (k-means and the
             trajectories use float32).
-        output_weight: weight of an output-level term, the MSE of the final noise prediction
-            (``block_inputs="student"`` only), next to the mean block MSE (0: the paper's loss).
+        output_weight: (None: the recipe decides) weight of an output-level term, the MSE of the final noise
+            prediction (``block_inputs="student"`` only), next to the mean block MSE (0: the
+            paper's loss).
     """
 
     block_inputs: BlockInputs = "student"
@@ -50,11 +57,12 @@ class CalibrationConfig:
     gate_window: int = 50
     codebook_training: CodebookTraining = "after_hardening"
     optimizer: OptimizerName = "rmsprop"
+    rmsprop_alpha: float = 0.9
     lr_codebook: float = 1e-4
     lr_bias: float = 1e-4
     lr_logits: float = 5e-2
     teacher_dtype: TeacherDtype = "float32"
-    output_weight: float = 0.0
+    output_weight: float | None = recipe_field(0.0)
 
     def __post_init__(self) -> None:
         check_choice("block_inputs", self.block_inputs, BlockInputs)
@@ -64,12 +72,60 @@ class CalibrationConfig:
         check_choice("teacher_dtype", self.teacher_dtype, TeacherDtype)
         for name in ("lr_codebook", "lr_bias", "lr_logits", "regularizer_weight", "output_weight"):
             value = getattr(self, name)
+            if name == "output_weight" and value is None:
+                continue  # the recipe decides
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if self.output_weight > 0 and self.block_inputs != "student":
+        if (self.output_weight or 0) > 0 and self.block_inputs != "student":
             raise ValueError("output_weight needs block_inputs='student' (teacher inputs give no student output)")
+        if not isinstance(self.rmsprop_alpha, (int, float)) or not 0 <= self.rmsprop_alpha < 1:
+            raise ValueError(f"rmsprop_alpha must be in [0, 1), got {self.rmsprop_alpha}")
         if not isinstance(self.gate_window, int) or self.gate_window < 1:
             raise ValueError(f"gate_window must be >= 1, got {self.gate_window}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerSelection:
+    """Which Linear layers are quantized, and with which per-layer VQ settings.
+
+    Args:
+        include: glob patterns of the Linear layers to quantize (None: the 7 core Linears per block).
+        exclude: glob patterns of Linear layers left in full precision.
+        overrides: glob or layer name -> VQ settings of those layers, e.g.
+            ``{"*.norm1.linear": {"codebook_size": 1024}}``.
+    """
+
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    overrides: dict[str, dict[str, int]] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BitAllocation:
+    """Per-layer codebook sizes (k / 4 .. 4 k, same d) chosen from each layer's measured
+    sensitivity so that the quantized layers cost ``budget`` bits per weight.
+
+    Args:
+        enabled: (None: the recipe decides) allocate the bits per layer (a budget implies it: None with a budget
+            is True, False with a budget is refused).
+        budget: bits per weight all-in (codes, codebooks, row scales) of the quantized layers
+            (None: what the uniform k, d cost: the same bits, spent where they matter).
+    """
+
+    enabled: bool | None = recipe_field(False)
+    budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            return
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) \
+                or not math.isfinite(self.budget) or self.budget <= 0:
+            raise ValueError(f"bit_budget must be a positive number of bits per weight, got {self.budget!r}")
+        if self.enabled is None:
+            object.__setattr__(self, "enabled", True)  # a budget implies allocation
+        elif not self.enabled:
+            raise ValueError("bit_budget needs bit_allocation (allocation.budget is set and allocation.enabled "
+                             "was turned off explicitly)")

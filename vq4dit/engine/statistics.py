@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layers import InputMoments
 from .losses import with_null_labels
 
 
@@ -26,10 +27,10 @@ def statistics_batches(items: dict[str, torch.Tensor], guidance_scale: float, ba
 
 
 @torch.no_grad()
-def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: Container[str] = ()) -> dict[str, torch.Tensor]:
-    """``E[x_j^2]`` ``[in]`` of the inputs of ``model``'s Linear layers ``names`` over ``batches``
-    of ``(x [B, C, H, W], t [B], y [B])`` (every token of every item counts once); for the layers
-    in ``full`` the whole ``E[x x^T]`` ``[in, in]`` (error feedback; its diagonal is ``E[x_j^2]``)."""
+def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: Container[str] = ()) -> dict[str, InputMoments]:
+    """The input second moments of ``model``'s Linear layers ``names`` over ``batches`` of
+    ``(x [B, C, H, W], t [B], y [B])`` (every token of every item counts once): ``E[x_j^2]``
+    ``[in]``, and for the layers in ``full`` also the whole ``E[x x^T]`` ``[in, in]`` (error feedback)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -56,4 +57,5 @@ def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: 
             total = torch.cat([sums[name].flatten(), torch.tensor([float(counts[name])], device=sums[name].device)])
             dist.all_reduce(total)
             sums[name], counts[name] = total[:-1].view_as(sums[name]), total[-1].item()
-    return {name: (sums[name] / counts[name]).cpu() for name in sums}
+    return {name: InputMoments.from_full((sums[name] / counts[name]).cpu()) if name in full
+            else InputMoments(diagonal=(sums[name] / counts[name]).cpu()) for name in sums}

@@ -8,6 +8,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..layers import InputMoments
 from ..quantize import quantize_, vq_layers
 from ..vq_config import VQConfig
 
@@ -20,19 +21,19 @@ def build_student(
     exclude: Iterable[str] | None = None,
     overrides: Mapping[str, Mapping[str, int]] | None = None,
     progress: bool = True,
-    input_weights: Mapping[str, torch.Tensor] | None = None,
+    input_moments: Mapping[str, InputMoments] | None = None,
 ) -> nn.Module:
     """A calibration student: ``teacher``'s modules with k-means-initialised ``VQLinear`` layers.
 
     New modules, but the frozen tensors are shared with the (frozen) teacher: nothing writes them,
     and a deep copy would hold a second set of weights (3 GB on DiT-XL/2) that the quantized layers
-    replace anyway. ``input_weights``: E[x^2] per layer for activation-aware k-means. Ratio logits and biases of the VQ layers require gradients (codebooks: see
+    replace anyway. ``input_moments``: per layer, the input second moments of activation-aware k-means and error feedback. Ratio logits and biases of the VQ layers require gradients (codebooks: see
     :meth:`vq4dit.engine.Calibrator.update_codebook_trainability`); the student is in eval mode.
     """
     shared = {id(t): t for t in (*teacher.parameters(), *teacher.buffers())}
     student = copy.deepcopy(teacher, memo=shared)
     quantize_(student, vq_config, include=include, exclude=exclude, overrides=overrides, progress=progress,
-              input_weights=input_weights)
+              input_moments=input_moments)
     for layer in vq_layers(student).values():
         layer.candidate_logits.requires_grad_(True)
         if layer.bias is not None:

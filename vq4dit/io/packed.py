@@ -188,7 +188,7 @@ def install_vq_layers(model: nn.Module, qc: dict, path: object, device: torch.de
         if not is_linear or (linear.in_features, linear.out_features, linear.bias is not None) != wanted:
             raise QuantizedCheckpointError(f"{path}: quantized layer {name!r} {wanted} does not match the model")
         try:
-            layer_config = VQConfig(s["codebook_size"], s["subvector_dim"], num_candidates=1,
+            layer_config = VQConfig(codebook_size=s["codebook_size"], subvector_dim=s["subvector_dim"], num_candidates=1,
                                     row_scale=s.get("row_scales") is True)
             layer = VQLinear(s["in_features"], s["out_features"], layer_config, bias=s["bias"], device=device)
         except ValueError as err:

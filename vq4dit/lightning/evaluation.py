@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,30 +23,38 @@ EvalModel = Literal["quantized", "fp"]
 MetricsFeatures = Literal["auto", "classifier", "inception"]
 
 
-class SampleEvaluation:
-    """Samples and metrics of ``test`` / ``predict`` for one model source.
+@dataclass(frozen=True, kw_only=True)
+class EvaluationSettings:
+    """What ``test`` / ``predict`` / ``validate`` evaluate, and against what.
 
     Args:
-        model_source: the FP model's source (``reference`` picks the digits classifier and data).
-        eval_model: ``quantized`` (the student, compared with the FP model under identical noise)
-            or ``fp`` (the teacher only: the FP baseline).
-        vae: diffusers ``AutoencoderKL`` folder or hub id for latent models; None for pixel space.
-        metrics_features: ``classifier``, ``inception`` or ``auto`` (classifier for ``reference``).
-        real_images: ``digits``, an ``.npz`` of ``arr_0 [N, H, W, C]`` uint8, ``auto`` (digits for
-            ``reference``) or None (FID to the FP samples only).
+        quantized: a packed model folder that ``test`` / ``predict`` / ``validate`` evaluate instead
+            of calibrating (None: the calibrated student).
+        model: what ``test`` / ``predict`` sample: ``quantized`` (the student, compared with the FP
+            model under identical noise) or ``fp`` (the teacher only: the FP baseline).
+        vae: diffusers ``AutoencoderKL`` folder or hub id decoding latents (None: pixel-space models).
+        metrics_features: FID / IS features: ``classifier`` (digits), ``inception`` or ``auto``
+            (classifier for ``reference``).
+        real_images: FID reference: ``digits``, an ``.npz`` of ``arr_0 [N, H, W, C]`` uint8, ``auto``
+            (digits for ``reference``) or None (FID to the FP samples only).
     """
 
-    def __init__(
-        self,
-        model_source: str,
-        eval_model: EvalModel = "quantized",
-        vae: str | None = None,
-        metrics_features: MetricsFeatures = "auto",
-        real_images: str | None = "auto",
-    ) -> None:
-        self.model_source, self.eval_model, self.vae_source = model_source, eval_model, vae
+    quantized: str | None = None
+    model: EvalModel = "quantized"
+    vae: str | None = None
+    metrics_features: MetricsFeatures = "auto"
+    real_images: str | None = "auto"
+
+
+class SampleEvaluation:
+    """Samples and metrics of ``test`` / ``predict`` for one model source (``model_source``:
+    ``reference`` picks the digits classifier and data) with ``settings``."""
+
+    def __init__(self, model_source: str, settings: EvaluationSettings) -> None:
+        self.model_source, self.eval_model, self.vae_source = model_source, settings.model, settings.vae
         reference = model_source == "reference"
-        self.features = metrics_features if metrics_features != "auto" else ("classifier" if reference else "inception")
+        features, real_images = settings.metrics_features, settings.real_images
+        self.features = features if features != "auto" else ("classifier" if reference else "inception")
         self.real_images = real_images if real_images != "auto" else ("digits" if reference else None)
         self.metrics = None
         self._vae: nn.Module | None = None

@@ -1,5 +1,5 @@
-"""The calibration LightningModule: owns the ``--model.*`` settings, turns them into typed configs
-once and calls :class:`vq4dit.engine.Calibrator` from its hooks; evaluation is delegated to
+"""The calibration LightningModule: owns the ``--model.*`` settings (typed groups, resolved once by
+the recipe) and calls :class:`vq4dit.engine.Calibrator` from its hooks; evaluation is delegated to
 :class:`SampleEvaluation`, block spreading to :class:`vq4dit.distributed.BlockSpread`."""
 
 from __future__ import annotations
@@ -12,117 +12,68 @@ from torch import nn
 
 from ..distributed import BlockSpread, ddp_ignored
 from ..engine import CalibrationConfig, Calibrator, load_packed_student
-from ..engine.config import BlockInputs, CodebookTraining, OptimizerName, Regularizer, TeacherDtype
+from ..engine.config import BitAllocation, LayerSelection
 from ..models import load_dit
-from ..recipes import Recipe, recipe_settings
-from ..vq_config import KMeansMetric, RatioInit, VQConfig
+from ..recipes import Recipe
+from ..typed_settings import unset
+from ..vq_config import VQConfig
 from .data import DataSettings
-from .evaluation import EvalModel, MetricsFeatures, SampleEvaluation
+from .evaluation import EvaluationSettings, SampleEvaluation
 from .resume import read_allocation
+from .settings import ExportSettings, record, resolve, typed_arguments
 from .validation import check_module_settings
 
 
 class CalibrationModule(pl.LightningModule):
     """VQ4DiT calibration of a DiT: zero-data, block-wise, with soft candidate assignments.
 
+    Every setting is declared once, in its group's dataclass; the command line parses the groups
+    as nested sections (``--model.vq.bits 3``, ``model: {vq: {bits: 3}}``). Settings left None are
+    decided by ``recipe`` (:func:`vq4dit.recipes.apply_recipe`); ``self.settings`` is the resolved
+    object, and the hyperparameters (checkpoints, the resume check, the model card) are its record.
+    In Python a group may be a dict of the fields set (``vq={"bits": 3}``: the others as on the
+    command line); a dataclass built directly holds the paper's values for the recipe fields.
+
     Args:
         model: ``reference``, a preset (``DiT-XL/2-256``), a diffusers folder or hub id, or an original DiT ``.pt``.
-        bits: 2 or 3, the paper presets (k=256, d=4 / k=64, d=2); codebook_size / subvector_dim override them.
-        codebook_size: explicit k (a power of two).
-        subvector_dim: explicit d (must divide every quantized layer's input size).
-        num_candidates: candidate codewords per sub-vector (n; 1 = plain VQ, codebook-only calibration).
-        ratio_init: initial candidate ratios, ``inverse_distance`` (official), ``uniform`` or ``confident`` (0.9 on the
-            nearest; default: the recipe's).
-        kmeans_iters: Lloyd iterations of the codebook initialisation.
-        recipe: ``quality`` (default: the levers measured better, see README) or ``paper`` (the paper's method).
-        row_scale: an FP16 scale per output row, calibrated with the codebook (default: the recipe's).
-        kmeans_metric: ``euclidean`` or ``activation`` (inputs weighted by E[x^2]; default: the recipe's).
-        include: glob patterns of the Linear layers to quantize (default: the 7 core Linears per block).
-        exclude: glob patterns of Linear layers left in full precision.
-        overrides: glob -> VQ settings, e.g. ``{"*.norm1.linear": {"codebook_size": 1024}}``.
-        block_inputs: ``student`` (end to end, official) or ``teacher`` (every block gets its FP input).
-        spread_blocks: under DDP, rank r of W calibrates the blocks b % W == r on all items (needs teacher inputs).
-        regularizer: ratio regulariser, ``official`` (n r(1-r)) or ``paper`` (1-|2r-1|).
-        regularizer_weight: lambda_r.
-        regularizer_gating: official gating: add L_r only when it rose above its running minimum.
-        gate_window: steps after which the gating minimum is reset.
-        codebook_training: ``after_hardening`` (official) or ``simultaneous`` (with the ratios).
-        optimizer: ``rmsprop`` (official: alpha 0.9, eps 1e-8) or ``adam``.
-        lr_codebook: learning rate of the codebooks.
-        lr_bias: learning rate of the quantized layers' biases.
-        lr_logits: learning rate of the ratio logits.
-        export_dir: where ``FinalAssignment`` writes the packed model (checked before any work).
+        recipe: ``quality`` (default: the levers measured better, see README) or ``paper`` (the paper's method):
+            the values of the settings left unset (None).
+        vq: the VQ settings of every quantized layer (``layers.overrides`` changes them per layer).
+        calibration: how the assignments, codebooks and biases are calibrated.
+        allocation: per-layer codebook sizes from measured sensitivity, under a bit budget.
+        layers: which Linear layers are quantized, and per-layer VQ settings.
+        export: where the packed model is written.
+        evaluation: what ``test`` / ``predict`` / ``validate`` evaluate.
         num_heads: attention heads, only for original ``.pt`` checkpoints of non-paper sizes.
-        quantized: a packed model that ``test`` / ``predict`` / ``validate`` evaluate instead of calibrating.
-        eval_model: what ``test`` / ``predict`` sample: ``quantized`` (and FP, same noise) or ``fp`` only.
-        vae: diffusers ``AutoencoderKL`` folder or hub id decoding latents (None: pixel-space models).
-        metrics_features: FID / IS features: ``classifier`` (digits), ``inception`` or ``auto``.
-        real_images: FID reference: ``digits``, an ``.npz`` (``arr_0 [N, H, W, C]`` uint8), ``auto`` or None.
-        teacher_dtype: the frozen teacher's dtype after the student is built (k-means and trajectories: float32).
-        output_weight: weight of an output-level loss term (final noise MSE; default: the recipe's).
-        bit_allocation: per-layer codebook sizes (k / 4 .. 4 k, same d) chosen from each layer's measured
-            sensitivity so the quantized layers cost ``bit_budget`` (default: the recipe's).
-        bit_budget: bits per weight all-in (codes, codebooks, row scales) of the quantized layers under
-            ``bit_allocation`` (None: what the uniform k, d cost: the same bits, spent where they matter).
-        error_feedback: assign candidates column group by column group, compensating each group's output
-            error on the later columns under the teacher's E[x x^T] (GPTQ / GPTVQ; default: the recipe's).
+        spread_blocks: under DDP, rank r of W calibrates the blocks b % W == r on all items (needs teacher inputs).
     """
 
     def __init__(
         self,
+        *,
         model: str = "tiny",
-        bits: int = 2,
-        codebook_size: int | None = None,
-        subvector_dim: int | None = None,
-        num_candidates: int = 2,
-        ratio_init: RatioInit | None = None,
-        kmeans_iters: int = 25,
         recipe: Recipe = "quality",
-        row_scale: bool | None = None,
-        kmeans_metric: KMeansMetric | None = None,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        overrides: dict[str, dict[str, int]] | None = None,
-        block_inputs: BlockInputs = "student",
-        spread_blocks: bool = False,
-        regularizer: Regularizer = "official",
-        regularizer_weight: float = 1.0,
-        regularizer_gating: bool = True,
-        gate_window: int = 50,
-        codebook_training: CodebookTraining = "after_hardening",
-        optimizer: OptimizerName = "rmsprop",
-        lr_codebook: float = 1e-4,
-        lr_bias: float = 1e-4,
-        lr_logits: float = 5e-2,
-        export_dir: str | None = None,
+        vq: VQConfig = unset(VQConfig),
+        calibration: CalibrationConfig = unset(CalibrationConfig),
+        allocation: BitAllocation = unset(BitAllocation),
+        layers: LayerSelection = LayerSelection(),
+        export: ExportSettings = ExportSettings(),
+        evaluation: EvaluationSettings = EvaluationSettings(),
         num_heads: int | None = None,
-        quantized: str | None = None,
-        eval_model: EvalModel = "quantized",
-        vae: str | None = None,
-        metrics_features: MetricsFeatures = "auto",
-        real_images: str | None = "auto",
-        teacher_dtype: TeacherDtype = "float32",
-        output_weight: float | None = None,
-        bit_allocation: bool | None = None,
-        bit_budget: float | None = None,
-        error_feedback: bool | None = None,
+        spread_blocks: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        levers = recipe_settings(recipe, row_scale=row_scale, kmeans_metric=kmeans_metric, output_weight=output_weight,
-                                 bit_allocation=True if bit_budget is not None and bit_allocation is None else bit_allocation,
-                                 error_feedback=error_feedback, ratio_init=ratio_init)
-        self.bit_allocation = levers["bit_allocation"]
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        self.settings = resolve(typed_arguments(CalibrationModule.__init__, arguments))
+        self.save_hyperparameters(record(self.settings))  # plain dicts: weights_only checkpoint loading
+        self.vq_config: VQConfig = self.settings["vq"]
+        self.calibration: CalibrationConfig = self.settings["calibration"]
+        self.allocation: BitAllocation = self.settings["allocation"]
+        self.layer_selection: LayerSelection = self.settings["layers"]
+        self.export_dir = self.settings["export"].dir  # FinalAssignment writes the packed model there
+        self.quantized = self.settings["evaluation"].quantized
         self.resume_checkpoint: str | None = None  # set by train.py when resuming: its allocation is reused
-        self.vq_config = VQConfig.for_bits(
-            bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=levers["ratio_init"], kmeans_iters=kmeans_iters,
-            row_scale=levers["row_scale"], kmeans_metric=levers["kmeans_metric"], error_feedback=levers["error_feedback"])
-        self.calibration = CalibrationConfig(
-            block_inputs, regularizer, regularizer_weight, regularizer_gating, gate_window, codebook_training,
-            optimizer, lr_codebook, lr_bias, lr_logits, teacher_dtype, levers["output_weight"],
-        )
-        self.export_dir = export_dir  # FinalAssignment writes the packed model there
-        self.evaluation = SampleEvaluation(model, eval_model, vae, metrics_features, real_images)
+        self.evaluation = SampleEvaluation(model, self.settings["evaluation"])
         self.teacher = (load_dit(model, num_heads=num_heads) if num_heads else load_dit(model)).requires_grad_(False).eval()
         check_module_settings(self)  # everything knowable now fails now, before any heavy work
         self.student: nn.Module | None = None
@@ -133,7 +84,7 @@ class CalibrationModule(pl.LightningModule):
     @property
     def shards_data(self) -> bool:
         """Whether DDP ranks split the calibration items (not when they split the blocks)."""
-        return not self.hparams.spread_blocks
+        return not self.settings["spread_blocks"]
 
     def trajectory_teacher(self, device: torch.device) -> nn.Module:
         """The float32 teacher on ``device`` for the trajectories (the student's k-means follows it there)."""
@@ -149,26 +100,27 @@ class CalibrationModule(pl.LightningModule):
         if self.student is not None:
             return
         stage = self._trainer.state.fn if self._trainer is not None else None
-        if self.hparams.quantized is not None:
+        if self.quantized is not None:
             if stage == "fit":
-                raise ValueError("model.quantized is for test / predict / validate; resume a calibration with --ckpt_path")
-            self.student = load_packed_student(self.hparams.quantized, self.teacher, self.device)
+                raise ValueError("model.quantized is for test / predict / validate (model.evaluation.quantized); "
+                                 "resume a calibration with --ckpt_path")
+            self.student = load_packed_student(self.quantized, self.teacher, self.device)
             self.engine = Calibrator(self.teacher, self.student, self.calibration, guidance_scale=self.data_settings.guidance_scale)
             return
-        if self.hparams.eval_model == "fp" and stage in ("test", "predict"):
+        if self.settings["evaluation"].model == "fp" and stage in ("test", "predict"):
             return
-        hp = self.hparams
+        layers, allocate = self.layer_selection, self.allocation.enabled
         self.engine = Calibrator.build(
-            self.teacher, self.vq_config, self.calibration, include=hp.include, exclude=hp.exclude,
-            overrides=hp.overrides, guidance_scale=self.data_settings.guidance_scale,
+            self.teacher, self.vq_config, self.calibration, include=layers.include, exclude=layers.exclude,
+            overrides=layers.overrides, guidance_scale=self.data_settings.guidance_scale,
             progress=self.global_rank == 0 if self._trainer else True, items=self.data_settings.train_items,
-            bit_allocation=self.bit_allocation, bit_budget=hp.bit_budget,
-            allocation=read_allocation(self.resume_checkpoint) if self.bit_allocation and self.resume_checkpoint else None,
+            bit_allocation=allocate, bit_budget=self.allocation.budget,
+            allocation=read_allocation(self.resume_checkpoint) if allocate and self.resume_checkpoint else None,
         )
         self.student = self.engine.student
         if self.engine.allocation_report and self.global_rank == 0:
             print(self.engine.allocation_report, file=sys.stderr, flush=True)
-        if hp.spread_blocks and self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.world_size > 1:
+        if self.settings["spread_blocks"] and self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.world_size > 1:
             self.engine.spread = BlockSpread.for_student(self.student, self.trainer.global_rank, self.trainer.world_size)
             # DDP refuses a module without a parameter to sync: a scalar that every loss uses with
             # weight 0 stays with DDP (one float all-reduced per step, a zero gradient, no optimizer).

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
-# Settings that may differ between a checkpoint and the run resuming or evaluating it: where the
-# result goes and how it is evaluated, never what is calibrated or on which data.
-RESUMABLE_MODEL = {"export_dir", "quantized", "eval_model", "vae", "metrics_features", "real_images", "spread_blocks"}
+from .settings import flatten, is_resumable
+
+# Data settings that may differ between a checkpoint and the run resuming or evaluating it: where
+# the cache lies and how the result is evaluated, never on which trajectories it is calibrated (the
+# model settings that may differ are the groups of ``settings.RESUMABLE``).
 RESUMABLE_DATA = {
     "cache_dir", "val_trajectories", "eval_samples", "eval_batch_size", "eval_seed", "eval_sampler",
     "eval_num_steps", "eval_guidance_scale",
@@ -45,20 +47,23 @@ def read_settings(path: str | Path) -> tuple[dict, dict]:
     return dict(checkpoint.get("hyper_parameters", {})), dict(checkpoint.get("datamodule_hyper_parameters", {}))
 
 
-def resume_conflicts(saved: Mapping, asked: Mapping, resumable: set[str]) -> list[str]:
+def resume_conflicts(saved: Mapping, asked: Mapping, resumable: Callable[[str], bool]) -> list[str]:
     """``"key: checkpoint X, this run Y"`` for every setting that differs and may not."""
     return [
         f"{key}: checkpoint {saved[key]!r}, this run {asked[key]!r}"
-        for key in sorted(saved) if key in asked and key not in resumable and asked[key] != saved[key]
+        for key in sorted(saved) if key in asked and not resumable(key) and asked[key] != saved[key]
     ]
 
 
-def check_resumable(path: str | Path, model: Mapping, data: Mapping) -> None:
+def check_resumable(path: str | Path, model: Mapping, data: Mapping, resolve: Callable[[Mapping], Mapping]) -> None:
     """``ValueError`` naming every model or data setting of this run that differs from the
-    checkpoint's (a resume must train the same configuration on the same trajectories)."""
+    checkpoint's (a resume must train the same configuration on the same trajectories). The model
+    settings compared are the RESOLVED ones: ``resolve`` turns a ``model:`` section (this run's, or
+    the checkpoint's record, also a former version's flat one) into the record of the resolved
+    settings, so a flag equal to the recipe's value is no conflict."""
     saved_model, saved_data = read_settings(path)
-    conflicts = resume_conflicts(saved_model, model, RESUMABLE_MODEL)
-    conflicts += [f"data.{c}" for c in resume_conflicts(saved_data, data, RESUMABLE_DATA)]
+    conflicts = resume_conflicts(flatten(resolve(saved_model)), flatten(resolve(model)), is_resumable)
+    conflicts += [f"data.{c}" for c in resume_conflicts(saved_data, data, RESUMABLE_DATA.__contains__)]
     if conflicts:
         raise ValueError(f"cannot resume from {path}: it was calibrated with another configuration ({'; '.join(conflicts)})")
 

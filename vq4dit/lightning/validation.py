@@ -45,37 +45,34 @@ def check_export_dir(path: str) -> None:
 
 
 def check_module_settings(module) -> None:
-    """Validate a :class:`vq4dit.lightning.CalibrationModule`'s settings against its teacher."""
-    hp = module.hparams
-    if hp.spread_blocks and hp.block_inputs != "teacher":
+    """Validate a :class:`vq4dit.lightning.CalibrationModule`'s resolved settings against its teacher."""
+    settings = module.settings
+    calibration, layers, allocation = settings["calibration"], settings["layers"], settings["allocation"]
+    if settings["spread_blocks"] and calibration.block_inputs != "teacher":
         raise ValueError(
-            "spread_blocks needs block_inputs='teacher' (blocks are only independent when each "
-            f"gets its FP input), got block_inputs={hp.block_inputs!r}"
+            "spread_blocks needs calibration.block_inputs='teacher' (blocks are only independent when each "
+            f"gets its FP input), got block_inputs={calibration.block_inputs!r}"
         )
-    if hp.export_dir is not None:
-        check_export_dir(hp.export_dir)
-    if hp.quantized is not None:
-        if not is_packed_model(Path(hp.quantized)):
-            raise ValueError(f"quantized={hp.quantized!r} is not a packed vq4dit model folder (no config.json with quant_method vq4dit)")
+    if settings["export"].dir is not None:
+        check_export_dir(settings["export"].dir)
+    quantized = settings["evaluation"].quantized
+    if quantized is not None:
+        if not is_packed_model(Path(quantized)):
+            raise ValueError(f"quantized={quantized!r} is not a packed vq4dit model folder (no config.json with quant_method vq4dit)")
         return
-    check_overrides(hp.overrides)
-    selected = select_layers(module.teacher, module.vq_config, include=hp.include, exclude=hp.exclude, overrides=hp.overrides)
-    if module.bit_allocation:
-        refuse_allocated_fields(hp.overrides, [name for name, _, _ in selected])
-    if hp.bit_budget is not None:
-        if not module.bit_allocation:
-            raise ValueError("bit_budget needs bit_allocation (it was turned off explicitly)")
-        if not isinstance(hp.bit_budget, (int, float)) or not hp.bit_budget > 0:
-            raise ValueError(f"bit_budget must be a positive number of bits per weight, got {hp.bit_budget!r}")
-    if module.bit_allocation:
+    check_overrides(layers.overrides)
+    selected = select_layers(module.teacher, settings["vq"], include=layers.include, exclude=layers.exclude,
+                             overrides=layers.overrides)
+    if allocation.enabled:
+        refuse_allocated_fields(layers.overrides, [name for name, _, _ in selected])
         from ..engine.allocation import cheapest_bits_per_weight
 
         floor = cheapest_bits_per_weight(selected)
-        if hp.bit_budget is not None and hp.bit_budget < floor:
-            raise ValueError(f"bit_budget {hp.bit_budget} is below the cheapest allocation of the selected layers "
+        if allocation.budget is not None and allocation.budget < floor:
+            raise ValueError(f"bit_budget {allocation.budget} is below the cheapest allocation of the selected layers "
                              f"({floor:.3f} bits/weight all-in)")
         ceiling = highest_bits_per_weight(selected)
-        if hp.bit_budget is not None and hp.bit_budget > ceiling * (1 + 1e-9):
-            raise ValueError(f"bit_budget {hp.bit_budget} cannot be reached: the allocation of the selected layers "
+        if allocation.budget is not None and allocation.budget > ceiling * (1 + 1e-9):
+            raise ValueError(f"bit_budget {allocation.budget} cannot be reached: the allocation of the selected layers "
                              f"tops out at {ceiling:.3f} bits/weight all-in (k up to 4x the configured one); "
                              "lower the budget or raise codebook_size")
