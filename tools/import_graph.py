@@ -23,12 +23,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("math", ("vq4dit._version", "vq4dit.vq_config", "vq4dit.codewords", "vq4dit.kmeans", "vq4dit.soft",
               "vq4dit.decoding", "vq4dit.kernels", "vq4dit.kernels.*", "vq4dit.packing", "vq4dit.error_feedback",
               "vq4dit.atomic", "vq4dit.write_faults", "vq4dit.metrics", "vq4dit.sampling", "vq4dit.images", "vq4dit.baselines",
-              "vq4dit.recipes")),
+              "vq4dit.typed_settings")),
     ("models", ("vq4dit.convert", "vq4dit.models")),  # DiT loading and conversion (diffusers only)
     ("layers", ("vq4dit.layers", "vq4dit.quantize", "vq4dit.size", "vq4dit.distributed")),
     ("io", ("vq4dit.io", "vq4dit.io.*", "vq4dit.export")),  # vq4dit.export: old import path, re-exports only
     ("evaluation", ("vq4dit.reference", "vq4dit.evaluation", "vq4dit.trajectories")),
-    ("engine", ("vq4dit.engine", "vq4dit.engine.*")),
+    ("engine", ("vq4dit.engine", "vq4dit.engine.*", "vq4dit.recipes")),
     ("lightning", ("vq4dit.lightning", "vq4dit.lightning.*")),
     ("package", ("vq4dit",)),
 ]
