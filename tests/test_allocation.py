@@ -1,4 +1,4 @@
-"""Bit allocation under a budget (``--model.bit_budget``): the options, the knapsack solver against
+"""Bit allocation under a budget (``--model.allocation.budget``): the options, the knapsack solver against
 brute force, the sensitivities measured on a real model, and the CLI run that uses them."""
 
 import itertools
@@ -99,7 +99,7 @@ def test_sensitivities_are_measured_on_the_model_and_leave_it_unchanged():
 
 
 def test_cli_budget_allocates_and_resume_reuses_the_allocation(tmp_path, monkeypatch, capsys):
-    budget = ["--model.bit_budget=1.9", "--trainer.callbacks=[{class_path: callbacks.CandidatePruning}, "
+    budget = ["--model.allocation.budget=1.9", "--trainer.callbacks=[{class_path: callbacks.CandidatePruning}, "
               "{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: {save_last: true}}]"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     code, err = run_main(monkeypatch, capsys, fit_args(straight, "--trainer.max_epochs=2", *budget))
@@ -118,9 +118,9 @@ def test_cli_budget_allocates_and_resume_reuses_the_allocation(tmp_path, monkeyp
 
 
 def test_cli_budget_below_the_cheapest_allocation_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
-    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.bit_budget=0.5"))
+    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.allocation.budget=0.5"))
     assert code == 2 and "Traceback" not in err and "teacher trajectories" not in err
     (line,) = error_lines(err)
     assert "bit_budget 0.5 is below the cheapest allocation" in line
-    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.bit_budget=2", "--model.bit_allocation=false"))
+    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.allocation.budget=2", "--model.allocation.enabled=false"))
     assert code == 2 and "bit_budget needs bit_allocation" in error_lines(err)[0]

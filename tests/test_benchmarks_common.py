@@ -44,6 +44,6 @@ def test_timer_and_timed():
 def test_markdown_table_and_fit_args():
     table = markdown_table(["a", "b"], [[1, "x"], [2.5, "y"]]).splitlines()
     assert table == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | y |"]
-    args = fit_args("/tmp/run", ["configs/demo.yaml", "extra.yaml"], "--model.bits=3", logger=False)
-    assert args[:4] == ["--config", "configs/demo.yaml", "--config", "extra.yaml"] and args[-1] == "--model.bits=3"
-    assert "--trainer.logger=false" in args and "--model.export_dir=/tmp/run/packed" in args
+    args = fit_args("/tmp/run", ["configs/demo.yaml", "extra.yaml"], "--model.vq.bits=3", logger=False)
+    assert args[:4] == ["--config", "configs/demo.yaml", "--config", "extra.yaml"] and args[-1] == "--model.vq.bits=3"
+    assert "--trainer.logger=false" in args and "--model.export.dir=/tmp/run/packed" in args

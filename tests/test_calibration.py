@@ -12,7 +12,7 @@ from vq4dit.sampling import SamplerConfig, sample
 
 
 # The random tiny preset keeps these tests fast; k=16, d=2 = 2 bits per weight on its small layers.
-TINY = ["--model.model=tiny", "--model.codebook_size=16", "--model.subvector_dim=2", "--data.num_classes=1000"]
+TINY = ["--model.model=tiny", "--model.vq.codebook_size=16", "--model.vq.subvector_dim=2", "--data.num_classes=1000"]
 
 
 def fit_args(tmp_path, *extra, model=TINY):
@@ -22,7 +22,7 @@ def fit_args(tmp_path, *extra, model=TINY):
         "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
-        f"--model.export_dir={tmp_path / 'packed'}",
+        f"--model.export.dir={tmp_path / 'packed'}",
         "--data.num_trajectories=2", "--data.num_steps=8", "--data.val_trajectories=1",
         *model,
         *extra,
@@ -45,7 +45,7 @@ def kmeans_only(module: CalibrationModule):
 def test_fit_calibrates_exports_and_samples(tmp_path):
     """The demo on the shipped reference DiT: fit -> packed checkpoint -> load -> samples."""
     # bit allocation at k = 64..1024 would add minutes here; tests/test_allocation.py covers it
-    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=10", "--data.num_trajectories=4", "--model.bit_allocation=false",
+    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=10", "--data.num_trajectories=4", "--model.allocation.enabled=false",
                             model=[]))
     module, data = cli.model, cli.datamodule
     assert module.hparams.model == "reference" and module.vq_config.codebook_size == 256
@@ -88,10 +88,10 @@ def test_print_config(capsys):
     "override, message",
     [
         ("--model.model=no/such-model-dir/", "no/such"),
-        ("--model.bits=5", "bits must be 2 or 3"),
+        ("--model.vq.bits=5", "bits must be 2 or 3"),
         ("--data.guidance_scale=0.5", "guidance_scale"),
         ("--data.num_steps=0", "num_steps"),
-        ("--model.export_dir={tmp}/a_file/packed", "not writable"),
+        ("--model.export.dir={tmp}/a_file/packed", "not writable"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line(tmp_path, override, message):
@@ -135,7 +135,7 @@ def test_resume_from_other_config_is_refused(tmp_path):
     cli_main(fit_args(tmp_path / "a", "--trainer.max_epochs=1"))
     last = next((tmp_path / "a").rglob("last.ckpt"))
     result = subprocess.run(
-        [sys.executable, "train.py", *fit_args(tmp_path / "b", "--model.codebook_size=32", f"--ckpt_path={last}")],
+        [sys.executable, "train.py", *fit_args(tmp_path / "b", "--model.vq.codebook_size=32", f"--ckpt_path={last}")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
@@ -157,7 +157,7 @@ def test_ddp_two_processes_matches_single_process_quality(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     # A constant ratio regulariser: the official gating adds L_r only when it rises, which
     # depends on gradient noise, and DDP's averaged gradients are less noisy.
-    constant_lr = ["--model.regularizer_gating=false", "--model.regularizer_weight=0.1"]
+    constant_lr = ["--model.calibration.regularizer_gating=false", "--model.calibration.regularizer_weight=0.1"]
     module = cli_main(fit_args(single, "--trainer.max_epochs=6", *constant_lr)).model
     import os
     import socket
@@ -208,13 +208,13 @@ def test_paper_configs_parse(name, capsys):
 @pytest.mark.parametrize(
     "options, must_beat_kmeans",
     [
-        (["--model.block_inputs=teacher"], True),
-        (["--model.codebook_training=simultaneous"], True),
-        (["--model.regularizer=paper", "--model.regularizer_gating=false", "--model.regularizer_weight=0.1"], True),
+        (["--model.calibration.block_inputs=teacher"], True),
+        (["--model.calibration.codebook_training=simultaneous"], True),
+        (["--model.calibration.regularizer=paper", "--model.calibration.regularizer_gating=false", "--model.calibration.regularizer_weight=0.1"], True),
         # These run, but 96 steps on the random tiny model are not enough to beat plain k-means
         # (measured: adam 0.0100, n=3 uniform 0.0132 vs k-means-only 0.0062 block MSE).
-        (["--model.optimizer=adam", "--model.lr_logits=0.01"], False),
-        (["--model.num_candidates=3", "--model.ratio_init=uniform"], False),
+        (["--model.calibration.optimizer=adam", "--model.calibration.lr_logits=0.01"], False),
+        (["--model.vq.num_candidates=3", "--model.vq.ratio_init=uniform"], False),
     ],
     ids=["teacher-inputs", "simultaneous", "paper-regularizer", "adam", "n3-uniform"],
 )

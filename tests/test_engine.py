@@ -54,11 +54,11 @@ def test_ten_line_loop_calibrates(tmp_path):
 def test_lightning_fit_is_the_engine_loop(tmp_path):
     """Same seeds and settings: the CLI fit and the plain loop export bit-identical models."""
     cli_main([
-        "fit", "--config", "configs/demo.yaml", "--model.model=tiny", "--model.recipe=paper", "--model.codebook_size=16",
-        "--model.subvector_dim=2", "--data.num_classes=1000", "--data.num_trajectories=2", "--data.num_steps=8",
+        "fit", "--config", "configs/demo.yaml", "--model.model=tiny", "--model.recipe=paper", "--model.vq.codebook_size=16",
+        "--model.vq.subvector_dim=2", "--data.num_classes=1000", "--data.num_trajectories=2", "--data.num_steps=8",
         "--data.val_trajectories=0", "--trainer.max_epochs=3", "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={tmp_path}", f"--model.export_dir={tmp_path / 'cli'}",
+        f"--trainer.default_root_dir={tmp_path}", f"--model.export.dir={tmp_path / 'cli'}",
         "--trainer.callbacks=[{class_path: callbacks.CandidatePruning, init_args: {histogram_every_n_steps: 0}}]",
     ])
     torch.manual_seed(0)  # seed_everything(0): the tiny preset's random weights

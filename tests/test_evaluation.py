@@ -100,7 +100,7 @@ def eval_args(subcommand, tmp_path, *extra):
 
 
 def test_predict_writes_pngs_and_sample_ddp_npz(tmp_path, packed):
-    cli_main(eval_args("predict", tmp_path, f"--model.quantized={packed}"))
+    cli_main(eval_args("predict", tmp_path, f"--model.evaluation.quantized={packed}"))
     pngs = sorted((tmp_path / "samples").glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(12)]
     with np.load(tmp_path / "samples.npz") as archive:
@@ -117,7 +117,7 @@ def test_predict_writes_pngs_and_sample_ddp_npz(tmp_path, packed):
 
 
 def test_predict_fp_model(tmp_path, reference):
-    cli_main(eval_args("predict", tmp_path, "--model.eval_model=fp"))
+    cli_main(eval_args("predict", tmp_path, "--model.evaluation.model=fp"))
     with np.load(tmp_path / "samples.npz") as archive:
         samples = archive["arr_0"]
     labels, seeds = evaluation_plan(12, 10)
@@ -127,29 +127,29 @@ def test_predict_fp_model(tmp_path, reference):
 
 
 def test_test_subcommand_reports_metrics_and_writes_grid(tmp_path, packed):
-    cli = cli_main(eval_args("test", tmp_path, f"--model.quantized={packed}"))
+    cli = cli_main(eval_args("test", tmp_path, f"--model.evaluation.quantized={packed}"))
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     expected = {"test/class_accuracy", "test/fid", "test/precision", "test/recall", "test/inception_score",
                 "test/mse_to_fp", "test/fid_to_fp"}
     assert expected <= set(metrics)
     assert 0.0 < metrics["test/mse_to_fp"] < 1.0 and 0.0 <= metrics["test/class_accuracy"] <= 1.0
     assert list(tmp_path.rglob("test/fp_vs_quantized.png"))
-    cli = cli_main(eval_args("validate", tmp_path / "v", f"--model.quantized={packed}", "--data.val_trajectories=1"))
+    cli = cli_main(eval_args("validate", tmp_path / "v", f"--model.evaluation.quantized={packed}", "--data.val_trajectories=1"))
     assert float(cli.trainer.callback_metrics["val/block_mse"]) > 0.0
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--model.quantized={tmp}/nothing", "not a packed vq4dit model folder"),
-        ("--model.real_images={tmp}/nothing.npz", "real_images must be"),
+        ("--model.evaluation.quantized={tmp}/nothing", "not a packed vq4dit model folder"),
+        ("--model.evaluation.real_images={tmp}/nothing.npz", "real_images must be"),
         ("--data.eval_samples=0", "eval_samples"),
-        ("--model.metrics_features=clip", "metrics_features"),
+        ("--model.evaluation.metrics_features=clip", "metrics_features"),
     ],
 )
 def test_bad_evaluation_input_fails_with_one_clear_line(tmp_path, override, message):
     result = subprocess.run(
-        [sys.executable, "train.py", *eval_args("test", tmp_path, "--model.eval_model=fp"), override.format(tmp=tmp_path)],
+        [sys.executable, "train.py", *eval_args("test", tmp_path, "--model.evaluation.model=fp"), override.format(tmp=tmp_path)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr[-2000:]

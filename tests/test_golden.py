@@ -54,7 +54,7 @@ def mismatches(golden: dict[str, torch.Tensor], exported: dict[str, torch.Tensor
 def test_demo_export_matches_the_recorded_one(tmp_path):
     cli_main([
         "fit", "--config", "configs/demo.yaml", "--config", "tests/golden/demo_short.yaml",
-        f"--model.export_dir={tmp_path / 'packed'}", f"--trainer.default_root_dir={tmp_path}",
+        f"--model.export.dir={tmp_path / 'packed'}", f"--trainer.default_root_dir={tmp_path}",
     ])
     golden, exported = load_file(GOLDEN), load_file(str(tmp_path / "packed" / "diffusion_pytorch_model.safetensors"))
     wrong = mismatches(golden, exported)

@@ -14,7 +14,7 @@ from vq4dit.lightning import CalibrationModule
 from vq4dit.distributed import BlockSpread
 
 # The random tiny preset (2 blocks: one per rank); k=16, d=2 = 2 bits per weight.
-TINY = ["--model.model=tiny", "--model.codebook_size=16", "--model.subvector_dim=2", "--data.num_classes=1000"]
+TINY = ["--model.model=tiny", "--model.vq.codebook_size=16", "--model.vq.subvector_dim=2", "--data.num_classes=1000"]
 # A fast schedule that still exercises everything the ranks must agree on: rows harden and
 # candidates are pruned (soft sizes change), codebooks start training once their layer is hard,
 # the stop rule ends the run on a loss plateau, samples are drawn and checkpoints saved mid-epoch.
@@ -43,10 +43,10 @@ def fit_args(config, run_dir, *extra):
         "fit", "--config", str(config),
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
-        f"--model.export_dir={run_dir / 'packed'}",
+        f"--model.export.dir={run_dir / 'packed'}",
         "--data.num_trajectories=2", "--data.num_steps=8", "--data.val_trajectories=1",
         # lr_logits 0.4: all rows hard at step ~28, the stop rule ends the run at ~46 of 64
-        "--model.block_inputs=teacher", "--model.lr_logits=0.4", "--trainer.max_epochs=4", *TINY, *extra,
+        "--model.calibration.block_inputs=teacher", "--model.calibration.lr_logits=0.4", "--trainer.max_epochs=4", *TINY, *extra,
     ]
 
 

@@ -52,7 +52,7 @@ def earlier_export(folder: Path) -> dict[str, bytes]:
 
 def test_diverging_run_stops_with_one_line_and_keeps_the_earlier_export(tmp_path, monkeypatch, capsys):
     before = earlier_export(tmp_path / "packed")
-    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.lr_logits=1e30", "--model.lr_codebook=1e30",
+    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.calibration.lr_logits=1e30", "--model.calibration.lr_codebook=1e30",
                                                        "--trainer.max_epochs=3"))
     assert code == 2 and "Traceback" not in err
     (line,) = error_lines(err)
@@ -67,7 +67,7 @@ def test_nan_teacher_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     model.save_pretrained(tmp_path / "nan_dit")
     start = time.perf_counter()
     code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.model", tmp_path / "nan_dit", model=[
-        "--model.codebook_size=16", "--model.subvector_dim=2", "--data.num_classes=1000"]))
+        "--model.vq.codebook_size=16", "--model.vq.subvector_dim=2", "--data.num_classes=1000"]))
     assert code == 2 and "Traceback" not in err and "teacher trajectories" not in err
     (line,) = error_lines(err)
     assert "NaN" in line and "ff.net.2.weight" in line, line
@@ -78,10 +78,10 @@ def test_nan_teacher_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--model.subvector_dim=3", "does not divide"),
-        ("--model.include=[nothing.matches]", "no nn.Linear layer matched"),
-        ("--model.quantized={tmp}/earlier", "model.quantized is for test"),
-        ("--model.export_dir={tmp}/unrelated", "not a vq4dit packed model"),
+        ("--model.vq.subvector_dim=3", "does not divide"),
+        ("--model.layers.include=[nothing.matches]", "no nn.Linear layer matched"),
+        ("--model.evaluation.quantized={tmp}/earlier", "model.quantized is for test"),
+        ("--model.export.dir={tmp}/unrelated", "not a vq4dit packed model"),
         ("--data.cache_dir={tmp}/a_file/cache", "cache_dir"),
         ("--trainer.callbacks=[{{class_path: callbacks.CalibrationStop, init_args: {{patience: 0}}}}]",
          "CalibrationStop.patience=0 is out of range: allowed [1, inf)"),
@@ -125,7 +125,7 @@ def test_ckpt_path_last_without_a_checkpoint_says_it_starts_anew(tmp_path, monke
     assert code == 0 and "no checkpoint under" in err and "starting a new calibration" in err
 
 
-@pytest.mark.parametrize("override", ["--data.num_steps=4", "--data.seed=1", "--model.lr_logits=0.01"])
+@pytest.mark.parametrize("override", ["--data.num_steps=4", "--data.seed=1", "--model.calibration.lr_logits=0.01"])
 def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch, capsys, override):
     assert run_main(monkeypatch, capsys, fit_args(tmp_path, "--trainer.max_epochs=1"))[0] == 0
     code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last", override))

@@ -116,10 +116,10 @@ def test_export_refused_before_writing_when_the_disk_is_too_small(tmp_path, monk
 
 @pytest.mark.parametrize("where", ["export", "checkpoint", "cache"])
 def test_full_disk_at_the_command_line_is_one_error_line(tmp_path, small_disk, monkeypatch, capsys, where):
-    target = {"export": f"--model.export_dir={small_disk / 'packed'}",
+    target = {"export": f"--model.export.dir={small_disk / 'packed'}",
               "checkpoint": f"--trainer.logger.init_args.save_dir={small_disk}",
               "cache": f"--data.cache_dir={small_disk / 'cache'}"}[where]
-    args = fit_args(tmp_path, "--trainer.max_epochs=1", "--model.bit_allocation=false", target)
+    args = fit_args(tmp_path, "--trainer.max_epochs=1", "--model.allocation.enabled=false", target)
     if where == "cache":  # the cache files (about 100 KB) would fit: fill the disk first
         (small_disk / "filler").write_bytes(bytes(220 * 1024))
     if where == "export":

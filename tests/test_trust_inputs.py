@@ -71,14 +71,14 @@ def test_override_dicts_are_checked_for_content(overrides, message):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--model.bit_budget=100", "cannot be reached: the allocation of the selected layers tops out at"),
-    ('--model.overrides={"transformer_blocks.1.ff.net.2": {"codebook_size": 8}}', "which bit allocation chooses"),
-    ('--model.overrides={"*.ff.net.2": {"subvectors": 2}}', "unknown field 'subvectors'"),
-    ("--model.lr_codebook=nan", "--model.lr_codebook: nan is not a finite number"),
-    ("--model.lr_bias=-inf", "--model.lr_bias: -inf is not a finite number"),
+    ("--model.allocation.budget=100", "cannot be reached: the allocation of the selected layers tops out at"),
+    ('--model.layers.overrides={"transformer_blocks.1.ff.net.2": {"codebook_size": 8}}', "which bit allocation chooses"),
+    ('--model.layers.overrides={"*.ff.net.2": {"subvectors": 2}}', "unknown field 'subvectors'"),
+    ("--model.calibration.lr_codebook=nan", "--model.calibration.lr_codebook: nan is not a finite number"),
+    ("--model.calibration.lr_bias=-inf", "--model.calibration.lr_bias: -inf is not a finite number"),
 ])
 def test_command_line_mistakes_are_one_line_before_any_work(tmp_path, monkeypatch, capsys, flag, message):
-    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.bit_allocation=true", flag))
+    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.allocation.enabled=true", flag))
     assert code == 2 and "Traceback" not in err and "usage:" not in err, err[-2000:]
     (line,) = error_lines(err)
     assert message in line, line

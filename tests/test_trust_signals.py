@@ -32,7 +32,7 @@ def wait_for(process: subprocess.Popen, marker: str, timeout: float = 240) -> st
 
 
 def test_sigterm_during_the_bit_allocation_probe_says_where_and_leaves_nothing(tmp_path):
-    process = start(fit_args(tmp_path, "--trainer.max_epochs=1", "--model.bit_allocation=true"))
+    process = start(fit_args(tmp_path, "--trainer.max_epochs=1", "--model.allocation.enabled=true"))
     wait_for(process, "bit allocation:")
     process.send_signal(signal.SIGTERM)
     err = process.stderr.read()

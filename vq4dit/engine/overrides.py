@@ -11,6 +11,7 @@ its options with them).
 from __future__ import annotations
 
 import fnmatch
+import types as types_module
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
@@ -26,8 +27,16 @@ ALLOCATED_FIELDS = ("codebook_size",)  # what the bit allocation chooses per lay
 
 
 def _field_types() -> dict[str, object]:
+    """Each VQConfig field's type, without the ``| None`` of fields a recipe may fill."""
     hints = typing.get_type_hints(VQConfig)
-    return {f.name: hints[f.name] for f in fields(VQConfig)}
+    types = {}
+    for f in fields(VQConfig):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types_module.UnionType):
+            kept = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+            kind = kept[0] if len(kept) == 1 else typing.Union[tuple(kept)]
+        types[f.name] = kind
+    return types
 
 
 def _fits(value: object, kind: object) -> bool:
@@ -67,7 +76,7 @@ def refuse_allocated_fields(overrides: Mapping[str, Mapping[str, object]] | None
         hit = next((name for name in names if fnmatch.fnmatchcase(name, pattern)), None)
         if chosen and hit is not None:
             raise ValueError(f"overrides[{pattern!r}] sets {chosen[0]} of {hit}, which bit allocation chooses: "
-                             f"drop it, or turn bit allocation off (--model.bit_allocation false)")
+                             f"drop it, or turn bit allocation off (--model.allocation.enabled false)")
 
 
 def merge_overrides(
