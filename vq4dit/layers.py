@@ -18,6 +18,7 @@ once and keeps the dense weight in a non-persistent buffer (FP speed, FP memory)
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -111,14 +112,15 @@ class VQLinear(HardDecoding, nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, config: VQConfig, name: str = "layer",
-                    input_weights: torch.Tensor | None = None) -> "VQLinear":
+                    input_weights: torch.Tensor | None = None, seconds: dict[str, float] | None = None) -> "VQLinear":
         """Quantize ``linear``: k-means codebook, n nearest candidates, initial ratio logits.
 
         With ``num_candidates == 1`` every row starts hard (plain VQ, nearest codeword).
         ``input_weights [in]``: E[x_j^2] of the layer's inputs, needed by (and only used with)
         ``config.kmeans_metric == "activation"``; or ``[in, in]``, the full E[x x^T], which
         ``config.error_feedback`` needs (:func:`vq4dit.error_feedback.error_feedback_assign`; its
-        diagonal serves the activation metric).
+        diagonal serves the activation metric). ``seconds``: wall time of the assignment with
+        error feedback is added to ``seconds["feedback"]`` (phase timings).
         """
         hessian = None
         if input_weights is not None and input_weights.dim() == 2:
@@ -147,8 +149,11 @@ class VQLinear(HardDecoding, nn.Module):
         if config.error_feedback:
             if hessian is None or hessian.shape != (linear.in_features, linear.in_features):
                 raise ValueError(f"{name}: error_feedback needs input_weights E[x x^T] [{linear.in_features}, {linear.in_features}]")
+            started = time.perf_counter()
             nearest, sq_distances = error_feedback_assign(weight, codebook, hessian, config.num_candidates,
                                                           ratio_init=config.ratio_init)
+            if seconds is not None:
+                seconds["feedback"] = seconds.get("feedback", 0.0) + time.perf_counter() - started
         else:
             nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates, weights)
         layer.codebook.data.copy_(codebook)

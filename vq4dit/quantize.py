@@ -72,6 +72,7 @@ def quantize_(
     overrides: Mapping[str, Mapping[str, int]] | None = None,
     progress: bool = True,
     input_weights: Mapping[str, torch.Tensor] | None = None,
+    prebuilt: Mapping[str, nn.Module] | None = None,
 ) -> list[str]:
     """Replace selected ``nn.Linear`` layers of ``model`` in place by k-means-initialised ``VQLinear``.
 
@@ -88,6 +89,8 @@ def quantize_(
         progress: show a progress bar (k-means on DiT-XL takes minutes).
         input_weights: layer name -> E[x^2] of its inputs ``[in]`` (layers whose ``kmeans_metric``
             is ``activation``; see :func:`vq4dit.engine.input_second_moments`).
+        prebuilt: exact layer name -> a ``VQLinear`` already built for it (no k-means again: the
+            bit-allocation probe's layers); the other selected layers are built here.
 
     Returns:
         The qualified names that were swapped, in model order.
@@ -103,7 +106,8 @@ def quantize_(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         weights = None if input_weights is None else input_weights.get(name)
-        setattr(parent, child, VQLinear.from_linear(module, layer_config, name, weights))
+        built = (prebuilt or {}).get(name)
+        setattr(parent, child, built if built is not None else VQLinear.from_linear(module, layer_config, name, weights))
         names.append(name)
     log.info("quantize_: swapped %d Linear layers for VQLinear (%s ...)", len(names), names[0])
     if callable(getattr(model, "save_config", None)):  # a diffusers model: save_pretrained writes it packed

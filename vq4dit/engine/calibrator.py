@@ -32,14 +32,11 @@ from ..models import NonFiniteError, block_modules
 from ..quantize import finalize_model_, select_layers, vq_layers
 from ..soft import logit_regularizer
 from ..vq_config import VQConfig
-from .allocation import allocate_bits
+from .allocation import AllocationConfig
 from .config import CalibrationConfig
 from .losses import RegularizerGate, block_losses, with_null_labels
-from .statistics import input_second_moments, statistics_batches
+from .probe import Phases, build_layers, gather_statistics, preparation_steps, probe_allocation
 from .student import build_student, cast_teacher_
-
-
-ALLOCATION_ITEMS = 256  # calibration items (plus null-label copies) scoring each bit-allocation option
 
 
 @dataclass
@@ -100,6 +97,8 @@ class Calibrator:
         self.input_weights: dict[str, torch.Tensor] | None = None  # set by build() for activation-aware k-means
         self.allocation: dict[str, dict[str, int]] | None = None  # set by build(): per-layer codebook sizes
         self.allocation_report: str | None = None
+        self.allocation_check: dict | None = None  # set by build(): the allocated vs uniform start (probe.check_allocation)
+        self.phase_seconds: dict[str, float] = {}  # set by build(): wall seconds per preparation phase
         self.update_codebook_trainability()
 
     @classmethod
@@ -118,39 +117,47 @@ class Calibrator:
         bit_allocation: bool = False,
         bit_budget: float | None = None,
         allocation: Mapping[str, Mapping[str, int]] | None = None,
+        allocation_config: AllocationConfig | None = None,
     ) -> "Calibrator":
         """Freeze ``teacher``, build the k-means-initialised student, cast the teacher to
         ``config.teacher_dtype``: a ready engine. ``items`` (``{"x", "t", "y"}`` calibration
         items) give the input statistics of layers with ``kmeans_metric="activation"`` and the
         sensitivities of ``bit_allocation``: per-layer codebook sizes chosen so the selected
         layers cost ``bit_budget`` bits per weight all-in (None: what the uniform settings cost;
-        :mod:`vq4dit.engine.allocation`). ``allocation``: a previous run's per-layer codebook
-        sizes (``engine.allocation``), reused as they are (a resume)."""
-        config = config or CalibrationConfig()
+        :mod:`vq4dit.engine.probe`, settings ``allocation_config``). ``allocation``: a previous
+        run's per-layer codebook sizes (``engine.allocation``), reused as they are (a resume).
+        ``engine.phase_seconds``: wall seconds of statistics, kmeans, feedback, probe, check."""
+        config, allocation_config = config or CalibrationConfig(), allocation_config or AllocationConfig()
         teacher.requires_grad_(False).eval()
         selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
-        aware = [name for name, _, c in selected if c.kmeans_metric == "activation" or c.error_feedback]
-        full = {name for name, _, c in selected if c.error_feedback}
-        if (aware or (bit_allocation and allocation is None)) and items is None:
+        probing = bit_allocation and allocation is None
+        if probing and items is None:
             raise ValueError("activation-aware k-means, error feedback and bit allocation need calibration items")
-        weights = None
-        if aware:
-            weights = input_second_moments(teacher, aware, statistics_batches(items, guidance_scale), full=full)
-        report = None
-        if bit_allocation and allocation is None:
-            batches = statistics_batches(items, guidance_scale, batch_size=32, max_items=ALLOCATION_ITEMS)
-            measured = allocate_bits(teacher, selected, batches, bit_budget, weights, progress=progress)
-            allocation, report = measured.overrides(), measured.format()
-        if allocation is not None:  # exact layer names after the user's patterns: they win on their layers
-            overrides = {**(overrides or {}), **{name: dict(fields) for name, fields in allocation.items()}}
+        phases = Phases(preparation_steps(selected, items, probing, allocation_config), progress)
+        try:
+            weights = gather_statistics(teacher, selected, items, guidance_scale, probing, phases)
+            measured, built = None, {}
+            if probing:
+                measured, built = probe_allocation(teacher, selected, weights, items, guidance_scale, bit_budget,
+                                                   allocation_config, phases)
+                allocation = measured.overrides()
+            if allocation is not None:  # exact layer names after the user's patterns: they win on their layers
+                overrides = {**(overrides or {}), **{name: dict(fields) for name, fields in allocation.items()}}
+                selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
+            layers = build_layers(selected, weights, phases, built)
+        finally:
+            phases.close()
+        phases.seconds["kmeans"] -= phases.seconds.get("feedback", 0.0)  # the k-means phase's own time
         student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides,
-                                progress=progress, input_weights=weights)
+                                progress=False, input_weights=weights, prebuilt=layers)
         engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)
         # the activation statistics used (E[x^2]; not the full matrices), for baselines of the same layers
         engine.input_weights = None if weights is None else {
             name: w.diagonal().clone() if w.dim() == 2 else w for name, w in weights.items()}
         engine.allocation = None if allocation is None else {name: dict(fields) for name, fields in allocation.items()}
-        engine.allocation_report = report  # the measured table (None when uniform or reused)
+        engine.allocation_report = None if measured is None else measured.format()  # None when uniform or reused
+        engine.allocation_check = None if measured is None else measured.check
+        engine.phase_seconds = phases.seconds
         if config.teacher_dtype != "float32":
             cast_teacher_(teacher, getattr(torch, config.teacher_dtype))
         return engine
