@@ -71,7 +71,7 @@ def test_cli_error_feedback_changes_the_assignment(tmp_path, monkeypatch, capsys
     from tests.test_calibration import fit_args
     from tests.test_trust import run_main
 
-    one = ["--trainer.max_epochs=1", "--model.num_candidates=1", "--model.bit_allocation=false"]
+    one = ["--trainer.max_epochs=1", "--model.num_candidates=1"]
     assert run_main(monkeypatch, capsys, fit_args(tmp_path / "plain", *one, "--model.error_feedback=false"))[0] == 0
     assert run_main(monkeypatch, capsys, fit_args(tmp_path / "fed", *one, "--model.error_feedback=true"))[0] == 0
     plain, fed = (load_file(str(tmp_path / run / "packed" / "model.safetensors")) for run in ("plain", "fed"))
