@@ -124,6 +124,7 @@ def swapped(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[nn.Mo
             setattr(parent, child, module)
 
 
+@torch.no_grad()
 def output_mse(model: nn.Module, batches: Batches, reference: list[torch.Tensor] | None = None) -> tuple[float, list]:
     """Mean final-output MSE of ``model`` against ``reference`` over ``batches`` (0 without one)
     and the outputs ``[B, C, H, W]`` per batch."""
@@ -198,6 +199,7 @@ def probe_allocation(
     return allocation, built
 
 
+@torch.no_grad()
 def check_allocation(teacher: nn.Module, allocation: BitAllocation, built: Mapping[str, Sequence[VQLinear]],
                      batches: Batches) -> bool:
     """Final-output MSE of the allocated start and of the uniform start on ``batches``; when the

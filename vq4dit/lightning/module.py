@@ -13,6 +13,7 @@ from torch import nn
 from ..distributed import BlockSpread, ddp_ignored
 from ..engine import CalibrationConfig, Calibrator, load_packed_student
 from ..engine.config import BlockInputs, CodebookTraining, OptimizerName, Regularizer, TeacherDtype
+from ..engine.allocation import AllocationConfig
 from ..models import load_dit
 from ..recipes import Recipe, recipe_settings
 from ..vq_config import KMeansMetric, RatioInit, VQConfig
@@ -66,6 +67,8 @@ class CalibrationModule(pl.LightningModule):
             ``bit_allocation`` (None: what the uniform k, d cost: the same bits, spent where they matter).
         error_feedback: assign candidates column group by column group, compensating each group's output
             error on the later columns under the teacher's E[x x^T] (GPTQ / GPTVQ; default: the recipe's).
+        allocation: how ``bit_allocation`` probes and checks (:class:`vq4dit.engine.allocation.AllocationConfig`:
+            ``--model.allocation.span``, ``gain_items``, ``check_items``).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class CalibrationModule(pl.LightningModule):
         bit_allocation: bool | None = None,
         bit_budget: float | None = None,
         error_feedback: bool | None = None,
+        allocation: AllocationConfig = AllocationConfig(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -113,6 +117,7 @@ class CalibrationModule(pl.LightningModule):
                                  bit_allocation=True if bit_budget is not None and bit_allocation is None else bit_allocation,
                                  error_feedback=error_feedback, ratio_init=ratio_init)
         self.bit_allocation = levers["bit_allocation"]
+        self.allocation_config = allocation if isinstance(allocation, AllocationConfig) else AllocationConfig(**allocation)
         self.resume_checkpoint: str | None = None  # set by train.py when resuming: its allocation is reused
         self.vq_config = VQConfig.for_bits(
             bits, codebook_size, subvector_dim, num_candidates=num_candidates, ratio_init=levers["ratio_init"], kmeans_iters=kmeans_iters,
@@ -164,6 +169,7 @@ class CalibrationModule(pl.LightningModule):
             progress=self.global_rank == 0 if self._trainer else True, items=self.data_settings.train_items,
             bit_allocation=self.bit_allocation, bit_budget=hp.bit_budget,
             allocation=read_allocation(self.resume_checkpoint) if self.bit_allocation and self.resume_checkpoint else None,
+            allocation_config=self.allocation_config,
         )
         self.student = self.engine.student
         if self.engine.allocation_report and self.global_rank == 0:

@@ -66,7 +66,7 @@ def check_module_settings(module) -> None:
     if module.bit_allocation:
         from ..engine.allocation import cheapest_bits_per_weight
 
-        floor = cheapest_bits_per_weight(selected)
+        floor = cheapest_bits_per_weight(selected, module.allocation_config.span)
         if hp.bit_budget is not None and hp.bit_budget < floor:
             raise ValueError(f"bit_budget {hp.bit_budget} is below the cheapest allocation of the selected layers "
                              f"({floor:.3f} bits/weight all-in)")
