@@ -16,6 +16,7 @@ correlation over all (layer, option) pairs and over the layers at the base k, th
 allocations agree, and the held-out start output MSE of uniform / predicted / measured allocation.
 
     python benchmarks/recipe_cost.py --ranking
+    python benchmarks/recipe_cost.py --prepare reference wide      # only the pre-calibration phases
     python benchmarks/recipe_cost.py --models reference wide --samples 200 --max-steps 2000
 """
 
@@ -130,6 +131,41 @@ def cost_table(models: list[str], samples: int, max_steps: int) -> str:
     return "\n".join(lines)
 
 
+def preparation_table(models: list[str], trajectories: int) -> str:
+    """Only ``Calibrator.build`` (statistics, probe, k-means, feedback) per row, on the same teacher
+    trajectories: the pre-calibration cost each recipe adds (the rest of a fit is alike in both)."""
+    from vq4dit.engine import Calibrator
+    from vq4dit.models import load_dit
+    from vq4dit.recipes import RECIPES
+    from vq4dit.sampling import SamplerConfig
+    from vq4dit.trajectories import TrajectoryPlan, generate_items
+
+    lines = ["| model | row | statistics | probe | kmeans | feedback | build total s | allocation check |",
+             "|---|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            teacher = load_dit("reference" if model == "reference" else wide_model(Path(tmp) / "wide")).eval()
+            plan = TrajectoryPlan(0, 4, 10, SamplerConfig(sampler="ddpm", num_steps=25, guidance_scale=4.0))
+            items = generate_items(teacher, list(range(trajectories)), plan, progress=False)
+            for row in ROWS:
+                levers = RECIPES["paper" if row == "paper" else "quality"]
+                config = VQConfig(codebook_size=16, subvector_dim=2, num_candidates=2, row_scale=levers["row_scale"],
+                                  kmeans_metric=levers["kmeans_metric"], error_feedback=levers["error_feedback"],
+                                  ratio_init=levers["ratio_init"])
+                start = time.perf_counter()
+                engine = Calibrator.build(teacher, config, items=items, guidance_scale=4.0, progress=False,
+                                          bit_allocation=row == "default")
+                total, seconds = time.perf_counter() - start, engine.phase_seconds
+                check = engine.allocation_check or {}
+                verdict = "" if not check else (f"{check['allocated_mse']:.2e} vs uniform {check['uniform_mse']:.2e}: "
+                                                + ("kept" if check["kept"] else "fell back"))
+                lines.append(f"| {model} | {row} | " + " | ".join(
+                    f"{seconds.get(p, 0.0) + (seconds.get('check', 0.0) if p == 'probe' else 0.0):.1f}"
+                    for p in ("statistics", "probe", "kmeans", "feedback")) + f" | {total:.1f} | {verdict} |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman rank correlation of two equally long lists (no ties expected)."""
     ra, rb = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b))
@@ -196,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=200, help="evaluation images on the reference (0: no quality)")
     parser.add_argument("--max-steps", type=int, default=2000, help="calibration step budget (the demo's 2000)")
     parser.add_argument("--ranking", action="store_true")
+    parser.add_argument("--prepare", nargs="*", default=[], choices=["reference", "wide"],
+                        help="only Calibrator.build per row (the pre-calibration phases), on these models")
     parser.add_argument("--trajectories", type=int, default=4, help="ranking: calibration trajectories (x4 x25 items)")
     parser.add_argument("--measured-items", type=int, default=128, help="ranking: items per measured option")
     args = parser.parse_args(argv)
@@ -203,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     if args.ranking:
         print(ranking(args.trajectories, args.measured_items), flush=True)
+    if args.prepare:
+        print(preparation_table(args.prepare, args.trajectories))
     if args.models:
         print(cost_table(args.models, args.samples, args.max_steps))
 

@@ -64,8 +64,8 @@ class Phases:
 def preparation_steps(selected: Selected, items: dict | None, allocate: bool, config: AllocationConfig) -> int:
     """Progress-bar steps of :func:`gather_statistics`, :func:`probe_allocation` and :func:`build_layers`."""
     steps = len(selected)  # the student's layers
-    if items is not None:
-        steps += len(strided_items(items["t"].numel(), 1024).split(8))
+    if items is not None and any(allocate or c.kmeans_metric == "activation" or c.error_feedback for _, _, c in selected):
+        steps += len(strided_items(items["t"].numel(), 1024).split(8))  # statistics_batches' batches
     if allocate:
         steps += sum(len(allocation_options(c, m.out_features, m.in_features, config.span)) for _, m, c in selected)
         steps += len(selected) + 2  # the gain forwards (+ reference) and the check
