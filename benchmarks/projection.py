@@ -668,8 +668,10 @@ def main() -> None:
 
         faiss.omp_set_num_threads(args.threads)
     if args.probe:
+        from vq4dit.engine.allocation import AllocationConfig
+
         target = default_arg(CalibrationModule, "kmeans_iters")
-        print(f"{PROJECTION_BANNER}\n{probe_projection(args.bits[0], args.kmeans_measure_iters, target, 32, 2)}")
+        print(f"{PROJECTION_BANNER}\n{probe_projection(args.bits[0], args.kmeans_measure_iters, target, AllocationConfig().gain_items, 2)}")
         return
     hardware = H100
     started = time.perf_counter()

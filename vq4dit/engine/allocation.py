@@ -34,17 +34,18 @@ class AllocationConfig:
 
     Args:
         span: options ``k / 2^span .. k * 2^span`` around each layer's ``k`` (1: no layer below
-            ``k / 2``; measured safer than 2, README).
+            ``k / 2``: the limited span of issue 17; span 2 was the earlier default).
         gain_items: calibration items (plus null-label copies) of the one forward per layer, at its
-            base ``k``, that turns the predicted layer error into final-output error (the gain).
+            base ``k``, that turns the predicted layer error into final-output error (the gain; the
+            forwards are most of the probe's time, linear in items).
         check_items: held-out calibration items on which the allocated start is compared with the
             uniform start (final-output MSE, both built with the run's levers); the uniform
             setting is kept when allocation is worse. 0: no check.
     """
 
     span: int = 1
-    gain_items: int = 32
-    check_items: int = 64
+    gain_items: int = 16
+    check_items: int = 32
 
     def __post_init__(self) -> None:
         for name in ("span", "gain_items", "check_items"):
