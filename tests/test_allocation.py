@@ -12,9 +12,16 @@ from tests.test_calibration import fit_args
 from tests.test_trust import error_lines, run_main
 from vq4dit import VQConfig, load_dit, load_quantized
 from vq4dit.engine import with_null_labels
+from vq4dit.engine import Calibrator
 from vq4dit.engine.allocation import (
-    LayerChoice, allocate_bits, allocation_options, cheapest_bits_per_weight, measure_sensitivity, solve_allocation,
+    AllocationConfig, LayerChoice, allocate_bits, allocation_options, cheapest_bits_per_weight, mean_bits_per_weight,
+    measure_sensitivity, solve_allocation,
 )
+from vq4dit.engine.probe import (
+    Phases, check_allocation, gather_statistics, layer_output_error, output_mse, probe_allocation, swapped,
+)
+from vq4dit.engine.statistics import item_batches, strided_items
+from vq4dit.layers import InputMoments, VQLinear
 from vq4dit.quantize import select_layers, vq_layers
 
 
@@ -99,7 +106,7 @@ def test_sensitivities_are_measured_on_the_model_and_leave_it_unchanged():
 
 
 def test_cli_budget_allocates_and_resume_reuses_the_allocation(tmp_path, monkeypatch, capsys):
-    budget = ["--model.allocation.budget=1.9", "--trainer.callbacks=[{class_path: callbacks.CandidatePruning}, "
+    budget = ["--model.allocation.enabled=true", "--model.allocation.budget=1.9", "--trainer.callbacks=[{class_path: callbacks.CandidatePruning}, "
               "{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: {save_last: true}}]"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     code, err = run_main(monkeypatch, capsys, fit_args(straight, "--trainer.max_epochs=2", *budget))
@@ -118,9 +125,131 @@ def test_cli_budget_allocates_and_resume_reuses_the_allocation(tmp_path, monkeyp
 
 
 def test_cli_budget_below_the_cheapest_allocation_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
-    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.allocation.budget=0.5"))
+    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.allocation.enabled=true", "--model.allocation.budget=0.5"))
     assert code == 2 and "Traceback" not in err and "teacher trajectories" not in err
     (line,) = error_lines(err)
     assert "bit_budget 0.5 is below the cheapest allocation" in line
     code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.allocation.budget=2", "--model.allocation.enabled=false"))
     assert code == 2 and "bit_budget needs bit_allocation" in error_lines(err)[0]
+
+
+# ------------------------------------------------------------------ predicted sensitivity (probe)
+def tiny_items(count=48, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(count, 4, 8, 8, generator=generator), "t": torch.randint(0, 1000, (count,), generator=generator),
+            "y": torch.randint(0, 10, (count,), generator=generator)}
+
+
+QUALITY = VQConfig(codebook_size=16, subvector_dim=2, num_candidates=2, row_scale=True, kmeans_metric="activation",
+                   error_feedback=True, ratio_init="confident")
+
+
+def test_predicted_layer_error_is_the_layer_output_mse_on_its_inputs():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 24)
+    inputs = torch.randn(500, 32) * torch.linspace(0.1, 3, 32)  # uneven input scales
+    hessian = inputs.t() @ inputs / inputs.shape[0]
+    layer = VQLinear.from_linear(linear, QUALITY.with_overrides(codebook_size=8), "l", InputMoments.from_full(hessian))
+    with torch.no_grad():
+        measured = (layer(inputs) - linear(inputs)).pow(2).mean().item()
+    assert layer_output_error(linear, layer, hessian) == pytest.approx(measured, rel=1e-4)
+
+
+def test_probe_scores_are_gain_times_prediction_and_the_model_is_left_unchanged():
+    torch.manual_seed(0)
+    teacher = load_dit("tiny").eval().requires_grad_(False)
+    selected = select_layers(teacher, QUALITY)
+    items = tiny_items()
+    phases = Phases(0, progress=False)
+    hessians = gather_statistics(teacher, selected, items, 4.0, True, phases)
+    config = AllocationConfig(gain_items=8, check_items=8)
+    allocation, built = probe_allocation(teacher, selected, hessians, items, 4.0, None, config, phases)
+    assert not vq_layers(teacher)  # every layer swapped back
+    assert allocation.bits_per_weight <= allocation.budget + 1e-9
+    assert allocation.budget == pytest.approx(mean_bits_per_weight(selected))
+    assert set(phases.seconds) >= {"statistics", "kmeans", "feedback", "probe", "check"}
+    gain_batches = item_batches(items, strided_items(48, 16)[0::2], 4.0, batch_size=32)
+    _, reference = output_mse(teacher, gain_batches)
+    for layer, (name, linear, base) in zip(allocation.layers, selected):
+        assert [c.codebook_size for c in layer.configs] == [8, 16, 32]  # span 1: never below k / 2
+        assert layer.predicted[0] > layer.predicted[1] > layer.predicted[2] > 0
+        assert layer.scores == pytest.approx([layer.gain * p for p in layer.predicted])
+        with swapped(teacher, {name: built[name][layer.base]}):  # the score at the base k is measured
+            assert layer.scores[layer.base] == pytest.approx(output_mse(teacher, gain_batches, reference)[0], rel=1e-5)
+    check = allocation.check
+    assert check["items"] == 2 * 8 and check["kept"] == (check["allocated_mse"] <= check["uniform_mse"])
+    assert allocation.notes[-1] in allocation.format()
+
+
+def test_check_falls_back_to_uniform_when_the_allocation_is_worse():
+    torch.manual_seed(0)
+    teacher = load_dit("tiny").eval().requires_grad_(False)
+    selected = select_layers(teacher, QUALITY)
+    items = tiny_items()
+    phases = Phases(0, progress=False)
+    hessians = gather_statistics(teacher, selected, items, 4.0, True, phases)
+    allocation, built = probe_allocation(teacher, selected, hessians, items, 4.0, None,
+                                         AllocationConfig(gain_items=8, check_items=0), phases)
+    # a worse choice at fewer bits: every layer at k / 2
+    allocation.choice = {layer.name: 0 for layer in allocation.layers}
+    batches = item_batches(items, torch.arange(40, 48), 4.0)
+    assert not check_allocation(teacher, allocation, built, batches)
+    assert allocation.choice == {layer.name: layer.base for layer in allocation.layers}
+    assert allocation.check["allocated_mse"] > allocation.check["uniform_mse"]
+    assert allocation.format().splitlines()[-1].startswith("bit allocation fell back to uniform")
+
+
+def test_the_cli_prints_the_fallback_line_and_exports_the_uniform_setting(tmp_path, monkeypatch, capsys):
+    from vq4dit.engine import probe
+
+    worst = lambda layers, budget: {layer.name: 0 for layer in layers}  # noqa: E731  every layer at k / 2
+    monkeypatch.setattr(probe, "solve_allocation", worst)
+    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--trainer.max_epochs=1", "--model.allocation.enabled=true"))
+    assert code == 0
+    (line,) = [line for line in err.splitlines() if "fell back to uniform" in line]
+    assert line.startswith("bit allocation fell back to uniform: start output MSE")
+    assert {layer.config.codebook_size for layer in vq_layers(load_quantized(tmp_path / "packed")).values()} == {16}
+
+
+def test_the_student_reuses_the_probe_layers_kmeans_runs_once_per_option(monkeypatch):
+    import vq4dit.layers
+
+    calls = []
+    real = vq4dit.layers.kmeans
+    monkeypatch.setattr(vq4dit.layers, "kmeans", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    teacher = load_dit("tiny")
+    selected = select_layers(teacher, QUALITY)
+    engine = Calibrator.build(teacher, QUALITY, items=tiny_items(), guidance_scale=4.0, bit_allocation=True,
+                              progress=False, allocation_config=AllocationConfig(gain_items=8, check_items=8))
+    assert len(calls) == 3 * len(selected)  # k / 2, k, 2 k per layer; none again for the student
+    assert set(engine.phase_seconds) >= {"statistics", "kmeans", "feedback", "probe", "check"}
+    chosen = {name: layer.config.codebook_size for name, layer in engine.layers.items()}
+    assert chosen == {name: fields["codebook_size"] for name, fields in engine.allocation.items()}
+    calls.clear()
+    Calibrator.build(load_dit("tiny"), QUALITY, items=tiny_items(), guidance_scale=4.0, progress=False)
+    assert len(calls) == len(selected)  # uniform: once per layer
+
+
+def test_allocation_is_not_worse_than_uniform_at_equal_bits_on_the_reference():
+    from vq4dit.reference import load_reference_model
+    from vq4dit.sampling import SamplerConfig
+    from vq4dit.trajectories import TrajectoryPlan, generate_items
+
+    teacher = load_reference_model()
+    sampler = SamplerConfig(sampler="ddpm", num_steps=8, guidance_scale=4.0)
+    items = generate_items(teacher, [0, 1], TrajectoryPlan(0, 4, 10, sampler), progress=False)
+    config = AllocationConfig(gain_items=16, check_items=16)
+    held_out = strided_items(items["t"].numel(), 32)[1::2]  # the check's items (not the gain's)
+    batches = item_batches(items, held_out, 4.0, batch_size=32)
+    _, reference = output_mse(teacher, batches)
+    allocated = Calibrator.build(teacher, QUALITY, items=items, guidance_scale=4.0, bit_allocation=True, progress=False,
+                                 allocation_config=config)
+    uniform = Calibrator.build(teacher, QUALITY, items=items, guidance_scale=4.0, progress=False)
+    check = allocated.allocation_check
+    # the check measured the starts the two runs really begin from
+    assert check["uniform_mse"] == pytest.approx(output_mse(uniform.student, batches, reference)[0], rel=1e-5)
+    start = output_mse(allocated.student, batches, reference)[0]
+    assert start <= check["uniform_mse"] * (1 + 1e-5)  # kept and better, or fell back to uniform
+    assert start == pytest.approx(check["allocated_mse"] if check["kept"] else check["uniform_mse"], rel=1e-5)
+    bits = lambda engine: mean_bits_per_weight([(n, l, l.config) for n, l in engine.layers.items()])  # noqa: E731
+    assert bits(allocated) <= bits(uniform) + 1e-9

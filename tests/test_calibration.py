@@ -24,6 +24,7 @@ def fit_args(tmp_path, *extra, model=TINY):
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--model.export.dir={tmp_path / 'packed'}",
         "--data.num_trajectories=2", "--data.num_steps=8", "--data.val_trajectories=1",
+        "--model.allocation.enabled=false",  # plumbing tests: the probe is the subject of tests/test_allocation.py
         *model,
         *extra,
     ]
@@ -45,7 +46,7 @@ def kmeans_only(module: CalibrationModule):
 def test_fit_calibrates_exports_and_samples(tmp_path):
     """The demo on the shipped reference DiT: fit -> packed checkpoint -> load -> samples."""
     # bit allocation at k = 64..1024 would add minutes here; tests/test_allocation.py covers it
-    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=10", "--data.num_trajectories=4", "--model.allocation.enabled=false",
+    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=10", "--data.num_trajectories=4",
                             model=[]))
     module, data = cli.model, cli.datamodule
     assert module.hparams.model == "reference" and module.vq_config.codebook_size == 256

@@ -207,6 +207,7 @@ def test_gradients_are_freed_after_every_optimizer_step(tmp_path):
         f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.export.dir={tmp_path / 'packed'}",
         "--model.model=tiny", "--model.vq.codebook_size=16", "--model.vq.subvector_dim=2", "--data.num_classes=1000",
         "--data.num_trajectories=1", "--data.num_steps=8", "--data.val_trajectories=0", "--trainer.max_epochs=1",
+        "--model.allocation.enabled=false",
     ], run=False)
     cli.trainer.callbacks.append(watch)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

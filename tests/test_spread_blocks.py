@@ -46,7 +46,8 @@ def fit_args(config, run_dir, *extra):
         f"--model.export.dir={run_dir / 'packed'}",
         "--data.num_trajectories=2", "--data.num_steps=8", "--data.val_trajectories=1",
         # lr_logits 0.4: all rows hard at step ~28, the stop rule ends the run at ~46 of 64
-        "--model.calibration.block_inputs=teacher", "--model.calibration.lr_logits=0.4", "--trainer.max_epochs=4", *TINY, *extra,
+        "--model.calibration.block_inputs=teacher", "--model.calibration.lr_logits=0.4", "--trainer.max_epochs=4",
+        "--model.allocation.enabled=false", *TINY, *extra,
     ]
 
 

@@ -18,6 +18,7 @@ once and keeps the dense weight in a non-persistent buffer (FP speed, FP memory)
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -135,13 +136,14 @@ class VQLinear(HardDecoding, nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, config: VQConfig, name: str = "layer",
-                    moments: InputMoments | None = None) -> "VQLinear":
+                    moments: InputMoments | None = None, seconds: dict[str, float] | None = None) -> "VQLinear":
         """Quantize ``linear``: k-means codebook, n nearest candidates, initial ratio logits.
 
         With ``num_candidates == 1`` every row starts hard (plain VQ, nearest codeword).
         ``moments``: the layer's input second moments; ``config.kmeans_metric == "activation"``
         needs their ``diagonal`` E[x_j^2] ``[in]``, ``config.error_feedback`` their ``full``
-        E[x x^T] ``[in, in]`` (:func:`vq4dit.error_feedback.error_feedback_assign`).
+        E[x x^T] ``[in, in]`` (:func:`vq4dit.error_feedback.error_feedback_assign`). ``seconds``:
+        wall time of the assignment with error feedback is added to ``seconds["feedback"]``.
         """
         diagonal = None if moments is None else moments.diagonal
         hessian = None if moments is None else moments.full
@@ -171,8 +173,11 @@ class VQLinear(HardDecoding, nn.Module):
             if hessian is None or hessian.shape != (linear.in_features, linear.in_features):
                 raise ValueError(f"{name}: error_feedback needs the full input moments E[x x^T] "
                                  f"[{linear.in_features}, {linear.in_features}]")
+            started = time.perf_counter()
             nearest, sq_distances = error_feedback_assign(weight, codebook, hessian, config.num_candidates,
                                                           ratio_init=config.ratio_init)
+            if seconds is not None:
+                seconds["feedback"] = seconds.get("feedback", 0.0) + time.perf_counter() - started
         else:
             nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates, weights)
         layer.codebook.data.copy_(codebook)

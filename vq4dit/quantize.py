@@ -78,6 +78,7 @@ def quantize_(
     overrides: Mapping[str, Mapping[str, int]] | None = None,
     progress: bool = True,
     input_moments: Mapping[str, InputMoments] | None = None,
+    prebuilt: Mapping[str, nn.Module] | None = None,
 ) -> list[str]:
     """Replace selected ``nn.Linear`` layers of ``model`` in place by k-means-initialised ``VQLinear``.
 
@@ -94,6 +95,8 @@ def quantize_(
         progress: show a progress bar (k-means on DiT-XL takes minutes).
         input_moments: layer name -> its input second moments (layers whose ``kmeans_metric``
             is ``activation``; see :func:`vq4dit.engine.input_second_moments`).
+        prebuilt: exact layer name -> a ``VQLinear`` already built for it (no k-means again: the
+            bit-allocation probe's layers); the other selected layers are built here.
 
     Returns:
         The qualified names that were swapped, in model order.
@@ -109,7 +112,8 @@ def quantize_(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         moments = None if input_moments is None else input_moments.get(name)
-        setattr(parent, child, VQLinear.from_linear(module, layer_config, name, moments))
+        built = (prebuilt or {}).get(name)
+        setattr(parent, child, built if built is not None else VQLinear.from_linear(module, layer_config, name, moments))
         names.append(name)
     log.info("quantize_: swapped %d Linear layers for VQLinear (%s ...)", len(names), names[0])
     for hook in QUANTIZED_HOOKS:

@@ -1,10 +1,11 @@
-"""Bit allocation under a budget: per-layer codebook sizes chosen from measured sensitivity.
+"""Bit allocation under a budget: per-layer codebook sizes chosen from each layer's sensitivity.
 
 Every selected layer may take a codebook of ``2^(c-span) .. 2^(c+span)`` codewords around the base
 ``k = 2^c`` (same sub-vector length ``d``, so ``log2(k)/d`` bits per weight move in steps of
 ``1/d``). The sensitivity of layer ``l`` at option ``o`` is the mean squared error of the model's
-final output when only that layer is vector-quantized with option ``o`` (k-means of the run's own
-settings, nearest codeword, no calibration) on the teacher's calibration items. The allocation
+final output when only that layer is vector-quantized with option ``o``: predicted from the layer's
+output error ``tr(dW H dW^T)`` times one measured gain per layer (:mod:`vq4dit.engine.probe`, the
+run's default), or measured with one model forward per option (:func:`measure_sensitivity`). The allocation
 minimises the summed sensitivity subject to ``sum_l bits_l(o_l) <= budget x sum_l weights_l``
 (a multiple-choice knapsack, solved exactly by dynamic programming on a fine grid of the budget), where
 ``bits_l`` is all-in: codes, FP32 codebook and FP16 row scales (:meth:`VQConfig.stored_bits_per_weight`).
@@ -21,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..layers import VQLinear
+from ..layers import InputMoments, VQLinear
 from ..vq_config import VQConfig
+from .config import BitAllocation as AllocationConfig  # the settings (declared once, in engine.config)
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +56,37 @@ def mean_bits_per_weight(selected: Iterable[tuple[str, nn.Linear, VQConfig]], sp
     return bits / total
 
 
-def cheapest_bits_per_weight(selected: Iterable[tuple[str, nn.Linear, VQConfig]], span: int = 2) -> float:
+def cheapest_bits_per_weight(selected: Iterable[tuple[str, nn.Linear, VQConfig]],
+                             span: int = AllocationConfig.span) -> float:
     """The fewest all-in bits per weight any allocation of ``selected`` layers can reach."""
     return mean_bits_per_weight(selected, span)
 
 
 @dataclass
 class LayerChoice:
-    """One layer's measured options: ``configs[i]`` costs ``bits[i]`` (all-in, per weight) and
-    gives output MSE ``scores[i]`` when it alone is quantized."""
+    """One layer's options: ``configs[i]`` costs ``bits[i]`` (all-in, per weight) and gives output
+    MSE ``scores[i]`` when it alone is quantized (measured, or ``gain x predicted[i]``, the layer's
+    own output error, when predicted)."""
 
     name: str
     num_weights: int
     configs: list[VQConfig]
     bits: list[float]
     scores: list[float]
+    predicted: list[float] | None = None
+    gain: float | None = None
+    base: int | None = None  # the uniform setting's option
 
 
 @dataclass
-class BitAllocation:
+class AllocationResult:
     """The chosen option per layer (``choice[name]`` indexes ``layers[i].configs``)."""
 
     budget: float
     layers: list[LayerChoice]
     choice: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # the check against uniform, printed with the table
+    check: dict | None = None  # its numbers: allocated_mse, uniform_mse, items, kept
 
     @property
     def bits_per_weight(self) -> float:
@@ -90,14 +99,16 @@ class BitAllocation:
         return {layer.name: {"codebook_size": layer.configs[self.choice[layer.name]].codebook_size} for layer in self.layers}
 
     def format(self) -> str:
-        """A table: layer, k chosen, all-in bits/weight, single-layer output MSE of every option."""
+        """A table: layer, k chosen, all-in bits/weight, the gain (output MSE per unit of layer
+        error, when predicted) and the single-layer output MSE of every option; then the notes."""
         lines = [f"bit allocation: budget {self.budget:.3f} b/w, allocated {self.bits_per_weight:.3f} b/w",
-                 "| layer | k | bits/weight | output MSE by k |", "|---|---|---|---|"]
+                 "| layer | k | bits/weight | gain | output MSE by k |", "|---|---|---|---|---|"]
         for layer in self.layers:
             i = self.choice[layer.name]
             scores = ", ".join(f"{c.codebook_size}: {s:.2e}" for c, s in zip(layer.configs, layer.scores))
-            lines.append(f"| {layer.name} | {layer.configs[i].codebook_size} | {layer.bits[i]:.3f} | {scores} |")
-        return "\n".join(lines)
+            gain = "measured" if layer.gain is None else f"{layer.gain:.3g}"
+            lines.append(f"| {layer.name} | {layer.configs[i].codebook_size} | {layer.bits[i]:.3f} | {gain} | {scores} |")
+        return "\n".join(lines + self.notes)
 
 
 def solve_allocation(layers: Sequence[LayerChoice], budget: float, resolution: int = 8192) -> dict[str, int]:
@@ -153,7 +164,7 @@ def measure_sensitivity(
     teacher: nn.Module,
     selected: Iterable[tuple[str, nn.Linear, VQConfig]],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    input_weights: Mapping[str, torch.Tensor] | None = None,
+    input_moments: Mapping[str, InputMoments] | None = None,
     span: int = 2,
     progress: bool = True,
 ) -> list[LayerChoice]:
@@ -163,7 +174,7 @@ def measure_sensitivity(
         teacher: the FP DiT (restored unchanged afterwards).
         selected: ``(name, linear, config)`` of the layers to allocate (``select_layers``).
         batches: ``(x [B, C, H, W], t [B], y [B])`` calibration batches.
-        input_weights: E[x^2] per layer, for configs with ``kmeans_metric="activation"``.
+        input_moments: per layer, the input second moments (``kmeans_metric="activation"``, error feedback).
         span: options ``k = 2^(c-span) .. 2^(c+span)`` around each layer's ``k = 2^c``.
 
     Under ``torch.distributed`` the scores are averaged over ranks, so every rank allocates alike.
@@ -181,7 +192,7 @@ def measure_sensitivity(
     for name, linear, config in selected:
         parent_name, _, child = name.rpartition(".")
         parent = teacher.get_submodule(parent_name) if parent_name else teacher
-        weights = None if input_weights is None else input_weights.get(name)
+        weights = None if input_moments is None else input_moments.get(name)
         options = allocation_options(config, linear.out_features, linear.in_features, span)
         scores = []
         try:
@@ -197,13 +208,20 @@ def measure_sensitivity(
                                   [o.stored_bits_per_weight(linear.out_features, linear.in_features) for o in options],
                                   scores))
     bar.close()
-    if dist.is_available() and dist.is_initialized():
-        flat = torch.tensor([s for layer in layers for s in layer.scores], dtype=torch.float64, device=device)
-        dist.all_reduce(flat)
-        flat = (flat / dist.get_world_size()).tolist()
-        for layer in layers:
-            layer.scores, flat = flat[:len(layer.scores)], flat[len(layer.scores):]
+    flat = mean_over_ranks([s for layer in layers for s in layer.scores], device)
+    for layer in layers:
+        layer.scores, flat = flat[:len(layer.scores)], flat[len(layer.scores):]
     return layers
+
+
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """``values`` averaged over ``torch.distributed`` ranks (as they are in one process), so every
+    rank allocates alike."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    flat = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(flat)
+    return (flat / dist.get_world_size()).tolist()
 
 
 def allocate_bits(
@@ -211,17 +229,17 @@ def allocate_bits(
     selected: Iterable[tuple[str, nn.Linear, VQConfig]],
     batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     budget: float | None = None,
-    input_weights: Mapping[str, torch.Tensor] | None = None,
+    input_moments: Mapping[str, InputMoments] | None = None,
     span: int = 2,
     progress: bool = True,
-) -> BitAllocation:
+) -> AllocationResult:
     """Measure every selected layer's sensitivity and allocate ``budget`` bits per weight (all-in;
     None: what the selected configs cost as given, i.e. the same bits spent where they matter)."""
     selected = list(selected)
     if budget is None:
         budget = mean_bits_per_weight(selected)
-    layers = measure_sensitivity(teacher, selected, batches, input_weights, span, progress)
-    allocation = BitAllocation(budget, layers)
+    layers = measure_sensitivity(teacher, selected, batches, input_moments, span, progress)
+    allocation = AllocationResult(budget, layers)
     allocation.choice = solve_allocation(layers, budget)
     log.info("%s", allocation.format())
     return allocation

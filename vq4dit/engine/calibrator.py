@@ -33,15 +33,12 @@ from ..quantize import finalize_model_, select_layers, vq_layers
 from ..soft import logit_regularizer
 from ..typed_settings import require_resolved
 from ..vq_config import VQConfig
-from .allocation import allocate_bits
+from .allocation import AllocationConfig
 from .overrides import check_overrides, merge_overrides, refuse_allocated_fields
 from .config import CalibrationConfig
 from .losses import RegularizerGate, block_losses, with_null_labels
-from .statistics import input_second_moments, statistics_batches
+from .probe import Phases, build_layers, gather_statistics, preparation_steps, probe_allocation
 from .student import build_student, cast_teacher_
-
-
-ALLOCATION_ITEMS = 256  # calibration items (plus null-label copies) scoring each bit-allocation option
 
 
 @dataclass
@@ -103,6 +100,8 @@ class Calibrator:
         self.input_moments: dict[str, InputMoments] | None = None  # set by build(): diagonals of activation-aware layers
         self.allocation: dict[str, dict[str, int]] | None = None  # set by build(): per-layer codebook sizes
         self.allocation_report: str | None = None
+        self.allocation_check: dict | None = None  # set by build(): the allocated vs uniform start (probe.check_allocation)
+        self.phase_seconds: dict[str, float] = {}  # set by build(): wall seconds per preparation phase
         self.update_codebook_trainability()
 
     @classmethod
@@ -121,41 +120,49 @@ class Calibrator:
         bit_allocation: bool = False,
         bit_budget: float | None = None,
         allocation: Mapping[str, Mapping[str, int]] | None = None,
+        allocation_config: AllocationConfig | None = None,
     ) -> "Calibrator":
         """Freeze ``teacher``, build the k-means-initialised student, cast the teacher to
         ``config.teacher_dtype``: a ready engine. ``items`` (``{"x", "t", "y"}`` calibration
         items) give the input statistics of layers with ``kmeans_metric="activation"`` and the
         sensitivities of ``bit_allocation``: per-layer codebook sizes chosen so the selected
         layers cost ``bit_budget`` bits per weight all-in (None: what the uniform settings cost;
-        :mod:`vq4dit.engine.allocation`). ``allocation``: a previous run's per-layer codebook
-        sizes (``engine.allocation``), reused as they are (a resume)."""
-        config = config or CalibrationConfig()
+        :mod:`vq4dit.engine.probe`, settings ``allocation_config``). ``allocation``: a previous
+        run's per-layer codebook sizes (``engine.allocation``), reused as they are (a resume).
+        ``engine.phase_seconds``: wall seconds of statistics, kmeans, feedback, probe, check."""
+        config, allocation_config = config or CalibrationConfig(), allocation_config or AllocationConfig()
         teacher.requires_grad_(False).eval()
         check_overrides(overrides)
         selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
         if bit_allocation or allocation is not None:
             refuse_allocated_fields(overrides, [name for name, _, _ in selected])
-        aware = [name for name, _, c in selected if c.kmeans_metric == "activation" or c.error_feedback]
-        full = {name for name, _, c in selected if c.error_feedback}
-        if (aware or (bit_allocation and allocation is None)) and items is None:
+        probing = bit_allocation and allocation is None
+        if probing and items is None:
             raise ValueError("activation-aware k-means, error feedback and bit allocation need calibration items")
-        moments = None
-        if aware:
-            moments = input_second_moments(teacher, aware, statistics_batches(items, guidance_scale), full=full)
-        report = None
-        if bit_allocation and allocation is None:
-            batches = statistics_batches(items, guidance_scale, batch_size=32, max_items=ALLOCATION_ITEMS)
-            measured = allocate_bits(teacher, selected, batches, bit_budget, moments, progress=progress)
-            allocation, report = measured.overrides(), measured.format()
-        if allocation is not None:  # field by field: the user's other fields of a layer stay
-            overrides = merge_overrides(overrides, allocation)
+        phases = Phases(preparation_steps(selected, items, probing, allocation_config), progress)
+        try:
+            moments = gather_statistics(teacher, selected, items, guidance_scale, probing, phases)
+            measured, built = None, {}
+            if probing:
+                measured, built = probe_allocation(teacher, selected, moments, items, guidance_scale, bit_budget,
+                                                   allocation_config, phases)
+                allocation = measured.overrides()
+            if allocation is not None:  # field by field: the user's other fields of a layer stay
+                overrides = merge_overrides(overrides, allocation)
+                selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
+            layers = build_layers(selected, moments, phases, built)
+        finally:
+            phases.close()
+        phases.seconds["kmeans"] = phases.seconds.get("kmeans", 0.0) - phases.seconds.get("feedback", 0.0)
         student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides,
-                                progress=progress, input_moments=moments)
+                                progress=False, input_moments=moments, prebuilt=layers)
         engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)
         # the activation statistics used (E[x^2]; not the full matrices), for baselines of the same layers
         engine.input_moments = None if moments is None else {name: m.without_full() for name, m in moments.items()}
         engine.allocation = None if allocation is None else {name: dict(fields) for name, fields in allocation.items()}
-        engine.allocation_report = report  # the measured table (None when uniform or reused)
+        engine.allocation_report = None if measured is None else measured.format()  # None when uniform or reused
+        engine.allocation_check = None if measured is None else measured.check
+        engine.phase_seconds = phases.seconds
         if config.teacher_dtype != "float32":
             cast_teacher_(teacher, getattr(torch, config.teacher_dtype))
         return engine

@@ -113,12 +113,26 @@ class BitAllocation:
             is True, False with a budget is refused).
         budget: bits per weight all-in (codes, codebooks, row scales) of the quantized layers
             (None: what the uniform k, d cost: the same bits, spent where they matter).
+        span: options ``k / 2^span .. k * 2^span`` around each layer's ``k`` (1: no layer below
+            ``k / 2``).
+        gain_items: calibration items (plus null-label copies) of the one forward per layer, at its
+            base ``k``, that turns the predicted layer error into final-output error (the gain).
+        check_items: held-out calibration items on which the allocated start is compared with the
+            uniform start (final-output MSE, both built with the run's levers); the uniform
+            setting is kept when allocation is worse. 0: no check.
     """
 
     enabled: bool | None = recipe_field(False)
     budget: float | None = None
+    span: int = 1
+    gain_items: int = 16
+    check_items: int = 32
 
     def __post_init__(self) -> None:
+        for name in ("span", "gain_items", "check_items"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "gain_items" else 0):
+                raise ValueError(f"allocation {name} must be an integer >= {1 if name == 'gain_items' else 0}, got {value!r}")
         if self.budget is None:
             return
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) \

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Container, Iterable
+from typing import Callable, Container, Iterable
 
 import torch
 import torch.distributed as dist
@@ -16,9 +16,19 @@ def statistics_batches(items: dict[str, torch.Tensor], guidance_scale: float, ba
                        max_items: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Model batches ``(x, t, y)`` over at most ``max_items`` calibration items (evenly strided over
     all trajectories and timesteps), with null-label copies when ``guidance_scale > 1``."""
-    count = items["t"].numel()
+    return item_batches(items, strided_items(items["t"].numel(), max_items), guidance_scale, batch_size)
+
+
+def strided_items(count: int, max_items: int) -> torch.Tensor:
+    """At most ``max_items`` indices ``[M]`` evenly strided over ``0 .. count-1`` (CPU, int64)."""
     # explicit CPU: Lightning's configure_model runs under ``with torch.device(accelerator)``
-    index = torch.linspace(0, count - 1, min(count, max_items), device="cpu").round().long().unique()
+    return torch.linspace(0, count - 1, min(count, max_items), device="cpu").round().long().unique()
+
+
+def item_batches(items: dict[str, torch.Tensor], index: torch.Tensor, guidance_scale: float,
+                 batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Model batches ``(x, t, y)`` of the items ``index [M]``, with null-label copies when
+    ``guidance_scale > 1``."""
     batches = []
     for chunk in index.split(batch_size):
         x, t, y = items["x"][chunk], items["t"][chunk], items["y"][chunk]
@@ -27,10 +37,12 @@ def statistics_batches(items: dict[str, torch.Tensor], guidance_scale: float, ba
 
 
 @torch.no_grad()
-def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: Container[str] = ()) -> dict[str, InputMoments]:
+def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: Container[str] = (),
+                         on_batch: Callable[[], object] | None = None) -> dict[str, InputMoments]:
     """The input second moments of ``model``'s Linear layers ``names`` over ``batches`` of
     ``(x [B, C, H, W], t [B], y [B])`` (every token of every item counts once): ``E[x_j^2]``
-    ``[in]``, and for the layers in ``full`` also the whole ``E[x x^T]`` ``[in, in]`` (error feedback)."""
+    ``[in]``, and for the layers in ``full`` also the whole ``E[x x^T]`` ``[in, in]`` (error feedback).
+    ``on_batch`` is called after every batch (a progress bar)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -46,6 +58,8 @@ def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: 
     try:
         for x, t, y in batches:
             model(x.to(device), timestep=t.to(device), class_labels=y.to(device))
+            if on_batch is not None:
+                on_batch()
     finally:
         for hook in hooks:
             hook.remove()

@@ -22,18 +22,21 @@ def build_student(
     overrides: Mapping[str, Mapping[str, int]] | None = None,
     progress: bool = True,
     input_moments: Mapping[str, InputMoments] | None = None,
+    prebuilt: Mapping[str, nn.Module] | None = None,
 ) -> nn.Module:
     """A calibration student: ``teacher``'s modules with k-means-initialised ``VQLinear`` layers.
 
     New modules, but the frozen tensors are shared with the (frozen) teacher: nothing writes them,
     and a deep copy would hold a second set of weights (3 GB on DiT-XL/2) that the quantized layers
-    replace anyway. ``input_moments``: per layer, the input second moments of activation-aware k-means and error feedback. Ratio logits and biases of the VQ layers require gradients (codebooks: see
+    replace anyway. ``input_moments``: per layer, the input second moments of activation-aware k-means and
+    error feedback; ``prebuilt``: ``VQLinear`` layers already built, used as they are
+    (:func:`vq4dit.quantize.quantize_`). Ratio logits and biases of the VQ layers require gradients (codebooks: see
     :meth:`vq4dit.engine.Calibrator.update_codebook_trainability`); the student is in eval mode.
     """
     shared = {id(t): t for t in (*teacher.parameters(), *teacher.buffers())}
     student = copy.deepcopy(teacher, memo=shared)
     quantize_(student, vq_config, include=include, exclude=exclude, overrides=overrides, progress=progress,
-              input_moments=input_moments)
+              input_moments=input_moments, prebuilt=prebuilt)
     for layer in vq_layers(student).values():
         layer.candidate_logits.requires_grad_(True)
         if layer.bias is not None:

@@ -116,6 +116,7 @@ class CalibrationModule(pl.LightningModule):
             progress=self.global_rank == 0 if self._trainer else True, items=self.data_settings.train_items,
             bit_allocation=allocate, bit_budget=self.allocation.budget,
             allocation=read_allocation(self.resume_checkpoint) if allocate and self.resume_checkpoint else None,
+            allocation_config=self.allocation,
         )
         self.student = self.engine.student
         if self.engine.allocation_report and self.global_rank == 0:

@@ -67,7 +67,7 @@ def check_module_settings(module) -> None:
         refuse_allocated_fields(layers.overrides, [name for name, _, _ in selected])
         from ..engine.allocation import cheapest_bits_per_weight
 
-        floor = cheapest_bits_per_weight(selected)
+        floor = cheapest_bits_per_weight(selected, allocation.span)
         if allocation.budget is not None and allocation.budget < floor:
             raise ValueError(f"bit_budget {allocation.budget} is below the cheapest allocation of the selected layers "
                              f"({floor:.3f} bits/weight all-in)")
