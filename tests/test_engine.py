@@ -192,7 +192,7 @@ def test_recipes_choose_the_levers_and_flags_override_them():
     assert (paper.vq_config.row_scale, paper.vq_config.kmeans_metric, paper.calibration.output_weight) == (False, "euclidean", 0.0)
     assert (default.vq_config.error_feedback, default.vq_config.ratio_init) == (True, "confident")
     assert (paper.vq_config.error_feedback, paper.vq_config.ratio_init) == (False, "inverse_distance")
-    assert (default.allocation.enabled, paper.allocation.enabled) == (True, False)
+    assert (default.allocation.enabled, paper.allocation.enabled) == (False, False)  # opt-in (recipes.py)
     other = CalibrationModule(model="tiny", vq={**small, "error_feedback": False, "ratio_init": "uniform"})
     assert (other.vq_config.error_feedback, other.vq_config.ratio_init, other.vq_config.row_scale) == (False, "uniform", True)
     with pytest.raises(ValueError, match="recipe"):

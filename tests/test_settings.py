@@ -67,7 +67,7 @@ def test_a_budget_implies_allocation_in_the_config():
         with pytest.raises(ValueError, match="positive number"):
             BitAllocation(budget=bad)
     paper = resolved_record(INIT, {"recipe": "paper", "allocation": {"budget": 2.5}})
-    assert paper["allocation"] == {"enabled": True, "budget": 2.5}  # over the paper recipe's "no allocation"
+    assert paper["allocation"] == {"enabled": True, "budget": 2.5, "span": 1, "gain_items": 16, "check_items": 32}  # over the paper recipe's "no allocation"
 
 
 def test_fit_help_shows_every_field_with_its_doc_and_choices(capsys):
@@ -112,27 +112,28 @@ def test_resume_compares_resolved_settings(tmp_path):
     torch.save({"vq4dit": {}, "hyper_parameters": resolved_record(INIT, {"vq": {"bits": 2}}),
                 "datamodule_hyper_parameters": {"seed": 0}}, saved)
     # the recipe's own values, given explicitly, the former way or the new one: the same run
-    for asked in ({"bit_allocation": True}, {"allocation": {"enabled": True}}, {"vq": {"row_scale": True}},
+    for asked in ({"error_feedback": True}, {"vq": {"error_feedback": True}}, {"vq": {"row_scale": True}},
                   {"export": {"dir": "elsewhere"}, "evaluation": {"model": "fp"}, "spread_blocks": True}):
         check_resumable(saved, asked, {"seed": 0}, **RESOLVE)
-    with pytest.raises(ValueError, match=r"allocation.enabled: checkpoint True, this run False"):
-        check_resumable(saved, {"bit_allocation": False}, {"seed": 0}, **RESOLVE)
+    with pytest.raises(ValueError, match=r"allocation.enabled: checkpoint False, this run True"):
+        check_resumable(saved, {"bit_allocation": True}, {"seed": 0}, **RESOLVE)
     with pytest.raises(ValueError, match=r"vq.codebook_size: checkpoint 256, this run 64.*data.seed"):
         check_resumable(saved, {"vq": {"bits": 3}}, {"seed": 1}, **RESOLVE)
     # a checkpoint of a former version (flat, unresolved hyperparameters) is compared resolved too
     former = tmp_path / "former.ckpt"
     torch.save({"vq4dit": {}, "hyper_parameters": {"model": "tiny", "bits": 2, "bit_allocation": None, "row_scale": None},
                 "datamodule_hyper_parameters": {}}, former)
-    check_resumable(former, {"allocation": {"enabled": True}}, {}, **RESOLVE)
+    check_resumable(former, {"vq": {"row_scale": True}}, {}, **RESOLVE)
 
 
 def test_resuming_with_the_recipes_own_flag_is_accepted(tmp_path, monkeypatch, capsys):
-    """Issue 20 item 8: ``--model.bit_allocation true`` is the quality recipe's default."""
+    """Issue 20 item 8: a flag that says what the recipe decides (``--model.error_feedback true``, the
+    quality recipe's; the issue's case was bit allocation, then the recipe's default) resumes."""
     assert run_main(monkeypatch, capsys, fit_args(tmp_path, "--trainer.max_epochs=1"))[0] == 0
     code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last",
-                                                       "--model.bit_allocation=true"))
+                                                       "--model.error_feedback=true"))
     assert code == 0 and not error_lines(err), err
-    assert "note: --model.bit_allocation is now --model.allocation.enabled" in err
+    assert "note: --model.error_feedback is now --model.vq.error_feedback" in err
 
 
 def test_the_card_shows_every_resolved_setting_that_decides_the_calibration():

@@ -5,9 +5,13 @@ declared with it (euclidean k-means codebooks, no row scales, the block loss onl
 ``quality`` (the default): the levers that measured better on the reference model (README, "Beyond
 the paper"): scale-normalised sub-vectors, activation-aware codebooks (k-means under the teacher's
 input second moments), candidates assigned with error feedback (GPTQ / GPTVQ with act-order),
-ratios that start at 0.9 on the feedback's codeword, and per-layer codebook sizes allocated by
-measured sensitivity at the bits the uniform setting costs. An explicit setting
+and ratios that start at 0.9 on the feedback's codeword. An explicit setting
 (``--model.vq.row_scale false``) always wins over the recipe.
+
+Bit allocation (``--model.allocation.enabled true``) is in neither recipe: on the RGB reference it
+made the calibrated model worse than uniform bits (issue 17: 1.88x vs 1.23x FP FID at k=16, d=2;
+2.92x vs 1.24x at 3 bits), and its probe cost several times the rest of the preparation (issue 18).
+A lever joins the default only when it is not worse on every reference model (docs/quality.md).
 
 The recipe fields are the dataclass fields declared with :func:`vq4dit.typed_settings.recipe_field`;
 ``tests/test_settings.py`` checks that every recipe leaves none of them unset.
@@ -33,5 +37,4 @@ def apply_recipe(
         raise ValueError(f"recipe must be one of {list(get_args(Recipe))}, got {recipe!r}")
     if recipe == "quality":
         vq = fill(vq, row_scale=True, kmeans_metric="activation", error_feedback=True, ratio_init="confident")
-        allocation = fill(allocation, enabled=True)
     return fill_defaults(vq), fill_defaults(calibration), fill_defaults(allocation)
