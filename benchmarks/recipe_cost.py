@@ -3,7 +3,7 @@ bit-allocation ranking matches the measured one.
 
 Cost table (``--models``): every row calibrates through ``train.py fit --config configs/demo.yaml``
 (in this process, back to back) at regime-matched w2 (k=16, d=2) with ``--model.recipe paper``,
-the default recipe, and the default without bit allocation, on the shipped reference DiT and on a
+the default recipe, and the default plus bit allocation (opt-in), on the shipped reference DiT and on a
 wider random-initialised DiT (192-wide, 8 blocks). Columns: wall seconds of teacher trajectories
 (+ set-up), statistics, probe (gain forwards, prediction, solve, check), k-means, error feedback,
 calibration steps, export (finalise + write), total, the ratio to the paper row, and on the
@@ -15,15 +15,14 @@ option, :func:`vq4dit.engine.allocation.measure_sensitivity`, nearest-codeword s
 correlation over all (layer, option) pairs and over the layers at the base k, the layers where both
 allocations agree, and the held-out start output MSE of uniform / predicted / measured allocation.
 
-    python benchmarks/recipe_cost.py --ranking
-    python benchmarks/recipe_cost.py --prepare reference wide      # only the pre-calibration phases
-    python benchmarks/recipe_cost.py --models reference wide --samples 200 --max-steps 2000
+    python -m benchmarks.recipe_cost --ranking
+    python -m benchmarks.recipe_cost --prepare reference wide      # only the pre-calibration phases
+    python -m benchmarks.recipe_cost --models reference wide --samples 200 --max-steps 2000
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -32,12 +31,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vq4dit import VQConfig  # noqa: E402
+from benchmarks.common import machine_line
+from vq4dit import VQConfig
 
 REGIME_W2 = ["--model.vq.bits=2", "--model.vq.codebook_size=16", "--model.vq.subvector_dim=2"]
-ROWS = {"paper": ["--model.recipe=paper"], "default": [], "default-noalloc": ["--model.allocation.enabled=false"]}
+ROWS = {"paper": ["--model.recipe=paper"], "default": [], "default+alloc": ["--model.allocation.enabled=true"]}
 WIDE = {"num_attention_heads": 6, "attention_head_dim": 32, "in_channels": 4, "out_channels": 8, "num_layers": 8,
         "sample_size": 16, "patch_size": 2, "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_zero",
         "activation_fn": "gelu-approximate", "norm_elementwise_affine": False, "norm_eps": 1e-6}
@@ -136,7 +134,9 @@ def preparation_table(models: list[str], trajectories: int) -> str:
     trajectories: the pre-calibration cost each recipe adds (the rest of a fit is alike in both)."""
     from vq4dit.engine import Calibrator
     from vq4dit.models import load_dit
-    from vq4dit.recipes import RECIPES
+    from vq4dit.recipes import apply_recipe
+    from vq4dit.typed_settings import unset
+    from vq4dit.engine.config import BitAllocation, CalibrationConfig
     from vq4dit.sampling import SamplerConfig
     from vq4dit.trajectories import TrajectoryPlan, generate_items
 
@@ -148,13 +148,12 @@ def preparation_table(models: list[str], trajectories: int) -> str:
             plan = TrajectoryPlan(0, 4, 10, SamplerConfig(sampler="ddpm", num_steps=25, guidance_scale=4.0))
             items = generate_items(teacher, list(range(trajectories)), plan, progress=False)
             for row in ROWS:
-                levers = RECIPES["paper" if row == "paper" else "quality"]
-                config = VQConfig(codebook_size=16, subvector_dim=2, num_candidates=2, row_scale=levers["row_scale"],
-                                  kmeans_metric=levers["kmeans_metric"], error_feedback=levers["error_feedback"],
-                                  ratio_init=levers["ratio_init"])
+                asked = VQConfig(**{**vars(unset(VQConfig)), "codebook_size": 16, "subvector_dim": 2})
+                config = apply_recipe("paper" if row == "paper" else "quality", vq=asked,
+                                      calibration=unset(CalibrationConfig), allocation=unset(BitAllocation))[0]
                 start = time.perf_counter()
                 engine = Calibrator.build(teacher, config, items=items, guidance_scale=4.0, progress=False,
-                                          bit_allocation=row == "default")
+                                          bit_allocation=row == "default+alloc")
                 total, seconds = time.perf_counter() - start, engine.phase_seconds
                 check = engine.allocation_check or {}
                 verdict = "" if not check else (f"{check['allocated_mse']:.2e} vs uniform {check['uniform_mse']:.2e}: "
@@ -237,8 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trajectories", type=int, default=4, help="ranking: calibration trajectories (x4 x25 items)")
     parser.add_argument("--measured-items", type=int, default=128, help="ranking: items per measured option")
     args = parser.parse_args(argv)
-    print(f"# recipe_cost: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"# recipe_cost, {machine_line()}")
     if args.ranking:
         print(ranking(args.trajectories, args.measured_items), flush=True)
     if args.prepare:
