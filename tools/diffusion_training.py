@@ -244,6 +244,7 @@ def train_dit(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 100,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train a reference DiT with the hybrid loss; returns ``(ema_model, stats)`` (EMA in eval mode).
 
@@ -256,6 +257,8 @@ def train_dit(
             ``checkpoint_every`` steps; an existing one with the same config is resumed.
         checkpoint_every: steps between checkpoints.
         progress: show a tqdm bar with the running losses.
+        stop_at: end after this many steps (of ``config.train_steps``, whose schedule stays): a
+            bounded wall time, reproducible by the same ``stop_at``; None = ``train_steps``.
     """
     from tqdm import tqdm
 
@@ -282,8 +285,11 @@ def train_dit(
         if progress:
             print(f"resumed from {checkpoint} at step {first_step}", flush=True)
 
+    last_step = config.train_steps if stop_at is None else max(1, min(stop_at, config.train_steps))
+    if first_step > last_step:
+        raise ValueError(f"checkpoint {checkpoint} is at step {first_step}, past stop_at={stop_at}")
     start = time.perf_counter() - elapsed
-    bar = tqdm(range(first_step, config.train_steps), disable=not progress, mininterval=5.0, desc="train DiT",
+    bar = tqdm(range(first_step, last_step), disable=not progress, mininterval=5.0, desc="train DiT",
                initial=first_step, total=config.train_steps)
     for step in bar:
         index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
@@ -325,21 +331,24 @@ def train_dit(
                 + " ".join(f"{k} {v:.4f}" for k, v in recent.items()),
                 flush=True,
             )
-        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == config.train_steps):
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == last_step):
             _save_checkpoint(checkpoint, {
                 "config": asdict(config), "step": step + 1, "elapsed": time.perf_counter() - start,
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
             })
 
-    window = min(100, config.train_steps)
+    if last_step < config.ema_start:  # stopped before the EMA started: ship the weights themselves
+        ema.load_state_dict(model.state_dict())
+    window = min(100, last_step)
     stats = {
+        "steps_done": last_step,
         "wall_seconds": time.perf_counter() - start,
         "final_loss": sum(history["loss"][-window:]) / window,
         "final_mse": sum(history["mse"][-window:]) / window,
         "final_vb": sum(history["vb"][-window:]) / window,
         "loss_curve": [round(sum(history["loss"][i : i + 100]) / len(history["loss"][i : i + 100]), 5)
-                       for i in range(0, config.train_steps, 100)],
+                       for i in range(0, last_step, 100)],
         "num_parameters": sum(p.numel() for p in ema.parameters()),
     }
     return ema, stats
