@@ -102,7 +102,7 @@ def train(
                 + ". DiT trains on all patches (random h-flip); the classifier on row bands 1-3 of every "
                   "region, tested on band 0 (rgb_patches_split)",
         "class_counts": torch.bincount(labels).tolist(),
-        "dit": {"config": asdict(dit), "weights_dtype": "float16", **dit_stats},
+        "dit": {"config": asdict(dit), "stop_at": stop_at, "weights_dtype": "float16", **dit_stats},
         "classifier": {"config": asdict(classifier), **classifier_stats},
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
