@@ -47,3 +47,24 @@ def test_calibration_lowers_the_error_below_its_own_start(reports):
     for name, limit in (("paper", 0.85), ("default", 0.99)):
         start, end = reports[name].start["output_mse"], reports[name].end["output_mse"]
         assert end < limit * start, (name, start, end)
+
+
+def test_argmax_view_is_the_exported_model_and_restores_the_soft_state():
+    """What the report measures at the start: every soft row at its argmax, as finalize_model_ exports."""
+    import copy
+
+    import torch
+
+    from vq4dit import VQConfig, VQLinear, finalize_model_
+    from vq4dit.quantize import argmax_view
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(VQLinear.from_linear(torch.nn.Linear(32, 16), VQConfig(codebook_size=16, subvector_dim=2,
+                                                                                          num_candidates=3), "l"))
+    soft_logits, soft_weight = model[0].candidate_logits.detach().clone(), model[0].weight().detach()
+    hard = copy.deepcopy(model)
+    finalize_model_(hard)
+    with argmax_view(model):
+        assert torch.equal(model[0].weight().detach(), hard[0].weight().detach())
+    assert torch.equal(model[0].candidate_logits.detach(), soft_logits)
+    assert torch.equal(model[0].weight().detach(), soft_weight) and not torch.equal(soft_weight, hard[0].weight().detach())
