@@ -24,7 +24,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import callbacks  # noqa: F401  (short class paths in YAML: callbacks.CandidatePruning)
-from callbacks import FinalAssignment, RunGuard, SampleWriter
+from callbacks import CalibrationReport, FinalAssignment, RunGuard, SampleWriter
 from callbacks.settings import RANGE_ERROR
 from vq4dit.lightning import CalibrationDataModule, CalibrationModule
 from vq4dit.lightning.checkpoint_io import AtomicCheckpointIO
@@ -54,6 +54,8 @@ class VQ4DiTCLI(LightningCLI):
         # (resumable checkpoint on SIGTERM, no empty log folder after a failed start).
         parser.add_lightning_class_args(FinalAssignment, "final_assignment")
         parser.add_lightning_class_args(RunGuard, "run_guard")
+        # Every fit reports its validation error at the end relative to its start (and warns if worse).
+        parser.add_lightning_class_args(CalibrationReport, "calibration_report")
         # predict writes PNGs + a sample_ddp.py-style npz (inactive in the other subcommands).
         parser.add_lightning_class_args(SampleWriter, "sample_writer")
 

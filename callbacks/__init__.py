@@ -1,5 +1,6 @@
 """Lightning callbacks of vq4dit: YAML can say ``class_path: callbacks.CandidatePruning``."""
 
+from .calibration_report import CalibrationReport
 from .calibration_stop import CalibrationStop
 from .candidate_pruning import CandidatePruning
 from .final_assignment import FinalAssignment
@@ -7,4 +8,4 @@ from .run_guard import RunGuard
 from .sample_images import SampleImages
 from .sample_writer import SampleWriter
 
-__all__ = ["CalibrationStop", "CandidatePruning", "FinalAssignment", "RunGuard", "SampleImages", "SampleWriter"]
+__all__ = ["CalibrationReport", "CalibrationStop", "CandidatePruning", "FinalAssignment", "RunGuard", "SampleImages", "SampleWriter"]

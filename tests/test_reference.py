@@ -191,3 +191,46 @@ def test_train_classifier_smoke(digits):
                                          labels[:200], progress=False)
     assert isinstance(classifier, DigitsClassifier) and not classifier.training
     assert 0.0 <= stats["test_accuracy"] <= 1.0 and stats["num_train"] + stats["num_test"] == 200
+
+
+_KILLED_TRAINING = """
+import sys, torch
+torch.set_num_threads(1)
+from tools.train_reference import train_transformer
+from tests.test_reference import _resume_config
+from vq4dit.reference import digits_dataset
+images, labels = digits_dataset(16)
+train_transformer(_resume_config(), images[:64], labels[:64], progress=False, checkpoint=sys.argv[1])
+"""
+
+
+def _resume_config() -> ReferenceConfig:
+    return _tiny_config(train_steps=400, ema_start=2, warmup_steps=2)
+
+
+def test_training_killed_with_sigkill_resumes_to_the_same_weights(digits, tmp_path):
+    """The shared loop's checkpoint (tools/diffusion_training.py): a run killed with SIGKILL mid-way
+    and started again ends bit-identical to an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images, labels = digits
+    checkpoint = tmp_path / "training.ckpt"
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_TRAINING, str(checkpoint)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert checkpoint.exists(), "no checkpoint written"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    step = torch.load(checkpoint, weights_only=False)["step"]
+    assert 0 < step < 400, step  # killed mid-way (the default writes every 100 steps)
+    resumed, _ = train_transformer(_resume_config(), images[:64], labels[:64], progress=False, checkpoint=checkpoint)
+    straight, _ = train_transformer(_resume_config(), images[:64], labels[:64], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()))

@@ -26,9 +26,9 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 
 class ClassifierFeatures(nn.Module):
-    """Wrap the digits classifier as a torchmetrics feature network.
+    """Wrap a reference classifier (digits, or the RGB reference's) as a torchmetrics feature network.
 
-    Input ``[B, C, H, W]`` in [0, 1] (3 channels are averaged to gray); output the penultimate
+    Input ``[B, C, H, W]`` in [0, 1] (3 channels are averaged to gray for a 1-channel classifier); output the penultimate
     features ``[B, F]`` (``output="features"``) or the class logits ``[B, K]`` (``"logits"``).
     """
 
@@ -47,7 +47,7 @@ class ClassifierFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = images.float()
-        if images.shape[1] == 3:
+        if images.shape[1] == 3 and getattr(self.classifier, "in_channels", 1) == 1:  # RGB into a gray classifier
             images = images.mean(dim=1, keepdim=True)
         pixels = images * 2.0 - 1.0
         return (self.classifier.features(pixels) if self.output == "features" else self.classifier(pixels)).double()

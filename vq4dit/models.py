@@ -229,6 +229,9 @@ def _is_pathlike_string(source: str) -> bool:
 # The project's small trained digits DiT (pixel space, 16x16, 10 classes), shipped in the package.
 REFERENCE_NAME = "reference"
 REFERENCE_FOLDER = Path(__file__).resolve().parent / "assets" / "reference" / "transformer"
+# The shipped reference suite by name (issue 17): the digits DiT and the RGB-patches DiT (FP16 weights).
+SHIPPED_MODELS = {REFERENCE_NAME: REFERENCE_FOLDER,
+                  "rgb_reference": Path(__file__).resolve().parent / "assets" / "rgb_reference" / "transformer"}
 
 
 def load_dit(
@@ -244,7 +247,8 @@ def load_dit(
     Path objects are always local paths.
 
     Args:
-        source: ``reference`` (the shipped digits DiT), a preset (``DiT-XL/2``, ``DiT-S/4-512``,
+        source: ``reference`` (the shipped digits DiT), ``rgb_reference`` (the shipped RGB-patches
+            DiT; stored in FP16, loaded in float32), a preset (``DiT-XL/2``, ``DiT-S/4-512``,
             ``tiny``; random weights), a local
             diffusers folder (``DiTPipeline`` snapshot or transformer folder), a hub id, or an
             original facebookresearch/DiT checkpoint (``.pt``/``.pth``).
@@ -268,10 +272,10 @@ def load_dit(
             f"num_heads={num_heads} only applies to original .pt/.pth checkpoints; "
             f"{os.fspath(source)!r} stores its own config"
         )
-    if is_string and source == REFERENCE_NAME:
-        if not REFERENCE_FOLDER.is_dir():
-            raise DiTLoadError(f"the shipped reference model is missing at {REFERENCE_FOLDER}")
-        model = _load_folder(REFERENCE_FOLDER)
+    if is_string and source in SHIPPED_MODELS:
+        if not SHIPPED_MODELS[source].is_dir():
+            raise DiTLoadError(f"the shipped {source} model is missing at {SHIPPED_MODELS[source]}")
+        model = _load_folder(SHIPPED_MODELS[source]).float()  # stored FP16 (rgb_reference), computed in FP32
     elif is_string and source in PRESETS:
         model = DiTTransformer2DModel(**PRESETS[source])
     elif path.exists():

@@ -3,9 +3,10 @@ model-wide operations on VQ layers (inference mode, finalize)."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -151,6 +152,28 @@ def set_inference_mode_(model: nn.Module, mode: InferenceMode) -> int:
 def vq_layers(model: nn.Module) -> dict[str, VQLinear]:
     """All ``VQLinear`` modules of ``model`` by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, VQLinear)}
+
+
+@contextlib.contextmanager
+def argmax_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every soft row of every ``VQLinear`` of ``model`` uses its argmax candidate
+    alone (ratio exactly 1: what :func:`finalize_model_` would export); the soft state is restored
+    afterwards. No copy of the model: only the soft rows' logits ``[S, n]`` are saved."""
+    saved = {}
+    with torch.no_grad():
+        for name, layer in vq_layers(model).items():
+            if layer.num_soft:
+                logits = layer.candidate_logits
+                saved[name] = logits.detach().clone()
+                top = layer.ratios().argmax(dim=1, keepdim=True)  # [S, 1]
+                logits.fill_(-100.0).scatter_(1, top.to(logits.device), 100.0)  # softmax: exactly one-hot
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            layers = vq_layers(model)
+            for name, logits in saved.items():
+                layers[name].candidate_logits.copy_(logits)
 
 
 def finalize_model_(model: nn.Module) -> int:

@@ -100,20 +100,23 @@ def disable_label_dropout_(model: nn.Module) -> nn.Module:
 
 
 class DigitsClassifier(nn.Module):
-    """Small CNN for 16x16 digits in [-1, 1]; ``features`` is the penultimate activation."""
+    """Small CNN for ``size x size`` images in [-1, 1] (digits: 1 channel; the RGB reference: 3);
+    ``features`` is the penultimate activation."""
 
-    def __init__(self, channels: int = 32, feature_dim: int = 128, num_classes: int = NUM_CLASSES, size: int = 16):
+    def __init__(self, channels: int = 32, feature_dim: int = 128, num_classes: int = NUM_CLASSES, size: int = 16,
+                 in_channels: int = 1):
         super().__init__()
         if size % 4:
             raise ValueError(f"size must be a multiple of 4, got {size}")
         self.channels, self.feature_dim, self.num_classes, self.size = channels, feature_dim, num_classes, size
+        self.in_channels = in_channels
         wide = 2 * channels
 
         def conv(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
 
         self.body = nn.Sequential(
-            conv(1, channels), conv(channels, channels), nn.MaxPool2d(2),  # [B, c, size/2, size/2]
+            conv(in_channels, channels), conv(channels, channels), nn.MaxPool2d(2),  # [B, c, size/2, size/2]
             conv(channels, wide), conv(wide, wide), nn.MaxPool2d(2),  # [B, 2c, size/4, size/4]
             nn.Flatten(),
             nn.Linear(wide * (size // 4) ** 2, feature_dim), nn.ReLU(),
@@ -123,7 +126,7 @@ class DigitsClassifier(nn.Module):
         self.num_features = feature_dim  # read by torchmetrics' FID with a custom feature module
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features ``[B, feature_dim]`` of images ``[B, 1, size, size]``."""
+        """Penultimate features ``[B, feature_dim]`` of images ``[B, in_channels, size, size]``."""
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +135,11 @@ class DigitsClassifier(nn.Module):
 
     def architecture(self) -> dict:
         """Constructor arguments (saved as ``classifier.json``)."""
-        return {"channels": self.channels, "feature_dim": self.feature_dim, "num_classes": self.num_classes,
-                "size": self.size}
+        architecture = {"channels": self.channels, "feature_dim": self.feature_dim, "num_classes": self.num_classes,
+                        "size": self.size}
+        if self.in_channels != 1:
+            architecture["in_channels"] = self.in_channels
+        return architecture
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from ..distributed import BlockSpread, ddp_ignored
 from ..engine import CalibrationConfig, Calibrator, load_packed_student
 from ..engine.config import BitAllocation, LayerSelection
 from ..models import load_dit
+from ..quantize import argmax_view
 from ..recipes import Recipe
 from ..typed_settings import unset
 from ..vq_config import VQConfig
@@ -157,6 +158,16 @@ class CalibrationModule(pl.LightningModule):
         batch_size, sync = batch[0].shape[0], self.engine.spread is None  # with a spread: already global
         self.log("val/block_mse", block_mse.mean(), prog_bar=True, sync_dist=sync, batch_size=batch_size)
         self.log("val/output_mse", output_mse, sync_dist=sync, batch_size=batch_size)
+
+    @torch.no_grad()
+    def validation_error(self, batches: list) -> dict[str, float]:
+        """Mean block MSE and final-output MSE against the teacher over ``batches`` (validation items
+        on this device) of the student as it would be exported now (soft rows at their argmax);
+        read by ``callbacks.CalibrationReport``."""
+        with argmax_view(self.student):
+            pairs = [self.engine.block_losses(batch) for batch in batches]
+        block = sum(float(self.engine.global_sum(b.detach()).mean()) for b, _ in pairs) / len(pairs)
+        return {"block_mse": block, "output_mse": sum(float(o) for _, o in pairs) / len(pairs)}
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.engine.update_codebook_trainability()

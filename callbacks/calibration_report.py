@@ -1,0 +1,80 @@
+"""CalibrationReport: every calibration reports on itself (always on in ``train.py``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from .settings import check_range
+
+
+class CalibrationReport(pl.Callback):
+    """Measure the validation error of the student against the FP teacher at the start of fit
+    (before the first step: the k-means / error-feedback start) and at its end (after
+    ``FinalAssignment`` made every layer hard: the exported model); print both, log them to the
+    logger (``report/*``) and warn when the end is not below the start.
+
+    The module computes (:meth:`CalibrationModule.validation_error`); this callback only picks the
+    moments and the first ``max_batches`` validation batches. The start survives a resume (it is
+    part of the callback's checkpoint state).
+
+    Args:
+        max_batches: validation batches per measurement (the cost: 2 x this many forward passes
+            of teacher and student).
+    """
+
+    def __init__(self, max_batches: int = 4) -> None:
+        check_range("CalibrationReport", "max_batches", max_batches, 1)
+        self.max_batches = max_batches
+        self.start: dict[str, float] | None = None
+        self.end: dict[str, float] | None = None
+
+    def _measure(self, trainer: pl.Trainer, pl_module) -> dict[str, float] | None:
+        datamodule = getattr(trainer, "datamodule", None)
+        loader = datamodule.val_dataloader() if datamodule is not None and hasattr(datamodule, "val_dataloader") else []
+        batches = [trainer.strategy.batch_to_device(b) for b in itertools.islice(loader, self.max_batches)]
+        if not batches or getattr(pl_module, "engine", None) is None:
+            return None
+        values = pl_module.validation_error(batches)
+        if trainer.world_size > 1 and pl_module.engine.spread is None:  # each rank saw its own items
+            values = {k: float(trainer.strategy.reduce(torch.tensor(v, device=pl_module.device), reduce_op="mean"))
+                      for k, v in values.items()}
+        return values
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.start is None:  # a resumed run keeps the start of the first run
+            self.start = self._measure(trainer, pl_module)
+            if self.start is None:
+                rank_zero_info("calibration report: no validation items (data.val_trajectories=0), no report")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.start is None:
+            return
+        self.end = self._measure(trainer, pl_module)
+        if self.end is None:
+            return
+        ratios = {k: self.end[k] / self.start[k] if self.start[k] > 0 else float("nan") for k in self.end}
+        if trainer.logger is not None:
+            metrics = {f"report/{k}_{when}": v for when, d in (("start", self.start), ("end", self.end))
+                       for k, v in d.items()}
+            metrics.update({f"report/{k}_vs_start": v for k, v in ratios.items()})
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(
+            f"calibration report ({trainer.global_step} steps): validation output MSE "
+            f"{self.start['output_mse']:.4g} -> {self.end['output_mse']:.4g} ({ratios['output_mse']:.3f}x the start), "
+            f"block MSE {self.start['block_mse']:.4g} -> {self.end['block_mse']:.4g} ({ratios['block_mse']:.3f}x)"
+        )
+        if not ratios["output_mse"] < 1.0:
+            rank_zero_warn(
+                f"calibration made the validation output error worse than its start ({ratios['output_mse']:.3f}x): "
+                "check the recipe's levers (e.g. --model.recipe paper) and the step budget"
+            )
+
+    def state_dict(self) -> dict:
+        return {"start": self.start}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.start = state_dict.get("start")
