@@ -222,7 +222,10 @@ def one_line(message: str) -> str:
 PHASES = {
     "load_dit": "loading the model", "generate_items": "generating the teacher trajectories",
     "input_second_moments": "measuring the activation statistics",
-    "allocate_bits": "measuring the bit-allocation sensitivities", "build_student": "the k-means start",
+    "gather_statistics": "measuring the activation statistics",
+    "allocate_bits": "measuring the bit-allocation sensitivities",
+    "probe_allocation": "measuring the bit-allocation sensitivities",
+    "build_student": "the k-means start", "build_layers": "the k-means start",
 }
 
 

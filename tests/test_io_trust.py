@@ -204,7 +204,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path):
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
     try:
         for writer in ("save_quantized", "vq4dit.save_pretrained(pipe)"):
-            with pytest.raises(WriteError, match=r"^cannot write .*/small/out: No space left on device$"):
+            with pytest.raises(WriteError, match=r"^cannot write .*/small/out: (?i:no space left on device)"):
                 WRITERS[writer](quantized_dit(CONFIG), target / "out")
             assert os.listdir(target) == []
     finally:

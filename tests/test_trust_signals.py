@@ -33,7 +33,7 @@ def wait_for(process: subprocess.Popen, marker: str, timeout: float = 240) -> st
 
 def test_sigterm_during_the_bit_allocation_probe_says_where_and_leaves_nothing(tmp_path):
     process = start(fit_args(tmp_path, "--trainer.max_epochs=1", "--model.allocation.enabled=true"))
-    wait_for(process, "bit allocation:")
+    wait_for(process, "probe]")  # the preparation bar during the probe (vq4dit.engine.probe.Phases)
     process.send_signal(signal.SIGTERM)
     err = process.stderr.read()
     process.wait(timeout=120)

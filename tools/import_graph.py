@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("vq4dit.convert", "vq4dit.models")),  # DiT loading and conversion (diffusers only)
     ("layers", ("vq4dit.layers", "vq4dit.quantize", "vq4dit.size", "vq4dit.distributed")),
     ("io", ("vq4dit.io", "vq4dit.io.*", "vq4dit.export")),  # vq4dit.export: old import path, re-exports only
-    ("evaluation", ("vq4dit.reference", "vq4dit.evaluation", "vq4dit.trajectories")),
+    ("evaluation", ("vq4dit.reference", "vq4dit.rgb_reference", "vq4dit.evaluation", "vq4dit.trajectories")),
     ("engine", ("vq4dit.engine", "vq4dit.engine.*", "vq4dit.recipes")),
     ("lightning", ("vq4dit.lightning", "vq4dit.lightning.*")),
     ("package", ("vq4dit",)),
