@@ -8,26 +8,22 @@ attention key biases (``to_k``, whose gradient is zero in exact arithmetic: soft
 constant added to every key's score, so what the optimizer sees is rounding noise) and for the
 other layers, and the median |gradient| of each group at the first step.
 
-    python benchmarks/bias_drift.py                    # rmsprop, lr_bias 1e-4 (the demo) and 1e-5
-    python benchmarks/bias_drift.py --settings "--model.calibration.optimizer=adam"
+    python -m benchmarks.bias_drift                    # rmsprop, lr_bias 1e-4 (the demo) and 1e-5
+    python -m benchmarks.bias_drift --settings "--model.calibration.optimizer=adam"
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
 import tempfile
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train import cli_main  # noqa: E402
-from vq4dit.layers import VQLinear  # noqa: E402
+from benchmarks.common import machine_line
+from train import cli_main
+from vq4dit.layers import VQLinear
 
 STEPS = (1, 10, 50, 100)
 
@@ -75,8 +71,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1e-6)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    print(f"# bias drift under a {args.scale:g} relative codebook perturbation; {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"# bias drift under a {args.scale:g} relative codebook perturbation; "
+          + machine_line(f"CPU capability {torch.backends.cpu.get_cpu_capability()}"))
     print("| setting | step | to_k: max |dB| / max |B| | others: max |dB| / max |B| | others: median | worst layer |")
     print("|---|---|---|---|---|---|")
     for setting in args.settings:
