@@ -22,7 +22,7 @@ from benchmarks.common import machine_line, markdown_table
 from vq4dit import VQConfig
 from vq4dit.engine import input_second_moments, statistics_batches
 from vq4dit.error_feedback import error_feedback_assign
-from vq4dit.layers import VQLinear
+from vq4dit.layers import InputMoments, VQLinear
 from vq4dit.quantize import select_layers
 from vq4dit.reference import load_reference_model
 from vq4dit.sampling import SamplerConfig

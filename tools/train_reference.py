@@ -28,7 +28,6 @@ from vq4dit.reference import (
     classifier_accuracy,
     digits_dataset,
     digits_split,
-    disable_label_dropout_,
     load_reference_classifier,
     load_reference_model,
     sample_class_accuracy,
