@@ -34,17 +34,16 @@ import inspect
 import math
 import sys
 import tempfile
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable
 from unittest import mock
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
 
 from benchmarks.common import Timer, machine_line, markdown_table
+from benchmarks.roofline import (
+    H100, PROJECTION_BANNER, SCENARIOS, XL_PRESET, Counts, Hardware, combine, count_ops, fit_blocks, fmt_s,
+)
 from benchmarks.throughput import ITEMS, CalibrationStep, FineTuneStep, make_batch, xl_block_folder
 from callbacks import CandidatePruning
 from vq4dit.codewords import to_subvectors
@@ -58,287 +57,6 @@ from vq4dit.trajectories import generate_items
 from vq4dit.vq_config import VQConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-aten = torch.ops.aten
-XL_PRESET = "DiT-XL/2-256"
-PROJECTION_BANNER = "PROJECTIONS, NOT MEASUREMENTS: no GPU was used; H100 times come from a roofline model of op counts measured on this CPU."
-
-# ----------------------------------------------------------------------------------- hardware
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """The projected device (H100 SXM 80 GB; dense, i.e. no 2:4 sparsity) and the host's dispatch cost."""
-
-    name: str = "NVIDIA H100 SXM (80 GB HBM3)"
-    bf16_flops: float = 989e12  # tensor cores, bf16/fp16, dense
-    fp32_flops: float = 67e12  # CUDA cores: PyTorch's default disallows TF32 for matmuls
-    tf32_flops: float = 494e12  # convolutions: torch.backends.cudnn.allow_tf32 defaults to True
-    hbm_bytes_per_s: float = 3.35e12
-    cpu_dispatch_s: float = 10e-6  # per kernel, eager Python + dispatcher + launch on the host
-    # multi_tensor_apply (foreach optimizer kernels): one launch per full chunk table
-    mta_chunk_elements: int = 65536
-    mta_max_blocks: int = 320
-    mta_max_tensors: tuple[int, ...] = (110, 64, 48, 36, 30)  # by tensor-list depth 1..5
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """Efficiencies of one roofline setting: fraction of peak reached by matmuls / memory, plus a
-    fixed GPU-side cost per kernel (launch latency, tail effects of small grids)."""
-
-    name: str
-    mm_efficiency: float
-    mem_efficiency: float
-    launch_s: float
-
-
-H100 = Hardware()
-SCENARIOS = (Scenario("optimistic", 0.7, 0.8, 3e-6), Scenario("pessimistic", 0.4, 0.5, 10e-6))
-
-# ---------------------------------------------------------------------------------- op counting
-
-# No data movement, no kernel: views (also recognised from the schema: returns that alias an
-# input without writing it) and allocations (the caching allocator launches nothing).
-VIEW_OPS = frozenset({
-    "view", "_unsafe_view", "t", "as_strided", "detach", "alias", "expand", "permute", "transpose",
-    "unsqueeze", "squeeze", "select", "slice", "_reshape_alias", "split", "split_with_sizes", "unbind",
-    "narrow", "diagonal", "unfold", "lift_fresh", "view_as_real", "view_as_complex", "_neg_view", "_conj",
-    "t_", "transpose_", "unsqueeze_", "squeeze_", "as_strided_", "detach_",
-})
-ALLOCATION_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_"})
-# In-place ops that overwrite ``self`` without reading it.
-WRITE_ONLY_SELF = frozenset({"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_"})
-# Ops whose result the host must wait for on a GPU (a device-to-host sync).
-SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "unique",
-                      "_unique", "_unique2", "unique_consecutive", "unique_dim"})
-
-FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
-    **flop_registry,
-    # the CPU's fused SDPA kernels have no registered formula; they compute what the CUDA flash ones do
-    aten._scaled_dot_product_flash_attention_for_cpu: flop_registry[aten._scaled_dot_product_flash_attention],
-    aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        flop_registry[aten._scaled_dot_product_flash_attention_backward],
-}
-CONVOLUTIONS = frozenset({"convolution", "_convolution", "convolution_backward", "cudnn_convolution", "_slow_conv2d_forward"})
-
-
-class OpRecord(NamedTuple):
-    """One dispatched aten op: FLOPs, bytes read + written, GPU kernels, compute class
-    (``bf16`` / ``fp32`` / ``tf32`` for ops with FLOPs, else None) and whether it syncs the host."""
-
-    name: str
-    flops: int
-    bytes: int
-    kernels: int
-    compute: str | None
-    sync: bool
-
-
-def touched_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a kernel touches reading or writing ``tensor`` once: its elements, but a broadcast
-    (stride-0) dimension only once, i.e. ``min(numel, strided span) * element_size``."""
-    numel = tensor.numel()
-    if numel == 0:
-        return 0
-    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
-    return min(numel, span) * tensor.element_size()
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor)]
-
-
-def _key(tensor: torch.Tensor) -> tuple:
-    return tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
-
-
-def foreach_launches(tensor_lists: list[list[torch.Tensor]], hardware: Hardware) -> int:
-    """Kernel launches of one CUDA ``_foreach_*`` op (``multi_tensor_apply``): a launch whenever the
-    tensor table (by list depth) or the block table (``mta_max_blocks`` chunks) is full. Lists of
-    0-dim tensors are optimizer step counters, kept on the host when not capturable: 0 launches."""
-    first = tensor_lists[0]
-    if all(t.dim() == 0 for t in first):
-        return 0
-    depth = min(len(tensor_lists), len(hardware.mta_max_tensors))
-    chunks = sum(math.ceil(t.numel() / hardware.mta_chunk_elements) for t in first)
-    by_tensors = math.ceil(len(first) / hardware.mta_max_tensors[depth - 1])
-    return max(1, by_tensors, math.ceil(chunks / hardware.mta_max_blocks))
-
-
-def classify_op(func, args: tuple, kwargs: dict, out: Any, hardware: Hardware = H100) -> OpRecord:
-    """The :class:`OpRecord` of ``func(*args, **kwargs) -> out`` (already executed)."""
-    schema = func._schema
-    name = schema.name.split("::")[-1]
-    if func.namespace != "aten":  # e.g. profiler record_function markers
-        return OpRecord(name, 0, 0, 0, None, False)
-    is_view = name in VIEW_OPS or (
-        bool(schema.returns)
-        and all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-        and not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-    )
-    if is_view or name in ALLOCATION_OPS:
-        return OpRecord(name, 0, 0, 0, None, False)
-    reads: dict[tuple, torch.Tensor] = {}
-    writes: dict[tuple, torch.Tensor] = {}
-    tensor_lists: list[list[torch.Tensor]] = []
-    for index, argument in enumerate(schema.arguments):
-        value = args[index] if index < len(args) else kwargs.get(argument.name)
-        tensors = _tensors(value)
-        if isinstance(value, (list, tuple)) and tensors:
-            tensor_lists.append(tensors)
-        mutated = argument.alias_info is not None and argument.alias_info.is_write
-        if mutated:
-            writes.update((_key(t), t) for t in tensors)
-        if not mutated or not (argument.kwarg_only or name in WRITE_ONLY_SELF):  # in-place self is read too
-            reads.update((_key(t), t) for t in tensors)
-    for tensor in _tensors(out):
-        writes.setdefault(_key(tensor), tensor)
-    moved = sum(map(touched_bytes, reads.values())) + sum(map(touched_bytes, writes.values()))
-
-    flops, compute = 0, None
-    formula = FLOP_FORMULAS.get(func._overloadpacket)
-    if formula is not None:
-        flops = int(formula(*args, **kwargs, out_val=out))
-        floating = [t for t in reads.values() if t.is_floating_point()]
-        dtype = floating[0].dtype if floating else torch.float32
-        if dtype in (torch.bfloat16, torch.float16):
-            compute = "bf16"
-        else:
-            compute = "tf32" if name in CONVOLUTIONS else "fp32"
-    sync = name in SYNC_OPS or (
-        name in ("index", "index_put", "index_put_")
-        and any(t.dtype == torch.bool for t in _tensors(args[1] if len(args) > 1 else None))
-    )
-    kernels = foreach_launches(tensor_lists, hardware) if name.startswith("_foreach_") and tensor_lists else 1
-    return OpRecord(name, flops, moved, kernels, compute, sync)
-
-
-class OpCounter(TorchDispatchMode):
-    """Records an :class:`OpRecord` for every aten op dispatched while the mode is active
-    (forward, autograd backward and optimizer alike); ``records`` in dispatch order."""
-
-    def __init__(self, hardware: Hardware = H100) -> None:
-        super().__init__()
-        self.hardware = hardware
-        self.records: list[OpRecord] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        self.records.append(classify_op(func, args, kwargs, out, self.hardware))
-        return out
-
-
-# ---------------------------------------------------------------------------------- roofline
-
-
-def op_seconds(record: OpRecord, scenario: Scenario, hardware: Hardware = H100) -> tuple[float, float, float]:
-    """``(compute, memory, launch)`` seconds of one op; only the larger of compute and memory is
-    non-zero (the roofline ``max``), launch is ``kernels * scenario.launch_s``."""
-    if record.kernels == 0:
-        return 0.0, 0.0, 0.0
-    peak = {"bf16": hardware.bf16_flops, "fp32": hardware.fp32_flops, "tf32": hardware.tf32_flops}.get(record.compute, 0.0)
-    compute = record.flops / (peak * scenario.mm_efficiency) if record.flops else 0.0
-    memory = record.bytes / (hardware.hbm_bytes_per_s * scenario.mem_efficiency)
-    launch = record.kernels * scenario.launch_s
-    return (compute, 0.0, launch) if compute > memory else (0.0, memory, launch)
-
-
-@dataclass
-class Counts:
-    """Summed costs of one measured run. Every field is additive, so a linear combination of
-    runs (the fit in the number of blocks) is a valid run-shaped estimate.
-
-    ``compute_s`` / ``memory_s`` / ``launch_s``: per scenario name, projected GPU seconds of the
-    compute-bound ops, of the memory-bound ops, and of kernel launches. ``ops``: per op name,
-    ``[kernels, flops, bytes, optimistic seconds]``.
-    """
-
-    flops: float = 0.0
-    flops_fp32: float = 0.0  # of which not on bf16 tensor cores (fp32 / tf32)
-    bytes: float = 0.0
-    kernels: float = 0.0
-    syncs: float = 0.0
-    wall_s: float = 0.0  # CPU wall time of the measured run (with the counting mode on)
-    compute_s: dict[str, float] = field(default_factory=dict)
-    memory_s: dict[str, float] = field(default_factory=dict)
-    launch_s: dict[str, float] = field(default_factory=dict)
-    ops: dict[str, list[float]] = field(default_factory=dict)
-
-    def roofline_s(self, scenario: Scenario) -> float:
-        """Projected GPU time: compute-bound + memory-bound ops + launches."""
-        return self.compute_s[scenario.name] + self.memory_s[scenario.name] + self.launch_s[scenario.name]
-
-    def floor_s(self, hardware: Hardware = H100) -> float:
-        """Host-side floor of eager PyTorch: every kernel costs ``cpu_dispatch_s`` to issue."""
-        return self.kernels * hardware.cpu_dispatch_s
-
-    def projected_s(self, scenario: Scenario, hardware: Hardware = H100) -> float:
-        """The step cannot be faster than the GPU roofline nor than the host issuing its kernels."""
-        return max(self.roofline_s(scenario), self.floor_s(hardware))
-
-
-def summarise(records: Iterable[OpRecord], wall_s: float = 0.0, hardware: Hardware = H100,
-              scenarios: tuple[Scenario, ...] = SCENARIOS) -> Counts:
-    """Sum ``records`` into :class:`Counts` with the roofline of every scenario."""
-    counts = Counts(wall_s=wall_s)
-    for s in scenarios:
-        counts.compute_s[s.name] = counts.memory_s[s.name] = counts.launch_s[s.name] = 0.0
-    for r in records:
-        counts.flops += r.flops
-        counts.flops_fp32 += r.flops if r.compute in ("fp32", "tf32") else 0
-        counts.bytes += r.bytes
-        counts.kernels += r.kernels
-        counts.syncs += r.sync
-        for s in scenarios:
-            compute, memory, launch = op_seconds(r, s, hardware)
-            counts.compute_s[s.name] += compute
-            counts.memory_s[s.name] += memory
-            counts.launch_s[s.name] += launch
-        entry = counts.ops.setdefault(r.name, [0.0, 0.0, 0.0, 0.0])
-        entry[0] += r.kernels
-        entry[1] += r.flops
-        entry[2] += r.bytes
-        entry[3] += sum(op_seconds(r, scenarios[0], hardware))
-    return counts
-
-
-def combine(terms: Iterable[tuple[float, Counts]]) -> Counts:
-    """``sum_i w_i * counts_i`` field by field (dict fields key by key)."""
-    result = Counts()
-    for weight, counts in terms:
-        for f in fields(Counts):
-            value = getattr(counts, f.name)
-            if isinstance(value, dict):
-                target = getattr(result, f.name)
-                for key, item in value.items():
-                    if isinstance(item, list):
-                        old = target.setdefault(key, [0.0] * len(item))
-                        target[key] = [a + weight * b for a, b in zip(old, item)]
-                    else:
-                        target[key] = target.get(key, 0.0) + weight * item
-            else:
-                setattr(result, f.name, getattr(result, f.name) + weight * value)
-    return result
-
-
-def fit_blocks(by_layers: dict[int, Counts], layers: int) -> Counts:
-    """``outside + layers * per_block`` from runs at two block counts ``L1 < L2``:
-    ``per_block = (c2 - c1) / (L2 - L1)``, ``outside = c1 - L1 * per_block``."""
-    if len(by_layers) != 2:
-        raise ValueError(f"need runs at exactly two block counts, got {sorted(by_layers)}")
-    (l1, c1), (l2, c2) = sorted(by_layers.items())
-    slope = (layers - l1) / (l2 - l1)
-    return combine([(1.0 - slope, c1), (slope, c2)])
-
-
-def count_ops(fn: Callable[[], Any], hardware: Hardware = H100) -> Counts:
-    """Run ``fn()`` once under :class:`OpCounter`; its :class:`Counts` (with CPU wall seconds)."""
-    counter = OpCounter(hardware)
-    with Timer() as wall, counter:
-        fn()
-    return summarise(counter.records, wall.seconds, hardware)
 
 
 # ----------------------------------------------------------------------------- the measured runs
@@ -498,64 +216,6 @@ def project_kmeans(parts: dict[str, Counts], hidden: int, lloyd_iters: int, targ
     return combine([(float(len(shapes)), seeding), (scale, proportional)])
 
 
-XL_BLOCK_SHAPES = {"norm1.linear": (6912, 1152), "attn1.to_q": (1152, 1152), "attn1.to_k": (1152, 1152),
-                   "attn1.to_v": (1152, 1152), "attn1.to_out.0": (1152, 1152), "ff.net.0.proj": (4608, 1152),
-                   "ff.net.2": (1152, 4608)}
-
-
-def probe_projection(bits: int, lloyd_iters: int, target_iters: int, gain_items: int, measure_items: int) -> str:
-    """Projected H100 seconds of the default recipe's bit-allocation probe on DiT-XL/2 (28 blocks), from
-    one XL block measured here: every option (k/2, k, 2k) of its 7 layers built with the default's levers
-    (row scales, activation-aware k-means with ``lloyd_iters`` Lloyd iterations scaled linearly to
-    ``target_iters``, error feedback) plus the predicted error, and the gain forwards: one fp32 model
-    forward over ``2 x gain_items`` items per layer (196), counted from one XL block forward over
-    ``measure_items`` items x 2 and scaled by items and 28 blocks."""
-    from vq4dit.engine.allocation import AllocationConfig, allocation_options
-    from vq4dit.layers import InputMoments
-    from vq4dit.engine.probe import layer_output_error
-
-    torch.manual_seed(0)
-    config = VQConfig.from_bits(bits, num_candidates=2, row_scale=True, kmeans_metric="activation", error_feedback=True,
-                                ratio_init="confident")
-    span, blocks = AllocationConfig().span, preset_config(XL_PRESET)["num_layers"]
-    builds, builds0 = [], []
-    for out_f, in_f in XL_BLOCK_SHAPES.values():
-        linear = torch.nn.Linear(in_f, out_f)
-        inputs = torch.randn(2048, in_f) * torch.rand(in_f).add(0.1)
-        hessian = inputs.t() @ inputs / inputs.shape[0]
-        for option in allocation_options(config, out_f, in_f, span):
-            def build(iters, option=option, linear=linear, hessian=hessian):
-                layer = VQLinear.from_linear(linear, option.with_overrides(kmeans_iters=iters), "probe", InputMoments.from_full(hessian))
-                layer_output_error(linear, layer, hessian)
-            with torch.no_grad():
-                builds.append(count_ops(lambda: build(lloyd_iters)))
-                builds0.append(count_ops(lambda: build(0)))
-    built_n, built_0 = combine([(1.0, c) for c in builds]), combine([(1.0, c) for c in builds0])
-    per_iter = combine([(1.0 / lloyd_iters, built_n), (-1.0 / lloyd_iters, built_0)])
-    block_builds = combine([(1.0, built_0), (float(target_iters), per_iter)])
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher = load_dit(xl_block_folder(f"{tmp}/xl1", num_layers=1)).eval()
-        x, t, y = trajectory_inputs(teacher, measure_items)
-        with torch.no_grad():
-            forward = count_ops(lambda: teacher(torch.cat([x, x]), timestep=torch.cat([t, t]),
-                                                class_labels=torch.cat([y, torch.full_like(y, 1000)])))
-    layers = len(XL_BLOCK_SHAPES) * blocks
-    gains = combine([(layers * blocks * gain_items / measure_items, forward)])  # 1-block model ~ one block
-    total = combine([(float(blocks), block_builds), (1.0, gains)])
-    opt, pes = SCENARIOS
-    return "\n".join([
-        f"### Projected bit-allocation probe, DiT-XL/2 w{bits} (k={config.codebook_size}, d={config.subvector_dim}), "
-        f"span {span}: {blocks} blocks x {len(builds)} options, {layers} gain forwards of {2 * gain_items} items (fp32)",
-        f"- one XL block's option builds (k-means {target_iters} Lloyd iterations, feedback, prediction): CPU "
-        f"{built_n.wall_s:.1f} s measured at {lloyd_iters} iteration(s); projected H100 "
-        f"{fmt_s(block_builds.projected_s(opt))} - {fmt_s(block_builds.projected_s(pes))} per block",
-        f"- gain forwards: {gains.flops / 1e15:.2f} PFLOP, projected {fmt_s(gains.projected_s(opt))} - "
-        f"{fmt_s(gains.projected_s(pes))} (one 1-block XL forward over {2 * measure_items} items: CPU {forward.wall_s:.1f} s)",
-        f"- probe total projected on one H100: {fmt_s(total.projected_s(opt))} - {fmt_s(total.projected_s(pes))} "
-        f"(goal <= 60 s)",
-    ])
-
-
 def kmeans_backend_name() -> str:
     """The k-means backend ``auto`` picks for a large CPU problem here."""
     return kmeans_backend("cpu")
@@ -591,14 +251,6 @@ CAVEATS = (
 
 # ------------------------------------------------------------------------------------- report
 
-
-def fmt_s(seconds: float) -> str:
-    """Seconds, readable from microseconds to hours."""
-    if seconds < 1.0:
-        return f"{seconds * 1e3:.1f} ms"
-    if seconds < 600:
-        return f"{seconds:.1f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
 def step_table(rows: list[tuple[str, Counts, dict[int, Counts]]], target: int, hardware: Hardware) -> str:
@@ -656,19 +308,12 @@ def main() -> None:
                         help="skip the trajectory forward at generate_items' batch (the slowest CPU run)")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--probe", action="store_true", help="only the projected bit-allocation probe (default recipe)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with contextlib.suppress(ImportError):  # the students' k-means runs faiss on the CPU
         import faiss
 
         faiss.omp_set_num_threads(args.threads)
-    if args.probe:
-        from vq4dit.engine.allocation import AllocationConfig
-
-        target = default_arg(CalibrationModule, "kmeans_iters")
-        print(f"{PROJECTION_BANNER}\n{probe_projection(args.bits[0], args.kmeans_measure_iters, target, AllocationConfig().gain_items, 2)}")
-        return
     hardware = H100
     started = Timer()
     soft_steps = parse_soft_steps(args.soft_steps)

@@ -1,4 +1,4 @@
-"""The op counting and roofline of benchmarks/projection.py on real (small) computations."""
+"""The op counting and roofline of benchmarks/roofline.py (used by benchmarks/projection.py) on real (small) computations."""
 
 import math
 import warnings
@@ -7,19 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.projection import (
-    H100,
-    SCENARIOS,
-    Counts,
-    OpCounter,
-    OpRecord,
-    count_ops,
-    fit_blocks,
-    foreach_launches,
-    measure_calibration,
-    op_seconds,
-    read_config,
-    ROOT,
+from benchmarks.projection import ROOT, measure_calibration, read_config
+from benchmarks.roofline import (
+    H100, SCENARIOS, Counts, OpCounter, OpRecord, count_ops, fit_blocks, foreach_launches, op_seconds,
 )
 
 

@@ -1,0 +1,215 @@
+"""The recipe rule (issue 17): every reference model x setting x {paper, default, default minus each lever}.
+
+A lever belongs in the default recipe only if, on every suite model and in every setting, the
+default is not worse with it than without it beyond the calibration noise (and better on average).
+This benchmark prints the one table that decides it: FID/FP, class accuracy/FP, MSE to FP,
+FID to the FP samples, all-in bits/weight and calibration time per run, with the FP model's
+seed-to-seed noise and the default recipe's calibration-seed noise as rows of their own.
+
+    python -m benchmarks.recipe_rule                                   # the docs/quality.md table (hours)
+    python -m benchmarks.recipe_rule --models digits --settings regime-w2 --recipes paper default
+    python -m benchmarks.recipe_rule --models rgb --seeds 0 1 2 --json outputs/recipe_rule_rgb.json
+
+Rows (``--recipes``): ``paper`` (``--model.recipe paper``), ``default`` (the default recipe),
+``-rowscale`` / ``-aware`` / ``-feedback`` / ``-confident`` (the default with that one lever off),
+``+alloc`` (the default plus bit allocation, opt-in). The default runs with every ``--seeds`` value
+(calibration seed: k-means, trajectories); other rows with the first seed. Every run calibrates
+through ``train.py fit`` with the model's config, the same stop rule (``--max_steps`` cap) and no
+sample grids or checkpoints, then samples the same labels and noise as FP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from benchmarks.common import Timer, bits_per_weight, fit, fit_args, machine_line, markdown_table
+from vq4dit.evaluation import build_metrics, evaluation_plan, generate_images
+from vq4dit.sampling import SamplerConfig
+
+SETTINGS = {  # k and d explicitly: the RGB config names its own
+    "paper-w2": ["--model.vq.codebook_size=256", "--model.vq.subvector_dim=4"],
+    "regime-w2": ["--model.vq.codebook_size=16", "--model.vq.subvector_dim=2"],
+    "w3": ["--model.vq.codebook_size=64", "--model.vq.subvector_dim=2"],
+}
+RECIPES = {
+    "paper": ["--model.recipe=paper"],
+    "default": [],
+    "-rowscale": ["--model.vq.row_scale=false"],
+    "-aware": ["--model.vq.kmeans_metric=euclidean"],
+    "-feedback": ["--model.vq.error_feedback=false"],
+    "-confident": ["--model.vq.ratio_init=inverse_distance"],
+    "+alloc": ["--model.allocation.enabled=true"],
+}
+
+
+@dataclass(frozen=True)
+class SuiteModel:
+    """One reference model: its calibration config, FP model, classifier, real images and evaluation."""
+
+    config: str
+    load_model: Callable[[], torch.nn.Module]
+    load_classifier: Callable[[], torch.nn.Module]
+    real_images: Callable[[], torch.Tensor]
+    num_classes: int
+    samples: int
+    steps: int
+
+
+def _digits() -> SuiteModel:
+    from vq4dit.evaluation import load_real_images
+    from vq4dit.reference import load_reference_classifier, load_reference_model
+
+    return SuiteModel("configs/demo.yaml", load_reference_model, load_reference_classifier,
+                      lambda: load_real_images("digits"), 10, 500, 25)
+
+
+def _rgb() -> SuiteModel:
+    from vq4dit.rgb_reference import (
+        load_rgb_reference_classifier, load_rgb_reference_model, rgb_patches_dataset)
+
+    def real() -> torch.Tensor:
+        images = rgb_patches_dataset(16)[0]
+        return (images[torch.linspace(0, len(images) - 1, 2048).long()] + 1) / 2
+
+    return SuiteModel("configs/rgb_reference.yaml", load_rgb_reference_model, load_rgb_reference_classifier,
+                      real, 8, 256, 10)
+
+
+MODELS = {"digits": _digits, "rgb": _rgb}
+
+
+def calibrate(spec: SuiteModel, setting: str, recipe: str, seed: int, max_steps: int) -> tuple[torch.nn.Module, dict]:
+    """One ``train.py fit`` run: (the hard student, {calibration_s, steps, phase seconds})."""
+    callbacks = ("--trainer.callbacks=[{class_path: callbacks.CandidatePruning, init_args: {every_n_steps: 1, "
+                 "harden_threshold: 0.99, prune_floor: 0.01}}, {class_path: callbacks.CalibrationStop, "
+                 f"init_args: {{max_steps: {max_steps}}}}}]")
+    with tempfile.TemporaryDirectory() as tmp:
+        cli, wall = fit(fit_args(tmp, [spec.config], "--trainer.enable_checkpointing=false", callbacks,
+                                 *SETTINGS[setting], *RECIPES[recipe], f"--seed_everything={seed}",
+                                 f"--data.seed={seed}", logger=False))
+    engine = cli.model.engine
+    info = {"calibration_s": wall, "steps": cli.trainer.global_step,
+            "prepare_s": sum(getattr(engine, "phase_seconds", {}).values())}
+    check = getattr(engine, "allocation_check", None)
+    if check:
+        info["allocation_check"] = str(check)
+    return cli.model.student.eval(), info
+
+
+def run(models: list[str], settings: list[str], recipes: list[str], seeds: list[int], max_steps: int,
+        on_result: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every (model, setting, recipe, seed) run scored against its model's FP samples; FP rows first."""
+    results: list[dict] = []
+    for name in models:
+        spec = MODELS[name]()
+        labels, noise = evaluation_plan(spec.samples, spec.num_classes, 0)
+        sampler = SamplerConfig(sampler="ddpm", num_steps=spec.steps, guidance_scale=1.5, clip_denoised=True)
+        classifier, real = spec.load_classifier(), spec.real_images()
+
+        def score(images: torch.Tensor, fp: torch.Tensor | None) -> dict[str, float]:
+            metrics = build_metrics("classifier", classifier, real, spec.samples)
+            for start in range(0, spec.samples, 250):
+                metrics.update(images[start:start + 250], labels[start:start + 250],
+                               None if fp is None else fp[start:start + 250])
+            return {k: float(v) for k, v in metrics.compute().items()}
+
+        fp_images = generate_images(spec.load_model(), labels, noise, sampler, batch_size=250)
+        results.append({"model": name, "setting": "fp", "recipe": "fp", "seed": 0, "bits_per_weight": 32.0,
+                        **score(fp_images, None)})
+        for other in seeds[1:] or [1]:  # the FP noise bar: another evaluation seed, scored like a run
+            other_labels, other_noise = evaluation_plan(spec.samples, spec.num_classes, other)
+            images = generate_images(spec.load_model(), other_labels, other_noise, sampler, batch_size=250)
+            results.append({"model": name, "setting": "fp", "recipe": f"fp@{other}", "seed": other,
+                            "bits_per_weight": 32.0, **score(images, fp_images)})
+        for setting in settings:
+            for recipe in recipes:
+                for seed in (seeds if recipe == "default" else seeds[:1]):
+                    print(f"[recipe_rule] {name} {setting} {recipe} seed {seed}", file=sys.stderr, flush=True)
+                    student, info = calibrate(spec, setting, recipe, seed, max_steps)
+                    images = generate_images(student, labels, noise, sampler, batch_size=250)
+                    results.append({"model": name, "setting": setting, "recipe": recipe, "seed": seed,
+                                    "bits_per_weight": bits_per_weight(student), **info,
+                                    **score(images, fp_images)})
+                    if on_result is not None:
+                        on_result(results)
+    return results
+
+
+def _fp(results: list[dict], model: str) -> dict:
+    return next(r for r in results if r["model"] == model and r["recipe"] == "fp")
+
+
+def format_table(results: list[dict]) -> str:
+    """One row per run: ratios to the model's FP row."""
+    rows = []
+    for r in results:
+        fp = _fp(results, r["model"])
+        rows.append([r["model"], r["setting"], r["recipe"], r["seed"], f"{r['bits_per_weight']:.3f}",
+                     f"{r['fid'] / fp['fid']:.3f}", f"{r['class_accuracy'] / fp['class_accuracy']:.3f}",
+                     f"{r['mse_to_fp']:.4f}" if "mse_to_fp" in r else "-",
+                     f"{r['fid_to_fp']:.2f}" if "fid_to_fp" in r else "-",
+                     r.get("steps", "-"), f"{r['calibration_s']:.0f}" if "calibration_s" in r else "-"])
+    return markdown_table(["model", "setting", "recipe", "seed", "bits/weight all-in", "FID/FP", "acc/FP",
+                           "MSE to FP", "FID to FP samples", "steps", "calib. s"], rows)
+
+
+def verdict(results: list[dict]) -> str:
+    """Per model and setting: the default's calibration-seed range, and each other recipe's FID/FP
+    against it ("worse" = above the default's worst seed)."""
+    lines = []
+    for (model, setting) in dict.fromkeys((r["model"], r["setting"]) for r in results if r["setting"] != "fp"):
+        fp = _fp(results, model)
+        ratio = lambda r: r["fid"] / fp["fid"]  # noqa: E731
+        group = [r for r in results if (r["model"], r["setting"]) == (model, setting)]
+        default = [ratio(r) for r in group if r["recipe"] == "default"]
+        if not default:
+            continue
+        low, high = min(default), max(default)
+        cells = [f"default {sum(default) / len(default):.3f} ({low:.3f}-{high:.3f}, {len(default)} seeds)"]
+        for r in group:
+            if r["recipe"] != "default":
+                word = "worse" if ratio(r) > high else ("better" if ratio(r) < low else "within noise")
+                cells.append(f"{r['recipe']} {ratio(r):.3f} ({word})")
+        lines.append(f"- {model} {setting}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["digits", "rgb"])
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES),
+                        default=["paper", "default", "-rowscale", "-aware", "-feedback", "-confident"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds of the default")
+    parser.add_argument("--max_steps", type=int, default=600, help="the stop rule's step cap, every run")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the results as JSON (after every run)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    total = Timer()
+
+    def partial(results: list[dict]) -> None:
+        print(format_table(results).splitlines()[-1], file=sys.stderr, flush=True)
+        if args.json:
+            from vq4dit.atomic import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(results, indent=2))
+
+    results = run(args.models, args.settings, args.recipes, args.seeds, args.max_steps, partial)
+    print(f"\nrecipe rule: {', '.join(args.models)}; stop rule: CalibrationStop max_steps {args.max_steps}; "
+          "evaluation: digits 500 samples DDPM 25 steps, rgb 256 samples DDPM 10 steps, cfg 1.5, the model's "
+          "own classifier as FID features; fp@N: FP sampled with evaluation seed N (the FP noise bar)")
+    print(machine_line(f"total {total.elapsed:.0f} s") + "\n")
+    print(format_table(results) + "\n\n" + verdict(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
