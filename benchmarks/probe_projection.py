@@ -26,58 +26,79 @@ XL_BLOCK_SHAPES = {"norm1.linear": (6912, 1152), "attn1.to_q": (1152, 1152), "at
                    "ff.net.2": (1152, 4608)}
 
 
-def probe_projection(bits: int, lloyd_iters: int, target_iters: int, gain_items: int, measure_items: int) -> str:
-    """Projected H100 seconds of the default recipe's bit-allocation probe on DiT-XL/2 (28 blocks), from
-    one XL block measured here: every option (k/2, k, 2k) of its 7 layers built with the default's levers
-    (row scales, activation-aware k-means with ``lloyd_iters`` Lloyd iterations scaled linearly to
-    ``target_iters``, error feedback) plus the predicted error, and the gain forwards: one fp32 model
-    forward over ``2 x gain_items`` items per layer (196), counted from one XL block forward over
-    ``measure_items`` items x 2 and scaled by items and 28 blocks."""
+def probe_projection(bits: int, lloyd_iters: int, target_iters: int, gain_items: int, check_items: int,
+                     draft_iters: int, measure_items: int = 2) -> str:
+    """Projected H100 seconds of the bit-allocation probe (default recipe's levers) on DiT-XL/2.
+
+    Measured here on one XL block: every option (k/2, k, 2k) of its 7 layers built with the default's
+    levers (row scales, activation-aware k-means, error feedback) plus the predicted error, counted at
+    0 and ``lloyd_iters`` Lloyd iterations and scaled linearly to ``target_iters`` (full builds) or
+    ``draft_iters`` (``--model.allocation.probe_kmeans_iters``); and one 1-block XL forward over
+    ``measure_items`` items x 2 (null labels). The probe's forwards: one recording forward plus one
+    per block (block-local gains; the 8 block forwards per block add ~8 model forwards) over
+    ``2 x gain_items`` items, and 3 over ``2 x check_items`` (the check), all in fp32.
+    "Beyond the run": what the probe adds to a run without allocation, which builds the base ``k`` anyway."""
     from vq4dit.engine.allocation import AllocationConfig, allocation_options
-    from vq4dit.layers import InputMoments
     from vq4dit.engine.probe import layer_output_error
+    from vq4dit.layers import InputMoments
 
     torch.manual_seed(0)
     config = VQConfig.from_bits(bits, num_candidates=2, row_scale=True, kmeans_metric="activation", error_feedback=True,
                                 ratio_init="confident")
     span, blocks = AllocationConfig().span, preset_config(XL_PRESET)["num_layers"]
-    builds, builds0 = [], []
+    full, draft, base_full, moved_max, measured_wall = [], [], [], [], 0.0
     for out_f, in_f in XL_BLOCK_SHAPES.values():
         linear = torch.nn.Linear(in_f, out_f)
         inputs = torch.randn(2048, in_f) * torch.rand(in_f).add(0.1)
         hessian = inputs.t() @ inputs / inputs.shape[0]
+        per_option = []
         for option in allocation_options(config, out_f, in_f, span):
             def build(iters, option=option, linear=linear, hessian=hessian):
-                layer = VQLinear.from_linear(linear, option.with_overrides(kmeans_iters=iters), "probe", InputMoments.from_full(hessian))
+                layer = VQLinear.from_linear(linear, option.with_overrides(kmeans_iters=iters), "probe",
+                                             InputMoments.from_full(hessian))
                 layer_output_error(linear, layer, hessian)
             with torch.no_grad():
-                builds.append(count_ops(lambda: build(lloyd_iters)))
-                builds0.append(count_ops(lambda: build(0)))
-    built_n, built_0 = combine([(1.0, c) for c in builds]), combine([(1.0, c) for c in builds0])
-    per_iter = combine([(1.0 / lloyd_iters, built_n), (-1.0 / lloyd_iters, built_0)])
-    block_builds = combine([(1.0, built_0), (float(target_iters), per_iter)])
+                at_n, at_0 = count_ops(lambda: build(lloyd_iters)), count_ops(lambda: build(0))
+            per_iter = combine([(1.0 / lloyd_iters, at_n), (-1.0 / lloyd_iters, at_0)])
+            per_option.append((option == config,
+                               combine([(1.0, at_0), (float(target_iters), per_iter)]),
+                               combine([(1.0, at_0), (float(draft_iters), per_iter)]), at_n.wall_s))
+        measured_wall += sum(w for *_, w in per_option)
+        full += [f for _, f, _, _ in per_option]
+        draft += [d for _, _, d, _ in per_option]
+        base_full += [f for is_base, f, _, _ in per_option if is_base]
+        others = [f for is_base, f, _, _ in per_option if not is_base]
+        moved_max.append(max(others, key=lambda c: c.flops))
+    opt, pes = SCENARIOS
+    span_s = lambda c: f"{fmt_s(c.projected_s(opt))} - {fmt_s(c.projected_s(pes))}"  # noqa: E731
+    full_block, base_block = combine([(1.0, c) for c in full]), combine([(1.0, c) for c in base_full])
+    draft_block, moved_block = combine([(1.0, c) for c in draft]), combine([(1.0, c) for c in moved_max])
     with tempfile.TemporaryDirectory() as tmp:
         teacher = load_dit(xl_block_folder(f"{tmp}/xl1", num_layers=1)).eval()
         x, t, y = trajectory_inputs(teacher, measure_items)
         with torch.no_grad():
             forward = count_ops(lambda: teacher(torch.cat([x, x]), timestep=torch.cat([t, t]),
                                                 class_labels=torch.cat([y, torch.full_like(y, 1000)])))
-    layers = len(XL_BLOCK_SHAPES) * blocks
-    gains = combine([(layers * blocks * gain_items / measure_items, forward)])  # 1-block model ~ one block
-    total = combine([(float(blocks), block_builds), (1.0, gains)])
-    opt, pes = SCENARIOS
+    per_model_item = blocks / measure_items  # a 1-block forward ~ one block of the 28
+    forwards = combine([((blocks + 1 + 8) * gain_items * per_model_item, forward),
+                        (3 * check_items * per_model_item, forward)])
+    extra_full = combine([(float(blocks), full_block), (-float(blocks), base_block), (1.0, forwards)])
+    extra_draft = combine([(float(blocks), draft_block), (1.0, forwards)])
+    extra_draft_moved = combine([(1.0, extra_draft), (float(blocks), moved_block)])
     return "\n".join([
         f"### Projected bit-allocation probe, DiT-XL/2 w{bits} (k={config.codebook_size}, d={config.subvector_dim}), "
-        f"span {span}: {blocks} blocks x {len(builds)} options, {layers} gain forwards of {2 * gain_items} items (fp32)",
-        f"- one XL block's option builds (k-means {target_iters} Lloyd iterations, feedback, prediction): CPU "
-        f"{built_n.wall_s:.1f} s measured at {lloyd_iters} iteration(s); projected H100 "
-        f"{fmt_s(block_builds.projected_s(opt))} - {fmt_s(block_builds.projected_s(pes))} per block",
-        f"- gain forwards: {gains.flops / 1e15:.2f} PFLOP, projected {fmt_s(gains.projected_s(opt))} - "
-        f"{fmt_s(gains.projected_s(pes))} (one 1-block XL forward over {2 * measure_items} items: CPU {forward.wall_s:.1f} s)",
-        f"- probe total projected on one H100: {fmt_s(total.projected_s(opt))} - {fmt_s(total.projected_s(pes))} "
-        f"(goal <= 60 s)",
+        f"span {span}: {blocks} blocks x {len(full)} options, {blocks + 1} model forwards of {2 * gain_items} items "
+        f"(block-local gains) + 3 of {2 * check_items} (check), fp32",
+        f"- one XL block, every option in full (k-means {target_iters} Lloyd iterations, feedback, prediction): "
+        f"projected H100 {span_s(full_block)} (CPU {measured_wall:.1f} s "
+        f"measured at {lloyd_iters} iteration(s)); the base k alone {span_s(base_block)}",
+        f"- one XL block, drafts at {draft_iters} Lloyd iterations (probe_kmeans_iters {draft_iters}): {span_s(draft_block)}",
+        f"- forwards (gains + check): {forwards.flops / 1e15:.2f} PFLOP, projected {span_s(forwards)} "
+        f"(one 1-block XL forward over {2 * measure_items} items: CPU {forward.wall_s:.1f} s)",
+        f"- **probe beyond the run, every option in full (the default): {span_s(extra_full)}** (goal <= 60 s)",
+        f"- probe beyond the run with probe_kmeans_iters {draft_iters}: {span_s(extra_draft)}, plus the full builds of "
+        f"the layers that move, up to {span_s(extra_draft_moved)} if every layer moves",
     ])
-
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,12 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--kmeans-measure-iters", type=int, default=2,
                         help="Lloyd iterations measured (scaled linearly to the probe's count)")
+    parser.add_argument("--draft-iters", type=int, default=2, help="probe_kmeans_iters of the drafted row")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(PROJECTION_BANNER)
     print(machine_line())
-    print(probe_projection(args.bits, args.kmeans_measure_iters, VQConfig().kmeans_iters, AllocationConfig().gain_items, 2))
+    defaults = AllocationConfig()
+    print(probe_projection(args.bits, args.kmeans_measure_iters, VQConfig().kmeans_iters, defaults.gain_items,
+                           defaults.check_items, args.draft_iters))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def test_a_budget_implies_allocation_in_the_config():
         with pytest.raises(ValueError, match="positive number"):
             BitAllocation(budget=bad)
     paper = resolved_record(INIT, {"recipe": "paper", "allocation": {"budget": 2.5}})
-    assert paper["allocation"] == {"enabled": True, "budget": 2.5, "span": 1, "gain_items": 16, "check_items": 32}  # over the paper recipe's "no allocation"
+    assert paper["allocation"] == {"enabled": True, "budget": 2.5, "span": 1, "gain_items": 16, "check_items": 32,
+                                   "probe_kmeans_iters": None}  # over the paper recipe's "no allocation"
 
 
 def test_fit_help_shows_every_field_with_its_doc_and_choices(capsys):

@@ -120,6 +120,10 @@ class BitAllocation:
         check_items: held-out calibration items on which the allocated start is compared with the
             uniform start (final-output MSE, both built with the run's levers); the uniform
             setting is kept when allocation is worse. 0: no check.
+        probe_kmeans_iters: (None: every option built in full) Lloyd iterations of the options
+            other than the base ``k`` while probing (their predicted error is scaled by what the
+            full build gains at the base ``k``; the chosen ones are then built in full). Faster,
+            less exact: docs/performance.md measures it.
     """
 
     enabled: bool | None = recipe_field(False)
@@ -127,10 +131,13 @@ class BitAllocation:
     span: int = 1
     gain_items: int = 16
     check_items: int = 32
+    probe_kmeans_iters: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("span", "gain_items", "check_items"):
+        for name in ("span", "gain_items", "check_items", "probe_kmeans_iters"):
             value = getattr(self, name)
+            if name == "probe_kmeans_iters" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "gain_items" else 0):
                 raise ValueError(f"allocation {name} must be an integer >= {1 if name == 'gain_items' else 0}, got {value!r}")
         if self.budget is None:

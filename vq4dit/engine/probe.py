@@ -1,14 +1,15 @@
 """The student's VQ layers, built once, and the bit-allocation probe that chooses among them.
 
-The probe builds every allocation option of every layer with the run's own levers (row scales,
-activation-aware k-means, error feedback, the initial ratios), so its ``dW`` (start weight minus FP
-weight) is the one the run starts from. It predicts each option's layer output error
-``tr(dW H dW^T) / out`` from ``H = E[x x^T]`` with no model forward, and turns it into final-output
-error with one gain per layer: the final-output MSE of one forward with the layer alone at its base
-``k``, divided by that option's predicted error. The chosen option's layer goes into the student as
-it is (no second k-means). A check on held-out items compares the allocated start with the uniform
-start and keeps the uniform setting when allocation is worse. Every phase is timed (``Phases``)
-under one progress bar with an ETA.
+The probe predicts each allocation option's layer output error ``tr(dW H dW^T) / out`` from
+``H = E[x x^T]`` with no model forward. Only the base ``k`` is built in full with the run's levers
+(row scales, activation-aware k-means, error feedback, the initial ratios): it is the student's
+layer when kept. The other options are drafted (a few Lloyd iterations, no feedback) and their
+drafts' errors are scaled by what the full build gains over its own draft at the base ``k``. One
+gain per layer turns the prediction into final-output error, measured block-locally: the layer's
+block output on recorded block inputs, and one model forward per block. The chosen options are
+built in full (no layer is built twice). A check on held-out items compares the allocated start
+with the uniform start and keeps the uniform setting when allocation is worse. Every phase is
+timed (``Phases``) under one progress bar with an ETA.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..layers import InputMoments, VQLinear
+from ..models import block_modules, capture_blocks
 from ..vq_config import VQConfig
 from .allocation import (
     AllocationConfig, AllocationResult, LayerChoice, allocation_options, mean_bits_per_weight, mean_over_ranks,
@@ -135,6 +137,102 @@ def output_mse(model: nn.Module, batches: Batches, reference: list[torch.Tensor]
     return sum(float((o - r).pow(2).mean()) for o, r in zip(outputs, reference)) / len(batches), outputs
 
 
+def draft_config(option: VQConfig, config: AllocationConfig) -> VQConfig:
+    """The build of ``option`` the probe predicts from: ``config.probe_kmeans_iters`` Lloyd
+    iterations (None: the option's own, a full build), every other setting the option's own."""
+    iters = config.probe_kmeans_iters
+    return option if iters is None else option.with_overrides(kmeans_iters=min(option.kmeans_iters, iters))
+
+
+def predict_options(linear: nn.Linear, name: str, options: Sequence[VQConfig], base: VQConfig, moments: InputMoments,
+                    config: AllocationConfig, phases: Phases) -> tuple[list[float], list[VQLinear]]:
+    """Predicted output error ``[len(options)]`` of every option of one layer, and the layers
+    built in full (the base ``k`` first; every option when drafts are full builds).
+
+    The base ``k`` is built in full with the run's levers and its ``tr(dW H dW^T) / out`` is exact.
+    Another option's prediction is its draft's error (:func:`draft_config`) times the base's
+    full-to-draft ratio (what the remaining Lloyd iterations gain at the base ``k``)."""
+    with phases.phase("kmeans"):
+        full = [VQLinear.from_linear(linear, base, name, moments, phases.seconds)]
+        drafts = []
+        for option in options:
+            draft = draft_config(option, config)
+            if draft == base:
+                drafts.append(full[0])
+                continue
+            drafts.append(VQLinear.from_linear(linear, draft, name, moments, phases.seconds))
+            if draft == option:
+                full.append(drafts[-1])
+    with phases.phase("probe"):
+        errors = [layer_output_error(linear, draft, moments.full) for draft in drafts]
+        exact = layer_output_error(linear, full[0], moments.full)
+        at_base = errors[options.index(base)]
+        ratio = exact / at_base if at_base > 0 else 1.0
+        predicted = [exact if option == base else error * ratio for option, error in zip(options, errors)]
+    phases.step(len(options))
+    return predicted, full
+
+
+def _mse(output, reference) -> float:
+    """MSE of a module output (a tensor, a diffusers output or a tuple of tensors) against ``reference``."""
+    output, reference = (getattr(o, "sample", o) for o in (output, reference))
+    if isinstance(output, (tuple, list)):
+        pairs = [(o, r) for o, r in zip(output, reference) if isinstance(o, torch.Tensor)]
+        return sum(float((o.float() - r.float()).pow(2).mean()) for o, r in pairs) / len(pairs)
+    return float((output.float() - reference.float()).pow(2).mean())
+
+
+@torch.no_grad()
+def layer_gains(teacher: nn.Module, layers: Mapping[str, VQLinear], predicted: Mapping[str, float], batches: Batches,
+                on_forward=lambda: None) -> dict[str, float]:
+    """Final-output MSE per unit of predicted layer error, per layer, measured block-locally.
+
+    For a layer in block ``b``: its block's output MSE with the layer alone quantized (the block
+    run on its recorded inputs) per unit of ``predicted``, times block ``b``'s own output-to-final
+    gain (one model forward with every given layer of block ``b`` quantized, divided by that
+    block's output MSE with them). A layer outside the blocks gets its own model forward. So a
+    model of B blocks needs B forwards (not one per layer) plus cheap block forwards.
+    ``batches``: ``(x, t, y)`` model batches; ``on_forward()`` after each model forward."""
+    blocks = block_modules(teacher)
+    owner = {id(module): index for index, block in enumerate(blocks) for module in block.modules()}
+    grouped: dict[int | None, list[str]] = {}
+    for name in layers:
+        grouped.setdefault(owner.get(id(teacher.get_submodule(name))), []).append(name)
+    device = next(teacher.parameters()).device
+    records = []
+    for x, t, y in batches:
+        with capture_blocks(blocks, record_inputs=True) as (outputs, inputs):
+            final = teacher(x.to(device), timestep=t.to(device), class_labels=y.to(device)).sample
+        records.append((final, list(inputs), list(outputs)))
+    on_forward()
+
+    def final_mse(swap: Mapping[str, nn.Module]) -> float:
+        with swapped(teacher, swap):
+            return sum(_mse(teacher(x.to(device), timestep=t.to(device), class_labels=y.to(device)), final)
+                       for (x, t, y), (final, _, _) in zip(batches, records)) / len(batches)
+
+    def block_mse(index: int, swap: Mapping[str, nn.Module]) -> float:
+        with swapped(teacher, swap):
+            return sum(_mse(blocks[index](*inputs[index][0], **inputs[index][1]), outputs[index])
+                       for _, inputs, outputs in records) / len(records)
+
+    gains = {}
+    for index, names in grouped.items():
+        if index is None:  # outside the blocks: its own forward
+            for name in names:
+                gains[name] = final_mse({name: layers[name]}) / predicted[name] if predicted[name] > 0 else 0.0
+                on_forward()
+            continue
+        together = {name: layers[name] for name in names}
+        through = block_mse(index, together)
+        to_output = final_mse(together) / through if through > 0 else 0.0
+        on_forward()
+        for name in names:
+            local = block_mse(index, {name: layers[name]})
+            gains[name] = local / predicted[name] * to_output if predicted[name] > 0 else 0.0
+    return gains
+
+
 @torch.no_grad()
 def probe_allocation(
     teacher: nn.Module,
@@ -154,50 +252,60 @@ def probe_allocation(
             (:func:`gather_statistics`).
         items: ``{"x", "t", "y"}`` calibration items; the gain forwards and the check use disjoint ones.
 
-    Returns the allocation (the uniform one when the check fell back; ``notes`` say so) and every
-    option's layer per layer name, for :func:`build_layers` to reuse.
+    Returns the allocation (the uniform one when the check fell back; ``notes`` say so) and the
+    fully built layers per layer name (the base ``k`` and every chosen ``k``), for
+    :func:`build_layers` to reuse.
     """
     budget = mean_bits_per_weight(selected) if budget is None else budget
     built: dict[str, list[VQLinear]] = {}
     predicted: dict[str, list[float]] = {}
+    options: dict[str, list[VQConfig]] = {}
     for name, linear, base in selected:
-        options = allocation_options(base, linear.out_features, linear.in_features, config.span)
-        built[name] = []
-        for option in options:
-            with phases.phase("kmeans"):
-                built[name].append(VQLinear.from_linear(linear, option, name, hessians[name], phases.seconds))
-            with phases.phase("probe"):
-                predicted.setdefault(name, []).append(layer_output_error(linear, built[name][-1], hessians[name].full))
-            phases.step()
+        options[name] = allocation_options(base, linear.out_features, linear.in_features, config.span)
+        predicted[name], built[name] = predict_options(linear, name, options[name], base, hessians[name], config,
+                                                       phases)
     index = strided_items(items["t"].numel(), config.gain_items + config.check_items)
     gain_index, check_index = (index[0::2], index[1::2]) if config.check_items else (index, index[:0])
     with phases.phase("probe"):
-        gain_batches = item_batches(items, gain_index, guidance_scale, batch_size=32)
-        _, reference = output_mse(teacher, gain_batches)
-        phases.step()
-        measured = []
-        for name, _, base in selected:
-            at_base = next(layer for layer in built[name] if layer.config == base)
-            with swapped(teacher, {name: at_base}):
-                measured.append(output_mse(teacher, gain_batches, reference)[0])
-            phases.step()
-        measured = mean_over_ranks(measured, reference[0].device)
+        bases = {name: built[name][0] for name, _, _ in selected}
+        at_base = {name: predicted[name][options[name].index(base)] for name, _, base in selected}
+        gains = layer_gains(teacher, bases, at_base, item_batches(items, gain_index, guidance_scale, batch_size=32))
+        measured = mean_over_ranks([gains[name] for name, _, _ in selected], next(teacher.parameters()).device)
         layers = []
-        for (name, linear, base), final in zip(selected, measured):
-            options = [layer.config for layer in built[name]]
-            at_base = predicted[name][options.index(base)]
-            gain = final / at_base if at_base > 0 else 0.0
-            layers.append(LayerChoice(name, linear.out_features * linear.in_features, options,
-                                      [o.stored_bits_per_weight(linear.out_features, linear.in_features) for o in options],
-                                      [gain * p for p in predicted[name]], predicted[name], gain, options.index(base)))
+        for (name, linear, base), gain in zip(selected, measured):
+            layers.append(LayerChoice(name, linear.out_features * linear.in_features, options[name],
+                                      [o.stored_bits_per_weight(linear.out_features, linear.in_features) for o in options[name]],
+                                      [gain * p for p in predicted[name]], predicted[name], gain, options[name].index(base)))
         allocation = AllocationResult(budget, layers)
         allocation.choice = solve_allocation(layers, budget)
+    phases.step(len(selected) + 1)
+    build_choice(allocation, selected, hessians, built, phases)
     if config.check_items:
         with phases.phase("check"):
             check_allocation(teacher, allocation, built, item_batches(items, check_index, guidance_scale, batch_size=32))
     phases.step()
     log.info("%s", allocation.format())
     return allocation, built
+
+
+def build_choice(allocation: AllocationResult, selected: Selected, hessians: Mapping[str, InputMoments],
+                 built: dict[str, list[VQLinear]], phases: Phases) -> None:
+    """Build, in full, every layer's chosen option not in ``built`` yet (added to ``built[name]``)."""
+    missing = [(name, linear, layer.configs[allocation.choice[name]])
+               for (name, linear, _), layer in zip(selected, allocation.layers)
+               if all(b.config != layer.configs[allocation.choice[name]] for b in built[name])]
+    phases.bar.total += len(missing)
+    with phases.phase("kmeans"):
+        for name, linear, option in missing:
+            built[name].append(VQLinear.from_linear(linear, option, name, hessians[name], phases.seconds))
+            phases.step()
+
+
+def chosen_layers(allocation: AllocationResult, choice: Mapping[str, int],
+                  built: Mapping[str, Sequence[VQLinear]]) -> dict[str, VQLinear]:
+    """Layer name -> the built layer of the option ``choice`` picks."""
+    configs = {layer.name: layer.configs for layer in allocation.layers}
+    return {name: next(b for b in built[name] if b.config == configs[name][i]) for name, i in choice.items()}
 
 
 @torch.no_grad()
@@ -213,7 +321,7 @@ def check_allocation(teacher: nn.Module, allocation: AllocationResult, built: Ma
         allocation.notes.append(f"bit allocation check: none (the uniform setting, {uniform_bits:.3f} b/w, "
                                 "does not fit the budget)")
         return True
-    pick = lambda choice: {name: built[name][i] for name, i in choice.items()}  # noqa: E731
+    pick = lambda choice: chosen_layers(allocation, choice, built)  # noqa: E731
     _, reference = output_mse(teacher, batches)
     with swapped(teacher, pick(allocation.choice)):
         allocated = output_mse(teacher, batches, reference)[0]
