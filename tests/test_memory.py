@@ -228,3 +228,17 @@ def test_student_builds_under_a_foreign_default_device():
     assert {t.device.type for t in (*module.student.parameters(), *module.student.buffers())} == {"cpu"}
     layer = next(iter(module.engine.layers.values()))
     assert layer.num_soft and torch.isfinite(layer.codebook).all()
+
+
+def test_memory_benchmark_counts_the_statistics_of_the_default_recipe():
+    """benchmarks/memory.py: the build estimate holds the fp32 teacher and the full E[x x^T]; the
+    engine's E[x^2] lives in host RAM and stays out of the GPU peak."""
+    from benchmarks.memory import GB, build_estimate, estimate_peak, gpu_estimate
+
+    sizes = dict(precision="bf16-mixed", model_batch=2, num_blocks=2, saved_activations=GB, tokens=4, hidden=8,
+                 teacher_params=10**9, student_other_bytes=0, student_other_shared_bytes=0, codebooks=0, biases=0,
+                 codes=0, soft_rows=0, candidates=0, candidate_logits=0, saved_ratios=0, saved_weights=0)
+    peak = estimate_peak(gpu_estimate(sizes))
+    with_moments = {**sizes, "full_moments": 3 * GB, "diagonal_moments": GB}
+    assert estimate_peak(gpu_estimate(with_moments)) == pytest.approx(peak)  # host row not in the GPU peak
+    assert build_estimate(sizes) == pytest.approx(4.0) and build_estimate(with_moments) == pytest.approx(7.0)
