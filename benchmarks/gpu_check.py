@@ -11,7 +11,10 @@ JSON to ``--out`` (default outputs/gpu_check.json, written atomically):
    (Triton interpreter off), the kernels against the PyTorch path, values and gradients;
 2. the soft reconstruction of one DiT-XL/2 layer (adaLN 6912x1152, every row soft, n = 2),
    forward + backward, PyTorch path vs the Triton kernels, with their largest difference;
-3. per bit width (w2, w3): one calibration step (the real ``vq4dit.engine.Calibrator`` step of
+3. per bit width (w2, w3) and recipe (the default, then the paper's: ``benchmarks.recipe_configs``):
+   the student build (``Calibrator.build``: the default's input statistics over 1024 random items +
+   null copies from teacher forwards, the full ``E[x x^T]`` per layer, k-means, error feedback) with
+   its phase seconds and peak memory, and one calibration step (the real ``vq4dit.engine.Calibrator`` step of
    benchmarks/throughput.py: teacher forward, student forward, block losses, ratio regulariser,
    backward, RMSprop, pruning callback) vs one plain FP fine-tuning step (same model, batch 8 =
    4 classes + 4 null labels, block-wise MSE, RMSprop), bf16-mixed (``torch.autocast`` bf16),
@@ -19,133 +22,31 @@ JSON to ``--out`` (default outputs/gpu_check.json, written atomically):
    peak GPU memory (``torch.cuda.max_memory_allocated``) of each;
 4. k-means (torch backend on the GPU) of the four DiT-XL/2 layer shapes at w2 and w3;
 5. trajectory sampling (fp32 teacher, batch 32, guidance 4): seconds per sampling step;
-6. quantized inference (``decode``, ``decode`` with the Triton decode, ``cached``) vs FP, bf16
+6. quantized inference of each recipe's student (``decode``, ``decode`` with the Triton decode, ``cached``) vs FP, bf16
    autocast, batch 1 and 8: time per forward, model bytes and the forward's extra peak memory.
 
 Timing: ``torch.cuda.Event`` pairs around each call, after a warm-up call, median of the repeats.
 Without CUDA (and without ``--dry-run``) it exits 2 with one line. ``--dry-run`` runs the same
-functions on the CPU with the ``tiny`` preset, 1 step each, the kernels under Triton's interpreter
+functions on the CPU with the ``tiny`` preset, 1 step each, both recipes, the kernels under Triton's interpreter
 (when triton is installed): the first GPU run should not die on a typo.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.common import Timer, machine_line, markdown_table
+from benchmarks.common import Timer, machine_line
+from benchmarks.gpu_bench import DRY_PLAN, GPU_PLAN, SECTIONS, Bench, Plan, Row, device_description, log, model_mib, table
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("tests", "kernel", "calibration", "kmeans", "sampling", "inference")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one run measures (GPU: DiT-XL/2 sizes; dry run: tiny)."""
-
-    dry_run: bool
-    preset: str
-    bits: tuple[int, ...] = (2, 3)
-    warmup: int = 1
-    repeats: int = 3
-    calibration_kmeans_iters: int = 2  # the student's k-means: quality does not change step time
-    kmeans_shapes: tuple[tuple[int, int], ...] = ((1152, 1152), (4608, 1152), (1152, 4608), (6912, 1152))
-    kmeans_iters: int = 25  # VQConfig's default
-    kernel_shape: tuple[int, int] = (6912, 1152)
-    sample_batch: int = 32
-    sample_steps: int = 10
-    inference_batches: tuple[int, ...] = (1, 8)
-    inference_repeats: int = 5
-
-
-GPU_PLAN = Plan(dry_run=False, preset="DiT-XL/2-256")
-DRY_PLAN = Plan(
-    dry_run=True, preset="tiny", warmup=1, repeats=1, calibration_kmeans_iters=1,
-    kmeans_shapes=((64, 64), (256, 64), (64, 256), (384, 64)), kmeans_iters=2, kernel_shape=(64, 64),
-    sample_batch=2, sample_steps=2, inference_batches=(1, 2), inference_repeats=1,
-)
-
-
-@dataclass
-class Row:
-    """One line of the table."""
-
-    section: str
-    what: str
-    setting: str
-    ms: float | None = None
-    peak_mib: float | None = None
-    note: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-class Bench:
-    """Clocks and memory on the device: CUDA events and the caching allocator's peak; on the CPU
-    (dry run) ``perf_counter`` and no memory numbers."""
-
-    def __init__(self, device):
-        import torch
-
-        self.torch, self.device = torch, device
-        self.cuda = device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-    def once(self, fn) -> float:
-        """Seconds of one call of ``fn``."""
-        torch = self.torch
-        self.sync()
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        with Timer() as t:
-            fn()
-        return t.seconds
-
-    def median(self, fn, repeats: int, warmup: int) -> float:
-        for _ in range(warmup):
-            self.once(fn)
-        return statistics.median(self.once(fn) for _ in range(repeats))
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            self.sync()
-            self.torch.cuda.reset_peak_memory_stats()
-
-    def peak_mib(self) -> float | None:
-        return self.torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
-
-    def allocated_mib(self) -> float | None:
-        return self.torch.cuda.memory_allocated() / 2**20 if self.cuda else None
-
-    def free(self) -> None:
-        gc.collect()
-        if self.cuda:
-            self.torch.cuda.empty_cache()
-
-
-def log(message: str) -> None:
-    print(f"[gpu_check] {message}", file=sys.stderr, flush=True)
-
-
-def model_mib(model) -> float:
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if t is not None}
-    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -215,16 +116,16 @@ def run_kernel(plan: Plan, bench: Bench) -> list[Row]:
     return rows
 
 
-def run_calibration(plan: Plan, bench: Bench, bits: int, state: dict) -> list[Row]:
-    """Calibration step (soft: torch, triton; hard) vs FP fine-tuning step, bf16-mixed, batch 8."""
+def run_calibration(plan: Plan, bench: Bench, bits: int, recipe: str, state: dict) -> list[Row]:
+    """Student build of ``recipe`` (its statistics, k-means, feedback), calibration step (soft: torch,
+    triton; hard) vs FP fine-tuning step (measured once per ``bits``), bf16-mixed, batch 8."""
     import torch
 
+    from benchmarks.recipe_configs import LABELS, STATISTICS_ITEMS, build_engine, full_moment_bytes, preparation_note
     from benchmarks.throughput import CalibrationStep, FineTuneStep, make_batch
     from callbacks import CandidatePruning
     from vq4dit import kernels
-    from vq4dit.engine import CalibrationConfig, Calibrator
     from vq4dit.models import load_dit
-    from vq4dit.vq_config import VQConfig
 
     device = bench.device
     torch.manual_seed(0)
@@ -234,22 +135,31 @@ def run_calibration(plan: Plan, bench: Bench, bits: int, state: dict) -> list[Ro
     setting = f"{plan.preset} w{bits}, batch {batch[0].shape[0]}, bf16-mixed"
     rows = []
 
-    fp = FineTuneStep(teacher, batch, "rmsprop", autocast)
-    teacher.cpu()  # the FP step's peak: its own model, gradients, optimizer state, activations
-    bench.free()
-    bench.reset_peak()
-    fp_s = bench.median(lambda: fp(batch), plan.repeats, plan.warmup)
-    fp_peak = bench.peak_mib()
-    rows.append(Row("calibration", "FP fine-tuning step (RMSprop)", setting, 1e3 * fp_s, fp_peak))
-    fp = None  # free its model and optimizer state before the student is built
-    bench.free()
-    teacher.to(device)
+    if ("fp", bits) not in state:  # the same for every recipe
+        fp = FineTuneStep(teacher, batch, "rmsprop", autocast)
+        teacher.cpu()  # the FP step's peak: its own model, gradients, optimizer state, activations
+        bench.free()
+        bench.reset_peak()
+        state["fp", bits] = bench.median(lambda: fp(batch), plan.repeats, plan.warmup)
+        rows.append(Row("calibration", "FP fine-tuning step (RMSprop)", setting, 1e3 * state["fp", bits], bench.peak_mib()))
+        fp = None  # free its model and optimizer state before the student is built
+        bench.free()
+        teacher.to(device)
+    fp_s = state["fp", bits]
 
-    vq_config = VQConfig.from_bits(bits, num_candidates=2, kmeans_iters=plan.calibration_kmeans_iters)
+    setting = f"{plan.preset} w{bits} {LABELS[recipe]} recipe, batch {batch[0].shape[0]}, bf16-mixed"
+    items = plan.statistics_items or STATISTICS_ITEMS
+    bench.reset_peak()
     built = Timer()
-    engine = Calibrator.build(teacher, vq_config, CalibrationConfig(), guidance_scale=1.0, progress=False)
+    engine = build_engine(teacher, recipe, bits, items, num_candidates=2, kmeans_iters=plan.calibration_kmeans_iters)
     bench.sync()
-    log(f"  w{bits}: student built in {built.elapsed:.1f} s")
+    moments = full_moment_bytes(engine)
+    log(f"  w{bits} {LABELS[recipe]}: student built in {built.elapsed:.1f} s ({preparation_note(engine)})")
+    rows.append(Row("calibration", "student build (statistics, k-means, feedback)", setting, 1e3 * built.elapsed,
+                    bench.peak_mib(), f"{preparation_note(engine)}; E[x x^T] {moments / 2**20:.0f} MiB; "
+                    + (f"statistics over {items} items + null copies; " if "statistics" in engine.phase_seconds else "")
+                    + f"{plan.calibration_kmeans_iters} Lloyd iterations",
+                    {"recipe": recipe, "phase_seconds": dict(engine.phase_seconds), "full_moments_mib": moments / 2**20}))
     calibration = CalibrationStep(engine, CandidatePruning(every_n_steps=1), autocast)
     backends = ["torch"] + (["triton"] if kernels.triton_available() else [])
 
@@ -270,7 +180,7 @@ def run_calibration(plan: Plan, bench: Bench, bits: int, state: dict) -> list[Ro
     soft_after = soft_fraction()
     for name in backends:
         seconds = statistics.median(times[name])
-        extra = {"ratio_vs_fp": seconds / fp_s, "soft_fraction_after": soft_after}
+        extra = {"recipe": recipe, "ratio_vs_fp": seconds / fp_s, "soft_fraction_after": soft_after}
         note = f"{seconds / fp_s:.2f}x FP step; {soft_after:.0%} rows soft"
         if name == "triton":
             torch_s = statistics.median(times["torch"])
@@ -285,8 +195,8 @@ def run_calibration(plan: Plan, bench: Bench, bits: int, state: dict) -> list[Ro
     bench.reset_peak()
     hard_s = bench.median(lambda: calibration(batch), plan.repeats, plan.warmup)
     rows.append(Row("calibration", "calibration step, all hard (torch)", setting, 1e3 * hard_s, bench.peak_mib(),
-                    f"{hard_s / fp_s:.2f}x FP step", {"ratio_vs_fp": hard_s / fp_s}))
-    state[bits] = (teacher, engine)  # the hard student serves the inference section
+                    f"{hard_s / fp_s:.2f}x FP step", {"recipe": recipe, "ratio_vs_fp": hard_s / fp_s}))
+    state[bits, recipe] = (teacher, engine)  # the hard student serves the inference section
     calibration = None  # free the optimizer state
     return rows
 
@@ -325,10 +235,12 @@ def run_sampling(plan: Plan, bench: Bench, teacher) -> list[Row]:
                 f"{plan.sample_steps} DDPM steps", 1e3 * seconds / plan.sample_steps, bench.peak_mib())]
 
 
-def run_inference(plan: Plan, bench: Bench, teacher, student, bits: int) -> list[Row]:
-    """FP vs quantized forwards under bf16 autocast: ms per forward, model MiB + the forward's extra peak."""
+def run_inference(plan: Plan, bench: Bench, teacher, student, bits: int, recipe: str) -> list[Row]:
+    """FP vs quantized forwards (the student of ``recipe``) under bf16 autocast: ms per forward, model
+    MiB + the forward's extra peak."""
     import torch
 
+    from benchmarks.recipe_configs import LABELS
     from benchmarks.throughput import make_batch
     from vq4dit import kernels
     from vq4dit.quantize import set_inference_mode_
@@ -366,42 +278,15 @@ def run_inference(plan: Plan, bench: Bench, teacher, student, bits: int) -> list
                     for l in model.modules() if getattr(l, "cached_weight", None) is not None) / 2**20
             else:
                 resident = model_mib(model)
-            rows.append(Row("inference", f"forward {name}", f"batch {batch_size}, bf16 autocast", ms,
+            rows.append(Row("inference", f"forward {name}", f"batch {batch_size}, bf16 autocast, {LABELS[recipe]} recipe", ms,
                             None if extra_mib is None else resident + extra_mib,
                             f"{ms / fp_ms:.2f}x FP; model {resident:.0f} MiB"
                             + ("" if extra_mib is None else f" + forward {extra_mib:.0f} MiB"),
-                            {"model_mib": resident, "forward_extra_mib": extra_mib, "ratio_vs_fp": ms / fp_ms}))
+                            {"recipe": recipe, "model_mib": resident, "forward_extra_mib": extra_mib,
+                             "ratio_vs_fp": ms / fp_ms}))
         kernels.set_backend("torch")
         set_inference_mode_(student, "decode")
     return rows
-
-
-# --------------------------------------------------------------------------------------- output
-
-
-def table(rows: list[Row]) -> str:
-    return markdown_table(
-        ["section", "measurement", "setting", "ms", "peak GPU MiB", "note"],
-        [[r.section, r.what, r.setting, "" if r.ms is None else f"{r.ms:.2f}" if r.ms < 100 else f"{r.ms:.0f}",
-          "" if r.peak_mib is None else f"{r.peak_mib:.0f}", r.note] for r in rows])
-
-
-def device_description(bench: Bench) -> dict:
-    import torch
-
-    info = {"device": "cpu (dry run)" if not bench.cuda else torch.cuda.get_device_name(bench.device),
-            "torch": torch.__version__, "host": platform.node(), "python": platform.python_version()}
-    if bench.cuda:
-        props = torch.cuda.get_device_properties(bench.device)
-        info.update(capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,16 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         section("kernel", run_kernel, plan, bench)
     state: dict = {}
     needs_models = chosen & {"calibration", "sampling", "inference"}
-    for index, bits in enumerate(plan.bits):
+    for index, (bits, recipe) in enumerate((b, r) for b in plan.bits for r in plan.recipes):
         if needs_models:
-            section("calibration", run_calibration, plan, bench, bits, state)
-        teacher, engine = state.pop(bits, (None, None))
+            section("calibration", run_calibration, plan, bench, bits, recipe, state)
+        teacher, engine = state.pop((bits, recipe), (None, None))
         if teacher is None:
             continue
         if "sampling" in chosen and index == 0:
             section("sampling", run_sampling, plan, bench, teacher)
         if "inference" in chosen:
-            section("inference", run_inference, plan, bench, teacher, engine.student, bits)
+            section("inference", run_inference, plan, bench, teacher, engine.student, bits, recipe)
         del teacher, engine
         bench.free()
     if "kmeans" in chosen:

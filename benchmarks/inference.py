@@ -19,7 +19,11 @@ row is always the stock diffusers model, 28 copies, as ``from_pretrained`` gives
 The forward batch is ``--batch`` latents 4x32x32 (default 4: 2 latents + their null-label copies,
 one classifier-free-guidance step of DiTPipeline), under ``torch.no_grad`` like the pipeline.
 
-    python -m benchmarks.inference                       # FP, w2 and w3 (decode, cached); ~6 min
+Quantized configs are named ``w<bits>[-paper]-<mode>``: each recipe's layers (``--recipes``, default both;
+``benchmarks.recipe_configs``): the default's carry a row scale per output row (its other levers
+change the values, not the forward), the paper's none.
+
+    python -m benchmarks.inference                       # FP, w2 and w3 (decode, cached), both recipes; ~10 min
     python -m benchmarks.inference --bits 2 --batch 1    # the few-token regime
     python -m benchmarks.inference --embedders separate  # 28 embedder copies in the quantized models
 """
@@ -41,13 +45,13 @@ from diffusers import DiTTransformer2DModel
 from torch import nn
 
 from benchmarks.common import machine_line, markdown_table
+from benchmarks.recipe_configs import LABELS, RECIPES, recipe_settings
 from vq4dit.export import size_report, tie_tensors_
 from vq4dit.models import default_linear_filter, preset_config
 from vq4dit.decoding import DECODE_CHUNK_ELEMENTS
 from vq4dit.layers import VQLinear
 from vq4dit.quantize import set_inference_mode_, vq_layers
 from vq4dit.packing import identical_tensors
-from vq4dit.vq_config import VQConfig
 
 PRESET = "DiT-XL/2-256"
 MIB = 1024**2
@@ -63,13 +67,13 @@ def shared_embedder_aliases(model: nn.Module) -> dict[str, str]:
             for b in range(1, len(model.transformer_blocks)) for key in keys}
 
 
-def build_skeleton(bits: int | None, shared_embedders: bool = False) -> DiTTransformer2DModel:
-    """DiT-XL/2-256 on the meta device; with ``bits``, its core Linears are (meta) ``VQLinear``s;
-    with ``shared_embedders``, every block's embedder is tied to block 0's (as after ``load_quantized``)."""
+def build_skeleton(bits: int | None, shared_embedders: bool = False, recipe: str = "quality") -> DiTTransformer2DModel:
+    """DiT-XL/2-256 on the meta device; with ``bits``, its core Linears are (meta) ``VQLinear``s of
+    ``recipe``; with ``shared_embedders``, every block's embedder is tied to block 0's (as after ``load_quantized``)."""
     with torch.device("meta"):
         model = DiTTransformer2DModel(**preset_config(PRESET))
     if bits is not None:
-        config = VQConfig.from_bits(bits, num_candidates=1)
+        config, _ = recipe_settings(recipe, bits, num_candidates=1)
         targets = [name for name, module in model.named_modules() if default_linear_filter(module, name)]
         for name in targets:
             linear = model.get_submodule(name)
@@ -121,8 +125,9 @@ def run_child(config: str, batch: int, repeats: int, threads: int, chunk_element
     wall seconds and process CPU seconds (less sensitive to other work on a shared machine)."""
     torch.set_num_threads(threads)
     baseline = rss_mib()
-    bits, mode = (None, None) if config == "fp" else (int(config[1]), config.split("-")[1])
-    model = materialise_(build_skeleton(bits, shared_embedders and bits is not None))
+    bits, mode = (None, None) if config == "fp" else (int(config[1]), config.split("-")[-1])
+    recipe = "paper" if "-paper-" in config else "quality"
+    model = materialise_(build_skeleton(bits, shared_embedders and bits is not None, recipe))
     if mode is not None:
         set_inference_mode_(model, mode)
         for layer in vq_layers(model).values():
@@ -169,10 +174,10 @@ def median_of(runs: list[dict], key: str):
     return statistics.median(values) if numeric else values[0]
 
 
-def packed_sizes(bits: int, shared_embedders: bool) -> tuple[int, int, int]:
-    """(fp32 state-dict bytes, packed file bytes, in-memory bytes) of DiT-XL/2-256, from shapes."""
+def packed_sizes(bits: int, shared_embedders: bool, recipe: str = "quality") -> tuple[int, int, int]:
+    """(fp32 state-dict bytes, packed file bytes, in-memory bytes) of DiT-XL/2-256 under ``recipe``, from shapes."""
     fp32 = sum(t.numel() * 4 for t in build_skeleton(None).state_dict().values())
-    quantized = build_skeleton(bits, shared_embedders)
+    quantized = build_skeleton(bits, shared_embedders, recipe)
     return fp32, size_report(quantized).file_bytes, tensor_bytes(quantized)
 
 
@@ -182,6 +187,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="forward batch of 4x32x32 latents (default 4 = 2 + CFG)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards after one warm-up (median)")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3], choices=[2, 3], help="VQ presets w2/w3")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES,
+                        help="recipes of the quantized layers (quality: the default, with row scales)")
     parser.add_argument("--modes", nargs="+", default=["decode", "cached"], choices=["decode", "cached"],
                         help="inference modes to run besides FP")
     parser.add_argument("--chunk-elements", type=int, default=0,
@@ -207,7 +214,8 @@ def main() -> None:
           f"{args.runs} process(es) per config; decode chunks of {args.chunk_elements or DECODE_CHUNK_ELEMENTS:,} "
           f"weights; quantized models: embedders {args.embedders}")
     print()
-    configs = ["fp"] + [f"w{b}-{mode}" for b in args.bits for mode in args.modes]
+    configs = ["fp"] + [f"w{b}{'' if r == 'quality' else '-' + LABELS[r]}-{mode}"
+                        for b in args.bits for r in args.recipes for mode in args.modes]
     runs: dict[str, list[dict]] = {config: [] for config in configs}
     for _ in range(args.runs):  # rounds: each config once per round, so drifting load hits all alike
         for config in configs:
@@ -234,11 +242,12 @@ def main() -> None:
                           "output"], table))
     print(f"\nPython + torch + diffusers before building a model: {fp['baseline_mib']:.0f} MiB RSS.")
     print()
-    sizes = [(bits, *packed_sizes(bits, args.embedders == "shared")) for bits in args.bits]
+    sizes = [(f"w{bits} {LABELS[r]}", *packed_sizes(bits, args.embedders == "shared", r))
+             for bits in args.bits for r in args.recipes]
     print(markdown_table(
         ["DiT-XL/2-256", "fp32 bytes", "packed file bytes", "in memory bytes (codes as uint8)", "file vs fp32"],
-        [[f"w{bits}", f"{fp32:,}", f"{packed:,}", f"{memory:,}", f"{packed / fp32:.4f} ({fp32 / packed:.2f}x smaller)"]
-         for bits, fp32, packed, memory in sizes]))
+        [[run, f"{fp32:,}", f"{packed:,}", f"{memory:,}", f"{packed / fp32:.4f} ({fp32 / packed:.2f}x smaller)"]
+         for run, fp32, packed, memory in sizes]))
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,9 @@
 Part 1 runs the real calibration path (``CalibrationModule`` + ``CalibrationDataModule`` +
 ``pl.Trainer`` with ``CandidatePruning``, ``CalibrationStop`` and ``FinalAssignment``) on the
 random-init ``DiT-XL/2-256`` preset with the smallest data settings (1 trajectory, 1 class + its
-null label, 2 sampling steps, 2 optimisation steps), once per bit-width, each in a subprocess
+null label, 2 sampling steps, 2 optimisation steps), once per bit-width and recipe (``--recipes``:
+the default, whose build gathers the input statistics from the trajectories' items and holds the
+full ``E[x x^T]`` of every error-feedback layer, and the paper's), each in a subprocess
 under ``/usr/bin/time -v`` (peak RSS). The child records wall time and RSS per phase (teacher
 load, trajectory generation, k-means + student, each step, export); the peak of each phase is the
 largest ``VmRSS`` a sampling thread of the child saw (every 10 ms; a sub-10-ms spike can be missed:
@@ -13,10 +15,12 @@ the whole-run peak is ``time -v``'s, never reset). A watchdog kills a child whos
 Part 2 estimates the memory of one calibration step on one 80 GB GPU at the paper's batch
 (4 classes + 4 null labels, bf16-mixed) per component, from the real tensor sizes the child
 measured: parameters and buffers of teacher and student, optimizer state, and every tensor
-autograd saved for the backward (captured with ``saved_tensors_hooks`` during step 1).
+autograd saved for the backward (captured with ``saved_tensors_hooks`` during step 1); and the
+student build's own peak (the fp32 teacher and the statistics' ``E[x x^T]``, before the steps).
 
-    python -m benchmarks.memory                        # w2 and w3 (k-means dominates: ~10-20 min each)
+    python -m benchmarks.memory                        # w2 and w3, both recipes (k-means dominates: ~10-20 min each)
     python -m benchmarks.memory --bits 3 --kmeans-iters 0   # quick memory check, no Lloyd iterations
+    python -m benchmarks.memory --model tiny --recipes quality --kmeans-iters 0   # a smoke run (seconds)
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine_line, markdown_table
+from benchmarks.recipe_configs import LABELS, RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +105,7 @@ def _child(args: argparse.Namespace) -> None:
         pass
     import pytorch_lightning as pl
 
+    from benchmarks.recipe_configs import full_moment_bytes
     from callbacks import CalibrationStop, CandidatePruning, FinalAssignment
     from vq4dit.lightning import CalibrationDataModule, CalibrationModule
     from vq4dit.layers import VQLinear
@@ -166,6 +172,12 @@ def _child(args: argparse.Namespace) -> None:
             )
             self.layer_shapes = {(m.out_features, m.in_features) for m in layers}
             self.logit_shapes = {tuple(m.candidate_logits.shape) for m in layers}
+            moments = pl_module.engine.input_moments or {}
+            self.sizes.update(
+                prep_seconds=dict(pl_module.engine.phase_seconds),
+                full_moments=full_moment_bytes(pl_module.engine),  # held during the build, freed after it
+                diagonal_moments=nbytes(m.diagonal for m in moments.values()),  # kept by the engine
+            )
             self.sizes["teacher_dtype"] = str(next(teacher.parameters()).dtype)
             self.sizes["precision"] = str(trainer.precision)
             self.own = {t.untyped_storage().data_ptr() for t in (*pl_module.parameters(), *pl_module.buffers())}
@@ -216,7 +228,7 @@ def _child(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         module = CalibrationModule(
-            model=args.model, recipe=args.recipe, export={"dir": f"{tmp}/packed"},
+            model=args.model, recipe=args.recipes[0], export={"dir": f"{tmp}/packed"},
             vq={"bits": args.bits[0], "num_candidates": args.num_candidates, "kmeans_iters": args.kmeans_iters},
             calibration={"teacher_dtype": args.teacher_dtype} if args.teacher_dtype else {},
         )
@@ -241,13 +253,13 @@ def _child(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------ parent
 
 
-def _run_child(args: argparse.Namespace, bits: int) -> dict:
-    """Run one smoke calibration under ``/usr/bin/time -v`` with an RSS watchdog."""
+def _run_child(args: argparse.Namespace, bits: int, recipe: str) -> dict:
+    """Run one smoke calibration of ``recipe`` under ``/usr/bin/time -v`` with an RSS watchdog."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [
             "/usr/bin/time", "-v", sys.executable, "-m", "benchmarks.memory", "--child", "--json", str(out), "--bits", str(bits),
-            "--model", args.model, "--kmeans-iters", str(args.kmeans_iters), "--steps", str(args.steps),
+            "--recipes", recipe, "--model", args.model, "--kmeans-iters", str(args.kmeans_iters), "--steps", str(args.steps),
             "--precision", args.precision, "--threads", str(args.threads), "--num-candidates", str(args.num_candidates),
             *(["--teacher-dtype", args.teacher_dtype] if args.teacher_dtype else []),
         ]
@@ -283,7 +295,7 @@ def _run_child(args: argparse.Namespace, bits: int) -> dict:
 def gpu_estimate(sizes: dict) -> list[tuple[str, str, float, str]]:
     """Per-component GB of one calibration step on one GPU at the paper batch, bf16-mixed.
 
-    Rows are ``(component, when, GB, note)``; ``when`` is ``always`` (held for the whole run),
+    Rows are ``(component, when, GB, note)``; ``when`` is ``host`` (in host RAM), ``always`` (held for the whole run),
     ``forward`` (saved by autograd, alive from the forward to the backward) or ``backward``
     (created by the backward while the saved tensors are freed). Scaled from the tensors the smoke
     child measured at batch ``model_batch``: activations scale with the batch (and halve when the
@@ -316,8 +328,17 @@ def gpu_estimate(sizes: dict) -> list[tuple[str, str, float, str]]:
          f"block_inputs student keeps every block: {activations / blocks / GB:.3f} GB per block"),
         ("teacher block outputs (bf16)", "forward", teacher_outputs, "kept for the block losses"),
         ("logit gradients", "backward", sizes["candidate_logits"], "freed right after the optimizer step"),
+        ("input moments E[x^2] kept by the engine", "host", sizes.get("diagonal_moments", 0),
+         "activation-aware layers; host RAM, not in the GPU peak"),
     ]
     return [(name, when, value / GB, note) for name, when, value, note in rows]
+
+
+def build_estimate(sizes: dict) -> float:
+    """GB on the GPU while the student is built (before any step): the float32 teacher (the statistics
+    and k-means run before ``teacher_dtype`` applies) and the float32 ``E[x x^T]`` of every
+    error-feedback layer, accumulated on the teacher's device during the statistics."""
+    return (sizes["teacher_params"] * 4 + sizes.get("full_moments", 0)) / GB
 
 
 def estimate_peak(rows: list[tuple[str, str, float, str]]) -> float:
@@ -338,8 +359,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="sampling steps = optimisation steps")
     parser.add_argument("--precision", default="bf16-mixed", help="Trainer precision (the XL configs: bf16-mixed)")
     parser.add_argument("--teacher-dtype", default="bfloat16", help="CalibrationModule teacher_dtype (XL configs: bfloat16)")
-    parser.add_argument("--recipe", default="paper", choices=["paper", "quality"],
-                        help="calibration recipe (the README table: paper; quality adds row scales and activation statistics)")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES,
+                        help="calibration recipes, one run each (quality: the default, with its input statistics "
+                             "and error feedback; paper: the README table's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rss-limit-gb", type=float, default=21.0, help="watchdog: kill the child above this RSS")
     parser.add_argument("--min-free-gb", type=float, default=0.8, help="watchdog: kill the child below this free RAM")
@@ -354,9 +376,10 @@ def main() -> None:
         return
 
     if args.from_json:
-        results = {int(bits): result for bits, result in json.loads(Path(args.from_json).read_text()).items()}
+        results = json.loads(Path(args.from_json).read_text())
     else:
-        results = {bits: _run_child(args, bits) for bits in args.bits}
+        results = {f"w{bits} {LABELS[recipe]}": _run_child(args, bits, recipe)
+                   for bits in args.bits for recipe in args.recipes}
     if args.save_json:
         Path(args.save_json).write_text(json.dumps(results, indent=1))
     print(f"\nmodel {args.model}, n={args.num_candidates}, {args.steps} steps, precision {args.precision}, "
@@ -365,15 +388,19 @@ def main() -> None:
           + (f"; MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}" if "MALLOC_MMAP_THRESHOLD_" in os.environ else "")
           + "\n")
     table = []
-    for bits, result in results.items():
+    for run, result in results.items():
         seconds = {p["phase"]: p["seconds"] for p in result["phases"]}
         cells = [seconds.get(name) for name in
                  ("load teacher", "trajectories", "k-means + student", "step 1", "step 2", "final assignment + export")]
+        prep = result["sizes"].get("prep_seconds", {})
         wall = result.get("wall_s")
-        table.append([bits, f"{result['peak_rss_gb']:.2f}", "-" if wall is None else f"{wall:.0f}",
-                      *("-" if c is None else f"{c:.1f}" for c in cells), result["failed"] or "ok"])
-    print(markdown_table(["bits", "peak RSS GB (time -v)", "wall s", "load teacher s", "trajectories s",
-                          "k-means + student s", "step 1 s", "step 2 s", "export s", "status"], table))
+        table.append([run, f"{result['peak_rss_gb']:.2f}", "-" if wall is None else f"{wall:.0f}",
+                      *("-" if c is None else f"{c:.1f}" for c in cells[:3]),
+                      " / ".join(f"{prep.get(p, 0.0):.1f}" for p in ("statistics", "feedback")) if prep else "-",
+                      *("-" if c is None else f"{c:.1f}" for c in cells[3:]), result["failed"] or "ok"])
+    print(markdown_table(["run", "peak RSS GB (time -v)", "wall s", "load teacher s", "trajectories s",
+                          "k-means + student s", "of which statistics / feedback s", "step 1 s", "step 2 s",
+                          "export s", "status"], table))
     print("\nRSS per phase (GB): after the phase / peak during the phase\n")
     names = [p["phase"] for p in max((r["phases"] for r in results.values()), key=len)]
     rows = []
@@ -383,7 +410,7 @@ def main() -> None:
             phase = next((p for p in result["phases"] if p["phase"] == name), None)
             cells += ["-", "-"] if phase is None else [f"{phase['rss_gb']:.2f}", f"{phase['peak_gb']:.2f}"]
         rows.append([name, *cells])
-    print(markdown_table(["phase", *(f"w{b} {when}" for b in results for when in ("after", "peak"))], rows))
+    print(markdown_table(["phase", *(f"{run} {when}" for run in results for when in ("after", "peak"))], rows))
 
     complete = {b: r["sizes"] for b, r in results.items() if "saved_activations" in r["sizes"]}
     if not complete:
@@ -396,7 +423,10 @@ def main() -> None:
             for i, (name, when, _, note) in enumerate(first)]
     rows.append(["**peak** = always + max(forward, backward)", "",
                  *(f"**{estimate_peak(estimate):.2f}**" for estimate in estimates.values()), ""])
-    print(markdown_table(["component", "alive", *(f"w{b}" for b in estimates), "note"], rows))
+    print(markdown_table(["component", "alive", *estimates, "note"], rows))
+    print("\nStudent build on the GPU, before the steps (fp32 teacher + the statistics' E[x x^T]): "
+          + ", ".join(f"{run} {build_estimate(sizes):.2f} GB ({sizes.get('full_moments', 0) / GB:.2f} GB of moments)"
+                      for run, sizes in complete.items()))
     sizes = next(iter(complete.values()))
     traj = XL_TRAJECTORIES[0] * XL_TRAJECTORIES[1] * XL_TRAJECTORIES[2] * sizes["trajectory_item_bytes"] / GB
     print(f"\nTrajectories stay in host RAM (batches move to the GPU): {traj:.2f} GB for "

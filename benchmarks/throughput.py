@@ -11,11 +11,17 @@ FP fine-tuning step = the same DiT in full precision, every parameter trainable,
 (4 classes + 4 null labels), the same block-wise MSE against fixed targets (no teacher forward),
 backward, and an RMSprop (calibration's settings) or AdamW step.
 
+Recipes (``--recipes``, default both): the student of each row is built as ``train.py fit
+--model.recipe R`` builds it (``benchmarks.recipe_configs``: ``apply_recipe``, ``Calibrator.build``);
+the default recipe gathers its input statistics from teacher forwards over ``--statistics-items``
+random items (+ null copies), and the preparation table gives the build's phases (statistics,
+k-means, error feedback) and the full ``E[x x^T]`` it held.
+
 Cases: the ``DiT-S/2-256`` preset, and one DiT-XL/2 block (a 1-block DiT-XL/2-256: batch 8 x
 256 tokens x 1152; the patch embedding and output head are included, they are ~1 % of the
 FLOPs). Steps of both kinds alternate, so machine load hits both alike; medians are reported.
 
-    python -m benchmarks.throughput                          # S/2 and XL block, w2 and w3
+    python -m benchmarks.throughput                          # S/2 and XL block, w2 and w3, both recipes
     python -m benchmarks.throughput --cases S --bits 2 --profile
     python -m benchmarks.throughput --precision bf16-mixed   # CPU autocast, as Lightning's bf16-mixed
     python -m benchmarks.throughput --cases S --compile      # torch.compile of the soft reconstruction
@@ -39,11 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Timer, machine_line, markdown_table
+from benchmarks.recipe_configs import LABELS, RECIPES, build_engine, full_moment_bytes
 from callbacks import CandidatePruning
-from vq4dit.engine import CalibrationConfig, Calibrator
+from vq4dit.engine import Calibrator
 from vq4dit.models import block_modules, capture_blocks, load_dit, preset_config
 from vq4dit.sampling import NULL_CLASS
-from vq4dit.vq_config import VQConfig
 
 ITEMS = 4  # classes per batch; each with its null-label copy: model batch 8 (official)
 REGIONS = ("teacher forward", "student forward", "backward", "optimizer", "pruning callback")
@@ -187,7 +193,9 @@ def profile_table(step: CalibrationStep, batch, steps: int, top: int) -> str:
     return "\n".join(lines)
 
 
-def run_case(name: str, source: str, bits: int, args) -> dict:
+def run_case(name: str, source: str, bits: int, args, recipe: str = "quality") -> dict:
+    """Median seconds of ``args.repeats`` calibration steps of ``recipe`` at ``bits`` and of the FP
+    steps, per region, and the student build's preparation seconds."""
     torch.manual_seed(0)
     teacher = load_dit(source)
     batch = make_batch(teacher)
@@ -195,9 +203,9 @@ def run_case(name: str, source: str, bits: int, args) -> dict:
         else contextlib.nullcontext
     # FP copies of the float32 teacher before the student exists (and before any timing hook)
     finetune = {opt: FineTuneStep(teacher, batch, opt, autocast) for opt in args.fp_optimizers}
-    vq_config = VQConfig.from_bits(bits, num_candidates=args.num_candidates, kmeans_iters=args.kmeans_iters)
-    engine = Calibrator.build(teacher, vq_config, CalibrationConfig(teacher_dtype=args.teacher_dtype),
-                              guidance_scale=1.0, progress=False)  # the batch holds its null labels already
+    with Timer() as built:  # the batch holds its null labels already: guidance 1
+        engine = build_engine(teacher, recipe, bits, args.statistics_items, {"teacher_dtype": args.teacher_dtype},
+                              num_candidates=args.num_candidates, kmeans_iters=args.kmeans_iters)
     calibration = CalibrationStep(engine, CandidatePruning(every_n_steps=1), autocast)
     if args.pre_harden:
         for layer in engine.layers.values():  # a later calibration state: some rows already hard
@@ -217,7 +225,9 @@ def run_case(name: str, source: str, bits: int, args) -> dict:
             calibration.timer.seconds.clear()
     median = {key: statistics.median(values) for key, values in times.items()}
     regions = {k: v / args.repeats for k, v in calibration.timer.seconds.items()}
-    result = {"case": name, "bits": bits, "median": median, "regions": regions, "soft": soft_fraction(engine)}
+    result = {"case": name, "bits": bits, "recipe": LABELS[recipe], "median": median, "regions": regions,
+              "soft": soft_fraction(engine), "build_s": built.seconds, "prep": dict(engine.phase_seconds),
+              "moments_mb": full_moment_bytes(engine) / 2**20}
     if args.profile:
         result["profile"] = profile_table(calibration, batch, args.profile_steps, args.top)
     return result
@@ -250,6 +260,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["S", "XL-block"], choices=["S", "XL-block"])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES,
+                        help="calibration recipes, one row each (quality: the default)")
+    parser.add_argument("--statistics-items", type=int, default=16,
+                        help="random items (+ null copies) of the default recipe's input statistics "
+                             "(a fit: up to 1024)")
     parser.add_argument("--num-candidates", type=int, default=2)
     parser.add_argument("--kmeans-iters", type=int, default=5, help="k-means quality does not change step time")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
@@ -277,8 +292,9 @@ def main() -> None:
             if source is None:
                 source = xl_block_folder(f"{tmp}/xl_block")
             for bits in args.bits:
-                results.append(run_case(name, source, bits, args))
-                print(f"done: {name} w{bits}", file=sys.stderr, flush=True)
+                for recipe in args.recipes:
+                    results.append(run_case(name, source, bits, args, recipe))
+                    print(f"done: {name} w{bits} {LABELS[recipe]}", file=sys.stderr, flush=True)
 
     fp_keys = [f"fp-{o}" for o in args.fp_optimizers]
     print("\n" + machine_line(
@@ -286,19 +302,27 @@ def main() -> None:
         "soft reconstruction torch.compile'd" if args.compile else "", f"batch {2 * ITEMS} (4 classes + 4 null)",
         f"median of {args.repeats}", f"{args.pre_harden:.0%} of rows hardened first" if args.pre_harden else "") + "\n")
     print(markdown_table(
-        ["model", "bits", "calibration step s", *(f"FP step s ({k[3:]})" for k in fp_keys),
+        ["model", "bits", "recipe", "calibration step s", *(f"FP step s ({k[3:]})" for k in fp_keys),
          *(f"ratio vs {k[3:]}" for k in fp_keys), "soft rows after"],
-        [[r["case"], r["bits"], f"{r['median']['calibration']:.3f}", *(f"{r['median'][k]:.3f}" for k in fp_keys),
+        [[r["case"], r["bits"], r["recipe"], f"{r['median']['calibration']:.3f}",
+          *(f"{r['median'][k]:.3f}" for k in fp_keys),
           *(f"{r['median']['calibration'] / r['median'][k]:.2f}x" for k in fp_keys), f"{r['soft']:.1%}"]
          for r in results]))
+    print(f"\nStudent build (Calibrator.build; statistics over {args.statistics_items} items + null copies, "
+          f"{args.kmeans_iters} Lloyd iterations)\n")
+    phases = ("statistics", "kmeans", "feedback")
+    print(markdown_table(
+        ["model", "bits", "recipe", "build s", *(f"{p} s" for p in phases), "E[x x^T] held MB"],
+        [[r["case"], r["bits"], r["recipe"], f"{r['build_s']:.2f}", *(f"{r['prep'].get(p, 0.0):.2f}" for p in phases),
+          f"{r['moments_mb']:.1f}"] for r in results]))
     print("\nWhere a calibration step goes (mean s per step; student forward includes the soft reconstruction)\n")
     print(markdown_table(
-        ["model", "bits", *REGIONS, "rest"],
-        [[r["case"], r["bits"], *(f"{r['regions'].get(k, 0.0):.3f}" for k in REGIONS),
+        ["model", "bits", "recipe", *REGIONS, "rest"],
+        [[r["case"], r["bits"], r["recipe"], *(f"{r['regions'].get(k, 0.0):.3f}" for k in REGIONS),
           f"{r['median']['calibration'] - sum(r['regions'].get(k, 0.0) for k in REGIONS):.3f}"] for r in results]))
     for r in results:
         if "profile" in r:
-            print(f"\nProfile: {r['case']} w{r['bits']}, {args.profile_steps} calibration steps\n")
+            print(f"\nProfile: {r['case']} w{r['bits']} {r['recipe']}, {args.profile_steps} calibration steps\n")
             print(r["profile"])
 
 

@@ -47,3 +47,26 @@ def test_markdown_table_and_fit_args():
     args = fit_args("/tmp/run", ["configs/demo.yaml", "extra.yaml"], "--model.vq.bits=3", logger=False)
     assert args[:4] == ["--config", "configs/demo.yaml", "--config", "extra.yaml"] and args[-1] == "--model.vq.bits=3"
     assert "--trainer.logger=false" in args and "--model.export.dir=/tmp/run/packed" in args
+
+
+def test_recipe_configs_resolve_as_the_module_and_build_the_default_with_its_statistics():
+    """benchmarks/recipe_configs.py: each recipe's settings are what ``CalibrationModule`` resolves
+    from the command line, and the default's build gathers the statistics (full E[x x^T] for error
+    feedback) from teacher forwards on random items; the paper's gathers none."""
+    from benchmarks.recipe_configs import RECIPES, build_engine, full_moment_bytes, random_items, recipe_settings
+    from vq4dit.lightning import CalibrationModule
+
+    for recipe in RECIPES:
+        module = CalibrationModule(model="tiny", recipe=recipe, vq={"bits": 3, "kmeans_iters": 1},
+                                   calibration={"teacher_dtype": "bfloat16"})
+        assert recipe_settings(recipe, 3, {"teacher_dtype": "bfloat16"}, kmeans_iters=1) == (
+            module.vq_config, module.calibration), recipe
+    teacher = load_dit("tiny")
+    items = random_items(teacher, 3)
+    assert items["x"].shape[0] == 6 and (items["y"][3:] == 1000).all()  # + null-label copies
+    default = build_engine(teacher, "quality", 2, 2, kmeans_iters=0)
+    assert {"statistics", "feedback"} <= set(default.phase_seconds)
+    assert full_moment_bytes(default) == sum(l.in_features ** 2 * 4 for l in default.layers.values())
+    assert all(l.row_scales is not None for l in default.layers.values())
+    paper = build_engine(load_dit("tiny"), "paper", 2, 2, kmeans_iters=0)
+    assert "statistics" not in paper.phase_seconds and full_moment_bytes(paper) == 0

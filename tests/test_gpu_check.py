@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.recipe_configs import RECIPES
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "benchmarks.gpu_check"  # run as a module from the repository root
 
@@ -34,6 +36,15 @@ def test_dry_run_prints_the_table_and_writes_json(tmp_path):
     whats = {r["what"] for r in rows}
     assert {"FP fine-tuning step (RMSprop)", "calibration step, soft rows (torch)", "calibration step, all hard (torch)",
             "trajectory sampling, per step", "forward FP", "forward w2 decode", "forward w3 cached"} <= whats
+    assert "student build (statistics, k-means, feedback)" in whats
+    for recipe in ("quality", "paper"):  # both recipes, each with its build, soft and hard steps and inference
+        mine = [r for r in rows if r["extra"].get("recipe") == recipe]
+        assert {"student build (statistics, k-means, feedback)", "calibration step, soft rows (torch)",
+                "calibration step, all hard (torch)", "forward w2 decode", "forward w3 cached"} <= {r["what"] for r in mine}
+    builds = {r["extra"]["recipe"]: r["extra"] for r in rows if r["what"].startswith("student build")}
+    assert builds["quality"]["full_moments_mib"] > 0 and "statistics" in builds["quality"]["phase_seconds"]
+    assert builds["paper"]["full_moments_mib"] == 0 and "statistics" not in builds["paper"]["phase_seconds"]
+    assert report["plan"]["recipes"] == list(RECIPES)
     tests = next(r for r in rows if r["section"] == "tests")
     assert tests["extra"]["returncode"] == 0 and "passed" in tests["note"]
     try:

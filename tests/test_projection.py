@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.projection import ROOT, measure_calibration, read_config
+from benchmarks.projection import ROOT, measure_calibration, read_config, run_settings
+from benchmarks.projection_kmeans import project_kmeans
 from benchmarks.roofline import (
     H100, SCENARIOS, Counts, OpCounter, OpRecord, count_ops, fit_blocks, foreach_launches, op_seconds,
 )
+from vq4dit.vq_config import VQConfig
 
 
 def test_linear_forward_backward_flops_are_analytic():
@@ -99,10 +101,31 @@ def test_fit_is_exact_for_affine_costs():
     assert fitted.compute_s["x"] == pytest.approx(29) and fitted.ops["mm"][:2] == pytest.approx([28, 56])
 
 
+def test_kmeans_projection_scales_feedback_by_out_in_squared():
+    parts = {"seeding": Counts(flops=1.0), "plain0": Counts(flops=3.0), "layer0": Counts(flops=7.0, kernels=2.0),
+             "layerN": Counts(flops=11.0, kernels=2.0)}  # feedback 4 (2 kernels); 2 Lloyd iterations of 2 each
+    total = project_kmeans(parts, hidden=2, lloyd_iters=2, target_iters=3, shapes=[(2, 2), (4, 2), (2, 4)])
+    # 3 seedings + (3 - 1 + 3 x 2) x 20 / 4 sub-vector scale + 4 x (8 + 16 + 32) / 8 out * in^2 scale
+    assert total.flops == pytest.approx(3 + 8 * 5 + 4 * 7)
+    assert total.kernels == pytest.approx(2 * (2 + 2 + 4) / 2)  # the feedback's kernels: per column group
+    paper = project_kmeans({k: v for k, v in parts.items() if k != "plain0"}, 2, 2, 3, [(2, 2)])
+    assert paper.flops == pytest.approx(1 + (7 - 1 + 3 * 2))  # no feedback term without plain0
+
+
+def test_run_settings_read_the_nested_config_under_each_recipe():
+    config = read_config(ROOT / "configs" / "dit_xl2.yaml")
+    assert config["model"]["vq"]["num_candidates"] == 2 and config["model"]["recipe"] == "quality"  # nested
+    default, calibration = run_settings(config, "quality", 3, kmeans_iters=1)
+    assert (default.codebook_size, default.kmeans_iters, calibration.teacher_dtype) == (64, 1, "bfloat16")
+    assert default.row_scale and default.error_feedback and default.kmeans_metric == "activation"
+    paper, _ = run_settings(config, "paper", 3, kmeans_iters=1)
+    assert paper == VQConfig.from_bits(3, kmeans_iters=1)
+
+
 def test_block_fit_reproduces_a_three_block_model(tmp_path):
-    """Real runs (teacher forwards, FP step, calibration steps) of 1-, 2- and 3-block tiny DiTs:
-    the fit from 1 and 2 blocks predicts the 3-block counts within 1 %. The all-soft step's
-    pruning depends on the values (how many rows harden in each layer), so only its FLOPs are exact."""
+    """Real runs (teacher forwards, FP step, calibration steps, the default's statistics) of 1-, 2- and
+    3-block tiny DiTs: the fit from 1 and 2 blocks predicts the 3-block counts within 1 %. The all-soft
+    step's pruning depends on the values (how many rows harden in each layer), so only its FLOPs are exact."""
     from diffusers import DiTTransformer2DModel
 
     from vq4dit.models import preset_config
@@ -125,3 +148,7 @@ def test_block_fit_reproduces_a_three_block_model(tmp_path):
         assert math.isfinite(fitted.roofline_s(SCENARIOS[1]))
     # the block costs are there: 3 blocks cost more than 1 in every counted quantity
     assert runs[3]["w2_soft"].bytes > runs[1]["w2_soft"].bytes and runs[3]["fp_step"].kernels > runs[1]["fp_step"].kernels
+    assert runs[1]["w2_stats"].flops > 0  # the default recipe's statistics forwards are counted
+    paper = measure_calibration(str(tmp_path / "tiny1"), 2, config, kmeans_iters=1, fp_rows=False,
+                                trajectory_samples=[], recipe="paper")
+    assert set(paper) == {"w2-paper_soft", "w2-paper_hard", "w2-paper_val"}  # no statistics
