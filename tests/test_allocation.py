@@ -156,13 +156,19 @@ def test_predicted_layer_error_is_the_layer_output_mse_on_its_inputs():
     assert layer_output_error(linear, layer, hessian) == pytest.approx(measured, rel=1e-4)
 
 
-def test_probe_scores_are_gain_times_prediction_and_the_model_is_left_unchanged():
+def probe_inputs(**select):
+    """The tiny DiT (frozen), its selected layers, calibration items, a silent ``Phases`` and the
+    layers' input moments (with ``E[x x^T]``)."""
     torch.manual_seed(0)
     teacher = load_dit("tiny").eval().requires_grad_(False)
-    selected = select_layers(teacher, QUALITY)
+    selected = select_layers(teacher, QUALITY, **select)
     items = tiny_items()
     phases = Phases(0, progress=False)
-    hessians = gather_statistics(teacher, selected, items, 4.0, True, phases)
+    return teacher, selected, items, phases, gather_statistics(teacher, selected, items, 4.0, True, phases)
+
+
+def test_probe_scores_are_gain_times_prediction_and_the_model_is_left_unchanged():
+    teacher, selected, items, phases, hessians = probe_inputs()
     config = AllocationConfig(gain_items=8, check_items=8)
     allocation, built = probe_allocation(teacher, selected, hessians, items, 4.0, None, config, phases)
     assert not vq_layers(teacher)  # every layer swapped back
@@ -187,11 +193,7 @@ def test_probe_scores_are_gain_times_prediction_and_the_model_is_left_unchanged(
 
 
 def test_block_local_gains_are_exact_with_one_layer_per_block_and_need_one_model_forward_per_block():
-    torch.manual_seed(0)
-    teacher = load_dit("tiny").eval().requires_grad_(False)
-    selected = select_layers(teacher, QUALITY, include=["*.ff.net.2"])  # one layer per block
-    items = tiny_items()
-    hessians = gather_statistics(teacher, selected, items, 4.0, True, Phases(0, progress=False))
+    teacher, selected, items, _, hessians = probe_inputs(include=["*.ff.net.2"])  # one layer per block
     layers = {name: VQLinear.from_linear(linear, config, name, hessians[name]) for name, linear, config in selected}
     predicted = {name: layer_output_error(linear, layers[name], hessians[name].full) for name, linear, _ in selected}
     batches = item_batches(items, torch.arange(8), 4.0, batch_size=32)
@@ -211,12 +213,7 @@ def test_drafted_options_are_cheaper_and_the_chosen_ones_are_built_in_full(monke
     iterations = []
     real = vq4dit.layers.kmeans
     monkeypatch.setattr(vq4dit.layers, "kmeans", lambda *a, **k: iterations.append(a[2]) or real(*a, **k))
-    torch.manual_seed(0)
-    teacher = load_dit("tiny").eval().requires_grad_(False)
-    selected = select_layers(teacher, QUALITY)
-    items = tiny_items()
-    phases = Phases(0, progress=False)
-    hessians = gather_statistics(teacher, selected, items, 4.0, True, phases)
+    teacher, selected, items, phases, hessians = probe_inputs()
     config = AllocationConfig(gain_items=8, check_items=8, probe_kmeans_iters=1)
     allocation, built = probe_allocation(teacher, selected, hessians, items, 4.0, None, config, phases)
     assert iterations.count(1) == 3 * len(selected)  # drafts of k / 2, k (for the full-to-draft ratio), 2 k
@@ -228,12 +225,7 @@ def test_drafted_options_are_cheaper_and_the_chosen_ones_are_built_in_full(monke
 
 
 def test_check_falls_back_to_uniform_when_the_allocation_is_worse():
-    torch.manual_seed(0)
-    teacher = load_dit("tiny").eval().requires_grad_(False)
-    selected = select_layers(teacher, QUALITY)
-    items = tiny_items()
-    phases = Phases(0, progress=False)
-    hessians = gather_statistics(teacher, selected, items, 4.0, True, phases)
+    teacher, selected, items, phases, hessians = probe_inputs()
     allocation, built = probe_allocation(teacher, selected, hessians, items, 4.0, None,
                                          AllocationConfig(gain_items=8, check_items=0), phases)
     # a worse choice at fewer bits: every layer at k / 2
