@@ -1,7 +1,5 @@
 """Evaluation: deterministic sampling, VAE decoding, real-image sets, `train.py test` / `predict`."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -73,8 +71,10 @@ def test_real_image_sets(tmp_path):
     np.savez(tmp_path / "bad.npz", arr_0=array.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         load_real_images(str(tmp_path / "bad.npz"))
-    with pytest.raises(ValueError, match="digits' or an existing .npz"):
+    with pytest.raises(ValueError, match="'rgb_patches' or an existing .npz"):
         load_real_images(str(tmp_path / "nothing.npz"))
+    patches = load_real_images("rgb_patches")  # the RGB reference's own FID reference
+    assert patches.shape == (2048, 3, 16, 16) and patches.dtype == torch.uint8
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +145,14 @@ def test_test_subcommand_reports_metrics_and_writes_grid(tmp_path, packed):
         ("--model.evaluation.real_images={tmp}/nothing.npz", "real_images must be"),
         ("--data.eval_samples=0", "eval_samples"),
         ("--model.evaluation.metrics_features=clip", "metrics_features"),
+        ("--model.model=tiny --model.evaluation.metrics_features=classifier", "needs a shipped reference model"),
     ],
 )
-def test_bad_evaluation_input_fails_with_one_clear_line(tmp_path, override, message):
-    result = subprocess.run(
-        [sys.executable, "train.py", *eval_args("test", tmp_path, "--model.evaluation.model=fp"), override.format(tmp=tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_bad_evaluation_input_fails_with_one_clear_line(tmp_path, override, message, monkeypatch, capsys):
+    from tests.test_trust import error_lines, run_main
+
+    code, stderr = run_main(monkeypatch, capsys, [*eval_args("test", tmp_path, "--model.evaluation.model=fp"),
+                                                  *override.format(tmp=tmp_path).split()])
+    assert code == 2, stderr[-2000:]
+    (line,) = error_lines(stderr)
+    assert message in line and "Traceback" not in stderr

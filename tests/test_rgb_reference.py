@@ -58,3 +58,19 @@ def test_shipped_model_predicts_the_noise_of_real_patches(patches):
     noise = torch.randn(x0.shape, generator=generator)
     eps = model(diffusion.q_sample(x0, t, noise), timestep=diffusion.timesteps[t], class_labels=labels[index]).sample[:, :3]
     assert float((eps - noise).pow(2).mean()) < 0.3 * float(noise.pow(2).mean())
+
+
+def test_train_py_test_scores_the_rgb_reference_with_its_own_classifier(tmp_path):
+    from train import cli_main
+
+    cli = cli_main([
+        "test", "--config", "configs/rgb_reference.yaml", "--model.evaluation.model=fp",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--data.num_trajectories=1", "--data.val_trajectories=1", "--data.num_steps=2",
+        "--data.eval_samples=16", "--data.eval_batch_size=16", "--data.eval_num_steps=2",
+    ])
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert {"test/class_accuracy", "test/fid", "test/precision", "test/recall"} <= set(metrics)
+    assert 0.0 <= metrics["test/class_accuracy"] <= 1.0 and metrics["test/fid"] > 0.0
+    assert cli.model.evaluation.features == "classifier" and cli.model.evaluation.real_images == "rgb_patches"

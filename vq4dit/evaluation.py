@@ -79,21 +79,32 @@ def generate_images(
     return torch.cat(images)
 
 
+SHIPPED_REFERENCES = {"reference": "digits", "rgb_reference": "rgb_patches"}
+"""The shipped reference models (``--model.model``) -> the real-image set their classifier scores."""
+
+
 def load_real_images(source: str) -> torch.Tensor:
     """Real images ``[N, C, H, W]`` uint8 for FID / precision / recall.
 
-    ``digits``: the scikit-learn digits at 16x16 (the reference model's data); otherwise an
-    ``.npz`` whose ``arr_0`` is ``[N, H, W, C]`` uint8 (the ADM evaluator's reference batches, or
-    one written by ``train.py predict``).
+    ``digits``: the scikit-learn digits at 16x16 (the reference model's data); ``rgb_patches``:
+    2048 evenly strided 16x16 patches of the RGB reference's two photos; otherwise an ``.npz``
+    whose ``arr_0`` is ``[N, H, W, C]`` uint8 (the ADM evaluator's reference batches, or one
+    written by ``train.py predict``).
     """
     if source == "digits":
         from .reference import digits_dataset
 
         pixels, _ = digits_dataset()
         return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if source == "rgb_patches":
+        from .rgb_reference import rgb_patches_dataset
+
+        pixels = rgb_patches_dataset(16)[0]
+        pixels = pixels[torch.linspace(0, len(pixels) - 1, min(2048, len(pixels))).long()]
+        return ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     path = Path(source)
     if path.suffix != ".npz" or not path.is_file():
-        raise ValueError(f"real_images must be 'digits' or an existing .npz file, got {source!r}")
+        raise ValueError(f"real_images must be 'digits', 'rgb_patches' or an existing .npz file, got {source!r}")
     try:
         with np.load(path) as archive:
             array = archive["arr_0"]
@@ -104,6 +115,20 @@ def load_real_images(source: str) -> torch.Tensor:
     if array.shape[0] < 2:  # FID needs a covariance
         raise ValueError(f"{path}: arr_0 holds {array.shape[0]} image(s); FID / precision / recall need at least 2")
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def load_shipped_classifier(model_source: str) -> nn.Module:
+    """The classifier shipped with the reference model ``model_source`` (``SHIPPED_REFERENCES``)."""
+    if model_source == "rgb_reference":
+        from .rgb_reference import load_rgb_reference_classifier
+
+        return load_rgb_reference_classifier()
+    if model_source == "reference":
+        from .reference import load_reference_classifier
+
+        return load_reference_classifier()
+    raise ValueError(f"metrics_features=classifier needs a shipped reference model ({', '.join(SHIPPED_REFERENCES)}), "
+                     f"got {model_source!r}")
 
 
 def build_metrics(

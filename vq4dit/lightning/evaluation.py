@@ -15,7 +15,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..evaluation import build_metrics, decode, load_real_images, load_vae, to_uint8_hwc
+from ..evaluation import (
+    SHIPPED_REFERENCES, build_metrics, decode, load_real_images, load_shipped_classifier, load_vae, to_uint8_hwc,
+)
 from ..images import make_grid, save_png
 from ..sampling import SamplerConfig, sample
 
@@ -33,10 +35,10 @@ class EvaluationSettings:
         model: what ``test`` / ``predict`` sample: ``quantized`` (the student, compared with the FP
             model under identical noise) or ``fp`` (the teacher only: the FP baseline).
         vae: diffusers ``AutoencoderKL`` folder or hub id decoding latents (None: pixel-space models).
-        metrics_features: FID / IS features: ``classifier`` (digits), ``inception`` or ``auto``
-            (classifier for ``reference``).
-        real_images: FID reference: ``digits``, an ``.npz`` of ``arr_0 [N, H, W, C]`` uint8, ``auto``
-            (digits for ``reference``) or None (FID to the FP samples only).
+        metrics_features: FID / IS features: ``classifier`` (a shipped reference's own), ``inception``
+            or ``auto`` (the classifier for ``reference`` and ``rgb_reference``).
+        real_images: FID reference: ``digits``, ``rgb_patches``, an ``.npz`` of ``arr_0 [N, H, W, C]``
+            uint8, ``auto`` (the shipped reference's own data) or None (FID to the FP samples only).
     """
 
     quantized: str | None = None
@@ -48,14 +50,14 @@ class EvaluationSettings:
 
 class SampleEvaluation:
     """Samples and metrics of ``test`` / ``predict`` for one model source (``model_source``:
-    ``reference`` picks the digits classifier and data) with ``settings``."""
+    a shipped reference picks its own classifier and data) with ``settings``."""
 
     def __init__(self, model_source: str, settings: EvaluationSettings) -> None:
         self.model_source, self.eval_model, self.vae_source = model_source, settings.model, settings.vae
-        reference = model_source == "reference"
+        reference = SHIPPED_REFERENCES.get(model_source)
         features, real_images = settings.metrics_features, settings.real_images
         self.features = features if features != "auto" else ("classifier" if reference else "inception")
-        self.real_images = real_images if real_images != "auto" else ("digits" if reference else None)
+        self.real_images = real_images if real_images != "auto" else reference
         self.metrics = None
         self._vae: nn.Module | None = None
 
@@ -75,11 +77,7 @@ class SampleEvaluation:
 
     # ------------------------------------------------------------------------------------ test
     def start_test(self, device: torch.device, num_samples: int) -> None:
-        classifier = None
-        if self.features == "classifier":
-            from ..reference import load_reference_classifier
-
-            classifier = load_reference_classifier()
+        classifier = load_shipped_classifier(self.model_source) if self.features == "classifier" else None
         real = load_real_images(self.real_images) if self.real_images else None
         self.metrics = build_metrics(self.features, classifier, real, num_samples).to(device)
 

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from ..evaluation import SHIPPED_REFERENCES
 from ..engine.overrides import check_overrides, highest_bits_per_weight, refuse_allocated_fields
 from ..quantize import select_layers
 
@@ -55,6 +56,10 @@ def check_module_settings(module) -> None:
         )
     if settings["export"].dir is not None:
         check_export_dir(settings["export"].dir)
+    evaluation = module.evaluation
+    if evaluation.features == "classifier" and evaluation.model_source not in SHIPPED_REFERENCES:
+        raise ValueError(f"metrics_features=classifier needs a shipped reference model ({', '.join(SHIPPED_REFERENCES)}) "
+                         f"with its own classifier, got model {evaluation.model_source!r}; use inception")
     quantized = settings["evaluation"].quantized
     if quantized is not None:
         if not is_packed_model(Path(quantized)):
