@@ -102,18 +102,14 @@ def test_print_config(capsys):
         ("--model.export.dir={tmp}/a_file/packed", "not writable"),
     ],
 )
-def test_bad_input_fails_with_one_clear_line(tmp_path, override, message):
-    import subprocess
-    import sys
+def test_bad_input_fails_with_one_clear_line(tmp_path, override, message, monkeypatch, capsys):
+    from tests.test_trust import error_lines, run_main
 
     (tmp_path / "a_file").write_text("not a folder")
-    result = subprocess.run(
-        [sys.executable, "train.py", *fit_args(tmp_path), override.format(tmp=tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    code, stderr = run_main(monkeypatch, capsys, [*fit_args(tmp_path), override.format(tmp=tmp_path)])
+    assert code == 2, stderr[-2000:]
+    (line,) = error_lines(stderr)
+    assert message in line and "Traceback" not in stderr
 
 
 def packed_tensors(folder):
