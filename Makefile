@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # pytest exit 5 (no test collected) counts as a failure.
+# WORKERS: pytest-xdist processes (one torch thread each); WORKERS=0 runs in this process.
+WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -q -n $(WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests ran"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
