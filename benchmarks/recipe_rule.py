@@ -160,9 +160,36 @@ def format_table(results: list[dict]) -> str:
                            "MSE to FP", "FID to FP samples", "steps", "calib. s"], rows)
 
 
-def verdict(results: list[dict]) -> str:
-    """Per model and setting: the default's calibration-seed range, and each other recipe's FID/FP
-    against it ("worse" = above the default's worst seed)."""
+def summary_table(results: list[dict]) -> str:
+    """One row per model x setting x recipe: means over calibration seeds (range where several)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["setting"], r["recipe"] if r["setting"] != "fp" else "fp vs fp"), []).append(r)
+    rows = []
+    for (model, setting, recipe), runs in groups.items():
+        fp = _fp(results, model)
+        runs = [r for r in runs if not (setting == "fp" and r["recipe"] == "fp")]
+        if not runs:
+            continue
+
+        def cell(values: list[float], fmt: str) -> str:
+            mean = format(sum(values) / len(values), fmt)
+            return mean if len(values) == 1 else f"{mean} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+        rows.append([model, setting, recipe, len(runs), f"{runs[0]['bits_per_weight']:.2f}" if setting != "fp" else "32",
+                     cell([r["fid"] / fp["fid"] for r in runs], ".2f"),
+                     cell([r["class_accuracy"] / fp["class_accuracy"] for r in runs], ".2f"),
+                     cell([r["mse_to_fp"] for r in runs], ".4f"),
+                     cell([r["steps"] for r in runs], ".0f") if "steps" in runs[0] else "-",
+                     cell([r["calibration_s"] for r in runs], ".0f") if "calibration_s" in runs[0] else "-"])
+    return markdown_table(["model", "setting", "recipe", "seeds", "bits/weight all-in", "FID/FP", "acc/FP", "MSE to FP",
+                           "steps", "calib. s"], rows)
+
+
+def verdict(results: list[dict], floor: float = 0.02) -> str:
+    """Per model and setting: each recipe's FID/FP against the default's mean over calibration seeds.
+    The noise bar is the default's seed spread (max - min, at least ``floor``): "worse" / "better"
+    when a recipe lies further than that above / below the default's mean, else "within noise"."""
     lines = []
     for (model, setting) in dict.fromkeys((r["model"], r["setting"]) for r in results if r["setting"] != "fp"):
         fp = _fp(results, model)
@@ -171,11 +198,11 @@ def verdict(results: list[dict]) -> str:
         default = [ratio(r) for r in group if r["recipe"] == "default"]
         if not default:
             continue
-        low, high = min(default), max(default)
-        cells = [f"default {sum(default) / len(default):.3f} ({low:.3f}-{high:.3f}, {len(default)} seeds)"]
+        mean, bar = sum(default) / len(default), max(max(default) - min(default), floor)
+        cells = [f"default {mean:.3f} (noise bar +-{bar:.3f}, {len(default)} seeds)"]
         for r in group:
             if r["recipe"] != "default":
-                word = "worse" if ratio(r) > high else ("better" if ratio(r) < low else "within noise")
+                word = "worse" if ratio(r) > mean + bar else ("better" if ratio(r) < mean - bar else "within noise")
                 cells.append(f"{r['recipe']} {ratio(r):.3f} ({word})")
         lines.append(f"- {model} {setting}: " + "; ".join(cells))
     return "\n".join(lines)
@@ -191,7 +218,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max_steps", type=int, default=600, help="the stop rule's step cap, every run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the results as JSON (after every run)")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                        help="print the tables of earlier --json results (merged) instead of running")
     args = parser.parse_args(argv)
+    if args.from_json:
+        results = [r for path in args.from_json for r in json.loads(open(path).read())]
+        print(summary_table(results) + "\n\n" + verdict(results))
+        return results
     torch.set_num_threads(args.threads)
     total = Timer()
 
@@ -207,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           "evaluation: digits 500 samples DDPM 25 steps, rgb 256 samples DDPM 10 steps, cfg 1.5, the model's "
           "own classifier as FID features; fp@N: FP sampled with evaluation seed N (the FP noise bar)")
     print(machine_line(f"total {total.elapsed:.0f} s") + "\n")
-    print(format_table(results) + "\n\n" + verdict(results))
+    print(format_table(results) + "\n\n" + summary_table(results) + "\n\n" + verdict(results))
     return results
 
 

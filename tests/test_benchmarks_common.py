@@ -70,3 +70,18 @@ def test_recipe_configs_resolve_as_the_module_and_build_the_default_with_its_sta
     assert all(l.row_scales is not None for l in default.layers.values())
     paper = build_engine(load_dit("tiny"), "paper", 2, 2, kmeans_iters=0)
     assert "statistics" not in paper.phase_seconds and full_moment_bytes(paper) == 0
+
+
+def test_recipe_rule_verdict_and_summary_use_the_default_seed_spread():
+    from benchmarks.recipe_rule import summary_table, verdict
+
+    run = lambda recipe, fid, seed=0, setting="w3": {  # noqa: E731
+        "model": "m", "setting": setting, "recipe": recipe, "seed": seed, "bits_per_weight": 3.2, "fid": fid,
+        "class_accuracy": 0.9, "mse_to_fp": 0.01, "steps": 100, "calibration_s": 10.0}
+    results = [run("fp", 10.0, setting="fp"), run("fp@1", 11.0, 1, "fp"), run("default", 11.0), run("default", 12.0, 1),
+               run("paper", 14.0), run("-aware", 11.2), run("-feedback", 9.0)]
+    line = verdict(results)
+    assert "default 1.150 (noise bar +-0.100, 2 seeds)" in line
+    assert "paper 1.400 (worse)" in line and "-aware 1.120 (within noise)" in line and "-feedback 0.900 (better)" in line
+    table = summary_table(results)
+    assert "| m | w3 | default | 2 | 3.20 | 1.15 (1.10-1.20) |" in table and "| m | fp | fp vs fp | 1 | 32 | 1.10 |" in table
