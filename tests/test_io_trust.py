@@ -2,6 +2,7 @@
 random points, NaN models and read-only targets on every writer, a file whose header lies about
 its size."""
 
+import contextlib
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import safetensors
@@ -69,15 +71,24 @@ def test_a_nan_codebook_is_refused_by_every_writer_before_anything_is_written(wr
     assert os.listdir(tmp_path) == [] and not uploads
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(target: Path, options: str, what: str) -> Iterator[Path]:
+    """Create the folder ``target``, mount a tmpfs with ``options`` on it for the ``with`` block,
+    then unmount it; skips the test (naming ``what``) where a tmpfs cannot be mounted."""
+    target.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount {what} here: {done.stderr.decode().strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
 @pytest.fixture()
 def read_only_dir(tmp_path):
-    target = tmp_path / "ro"
-    target.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
-    yield target
-    subprocess.run(["umount", str(target)], check=True)
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m", "a read-only tmpfs") as target:
+        yield target
 
 
 def test_a_read_only_target_is_one_clear_error(read_only_dir):
@@ -197,15 +208,8 @@ def test_every_writer_under_kill_9(writer, worker, tmp_path):
 
 
 def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path):
-    target = tmp_path / "small"
-    target.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "size=64k", "a small tmpfs") as target:
         for writer in ("save_quantized", "vq4dit.save_pretrained(pipe)"):
             with pytest.raises(WriteError, match=r"^cannot write .*/small/out: (?i:no space left on device)"):
                 WRITERS[writer](quantized_dit(CONFIG), target / "out")
             assert os.listdir(target) == []
-    finally:
-        subprocess.run(["umount", str(target)], check=True)
