@@ -186,26 +186,37 @@ def summary_table(results: list[dict]) -> str:
                            "steps", "calib. s"], rows)
 
 
-def verdict(results: list[dict], floor: float = 0.02) -> str:
-    """Per model and setting: each recipe's FID/FP against the default's mean over calibration seeds.
-    The noise bar is the default's seed spread (max - min, at least ``floor``): "worse" / "better"
-    when a recipe lies further than that above / below the default's mean, else "within noise"."""
+METRICS = {"fid": ("FID/FP", ".3f"), "mse_to_fp": ("MSE to FP", ".4f")}
+
+
+def verdict(results: list[dict], metric: str = "fid", floor: float = 0.02) -> str:
+    """Per model and setting: each recipe's ``metric`` (``fid``: FID/FP; ``mse_to_fp``) against the
+    default's mean over calibration seeds. The noise bar is the default's seed spread (max - min, at
+    least ``floor`` x the mean): "worse" / "better" when a recipe lies further than that above /
+    below the default's mean, else "within noise"."""
+    name, fmt = METRICS[metric]
     lines = []
     for (model, setting) in dict.fromkeys((r["model"], r["setting"]) for r in results if r["setting"] != "fp"):
         fp = _fp(results, model)
-        ratio = lambda r: r["fid"] / fp["fid"]  # noqa: E731
+        value = (lambda r: r["fid"] / fp["fid"]) if metric == "fid" else (lambda r: r[metric])  # noqa: E731
         group = [r for r in results if (r["model"], r["setting"]) == (model, setting)]
-        default = [ratio(r) for r in group if r["recipe"] == "default"]
+        default = [value(r) for r in group if r["recipe"] == "default"]
         if not default:
             continue
-        mean, bar = sum(default) / len(default), max(max(default) - min(default), floor)
-        cells = [f"default {mean:.3f} (noise bar +-{bar:.3f}, {len(default)} seeds)"]
+        mean = sum(default) / len(default)
+        bar = max(max(default) - min(default), floor * mean)
+        cells = [f"default {mean:{fmt}} (noise bar +-{bar:{fmt}}, {len(default)} seeds)"]
         for r in group:
             if r["recipe"] != "default":
-                word = "worse" if ratio(r) > mean + bar else ("better" if ratio(r) < mean - bar else "within noise")
-                cells.append(f"{r['recipe']} {ratio(r):.3f} ({word})")
-        lines.append(f"- {model} {setting}: " + "; ".join(cells))
+                word = "worse" if value(r) > mean + bar else ("better" if value(r) < mean - bar else "within noise")
+                cells.append(f"{r['recipe']} {value(r):{fmt}} ({word})")
+        lines.append(f"- {model} {setting}, {name}: " + "; ".join(cells))
     return "\n".join(lines)
+
+
+def verdicts(results: list[dict]) -> str:
+    """:func:`verdict` on FID/FP, then on MSE to FP."""
+    return verdict(results, "fid") + "\n" + verdict(results, "mse_to_fp")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -223,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.from_json:
         results = [r for path in args.from_json for r in json.loads(open(path).read())]
-        print(summary_table(results) + "\n\n" + verdict(results))
+        print(summary_table(results) + "\n\n" + verdicts(results))
         return results
     torch.set_num_threads(args.threads)
     total = Timer()
@@ -240,7 +251,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           "evaluation: digits 500 samples DDPM 25 steps, rgb 256 samples DDPM 10 steps, cfg 1.5, the model's "
           "own classifier as FID features; fp@N: FP sampled with evaluation seed N (the FP noise bar)")
     print(machine_line(f"total {total.elapsed:.0f} s") + "\n")
-    print(format_table(results) + "\n\n" + summary_table(results) + "\n\n" + verdict(results))
+    print(format_table(results) + "\n\n" + summary_table(results) + "\n\n" + verdicts(results))
     return results
 
 
