@@ -233,7 +233,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="print the tables of earlier --json results (merged) instead of running")
     args = parser.parse_args(argv)
     if args.from_json:
-        results = [r for path in args.from_json for r in json.loads(open(path).read())]
+        merged = {}  # the first run of each (model, setting, recipe, seed): several files repeat the FP rows
+        for path in args.from_json:
+            for r in json.loads(open(path).read()):
+                merged.setdefault((r["model"], r["setting"], r["recipe"], r["seed"]), r)
+        results = list(merged.values())
         print(summary_table(results) + "\n\n" + verdicts(results))
         return results
     torch.set_num_threads(args.threads)
