@@ -104,8 +104,9 @@ def calibrate(spec: SuiteModel, setting: str, recipe: str, seed: int, max_steps:
 
 
 def run(models: list[str], settings: list[str], recipes: list[str], seeds: list[int], max_steps: int,
-        on_result: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Every (model, setting, recipe, seed) run scored against its model's FP samples; FP rows first."""
+        on_result: Callable[[list[dict]], None] | None = None, every_seed: bool = False) -> list[dict]:
+    """Every (model, setting, recipe, seed) run scored against its model's FP samples; FP rows first.
+    The default recipe runs with every seed, the others with the first (``every_seed``: all)."""
     results: list[dict] = []
     for name in models:
         spec = MODELS[name]()
@@ -130,7 +131,7 @@ def run(models: list[str], settings: list[str], recipes: list[str], seeds: list[
                             "bits_per_weight": 32.0, **score(images, fp_images)})
         for setting in settings:
             for recipe in recipes:
-                for seed in (seeds if recipe == "default" else seeds[:1]):
+                for seed in (seeds if recipe == "default" or every_seed else seeds[:1]):
                     print(f"[recipe_rule] {name} {setting} {recipe} seed {seed}", file=sys.stderr, flush=True)
                     student, info = calibrate(spec, setting, recipe, seed, max_steps)
                     images = generate_images(student, labels, noise, sampler, batch_size=250)
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES),
                         default=["paper", "default", "-rowscale", "-aware", "-feedback", "-confident"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds of the default")
+    parser.add_argument("--every-seed", action="store_true", help="every recipe with every --seeds value")
     parser.add_argument("--max_steps", type=int, default=600, help="the stop rule's step cap, every run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the results as JSON (after every run)")
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
             atomic_write_text(args.json, json.dumps(results, indent=2))
 
-    results = run(args.models, args.settings, args.recipes, args.seeds, args.max_steps, partial)
+    results = run(args.models, args.settings, args.recipes, args.seeds, args.max_steps, partial, args.every_seed)
     print(f"\nrecipe rule: {', '.join(args.models)}; stop rule: CalibrationStop max_steps {args.max_steps}; "
           "evaluation: digits 500 samples DDPM 25 steps, rgb 256 samples DDPM 10 steps, cfg 1.5, the model's "
           "own classifier as FID features; fp@N: FP sampled with evaluation seed N (the FP noise bar)")
