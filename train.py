@@ -52,10 +52,11 @@ class VQ4DiTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Always present: the final argmax + packed export at the end of fit, and the run guard
         # (resumable checkpoint on SIGTERM, no empty log folder after a failed start).
+        # Every fit reports its validation error at the end relative to its start, and keeps the start
+        # when it ended worse: before FinalAssignment, whose on_fit_end exports.
+        parser.add_lightning_class_args(CalibrationReport, "calibration_report")
         parser.add_lightning_class_args(FinalAssignment, "final_assignment")
         parser.add_lightning_class_args(RunGuard, "run_guard")
-        # Every fit reports its validation error at the end relative to its start (and warns if worse).
-        parser.add_lightning_class_args(CalibrationReport, "calibration_report")
         # predict writes PNGs + a sample_ddp.py-style npz (inactive in the other subcommands).
         parser.add_lightning_class_args(SampleWriter, "sample_writer")
 

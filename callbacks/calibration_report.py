@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -14,8 +15,10 @@ from .settings import check_range
 class CalibrationReport(pl.Callback):
     """Measure the validation error of the student against the FP teacher at the start of fit
     (before the first step: the k-means / error-feedback start) and at its end (after
-    ``FinalAssignment`` made every layer hard: the exported model); print both, log them to the
-    logger (``report/*``) and warn when the end is not below the start.
+    ``FinalAssignment`` made every layer hard, before it exports); print both, log them to the
+    logger (``report/*``), and when the end's output error is above the start's, return the
+    student to its start (``keep_start``: the argmax of the start is exported, with one line
+    saying so) or warn.
 
     The module computes (:meth:`CalibrationModule.validation_error`); this callback only picks the
     moments and the first ``max_batches`` validation batches. The start survives a resume (it is
@@ -24,13 +27,20 @@ class CalibrationReport(pl.Callback):
     Args:
         max_batches: validation batches per measurement (the cost: 2 x this many forward passes
             of teacher and student).
+        keep_start: keep a CPU copy of the student's VQ state at the start (the size of its
+            ratio logits, codebooks and codes) and export it instead when calibration ended worse.
+            A resumed run has no copy of the first run's start: it warns instead.
     """
 
-    def __init__(self, max_batches: int = 4) -> None:
+    def __init__(self, max_batches: int = 4, keep_start: bool = True) -> None:
         check_range("CalibrationReport", "max_batches", max_batches, 1)
         self.max_batches = max_batches
+        self.keep_start = keep_start
         self.start: dict[str, float] | None = None
         self.end: dict[str, float] | None = None
+        self.kept_start = False
+        self.kept: dict[str, float] | None = None  # the start's validation error, measured again once kept
+        self._snapshot: dict | None = None
 
     def _measure(self, trainer: pl.Trainer, pl_module) -> dict[str, float] | None:
         datamodule = getattr(trainer, "datamodule", None)
@@ -49,6 +59,8 @@ class CalibrationReport(pl.Callback):
             self.start = self._measure(trainer, pl_module)
             if self.start is None:
                 rank_zero_info("calibration report: no validation items (data.val_trajectories=0), no report")
+            elif self.keep_start:
+                self._snapshot = pl_module.engine.snapshot()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         if self.start is None:
@@ -67,11 +79,27 @@ class CalibrationReport(pl.Callback):
             f"{self.start['output_mse']:.4g} -> {self.end['output_mse']:.4g} ({ratios['output_mse']:.3f}x the start), "
             f"block MSE {self.start['block_mse']:.4g} -> {self.end['block_mse']:.4g} ({ratios['block_mse']:.3f}x)"
         )
-        if not ratios["output_mse"] < 1.0:
-            rank_zero_warn(
-                f"calibration made the validation output error worse than its start ({ratios['output_mse']:.3f}x): "
-                "check the recipe's levers (e.g. --model.recipe paper) and the step budget"
+        # the output error decides; block inputs from the teacher give none (NaN): then the block error
+        judged = "output_mse" if math.isfinite(ratios["output_mse"]) else "block_mse"
+        if ratios[judged] < 1.0 or not math.isfinite(ratios[judged]):
+            return
+        if self._snapshot is not None:
+            pl_module.engine.restore_(self._snapshot)
+            self._snapshot, self.kept_start = None, True
+            self.kept = kept = self._measure(trainer, pl_module)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({f"report/{k}_kept": v for k, v in kept.items()}, step=trainer.global_step)
+            rank_zero_info(
+                f"calibration report: calibration ended worse than its start ({judged} {ratios[judged]:.3f}x): the start "
+                f"was kept (validation output MSE {kept['output_mse']:.4g}, block MSE {kept['block_mse']:.4g}); "
+                "it is the model exported"
             )
+            return
+        rank_zero_warn(
+            f"calibration made the validation error worse than its start ({judged} {ratios[judged]:.3f}x): "
+            "check the recipe's levers (e.g. --model.recipe paper) and the step budget"
+            + ("" if not self.keep_start else "; a resumed run has no copy of the first run's start to keep")
+        )
 
     def state_dict(self) -> dict:
         return {"start": self.start}

@@ -68,3 +68,24 @@ def test_argmax_view_is_the_exported_model_and_restores_the_soft_state():
         assert torch.equal(model[0].weight().detach(), hard[0].weight().detach())
     assert torch.equal(model[0].candidate_logits.detach(), soft_logits)
     assert torch.equal(model[0].weight().detach(), soft_weight) and not torch.equal(soft_weight, hard[0].weight().detach())
+
+
+def test_a_calibration_that_ends_worse_than_its_start_exports_its_start(tmp_path):
+    """A far too high ratio and codebook learning rate scrambles a good start: the report returns the
+    student to its start (every soft row at its argmax), and that is the model exported."""
+    import torch
+
+    from vq4dit import load_quantized
+    from vq4dit.quantize import vq_layers
+
+    cli = cli_main(fit_args(tmp_path, "--model.calibration.lr_logits=50", "--model.calibration.lr_codebook=0.05",
+                            model=SHORT_RUN))
+    report = next(c for c in cli.trainer.callbacks if isinstance(c, CalibrationReport))
+    order = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert order.index("CalibrationReport") < order.index("FinalAssignment")  # kept before the export
+    assert report.end["output_mse"] > report.start["output_mse"] and report.kept_start
+    assert report.kept["output_mse"] == pytest.approx(report.start["output_mse"], rel=1e-4)
+    packed, student = vq_layers(load_quantized(tmp_path / "packed")), vq_layers(cli.model.student)
+    assert packed.keys() == student.keys()
+    for name, layer in packed.items():
+        assert layer.is_hard and torch.equal(layer.codes.long(), student[name].codes.long())

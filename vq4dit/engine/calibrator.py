@@ -300,6 +300,21 @@ class Calibrator:
                 _mutate(optimizer, layer, layer.finalize_)
         self.update_codebook_trainability()
 
+    def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
+        """A CPU copy of every VQ layer's state (codebook, codes, soft rows, candidates, ratio logits,
+        bias, row scales): :meth:`restore_` returns the student to it. Identical on every rank
+        when taken before the first step."""
+        return {name: {k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
+                for name, layer in self.layers.items()}
+
+    def restore_(self, snapshot: dict[str, dict[str, torch.Tensor]]) -> int:
+        """Load a :meth:`snapshot` into every VQ layer, then argmax every soft row (the student is
+        hard afterwards, as after :meth:`finalize_`; the optimizer's state no longer applies).
+        Returns the number of rows finalised."""
+        for name, layer in self.layers.items():
+            layer.load_state_dict(snapshot[name])
+        return self.finalize_()
+
     def finalize_(self) -> int:
         """Argmax for every soft row of every layer (all ranks hold every block: call
         :meth:`share_` first under a spread). Returns the number of rows finalised."""
