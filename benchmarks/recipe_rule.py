@@ -11,7 +11,7 @@ seed-to-seed noise and the default recipe's calibration-seed noise as rows of th
     python -m benchmarks.recipe_rule --models rgb --seeds 0 1 2 --json outputs/recipe_rule_rgb.json
 
 Rows (``--recipes``): ``paper`` (``--model.recipe paper``), ``default`` (the default recipe),
-``-rowscale`` / ``-aware`` / ``-feedback`` / ``-confident`` (the default with that one lever off),
+``no-rowscale`` / ``no-aware`` / ``no-feedback`` / ``no-confident`` (the default with that one lever off),
 ``+alloc`` (the default plus bit allocation, opt-in). The default runs with every ``--seeds`` value
 (calibration seed: k-means, trajectories); other rows with the first seed. Every run calibrates
 through ``train.py fit`` with the model's config, the same stop rule (``--max_steps`` cap) and no
@@ -41,10 +41,10 @@ SETTINGS = {  # k and d explicitly: the RGB config names its own
 RECIPES = {
     "paper": ["--model.recipe=paper"],
     "default": [],
-    "-rowscale": ["--model.vq.row_scale=false"],
-    "-aware": ["--model.vq.kmeans_metric=euclidean"],
-    "-feedback": ["--model.vq.error_feedback=false"],
-    "-confident": ["--model.vq.ratio_init=inverse_distance"],
+    "no-rowscale": ["--model.vq.row_scale=false"],
+    "no-aware": ["--model.vq.kmeans_metric=euclidean"],
+    "no-feedback": ["--model.vq.error_feedback=false"],
+    "no-confident": ["--model.vq.ratio_init=inverse_distance"],
     "+alloc": ["--model.allocation.enabled=true"],
 }
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["digits", "rgb"])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES),
-                        default=["paper", "default", "-rowscale", "-aware", "-feedback", "-confident"])
+                        default=["paper", "default", "no-rowscale", "no-aware", "no-feedback", "no-confident"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds of the default")
     parser.add_argument("--every-seed", action="store_true", help="every recipe with every --seeds value")
     parser.add_argument("--max_steps", type=int, default=600, help="the stop rule's step cap, every run")
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         merged = {}  # the first run of each (model, setting, recipe, seed): several files repeat the FP rows
         for path in args.from_json:
             for r in json.loads(open(path).read()):
+                r["recipe"] = "no-" + r["recipe"][1:] if r["recipe"].startswith("-") else r["recipe"]  # older label
                 merged.setdefault((r["model"], r["setting"], r["recipe"], r["seed"]), r)
         results = list(merged.values())
         print(summary_table(results) + "\n\n" + verdicts(results))

@@ -79,10 +79,10 @@ def test_recipe_rule_verdict_and_summary_use_the_default_seed_spread():
         "model": "m", "setting": setting, "recipe": recipe, "seed": seed, "bits_per_weight": 3.2, "fid": fid,
         "class_accuracy": 0.9, "mse_to_fp": 0.01, "steps": 100, "calibration_s": 10.0}
     results = [run("fp", 10.0, setting="fp"), run("fp@1", 11.0, 1, "fp"), run("default", 11.0), run("default", 12.0, 1),
-               run("paper", 14.0), run("-aware", 11.2), run("-feedback", 9.0)]
+               run("paper", 14.0), run("no-aware", 11.2), run("no-feedback", 9.0)]
     line = verdict(results)
     assert line.startswith("- m w3, FID/FP: default 1.150 (noise bar +-0.100, 2 seeds)")
-    assert "paper 1.400 (worse)" in line and "-aware 1.120 (within noise)" in line and "-feedback 0.900 (better)" in line
-    assert "-aware 0.0100 (within noise)" in verdict(results, "mse_to_fp")
+    assert "paper 1.400 (worse)" in line and "no-aware 1.120 (within noise)" in line and "no-feedback 0.900 (better)" in line
+    assert "no-aware 0.0100 (within noise)" in verdict(results, "mse_to_fp")
     table = summary_table(results)
     assert "| m | w3 | default | 2 | 3.20 | 1.15 (1.10-1.20) |" in table and "| m | fp | fp vs fp | 1 | 32 | 1.10 |" in table
