@@ -207,10 +207,11 @@ def verdict(results: list[dict], metric: str = "fid", floor: float = 0.02) -> st
         mean = sum(default) / len(default)
         bar = max(max(default) - min(default), floor * mean)
         cells = [f"default {mean:{fmt}} (noise bar +-{bar:{fmt}}, {len(default)} seeds)"]
-        for r in group:
-            if r["recipe"] != "default":
-                word = "worse" if value(r) > mean + bar else ("better" if value(r) < mean - bar else "within noise")
-                cells.append(f"{r['recipe']} {value(r):{fmt}} ({word})")
+        for recipe in dict.fromkeys(r["recipe"] for r in group if r["recipe"] != "default"):
+            values = [value(r) for r in group if r["recipe"] == recipe]
+            other = sum(values) / len(values)  # the mean over its seeds
+            word = "worse" if other > mean + bar else ("better" if other < mean - bar else "within noise")
+            cells.append(f"{recipe} {other:{fmt}} ({word}{f', {len(values)} seeds' if len(values) > 1 else ''})")
         lines.append(f"- {model} {setting}, {name}: " + "; ".join(cells))
     return "\n".join(lines)
 
