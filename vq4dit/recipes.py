@@ -8,10 +8,12 @@ input second moments), candidates assigned with error feedback (GPTQ / GPTVQ wit
 and ratios that start at 0.9 on the feedback's codeword. An explicit setting
 (``--model.vq.row_scale false``) always wins over the recipe.
 
-Bit allocation (``--model.allocation.enabled true``) is in neither recipe: on the RGB reference it
-made the calibrated model worse than uniform bits (issue 17: 1.88x vs 1.23x FP FID at k=16, d=2;
-2.92x vs 1.24x at 3 bits), and its probe cost several times the rest of the preparation (issue 18).
-A lever joins the default only when it is not worse on every reference model (docs/quality.md).
+Bit allocation (``--model.allocation.enabled true``) is in neither recipe: the earlier, measured
+probe made the RGB reference worse than uniform bits (issue 17: 1.88x vs 1.23x FP FID at k=16,
+d=2); the redesigned probe is better on the digits reference (1.33x vs 1.62x) and within noise on
+the RGB one, but is not yet measured on every setting. A lever joins the default only when it is
+not worse on every reference model (``python -m benchmarks.recipe_rule``, docs/quality.md; row
+scales meet that rule neither in nor out, and stay in: removing them loses more).
 
 The recipe fields are the dataclass fields declared with :func:`vq4dit.typed_settings.recipe_field`;
 ``tests/test_settings.py`` checks that every recipe leaves none of them unset.
