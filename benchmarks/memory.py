@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine_line, markdown_table
+from benchmarks.proc_memory import available_gb, descendants, status_kb
 from benchmarks.recipe_configs import LABELS, RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,47 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
 PAPER_BATCH = 8  # 4 classes + 4 null labels
 XL_TRAJECTORIES = (100, 4, 50)  # configs/dit_xl2.yaml: trajectories, classes, steps
-
-
-# ------------------------------------------------------------------------------- /proc helpers
-
-
-def _status_kb(pid: int | str, field: str) -> int:
-    """A ``VmRSS``/``VmHWM`` line of ``/proc/<pid>/status`` in kB (0 if the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-def _descendants(pid: int) -> list[int]:
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        try:
-            tasks = os.listdir(f"/proc/{current}/task")
-        except FileNotFoundError:
-            continue
-        for task in tasks:
-            try:
-                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
-            except FileNotFoundError:
-                continue
-            for child in map(int, children):
-                found.append(child)
-                queue.append(child)
-    return found
-
-
-def _available_gb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024 / GB
-    return float("inf")
 
 
 # ------------------------------------------------------------------------------------- child
@@ -118,13 +78,13 @@ def _child(args: argparse.Namespace) -> None:
 
     def sample_rss() -> None:
         while True:
-            phase_peak_kb[0] = max(phase_peak_kb[0], _status_kb("self", "VmRSS"))
+            phase_peak_kb[0] = max(phase_peak_kb[0], status_kb("self", "VmRSS"))
             time.sleep(0.01)
 
     threading.Thread(target=sample_rss, daemon=True).start()
 
     def mark(name: str) -> None:
-        now, rss_kb = time.perf_counter(), _status_kb("self", "VmRSS")
+        now, rss_kb = time.perf_counter(), status_kb("self", "VmRSS")
         phases.append({"phase": name, "seconds": now - last[0], "rss_gb": rss_kb * 1024 / GB,
                        "peak_gb": max(phase_peak_kb[0], rss_kb) * 1024 / GB})
         last[0], phase_peak_kb[0] = now, rss_kb
@@ -270,10 +230,10 @@ def _run_child(args: argparse.Namespace, bits: int, recipe: str) -> dict:
                                        start_new_session=True)
             killed, max_seen = None, 0.0
             while process.poll() is None:
-                rss = sum(_status_kb(pid, "VmRSS") for pid in _descendants(process.pid)) * 1024 / GB
+                rss = sum(status_kb(pid, "VmRSS") for pid in descendants(process.pid)) * 1024 / GB
                 max_seen = max(max_seen, rss)
-                if rss > args.rss_limit_gb or _available_gb() < args.min_free_gb:
-                    killed = f"killed by the watchdog at RSS {rss:.1f} GB (free {_available_gb():.1f} GB)"
+                if rss > args.rss_limit_gb or available_gb() < args.min_free_gb:
+                    killed = f"killed by the watchdog at RSS {rss:.1f} GB (free {available_gb():.1f} GB)"
                     os.killpg(process.pid, signal.SIGKILL)  # our own child's process group only
                     process.wait()
                     break
