@@ -10,8 +10,8 @@ and ratios that start at 0.9 on the feedback's codeword. An explicit setting
 
 Bit allocation (``--model.allocation.enabled true``) is in neither recipe: the earlier, measured
 probe made the RGB reference worse than uniform bits (issue 17: 1.88x vs 1.23x FP FID at k=16,
-d=2); the redesigned probe is better on the digits reference (1.33x vs 1.62x) and within noise on
-the RGB one, but is not yet measured on every setting. A lever joins the default only when it is
+d=2); the redesigned probe is better on the digits reference at k=16 (1.33x vs 1.62x) and within
+noise or better on the RGB one, but worse on digits at the paper preset (1.60x vs 1.39x). A lever joins the default only when it is
 not worse on every reference model (``python -m benchmarks.recipe_rule``, docs/quality.md; row
 scales meet that rule neither in nor out, and stay in: removing them loses more).
 
