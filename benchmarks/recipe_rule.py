@@ -71,15 +71,11 @@ def _digits() -> SuiteModel:
 
 
 def _rgb() -> SuiteModel:
-    from vq4dit.rgb_reference import (
-        load_rgb_reference_classifier, load_rgb_reference_model, rgb_patches_dataset)
-
-    def real() -> torch.Tensor:
-        images = rgb_patches_dataset(16)[0]
-        return (images[torch.linspace(0, len(images) - 1, 2048).long()] + 1) / 2
+    from vq4dit.evaluation import load_real_images
+    from vq4dit.rgb_reference import load_rgb_reference_classifier, load_rgb_reference_model
 
     return SuiteModel("configs/rgb_reference.yaml", load_rgb_reference_model, load_rgb_reference_classifier,
-                      real, 8, 256, 10)
+                      lambda: load_real_images("rgb_patches"), 8, 256, 10)  # the set `train.py test` scores against
 
 
 MODELS = {"digits": _digits, "rgb": _rgb}
