@@ -1,14 +1,15 @@
 """The student's VQ layers, built once, and the bit-allocation probe that chooses among them.
 
 The probe predicts each allocation option's layer output error ``tr(dW H dW^T) / out`` from
-``H = E[x x^T]`` with no model forward. Only the base ``k`` is built in full with the run's levers
-(row scales, activation-aware k-means, error feedback, the initial ratios): it is the student's
-layer when kept. The other options are drafted (a few Lloyd iterations, no feedback) and their
-drafts' errors are scaled by what the full build gains over its own draft at the base ``k``. One
-gain per layer turns the prediction into final-output error, measured block-locally: the layer's
-block output on recorded block inputs, and one model forward per block. The chosen options are
-built in full (no layer is built twice). A check on held-out items compares the allocated start
-with the uniform start and keeps the uniform setting when allocation is worse. Every phase is
+``H = E[x x^T]`` with no model forward. Every option (k/2, k, 2k) is built with the run's levers
+(row scales, activation-aware k-means, error feedback, the initial ratios), so its ``dW`` is the one
+the run would start from and the chosen one goes into the student as it is;
+``allocation.probe_kmeans_iters`` drafts the options with fewer Lloyd iterations instead (their
+errors scaled by what the full build gains over its draft at the base ``k``; the chosen ones are
+then built in full). One gain per layer turns the prediction into final-output error, measured
+block-locally: the layer's block output on recorded block inputs, and one model forward per block.
+A check on held-out items compares the allocated start with the uniform start and keeps the
+uniform setting when allocation is worse. Every phase is
 timed (``Phases``) under one progress bar with an ETA.
 """
 
