@@ -46,29 +46,42 @@ def probe_projection(bits: int, lloyd_iters: int, target_iters: int, gain_items:
     config = VQConfig.from_bits(bits, num_candidates=2, row_scale=True, kmeans_metric="activation", error_feedback=True,
                                 ratio_init="confident")
     span, blocks = AllocationConfig().span, preset_config(XL_PRESET)["num_layers"]
-    full, draft, base_full, moved_max, measured_wall = [], [], [], [], 0.0
+    full, draft, base_full, moved_max, measured_wall, option_count = [], [], [], [], 0.0, 0
+
+    def at(iters: int, configs: list, linear, hessian):  # the ops of building ``configs`` together
+        def build():
+            layers = VQLinear.from_linear_options(linear, [c.with_overrides(kmeans_iters=iters) for c in configs],
+                                                  "probe", InputMoments.from_full(hessian))
+            for layer in layers:
+                layer_output_error(linear, layer, hessian)
+        with torch.no_grad():
+            return count_ops(build)
+
+    def scaled(configs: list, linear, hessian, iters: float):  # ops at ``iters`` Lloyd iterations
+        at_n, at_0 = at(lloyd_iters, configs, linear, hessian), at(0, configs, linear, hessian)
+        per_iter = combine([(1.0 / lloyd_iters, at_n), (-1.0 / lloyd_iters, at_0)])
+        return combine([(1.0, at_0), (iters, per_iter)]), per_iter, at_n.wall_s, at_0
+
     for out_f, in_f in XL_BLOCK_SHAPES.values():
         linear = torch.nn.Linear(in_f, out_f)
         inputs = torch.randn(2048, in_f) * torch.rand(in_f).add(0.1)
         hessian = inputs.t() @ inputs / inputs.shape[0]
-        per_option = []
-        for option in allocation_options(config, out_f, in_f, span):
-            def build(iters, option=option, linear=linear, hessian=hessian):
-                layer = VQLinear.from_linear(linear, option.with_overrides(kmeans_iters=iters), "probe",
-                                             InputMoments.from_full(hessian))
-                layer_output_error(linear, layer, hessian)
-            with torch.no_grad():
-                at_n, at_0 = count_ops(lambda: build(lloyd_iters)), count_ops(lambda: build(0))
-            per_iter = combine([(1.0 / lloyd_iters, at_n), (-1.0 / lloyd_iters, at_0)])
-            per_option.append((option == config,
-                               combine([(1.0, at_0), (float(target_iters), per_iter)]),
-                               combine([(1.0, at_0), (float(draft_iters), per_iter)]), at_n.wall_s))
-        measured_wall += sum(w for *_, w in per_option)
-        full += [f for _, f, _, _ in per_option]
-        draft += [d for _, _, d, _ in per_option]
-        base_full += [f for is_base, f, _, _ in per_option if is_base]
-        others = [f for is_base, f, _, _ in per_option if not is_base]
-        moved_max.append(max(others, key=lambda c: c.flops))
+        options = allocation_options(config, out_f, in_f, span)
+        others = [option for option in options if option != config]
+        option_count += len(options)
+        together, per_iter_all, wall, _ = scaled(options, linear, hessian, float(target_iters))
+        alone, per_iter_base, wall_base, base_at_0 = scaled([config], linear, hessian, float(target_iters))
+        largest, _, wall_largest, _ = scaled([max(others, key=lambda o: o.codebook_size)], linear, hessian,
+                                          float(target_iters))
+        full.append(together)
+        base_full.append(alone)
+        moved_max.append(largest)
+        # drafts: the base in full, the others and a draft of the base (for the ratio) at draft_iters
+        per_iter_others = combine([(1.0, per_iter_all), (-1.0, per_iter_base)])
+        draft.append(combine([(1.0, together), (-float(target_iters), per_iter_others),
+                              (float(draft_iters), per_iter_others), (1.0, base_at_0),
+                              (float(draft_iters), per_iter_base)]))
+        measured_wall += wall + wall_base + wall_largest
     opt, pes = SCENARIOS
     span_s = lambda c: f"{fmt_s(c.projected_s(opt))} - {fmt_s(c.projected_s(pes))}"  # noqa: E731
     full_block, base_block = combine([(1.0, c) for c in full]), combine([(1.0, c) for c in base_full])
@@ -83,13 +96,14 @@ def probe_projection(bits: int, lloyd_iters: int, target_iters: int, gain_items:
     forwards = combine([((blocks + 1 + 8) * gain_items * per_model_item, forward),
                         (3 * check_items * per_model_item, forward)])
     extra_full = combine([(float(blocks), full_block), (-float(blocks), base_block), (1.0, forwards)])
-    extra_draft = combine([(float(blocks), draft_block), (1.0, forwards)])
+    extra_draft = combine([(float(blocks), draft_block), (-float(blocks), base_block), (1.0, forwards)])
     extra_draft_moved = combine([(1.0, extra_draft), (float(blocks), moved_block)])
     return "\n".join([
         f"### Projected bit-allocation probe, DiT-XL/2 w{bits} (k={config.codebook_size}, d={config.subvector_dim}), "
-        f"span {span}: {blocks} blocks x {len(full)} options, {blocks + 1} model forwards of {2 * gain_items} items "
+        f"span {span}: {blocks} blocks x {option_count} options, {blocks + 1} model forwards of {2 * gain_items} items "
         f"(block-local gains) + 3 of {2 * check_items} (check), fp32",
-        f"- one XL block, every option in full (k-means {target_iters} Lloyd iterations, feedback, prediction): "
+        f"- one XL block, every option in full, each layer's options built together (k-means {target_iters} Lloyd "
+        f"iterations, one error-feedback pass, prediction): "
         f"projected H100 {span_s(full_block)} (CPU {measured_wall:.1f} s "
         f"measured at {lloyd_iters} iteration(s)); the base k alone {span_s(base_block)}",
         f"- one XL block, drafts at {draft_iters} Lloyd iterations (probe_kmeans_iters {draft_iters}): {span_s(draft_block)}",

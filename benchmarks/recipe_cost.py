@@ -17,7 +17,7 @@ allocations agree, and the held-out start output MSE of uniform / predicted / me
 
     python -m benchmarks.recipe_cost --ranking
     python -m benchmarks.recipe_cost --prepare reference wide      # only the pre-calibration phases
-    python -m benchmarks.recipe_cost --models reference wide --samples 200 --max-steps 2000
+    python -m benchmarks.recipe_cost --models reference wide --samples 200 --max-steps 2000 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -108,23 +108,44 @@ def quality(students: dict[str, torch.nn.Module], samples: int) -> dict[str, dic
             for row, s in ((row, score(student)) for row, student in students.items())}
 
 
-def cost_table(models: list[str], samples: int, max_steps: int) -> str:
+def _spread(values: list[float], digits: int = 2) -> str:
+    """``mean`` or ``mean (min-max)`` of ``values``."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def cost_table(models: list[str], samples: int, max_steps: int, seeds: list[int] = (0,)) -> str:
+    """Every row of every model once per calibration seed (``--seed_everything``, ``--data.seed``),
+    back to back; each cell the mean over seeds, FID/FP and acc/FP with their range (the noise bar)."""
     lines = ["| model | row | " + " | ".join(PHASES) + " | total s | x paper | steps | FID/FP | acc/FP |",
              "|---|---|" + "---|" * (len(PHASES) + 5)]
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             model_args = ["--model.model=reference"] if model == "reference" else \
                 [f"--model.model={wide_model(Path(tmp) / 'wide')}", "--data.num_classes=10"]
-            results = [calibrate(model_args, row, max_steps) for row in ROWS]
-            scores = quality({r["row"]: r["student"] for r in results}, samples) if model == "reference" and samples else {}
-            paper = results[0]["total"]
-            for r in results:
-                s = scores.get(r["row"], {})
-                lines.append(f"| {model} | {r['row']} | " + " | ".join(f"{r['seconds'][p]:.1f}" for p in PHASES)
-                             + f" | {r['total']:.1f} | {r['total'] / paper:.2f} | {r['steps']} | "
-                             + f"{s.get('fid_fp', float('nan')):.2f} | {s.get('acc_fp', float('nan')):.3f} |")
-                if r["check"]:
-                    print(f"[recipe_cost] {model} {r['row']} allocation check: {r['check']}", file=sys.stderr, flush=True)
+            runs: dict[str, list[dict]] = {row: [] for row in ROWS}
+            for seed in seeds:
+                seeded = [*model_args, f"--seed_everything={seed}", f"--data.seed={seed}"]
+                results = [calibrate(seeded, row, max_steps) for row in ROWS]
+                scores = quality({r["row"]: r["student"] for r in results}, samples) \
+                    if model == "reference" and samples else {}
+                for r in results:
+                    r.update(scores.get(r["row"], {}), student=None)
+                    runs[r["row"]].append(r)
+                    if r["check"]:
+                        print(f"[recipe_cost] {model} {r['row']} seed {seed} allocation check: {r['check']}",
+                              file=sys.stderr, flush=True)
+            paper = sum(r["total"] for r in runs["paper"]) / len(seeds)
+            for row, done in runs.items():
+                mean = lambda key: sum(r[key] for r in done) / len(done)  # noqa: E731
+                quality_cells = [_spread([r[key] for r in done], digits) if key in done[0] else "-"
+                                 for key, digits in (("fid_fp", 2), ("acc_fp", 3))]
+                lines.append(f"| {model} | {row} | " + " | ".join(
+                    f"{sum(r['seconds'][p] for r in done) / len(done):.1f}" for p in PHASES)
+                    + f" | {mean('total'):.1f} | {mean('total') / paper:.2f} | {mean('steps'):.0f} | "
+                    + " | ".join(quality_cells) + " |")
             print("\n".join(lines), file=sys.stderr, flush=True)
     return "\n".join(lines)
 
@@ -230,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="*", default=[], choices=["reference", "wide"])
     parser.add_argument("--samples", type=int, default=200, help="evaluation images on the reference (0: no quality)")
     parser.add_argument("--max-steps", type=int, default=2000, help="calibration step budget (the demo's 2000)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="calibration seeds: every row runs with each; FID/FP and acc/FP show their range")
     parser.add_argument("--ranking", action="store_true")
     parser.add_argument("--prepare", nargs="*", default=[], choices=["reference", "wide"],
                         help="only Calibrator.build per row (the pre-calibration phases), on these models")
@@ -242,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare:
         print(preparation_table(args.prepare, args.trajectories))
     if args.models:
-        print(cost_table(args.models, args.samples, args.max_steps))
+        print(cost_table(args.models, args.samples, args.max_steps, args.seeds))
 
 
 if __name__ == "__main__":

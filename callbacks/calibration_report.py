@@ -21,15 +21,15 @@ class CalibrationReport(pl.Callback):
     saying so) or warn.
 
     The module computes (:meth:`CalibrationModule.validation_error`); this callback only picks the
-    moments and the first ``max_batches`` validation batches. The start survives a resume (it is
-    part of the callback's checkpoint state).
+    moments and the first ``max_batches`` validation batches. The start survives a resume: its
+    validation error is part of the callback's checkpoint state, and the student as the resumed
+    run builds it (before the checkpoint is loaded over it; the build is deterministic) is the start kept.
 
     Args:
         max_batches: validation batches per measurement (the cost: 2 x this many forward passes
             of teacher and student).
         keep_start: keep a CPU copy of the student's VQ state at the start (the size of its
             ratio logits, codebooks and codes) and export it instead when calibration ended worse.
-            A resumed run has no copy of the first run's start: it warns instead.
     """
 
     def __init__(self, max_batches: int = 4, keep_start: bool = True) -> None:
@@ -54,7 +54,14 @@ class CalibrationReport(pl.Callback):
                       for k, v in values.items()}
         return values
 
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self.keep_start:  # a resume: the module copies the student it builds
+            pl_module.keep_built_start = True
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.start is not None and self.keep_start:  # resumed: the start the module built again
+            self._snapshot = getattr(pl_module, "built_start", None)
+            pl_module.built_start = None
         if self.start is None:  # a resumed run keeps the start of the first run
             self.start = self._measure(trainer, pl_module)
             if self.start is None:
@@ -98,7 +105,7 @@ class CalibrationReport(pl.Callback):
         rank_zero_warn(
             f"calibration made the validation error worse than its start ({judged} {ratios[judged]:.3f}x): "
             "check the recipe's levers (e.g. --model.recipe paper) and the step budget"
-            + ("" if not self.keep_start else "; a resumed run has no copy of the first run's start to keep")
+            + ("" if not self.keep_start else "; the start could not be kept (no copy of it)")
         )
 
     def state_dict(self) -> dict:

@@ -208,11 +208,11 @@ def test_block_local_gains_are_exact_with_one_layer_per_block_and_need_one_model
 
 
 def test_drafted_options_are_cheaper_and_the_chosen_ones_are_built_in_full(monkeypatch):
-    import vq4dit.layers
+    import vq4dit.assignment
 
     iterations = []
-    real = vq4dit.layers.kmeans
-    monkeypatch.setattr(vq4dit.layers, "kmeans", lambda *a, **k: iterations.append(a[2]) or real(*a, **k))
+    real = vq4dit.assignment.kmeans
+    monkeypatch.setattr(vq4dit.assignment, "kmeans", lambda *a, **k: iterations.append(a[2]) or real(*a, **k))
     teacher, selected, items, phases, hessians = probe_inputs()
     config = AllocationConfig(gain_items=8, check_items=8, probe_kmeans_iters=1)
     allocation, built = probe_allocation(teacher, selected, hessians, items, 4.0, None, config, phases)
@@ -230,7 +230,7 @@ def test_check_falls_back_to_uniform_when_the_allocation_is_worse():
                                          AllocationConfig(gain_items=8, check_items=0), phases)
     # a worse choice at fewer bits: every layer at k / 2
     allocation.choice = {layer.name: 0 for layer in allocation.layers}
-    build_choice(allocation, selected, hessians, built, phases)
+    build_choice(allocation, selected, hessians, built, phases, AllocationConfig())
     batches = item_batches(items, torch.arange(40, 48), 4.0)
     assert not check_allocation(teacher, allocation, built, batches)
     assert allocation.choice == {layer.name: layer.base for layer in allocation.layers}
@@ -251,11 +251,11 @@ def test_the_cli_prints_the_fallback_line_and_exports_the_uniform_setting(tmp_pa
 
 
 def test_the_student_reuses_the_probe_layers_kmeans_runs_once_per_option(monkeypatch):
-    import vq4dit.layers
+    import vq4dit.assignment
 
     calls = []
-    real = vq4dit.layers.kmeans
-    monkeypatch.setattr(vq4dit.layers, "kmeans", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = vq4dit.assignment.kmeans
+    monkeypatch.setattr(vq4dit.assignment, "kmeans", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     teacher = load_dit("tiny")
     selected = select_layers(teacher, QUALITY)
     engine = Calibrator.build(teacher, QUALITY, items=tiny_items(), guidance_scale=4.0, bit_allocation=True,

@@ -149,3 +149,65 @@ def test_act_order_feedback_is_a_fifth_of_nearest_on_the_reference(reference_sec
         fed = VQLinear.from_linear(linear, config.with_overrides(error_feedback=True), name, moments)
         ratios.append(relative_error(fed) / relative_error(nearest))
     assert max(ratios) <= 0.2, [round(r, 3) for r in ratios]  # measured: 0.01-0.11, mean 0.066
+
+
+def column_by_column(weight: torch.Tensor, codebook: torch.Tensor, hessian: torch.Tensor, damping: float = 0.01):
+    """Textbook GPTQ/GPTVQ, left to right: a group's nearest codeword under the metric 1 / U_jj^2,
+    then every later column moved by each of its columns' scaled errors, one column at a time."""
+    d = codebook.shape[1]
+    work, h = weight.clone().double(), hessian.clone().double()
+    h.diagonal().add_(damping * h.diagonal().mean())
+    upper = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    picks = []
+    for g in range(weight.shape[1] // d):
+        cols = slice(g * d, (g + 1) * d)
+        metric = upper.diagonal()[cols].pow(-2)
+        distance = ((work[:, cols].unsqueeze(1) - codebook.double().unsqueeze(0)).pow(2) * metric).sum(2)  # [out, k]
+        pick = distance.argmin(1)
+        picks.append(pick)
+        for j in range(g * d, (g + 1) * d):
+            error = (work[:, j] - codebook.double()[pick, j - g * d]) / upper[j, j]
+            work[:, j + 1:] -= error.unsqueeze(1) * upper[j, j + 1:].unsqueeze(0)
+    return torch.stack(picks, 1).reshape(-1, 1)
+
+
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_the_group_update_in_closed_form_is_the_column_by_column_one(d):
+    torch.manual_seed(d)
+    x = correlated_inputs(32)
+    hessian, weight = x.t() @ x / x.shape[0], torch.randn(24, 32)
+    codebook = kmeans(to_subvectors(weight, d), 8, 10, 0)
+    fed, _ = error_feedback_assign(weight, codebook, hessian, 1, order="input", block_columns=8)
+    reference = column_by_column(weight, codebook, hessian)
+    assert (fed == reference).float().mean() > 0.99  # round-off (float32 against float64) may flip a near tie
+
+
+def test_options_of_one_layer_fed_together_are_each_fed_alone():
+    from vq4dit.error_feedback import error_feedback_assign_many
+
+    torch.manual_seed(0)
+    x = correlated_inputs(64)
+    hessian, weight = x.t() @ x / x.shape[0], torch.randn(40, 64)
+    codebooks = [kmeans(to_subvectors(weight, 2), k, 10, 0) for k in (8, 16, 32)]
+    together = error_feedback_assign_many(weight, codebooks, hessian, 2, ratio_init="inverse_distance")
+    for codebook, (indices, distances) in zip(codebooks, together):
+        alone, alone_distances = error_feedback_assign(weight, codebook, hessian, 2, ratio_init="inverse_distance")
+        assert indices.shape == alone.shape and int(indices.max()) < codebook.shape[0]  # padding never picked
+        same = (indices == alone).all(1)
+        assert same.float().mean() > 0.99
+        torch.testing.assert_close(distances[same], alone_distances[same], rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_built_with_its_options_is_the_layer_built_alone():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = correlated_inputs(64)
+    moments = InputMoments.from_full(x.t() @ x / x.shape[0])
+    configs = [VQConfig(codebook_size=k, subvector_dim=2, num_candidates=2, row_scale=True, kmeans_metric="activation",
+                        error_feedback=True, ratio_init="confident") for k in (8, 16, 32)]
+    together = VQLinear.from_linear_options(linear, configs, "l", moments)
+    for config, layer in zip(configs, together):
+        alone = VQLinear.from_linear(linear, config, "l", moments)
+        assert layer.config == config and torch.equal(layer.codebook, alone.codebook)
+        assert torch.equal(layer.row_scales, alone.row_scales)
+        assert (layer.candidates == alone.candidates).float().mean() > 0.99

@@ -89,3 +89,24 @@ def test_a_calibration_that_ends_worse_than_its_start_exports_its_start(tmp_path
     assert packed.keys() == student.keys()
     for name, layer in packed.items():
         assert layer.is_hard and torch.equal(layer.codes.long(), student[name].codes.long())
+
+
+
+def test_a_resumed_calibration_that_ends_worse_keeps_the_same_start(tmp_path):
+    """Stopped after one epoch and resumed, a run whose calibration scrambles its start exports the
+    same start as the uninterrupted run (the resumed run builds its student again, the first run's
+    start, before the checkpoint is loaded over it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_trust import LONG
+
+    scramble = ["--model.calibration.lr_logits=50", "--model.calibration.lr_codebook=0.05", *SHORT_RUN[:3], *LONG]
+    report = lambda cli: next(c for c in cli.trainer.callbacks if isinstance(c, CalibrationReport))  # noqa: E731
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert report(cli_main(fit_args(straight, "--trainer.max_epochs=2", *scramble))).kept_start
+    cli_main(fit_args(resumed, "--trainer.max_epochs=1", *scramble))
+    again = report(cli_main(fit_args(resumed, "--trainer.max_epochs=2", "--ckpt_path=last", *scramble)))
+    assert again.kept_start and again.start is not None
+    a, b = (load_file(str(folder / "packed" / "diffusion_pytorch_model.safetensors")) for folder in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -68,7 +68,7 @@ def test_a_budget_implies_allocation_in_the_config():
             BitAllocation(budget=bad)
     paper = resolved_record(INIT, {"recipe": "paper", "allocation": {"budget": 2.5}})
     assert paper["allocation"] == {"enabled": True, "budget": 2.5, "span": 1, "gain_items": 16, "check_items": 32,
-                                   "probe_kmeans_iters": None}  # over the paper recipe's "no allocation"
+                                   "probe_kmeans_iters": None, "probe_points_per_codeword": 256}  # over the paper recipe's "no allocation"
 
 
 def test_fit_help_shows_every_field_with_its_doc_and_choices(capsys):

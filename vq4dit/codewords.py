@@ -47,14 +47,22 @@ def _block_rows(num_codewords: int) -> int:
     return max(1024, _DISTANCE_BLOCK_ENTRIES // max(num_codewords, 1))
 
 
-def _squared_distances(points: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Tensor,
-                       weights: torch.Tensor | None = None):
-    """``||p - c||^2`` for a block of points: ``[rows, k]`` (clamped at 0 against round-off); with
-    ``weights [rows, d]`` the weighted ``sum_j w_j (p_j - c_j)^2``."""
-    if weights is not None:  # sum w p^2 - 2 (w p).c + w.(c^2)
-        distances = torch.addmm(weights @ codebook.pow(2).t(), weights * points, codebook.t(), beta=1.0, alpha=-2.0)
-        distances += (weights * points.pow(2)).sum(dim=1, keepdim=True)
-        return distances.clamp_(min=0.0)
+def weighted_features(points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[w p^2, w p, w]`` ``[N, 3d]`` of ``points [N, d]`` with ``weights [N, d]``: its product with
+    :func:`codeword_features` is the weighted squared distance (one matmul, one pass over ``[N, k]``)."""
+    weights, points = weights.float(), points.float()
+    scaled = weights * points
+    return torch.cat([scaled * points, scaled, weights], dim=1)
+
+
+def codeword_features(codebook: torch.Tensor) -> torch.Tensor:
+    """``[1, -2 c, c^2]`` ``[k, 3d]`` of ``codebook [k, d]`` (see :func:`weighted_features`)."""
+    codebook = codebook.float()
+    return torch.cat([torch.ones_like(codebook), -2.0 * codebook, codebook.pow(2)], dim=1)
+
+
+def _squared_distances(points: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Tensor):
+    """``||p - c||^2`` for a block of points: ``[rows, k]`` (clamped at 0 against round-off)."""
     # ||p||^2 - 2 p.c + ||c||^2, with the ||p||^2 term added last (it does not change the argmin).
     distances = torch.addmm(codebook_sq.unsqueeze(0), points, codebook.t(), beta=1.0, alpha=-2.0)
     distances += points.pow(2).sum(dim=1, keepdim=True)
@@ -85,16 +93,19 @@ def nearest_codewords(
     num_points = points.shape[0]
     indices = torch.empty(num_points, num_nearest, dtype=torch.int64, device=points.device)
     distances = torch.empty(num_points, num_nearest, dtype=torch.float32, device=points.device)
+    features = None if weights is None else codeword_features(codebook)
     step = _block_rows(codebook.shape[0])
     for start in range(0, num_points, step):
-        block_weights = None if weights is None else weights[start : start + step].float()
-        block = _squared_distances(points[start : start + step], codebook, codebook_sq, block_weights)
+        if features is None:
+            block = _squared_distances(points[start : start + step], codebook, codebook_sq)
+        else:  # sum_j w_j (p_j - c_j)^2 as one product; the winners are clamped at 0 below
+            block = weighted_features(points[start : start + step], weights[start : start + step]) @ features.t()
         if num_nearest == 1:
             best_dist, best_idx = block.min(dim=1, keepdim=True)
         else:
             best_dist, best_idx = block.topk(num_nearest, dim=1, largest=False, sorted=True)
         indices[start : start + step] = best_idx
-        distances[start : start + step] = best_dist
+        distances[start : start + step] = best_dist if features is None else best_dist.clamp_(min=0.0)
     return indices, distances
 
 

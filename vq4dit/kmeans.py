@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .codewords import nearest_codewords
+from .codewords import codeword_features, nearest_codewords, weighted_features
 
 
 def _sample_rows(num_rows: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -19,24 +19,36 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator,
                       weights: torch.Tensor | None = None) -> torch.Tensor:
     """k-means++ seeding (D^2 sampling) on ``points [S, d]`` (distances weighted by ``weights
     [S, d]`` when given): returns ``[k, d]``."""
-    w = weights
     num_points = points.shape[0]
     # All random draws up front (CPU generator): the result does not depend on the device.
     uniforms = torch.rand(k, generator=generator, dtype=torch.float64, device="cpu").to(points.device)
-    centroids = torch.empty(k, points.shape[1], dtype=points.dtype, device=points.device)
-    centroids[0] = points[min(int(uniforms[0] * num_points), num_points - 1)]
-    closest_sq = ((points - centroids[0]).pow(2) * w).sum(dim=1) if weights is not None else \
-        (points - centroids[0]).pow(2).sum(dim=1)
+    first = min(int(uniforms[0] * num_points), num_points - 1)
+    if weights is None:
+        centroids = torch.empty(k, points.shape[1], dtype=points.dtype, device=points.device)
+        centroids[0] = points[first]
+        closest_sq = (points - centroids[0]).pow(2).sum(dim=1)
+        for j in range(1, k):
+            cumulative = closest_sq.double().cumsum(0)
+            # D^2 sampling; when every point coincides with a centroid the draw degrades to uniform
+            # over the cumulative ties, and the duplicate is re-seeded by the Lloyd steps.
+            target = uniforms[j] * cumulative[-1]
+            choice = torch.searchsorted(cumulative, target.unsqueeze(0)).clamp_(max=num_points - 1)
+            centroids[j] = points[choice[0]]
+            torch.minimum(closest_sq, (points - centroids[j]).pow(2).sum(dim=1), out=closest_sq)
+        return centroids
+    # weighted: the distance to point c is one product features . [1, -2c, c^2], so a step is a few
+    # kernels (the seeding is k sequential steps: launch-bound on a GPU)
+    features, as_codewords = weighted_features(points, weights), codeword_features(points)  # [S, 3d] each
+    closest_sq = (features @ as_codewords[first]).clamp_(min=0.0).double()
+    choices = torch.empty(k, dtype=torch.int64, device=points.device)
+    choices[0] = first
     for j in range(1, k):
-        cumulative = closest_sq.double().cumsum(0)
-        # D^2 sampling; when every point coincides with a centroid the draw degrades to uniform
-        # over the cumulative ties, and the duplicate is re-seeded by the Lloyd steps.
+        cumulative = closest_sq.cumsum(0)
         target = uniforms[j] * cumulative[-1]
         choice = torch.searchsorted(cumulative, target.unsqueeze(0)).clamp_(max=num_points - 1)
-        centroids[j] = points[choice[0]]
-        squared = (points - centroids[j]).pow(2)
-        torch.minimum(closest_sq, (squared * w if weights is not None else squared).sum(dim=1), out=closest_sq)
-    return centroids
+        choices[j] = choice[0]
+        torch.minimum(closest_sq, (features @ as_codewords[choice[0]]).clamp_(min=0.0), out=closest_sq)
+    return points[choices]
 
 
 def _update_centroids(
@@ -106,6 +118,7 @@ def kmeans(
     seed_points_per_cluster: int = 128,
     backend: str = "auto",
     weights: torch.Tensor | None = None,
+    lloyd_points_per_cluster: int | None = None,
 ) -> torch.Tensor:
     """k-means on ``points [N, d]``: returns the codebook ``[k, d]`` (float32, points' device).
 
@@ -115,7 +128,9 @@ def kmeans(
     given seed. ``backend``: ``torch`` (any device), ``faiss`` (CPU), ``auto`` (faiss on CPU when
     installed: same algorithm, measured faster, see benchmarks/kmeans.py). ``weights [N, d]``:
     per-dimension importance of every point (the activation metric; torch backend): distances
-    ``sum_j w_j (p_j - c_j)^2`` and per-dimension weighted means.
+    ``sum_j w_j (p_j - c_j)^2`` and per-dimension weighted means. ``lloyd_points_per_cluster``:
+    the Lloyd iterations run on a random subsample of this many points per cluster (faiss's
+    default cap is 256; None: on all points).
     """
     if points.ndim != 2:
         raise ValueError(f"points must be [N, d], got shape {tuple(points.shape)}")
@@ -148,6 +163,9 @@ def kmeans(
         torch.set_num_threads(threads)
     if iters <= 0:
         return centroids
+    if lloyd_points_per_cluster is not None and num_points > lloyd_points_per_cluster * num_clusters:
+        rows = _sample_rows(num_points, lloyd_points_per_cluster * num_clusters, generator).to(points.device)
+        points, weights = points[rows], None if weights is None else weights[rows]
     if backend == "faiss":
         return _lloyd_faiss(points, centroids, iters)
     return _lloyd_torch(points, centroids, iters, weights)

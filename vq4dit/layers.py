@@ -18,17 +18,16 @@ once and keeps the dense weight in a non-persistent buffer (FP speed, FP memory)
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codewords import index_dtype, init_candidate_logits, nearest_codewords, to_subvectors
+from .assignment import assign_options
+from .codewords import index_dtype, init_candidate_logits
 from .decoding import DECODE_CHUNK_ELEMENTS, HardDecoding, InferenceMode
-from .error_feedback import error_feedback_assign
-from .kmeans import kmeans
 from .soft import candidate_ratios, vq_weight
 from .vq_config import VQConfig
 
@@ -141,54 +140,40 @@ class VQLinear(HardDecoding, nn.Module):
 
         With ``num_candidates == 1`` every row starts hard (plain VQ, nearest codeword).
         ``moments``: the layer's input second moments; ``config.kmeans_metric == "activation"``
-        needs their ``diagonal`` E[x_j^2] ``[in]``, ``config.error_feedback`` their ``full``
+        needs their ``diagonal`` E[x^2] ``[in]``, ``config.error_feedback`` their ``full``
         E[x x^T] ``[in, in]`` (:func:`vq4dit.error_feedback.error_feedback_assign`). ``seconds``:
         wall time of the assignment with error feedback is added to ``seconds["feedback"]``.
         """
+        return cls.from_linear_options(linear, [config], name, moments, seconds)[0]
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear_options(cls, linear: nn.Linear, configs: Sequence[VQConfig], name: str = "layer",
+                            moments: InputMoments | None = None, seconds: dict[str, float] | None = None,
+                            lloyd_points: Sequence[int | None] | None = None) -> list["VQLinear"]:
+        """:meth:`from_linear` of one ``linear`` under each of ``configs``, built together (one
+        error-feedback pass for the configs that can share it; ``lloyd_points``: per config, the
+        k-means Lloyd sample per codeword, None for all: :func:`vq4dit.assignment.assign_options`)."""
         diagonal = None if moments is None else moments.diagonal
         hessian = None if moments is None else moments.full
-        config.validate_for(linear.out_features, linear.in_features, name)
         weight = linear.weight.detach()
-        layer = cls(
-            linear.in_features, linear.out_features, config, bias=linear.bias is not None,
-            device=weight.device,
-        )
-        weight = weight.float()
-        if config.row_scale:  # codes for the RMS-normalised rows
-            scales = weight.pow(2).mean(dim=1).sqrt().clamp(min=torch.finfo(torch.float16).tiny)
-            scales = scales.half().float()  # the stored precision
-            layer.row_scales.data.copy_(scales)
-            weight = weight / scales.unsqueeze(1)
-        points = to_subvectors(weight, config.subvector_dim)  # [N, d]
-        weights = None
-        if config.kmeans_metric == "activation":
-            if diagonal is None or diagonal.shape != (linear.in_features,):
-                raise ValueError(f"{name}: kmeans_metric='activation' needs the input moments' diagonal E[x^2] "
-                                 f"[{linear.in_features}]")
-            per_dim = diagonal.float().to(weight.device)
-            per_dim = per_dim / per_dim.mean().clamp(min=torch.finfo(torch.float32).tiny)  # scale-free
-            weights = per_dim.view(1, -1).expand(linear.out_features, -1).reshape(-1, config.subvector_dim)
-        codebook = kmeans(points, config.codebook_size, config.kmeans_iters, config.kmeans_seed, weights=weights)
-        if config.error_feedback:
-            if hessian is None or hessian.shape != (linear.in_features, linear.in_features):
-                raise ValueError(f"{name}: error_feedback needs the full input moments E[x x^T] "
-                                 f"[{linear.in_features}, {linear.in_features}]")
-            started = time.perf_counter()
-            nearest, sq_distances = error_feedback_assign(weight, codebook, hessian, config.num_candidates,
-                                                          ratio_init=config.ratio_init)
-            if seconds is not None:
-                seconds["feedback"] = seconds.get("feedback", 0.0) + time.perf_counter() - started
-        else:
-            nearest, sq_distances = nearest_codewords(points, codebook, config.num_candidates, weights)
-        layer.codebook.data.copy_(codebook)
-        layer.codes.copy_(nearest[:, 0].to(layer.codes.dtype))
-        if config.num_candidates > 1:
-            layer.soft_rows = torch.arange(points.shape[0], dtype=torch.int32, device=weight.device)
-            layer.candidates = nearest.to(layer.codes.dtype)
-            layer.candidate_logits.data = init_candidate_logits(sq_distances, config.ratio_init)
-        if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach().float())
-        return layer
+        layers = []
+        for config, start in zip(configs, assign_options(weight, configs, diagonal, hessian, name, seconds,
+                                                                  lloyd_points)):
+            layer = cls(linear.in_features, linear.out_features, config, bias=linear.bias is not None,
+                        device=weight.device)
+            if start.scales is not None:
+                layer.row_scales.data.copy_(start.scales)
+            layer.codebook.data.copy_(start.codebook)
+            layer.codes.copy_(start.nearest[:, 0].to(layer.codes.dtype))
+            if config.num_candidates > 1:
+                layer.soft_rows = torch.arange(start.nearest.shape[0], dtype=torch.int32, device=weight.device)
+                layer.candidates = start.nearest.to(layer.codes.dtype)
+                layer.candidate_logits.data = init_candidate_logits(start.sq_distances, config.ratio_init)
+            if linear.bias is not None:
+                layer.bias.data.copy_(linear.bias.detach().float())
+            layers.append(layer)
+        return layers
 
     # ------------------------------------------------------------------------------- properties
     @property

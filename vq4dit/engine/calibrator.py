@@ -147,10 +147,11 @@ class Calibrator:
                 measured, built = probe_allocation(teacher, selected, moments, items, guidance_scale, bit_budget,
                                                    allocation_config, phases)
                 allocation = measured.overrides()
+            uniform = {name: c for name, _, c in selected}  # a layer allocated away from it: built as the probe does
             if allocation is not None:  # field by field: the user's other fields of a layer stay
                 overrides = merge_overrides(overrides, allocation)
                 selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
-            layers = build_layers(selected, moments, phases, built)
+            layers = build_layers(selected, moments, phases, built, uniform, allocation_config)
         finally:
             phases.close()
         phases.seconds["kmeans"] = phases.seconds.get("kmeans", 0.0) - phases.seconds.get("feedback", 0.0)

@@ -124,6 +124,10 @@ class BitAllocation:
             other than the base ``k`` while probing (their predicted error is scaled by what the
             full build gains at the base ``k``; the chosen ones are then built in full). Faster,
             less exact: docs/performance.md measures it.
+        probe_points_per_codeword: (None: every sub-vector) the k-means Lloyd iterations of the
+            options other than the base ``k`` run on a random sample of this many sub-vectors per
+            codeword (faiss's default cap, 256); their assignment (error feedback) covers every
+            sub-vector. The base ``k`` is built as without allocation.
     """
 
     enabled: bool | None = recipe_field(False)
@@ -132,14 +136,15 @@ class BitAllocation:
     gain_items: int = 16
     check_items: int = 32
     probe_kmeans_iters: int | None = None
+    probe_points_per_codeword: int | None = 256
 
     def __post_init__(self) -> None:
-        for name in ("span", "gain_items", "check_items", "probe_kmeans_iters"):
-            value = getattr(self, name)
-            if name == "probe_kmeans_iters" and value is None:
+        for name in ("span", "gain_items", "check_items", "probe_kmeans_iters", "probe_points_per_codeword"):
+            value, least = getattr(self, name), 1 if name in ("gain_items", "probe_points_per_codeword") else 0
+            if name.startswith("probe_") and value is None:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "gain_items" else 0):
-                raise ValueError(f"allocation {name} must be an integer >= {1 if name == 'gain_items' else 0}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"allocation {name} must be an integer >= {least}, got {value!r}")
         if self.budget is None:
             return
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) \

@@ -3,7 +3,9 @@
 The probe predicts each allocation option's layer output error ``tr(dW H dW^T) / out`` from
 ``H = E[x x^T]`` with no model forward. Every option (k/2, k, 2k) is built with the run's levers
 (row scales, activation-aware k-means, error feedback, the initial ratios), so its ``dW`` is the one
-the run would start from and the chosen one goes into the student as it is;
+the run would start from and the chosen one goes into the student as it is. A layer's options
+share one error-feedback pass, and the options other than the base ``k`` run their k-means Lloyd
+iterations on a sample of ``allocation.probe_points_per_codeword`` sub-vectors per codeword.
 ``allocation.probe_kmeans_iters`` drafts the options with fewer Lloyd iterations instead (their
 errors scaled by what the full build gains over its draft at the base ``k``; the chosen ones are
 then built in full). One gain per layer turns the prediction into final-output error, measured
@@ -91,17 +93,45 @@ def gather_statistics(teacher: nn.Module, selected: Selected, items: dict | None
 
 
 def build_layers(selected: Selected, moments: Mapping[str, InputMoments] | None, phases: Phases,
-                 built: Mapping[str, Sequence[VQLinear]] = {}) -> dict[str, VQLinear]:
+                 built: Mapping[str, Sequence[VQLinear]] = {}, uniform: Mapping[str, VQConfig] = {},
+                 config: AllocationConfig | None = None) -> dict[str, VQLinear]:
     """One ``VQLinear`` per selected layer: a layer of ``built`` whose config is the layer's own
-    (the probe's), else a new one (k-means and assignment)."""
+    (the probe's), else a new one (k-means and assignment). A layer allocated away from its
+    ``uniform`` config is built as the probe (settings ``config``) builds it
+    (:func:`moved_layer`): a resumed run rebuilds the same layers."""
     layers = {}
     with phases.phase("kmeans"):
-        for name, linear, config in selected:
-            reuse = [layer for layer in built.get(name, ()) if layer.config == config]
-            layers[name] = reuse[0] if reuse else VQLinear.from_linear(
-                linear, config, name, None if moments is None else moments.get(name), phases.seconds)
+        for name, linear, vq in selected:
+            layer_moments = None if moments is None else moments.get(name)
+            reuse = [layer for layer in built.get(name, ()) if layer.config == vq]
+            if reuse:
+                layers[name] = reuse[0]
+            elif name in uniform and vq != uniform[name] and config is not None:
+                layers[name] = moved_layer(linear, name, vq, uniform[name], layer_moments, config, phases)
+            else:
+                layers[name] = VQLinear.from_linear(linear, vq, name, layer_moments, phases.seconds)
             phases.step()
     return layers
+
+
+def build_options(linear: nn.Linear, name: str, options: Sequence[VQConfig], moments: InputMoments,
+                  config: AllocationConfig, phases: Phases) -> list[VQLinear]:
+    """``options`` of one layer other than its base ``k``, built together (one error-feedback
+    pass), their Lloyd iterations on a sample of ``config.probe_points_per_codeword`` sub-vectors
+    per codeword."""
+    return VQLinear.from_linear_options(linear, options, name, moments, phases.seconds,
+                                        [config.probe_points_per_codeword] * len(options))
+
+
+def moved_layer(linear: nn.Linear, name: str, chosen: VQConfig, base: VQConfig, moments: InputMoments | None,
+                config: AllocationConfig, phases: Phases) -> VQLinear:
+    """The layer of option ``chosen`` (not the ``base``) as the probe built it: with the layer's
+    other options (:func:`build_options`; alone when the probe drafts them)."""
+    options = allocation_options(base, linear.out_features, linear.in_features, config.span)
+    together = [option for option in options if option != base] if config.probe_kmeans_iters is None else []
+    if chosen not in together:
+        together = [chosen]
+    return build_options(linear, name, together, moments, config, phases)[together.index(chosen)]
 
 
 def layer_output_error(linear: nn.Linear, layer: VQLinear, hessian: torch.Tensor) -> float:
@@ -153,17 +183,13 @@ def predict_options(linear: nn.Linear, name: str, options: Sequence[VQConfig], b
     The base ``k`` is built in full with the run's levers and its ``tr(dW H dW^T) / out`` is exact.
     Another option's prediction is its draft's error (:func:`draft_config`) times the base's
     full-to-draft ratio (what the remaining Lloyd iterations gain at the base ``k``)."""
+    drafted = list(dict.fromkeys(draft_config(option, config) for option in options))
+    drafted = [draft for draft in drafted if draft != base]  # each draft once (the base's own when drafting)
     with phases.phase("kmeans"):
-        full = [VQLinear.from_linear(linear, base, name, moments, phases.seconds)]
-        drafts = []
-        for option in options:
-            draft = draft_config(option, config)
-            if draft == base:
-                drafts.append(full[0])
-                continue
-            drafts.append(VQLinear.from_linear(linear, draft, name, moments, phases.seconds))
-            if draft == option:
-                full.append(drafts[-1])
+        made = {base: VQLinear.from_linear(linear, base, name, moments, phases.seconds)}  # as without allocation
+        made.update(zip(drafted, build_options(linear, name, drafted, moments, config, phases)))
+    drafts = [made[draft_config(option, config)] for option in options]
+    full = [made[base]] + [made[option] for option in options if option != base and option in made]
     with phases.phase("probe"):
         errors = [layer_output_error(linear, draft, moments.full) for draft in drafts]
         exact = layer_output_error(linear, full[0], moments.full)
@@ -280,7 +306,7 @@ def probe_allocation(
         allocation = AllocationResult(budget, layers)
         allocation.choice = solve_allocation(layers, budget)
     phases.step(len(selected) + 1)
-    build_choice(allocation, selected, hessians, built, phases)
+    build_choice(allocation, selected, hessians, built, phases, config)
     if config.check_items:
         with phases.phase("check"):
             check_allocation(teacher, allocation, built, item_batches(items, check_index, guidance_scale, batch_size=32))
@@ -290,15 +316,16 @@ def probe_allocation(
 
 
 def build_choice(allocation: AllocationResult, selected: Selected, hessians: Mapping[str, InputMoments],
-                 built: dict[str, list[VQLinear]], phases: Phases) -> None:
-    """Build, in full, every layer's chosen option not in ``built`` yet (added to ``built[name]``)."""
+                 built: dict[str, list[VQLinear]], phases: Phases, config: AllocationConfig) -> None:
+    """Build, in full (:func:`build_options`), every layer's chosen option not in ``built`` yet
+    (added to ``built[name]``)."""
     missing = [(name, linear, layer.configs[allocation.choice[name]])
                for (name, linear, _), layer in zip(selected, allocation.layers)
                if all(b.config != layer.configs[allocation.choice[name]] for b in built[name])]
     phases.bar.total += len(missing)
     with phases.phase("kmeans"):
         for name, linear, option in missing:
-            built[name].append(VQLinear.from_linear(linear, option, name, hessians[name], phases.seconds))
+            built[name] += build_options(linear, name, [option], hessians[name], config, phases)
             phases.step()
 
 

@@ -74,6 +74,10 @@ class CalibrationModule(pl.LightningModule):
         self.export_dir = self.settings["export"].dir  # FinalAssignment writes the packed model there
         self.quantized = self.settings["evaluation"].quantized
         self.resume_checkpoint: str | None = None  # set by train.py when resuming: its allocation is reused
+        # set by a callback that wants the student as built (the start) when a checkpoint is loaded
+        # over it: ``built_start`` then holds its engine.snapshot() (the build is deterministic)
+        self.keep_built_start = False
+        self.built_start: dict | None = None
         self.evaluation = SampleEvaluation(model, self.settings["evaluation"])
         self.teacher = (load_dit(model, num_heads=num_heads) if num_heads else load_dit(model)).requires_grad_(False).eval()
         check_module_settings(self)  # everything knowable now fails now, before any heavy work
@@ -228,6 +232,8 @@ class CalibrationModule(pl.LightningModule):
         saved = checkpoint.get("vq4dit")
         if saved is None:
             raise ValueError("this checkpoint was not written by vq4dit calibration")
+        if self.keep_built_start:  # before the checkpoint replaces it: the first run's start, built again
+            self.built_start = self.engine.snapshot()
         self.engine.load_state_dict(saved)
         own = {k for k in self.state_dict() if not k.startswith("teacher.") and k != "ddp_anchor"}
         missing = sorted(own - set(checkpoint["state_dict"]))
