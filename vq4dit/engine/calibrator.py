@@ -28,7 +28,8 @@ from torch import nn
 
 from ..distributed import BlockSpread
 from ..layers import InputMoments, VQLinear, replace_in_optimizer_
-from ..models import NonFiniteError, block_modules
+from ..families import Batch, block_modules, family_of
+from ..models import NonFiniteError
 from ..quantize import finalize_model_, select_layers, vq_layers
 from ..soft import logit_regularizer
 from ..typed_settings import require_resolved
@@ -36,7 +37,7 @@ from ..vq_config import VQConfig
 from .allocation import AllocationConfig
 from .overrides import check_overrides, merge_overrides, refuse_allocated_fields
 from .config import CalibrationConfig
-from .losses import RegularizerGate, block_losses, with_null_labels
+from .losses import RegularizerGate, block_losses
 from .probe import Phases, build_layers, gather_statistics, preparation_steps, probe_allocation
 from .student import build_student, cast_teacher_
 
@@ -70,12 +71,13 @@ class Calibrator:
     """VQ4DiT calibration of ``student`` against ``teacher``.
 
     Args:
-        teacher: the frozen FP DiT.
+        teacher: the frozen FP transformer, of a supported family (:mod:`vq4dit.families`).
         student: a copy with ``VQLinear`` layers (:func:`vq4dit.engine.build_student`).
         config: the calibration settings.
         vq_config: the default VQ settings the student was built with (kept for resume checks).
         guidance_scale: the calibration trajectories' guidance; above 1 every batch is also fed
-            with the null label (the unconditional path of guided sampling is calibrated too).
+            unconditioned (null label, negative prompt: the unconditional path of guided sampling
+            is calibrated too).
         spread: block spreading over DDP ranks (None: this process calibrates every block).
     """
 
@@ -183,17 +185,17 @@ class Calibrator:
                 layer.row_scales.requires_grad_(simultaneous or layer.is_hard)
 
     # ------------------------------------------------------------------------------------- loss
-    def model_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x [B, C, H, W], t [B], y [B])`` -> the model batch (2B with null labels under guidance)."""
-        x, t, y = batch
-        return with_null_labels(x, t, y) if self.guidance_scale > 1.0 else (x, t, y)
+    def model_batch(self, batch: Batch) -> Batch:
+        """A batch of B items (DiT: ``(x [B, C, H, W], t [B], y [B])``) -> the model batch (2B with
+        the unconditional copies under guidance: null labels, the negative prompt)."""
+        return family_of(self.teacher).conditioning.with_unconditional(batch) if self.guidance_scale > 1.0 else batch
 
-    def block_losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-block MSE ``[L]`` (0 for other ranks' blocks under a spread) and the output MSE."""
-        x, t, y = self.model_batch(batch)
         owned = None if self.spread is None else self.spread.owned_blocks
         output_grad = self.config.output_weight > 0 and torch.is_grad_enabled()
-        return block_losses(self.teacher, self.student, x, t, y, self.config.block_inputs, owned, output_grad)
+        return block_losses(self.teacher, self.student, self.model_batch(batch), block_inputs=self.config.block_inputs,
+                            owned_blocks=owned, output_grad=output_grad)
 
     def ratio_terms(self) -> dict[str, torch.Tensor]:
         """The ratio regulariser of every soft layer this rank calibrates."""
@@ -206,7 +208,7 @@ class Calibrator:
 
     def step_loss(self, batch, step: int) -> StepLoss:
         """The loss of optimisation step ``step``: mean block MSE + lambda_r x mean L_r over soft
-        layers (gated). ``batch``: ``(x [B, C, H, W], t [B], y [B])``."""
+        layers (gated). ``batch``: B calibration items (DiT: ``(x [B, C, H, W], t [B], y [B])``)."""
         block_mse, output_mse = self.block_losses(batch)
         terms, names = self.ratio_terms(), list(self.layers)
         # Every block MSE and every soft layer's L_r has one owner: summed over ranks, each rank
