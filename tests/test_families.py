@@ -221,3 +221,21 @@ def test_the_engine_calibrates_a_pixart_with_every_lever_and_bit_allocation():
     calibrated = error()
     engine.restore_(start)  # the hard (argmax) start
     assert calibrated < 0.9 * error()  # measured: 0.77
+
+
+def test_the_layer_options_reach_the_student_and_a_wrong_one_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from tests.test_calibration import fit_args
+    from tests.test_trust import error_lines, run_main
+    from vq4dit.engine.config import LayerSelection
+
+    teacher, config = tiny_pixart(), VQConfig(codebook_size=16, subvector_dim=2)
+    layers = LayerSelection(options={"quantize_adaln": True})
+    engine = Calibrator.build(teacher, config, progress=False, filter_fn=layers.linear_filter(teacher))
+    assert set(engine.layers) == selected_names(teacher, quantize_adaln=True)
+    assert LayerSelection().linear_filter(teacher) is None  # no options: the family's own default
+    with pytest.raises(ValueError, match="with layers.include they do nothing"):
+        LayerSelection(include=["*"], options={"quantize_adaln": True}).linear_filter(teacher)
+    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.layers.options={quantize_adaln: true}"))
+    assert code == 2 and "Traceback" not in err and "teacher trajectories" not in err
+    (line,) = error_lines(err)
+    assert "DiT models have no layer option 'quantize_adaln'" in line

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..distributed import BlockSpread
 from ..layers import InputMoments, VQLinear, replace_in_optimizer_
-from ..families import Batch, block_modules, family_of
+from ..families import Batch, FilterFn, block_modules, family_of
 from ..models import NonFiniteError
 from ..quantize import finalize_model_, select_layers, vq_layers
 from ..soft import logit_regularizer
@@ -123,6 +123,7 @@ class Calibrator:
         bit_budget: float | None = None,
         allocation: Mapping[str, Mapping[str, int]] | None = None,
         allocation_config: AllocationConfig | None = None,
+        filter_fn: FilterFn | None = None,
     ) -> "Calibrator":
         """Freeze ``teacher``, build the k-means-initialised student, cast the teacher to
         ``config.teacher_dtype``: a ready engine. ``items`` (``{"x", "t", "y"}`` calibration
@@ -131,11 +132,13 @@ class Calibrator:
         layers cost ``bit_budget`` bits per weight all-in (None: what the uniform settings cost;
         :mod:`vq4dit.engine.probe`, settings ``allocation_config``). ``allocation``: a previous
         run's per-layer codebook sizes (``engine.allocation``), reused as they are (a resume).
+        ``filter_fn``: the layer filter when no ``include`` is given (None: the family's default set;
+        :meth:`vq4dit.engine.config.LayerSelection.linear_filter` adds the family's options).
         ``engine.phase_seconds``: wall seconds of statistics, kmeans, feedback, probe, check."""
         config, allocation_config = config or CalibrationConfig(), allocation_config or AllocationConfig()
         teacher.requires_grad_(False).eval()
         check_overrides(overrides)
-        selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
+        selected = select_layers(teacher, vq_config, filter_fn, include=include, exclude=exclude, overrides=overrides)
         if bit_allocation or allocation is not None:
             refuse_allocated_fields(overrides, [name for name, _, _ in selected])
         probing = bit_allocation and allocation is None
@@ -151,13 +154,13 @@ class Calibrator:
                 allocation = measured.overrides()
             if allocation is not None:  # field by field: the user's other fields of a layer stay
                 overrides = merge_overrides(overrides, allocation)
-                selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
+                selected = select_layers(teacher, vq_config, filter_fn, include=include, exclude=exclude, overrides=overrides)
             layers = build_layers(selected, moments, phases, built)
         finally:
             phases.close()
         phases.seconds["kmeans"] = phases.seconds.get("kmeans", 0.0) - phases.seconds.get("feedback", 0.0)
         student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides,
-                                progress=False, input_moments=moments, prebuilt=layers)
+                                progress=False, input_moments=moments, prebuilt=layers, filter_fn=filter_fn)
         engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)
         # the activation statistics used (E[x^2]; not the full matrices), for baselines of the same layers
         engine.input_moments = None if moments is None else {name: m.without_full() for name, m in moments.items()}

@@ -114,7 +114,8 @@ class CalibrationModule(pl.LightningModule):
         layers, allocate = self.layer_selection, self.allocation.enabled
         self.engine = Calibrator.build(
             self.teacher, self.vq_config, self.calibration, include=layers.include, exclude=layers.exclude,
-            overrides=layers.overrides, guidance_scale=self.data_settings.guidance_scale,
+            overrides=layers.overrides, filter_fn=layers.linear_filter(self.teacher),
+            guidance_scale=self.data_settings.guidance_scale,
             progress=self.global_rank == 0 if self._trainer else True, items=self.data_settings.train_items,
             bit_allocation=allocate, bit_budget=self.allocation.budget,
             allocation=read_allocation(self.resume_checkpoint) if allocate and self.resume_checkpoint else None,
