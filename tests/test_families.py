@@ -8,6 +8,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 from torch import nn
 
+from vq4dit import load_quantized, save_quantized
 from vq4dit.engine import CalibrationConfig, Calibrator, block_losses
 from vq4dit.engine.allocation import AllocationConfig
 from vq4dit.engine.statistics import item_batches
@@ -171,7 +172,7 @@ def test_block_inputs_recorded_by_hooks_reproduce_every_block_output(family):
     assert not any(block._forward_pre_hooks or block._forward_hooks for block in blocks)  # hooks removed
 
 
-def test_a_quantized_pixart_runs_the_familys_call_within_vq_error():
+def test_a_quantized_pixart_runs_the_familys_call_within_vq_error_and_round_trips_packed(tmp_path):
     model, items = tiny_pixart(), text_items(4)
     batch = PIXART.conditioning.with_unconditional(PIXART.conditioning.batch(items, torch.arange(4)))
     with torch.no_grad():
@@ -185,6 +186,11 @@ def test_a_quantized_pixart_runs_the_familys_call_within_vq_error():
         quantized = call_model(model, batch)
     error = float((quantized - reference).norm() / reference.norm())
     assert 0 < error < 0.05, error  # 3 bits per weight on a random 16-wide model
+    save_quantized(model, tmp_path / "packed")  # the packed format and both loaders, unchanged
+    for loaded in (load_quantized(tmp_path / "packed"), PixArtTransformer2DModel.from_pretrained(tmp_path / "packed")):
+        assert type(loaded) is PixArtTransformer2DModel and set(vq_layers(loaded)) == set(names)
+        with torch.no_grad():
+            assert torch.equal(call_model(loaded, batch), quantized)
 
 
 @pytest.mark.parametrize("block_inputs", ["student", "teacher"])

@@ -23,8 +23,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..layers import InputMoments, VQLinear
 from ..families import Batch, batch_size, block_modules, call_model, capture_blocks
+from ..layers import InputMoments, VQLinear
 from ..vq_config import VQConfig
 from .allocation import (
     AllocationConfig, AllocationResult, LayerChoice, allocation_options, mean_bits_per_weight, mean_over_ranks,
