@@ -53,7 +53,7 @@ def hard_scores(engine, batches, probe: ImageProbe | None) -> dict[str, float]:
     hard = copy.deepcopy(engine.student)
     finalize_model_(hard)
     inputs = engine.config.block_inputs
-    block = [block_losses(engine.teacher, hard, *engine.model_batch(b), block_inputs=inputs) for b in batches]
+    block = [block_losses(engine.teacher, hard, engine.model_batch(b), block_inputs=inputs) for b in batches]
     layers = engine.layers.values()
     scores = {
         "block_mse": sum(float(b.mean()) for b, _ in block) / len(block),

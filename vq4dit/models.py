@@ -1,7 +1,8 @@
-"""DiT models: presets, loading from any source, and which Linears get quantized.
+"""DiT models: presets and loading from any source.
 
-The only place (with :mod:`vq4dit.convert`) that knows diffusers' ``DiTTransformer2DModel``
-layout. :func:`load_dit` accepts a preset name (random init), a local diffusers folder (a
+Which Linears get quantized, where the blocks are and how a model is called belong to its family
+(:mod:`vq4dit.families`; DiT: :mod:`vq4dit.families.dit`); their old names here are re-exports.
+:func:`load_dit` accepts a preset name (random init), a local diffusers folder (a
 ``DiTPipeline`` snapshot or a bare transformer folder), a Hugging Face hub id, or an original
 facebookresearch/DiT ``.pt``/``.pth`` checkpoint, and always returns the model in eval mode:
 in train mode diffusers drops class labels at random in every block.
@@ -9,13 +10,11 @@ in train mode diffusers drops class labels at random in every block.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import DiTTransformer2DModel
@@ -28,6 +27,8 @@ from vq4dit.convert import (
     apply_timestep_freq_shift,
     load_original_checkpoint,
 )
+from vq4dit.families import block_modules, capture_blocks
+from vq4dit.families.dit import DEFAULT_QUANTIZED_SUFFIXES, default_linear_filter
 
 __all__ = [
     "DEFAULT_QUANTIZED_SUFFIXES",
@@ -37,6 +38,7 @@ __all__ = [
     "NonFiniteError",
     "apply_timestep_freq_shift",
     "block_modules",
+    "capture_blocks",
     "check_finite",
     "default_linear_filter",
     "load_dit",
@@ -312,73 +314,3 @@ def load_dit(
         except NonFiniteError as err:
             raise DiTLoadError(f"{err}; pass allow_nonfinite=True to load it anyway") from err
     return model.eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Quantization targets and blocks
-# ---------------------------------------------------------------------------------------------
-
-DEFAULT_QUANTIZED_SUFFIXES = (
-    "norm1.linear",
-    "attn1.to_q",
-    "attn1.to_k",
-    "attn1.to_v",
-    "attn1.to_out.0",
-    "ff.net.0.proj",
-    "ff.net.2",
-)
-_QUANTIZED_NAME = re.compile(
-    r"transformer_blocks\.\d+\.(?:" + "|".join(map(re.escape, DEFAULT_QUANTIZED_SUFFIXES)) + ")"
-)
-
-
-def default_linear_filter(module: nn.Module, name: str) -> bool:
-    """True for the 7 core ``nn.Linear`` layers of each block (VQ4DiT's quantized set).
-
-    Selects ``transformer_blocks.<i>.<suffix>`` for the suffixes in
-    :data:`DEFAULT_QUANTIZED_SUFFIXES`; never the per-block embedder copies ``norm1.emb.*``,
-    the patch embedding or the output head ``proj_out_*``.
-
-    Args:
-        module: the candidate module.
-        name: its fully qualified name in the ``DiTTransformer2DModel``.
-    """
-    return isinstance(module, nn.Linear) and _QUANTIZED_NAME.fullmatch(name) is not None
-
-
-def block_modules(model: DiTTransformer2DModel) -> list[nn.Module]:
-    """The transformer blocks of a DiT, in forward order."""
-    blocks = getattr(model, "transformer_blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"expected a DiTTransformer2DModel, got {type(model).__name__}")
-    return list(blocks)
-
-
-@contextlib.contextmanager
-def capture_blocks(blocks: list[nn.Module], record_inputs: bool = False):
-    """Record every block's output (and, optionally, its call arguments) during a forward.
-
-    Yields ``(outputs, inputs)``: lists indexed by block; inputs are ``(args, kwargs)``. The hooks
-    are removed when the context exits, whatever happens.
-    """
-    outputs: list[Any] = [None] * len(blocks)
-    inputs: list[Any] = [None] * len(blocks)
-    handles = []
-
-    def keep_output(index, _module, _args, output):
-        outputs[index] = output
-
-    def keep_input(index, _module, args, kwargs):
-        inputs[index] = (args, kwargs)
-
-    try:
-        for index, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(lambda m, a, o, i=index: keep_output(i, m, a, o)))
-            if record_inputs:
-                handles.append(
-                    block.register_forward_pre_hook(lambda m, a, k, i=index: keep_input(i, m, a, k), with_kwargs=True)
-                )
-        yield outputs, inputs
-    finally:
-        for handle in handles:
-            handle.remove()

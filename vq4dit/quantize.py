@@ -13,13 +13,12 @@ from torch import nn
 
 from .decoding import INFERENCE_MODES, InferenceMode
 from .layers import InputMoments, VQLinear
-from .models import default_linear_filter
+from .families import FilterFn, family_of
 from .typed_settings import require_resolved
 from .vq_config import VQConfig
 
 log = logging.getLogger(__name__)
 
-FilterFn = Callable[[nn.Module, str], bool]
 
 # Called with the model at the end of every quantize_: higher layers register here instead of being
 # imported (vq4dit.io gives diffusers models the vq4dit backend, so save_pretrained writes them packed).
@@ -46,7 +45,7 @@ def select_layers(
     """
     require_resolved(config)
     if filter_fn is None and not include:
-        filter_fn = default_linear_filter
+        filter_fn = family_of(model).linear_filter()
     include, exclude = list(include or []), list(exclude or [])
     overrides = dict(overrides or {})
     selected: list[tuple[str, nn.Linear, VQConfig]] = []
@@ -65,7 +64,7 @@ def select_layers(
     if not selected:
         raise ValueError(
             "quantize_: no nn.Linear layer matched the selection "
-            f"(include={include or 'default DiT filter'}, exclude={exclude})"
+            f"(include={include or 'the default of the model family'}, exclude={exclude})"
         )
     return selected
 
@@ -84,10 +83,10 @@ def quantize_(
     """Replace selected ``nn.Linear`` layers of ``model`` in place by k-means-initialised ``VQLinear``.
 
     Args:
-        model: any module (a diffusers DiT by default).
+        model: any module; without ``filter_fn`` and ``include``, a model of a supported family.
         config: default VQ settings.
-        filter_fn: ``(module, qualified_name) -> bool``; default: the 7 core Linears of every DiT
-            block (``vq4dit.models.default_linear_filter``).
+        filter_fn: ``(module, qualified_name) -> bool``; default: the model family's default set
+            (``vq4dit.families.family_of(model).linear_filter()``; DiT: the 7 core Linears of every block).
         include: glob patterns on qualified names; when given, replaces ``filter_fn`` (only
             ``nn.Linear`` modules are considered).
         exclude: glob patterns removed from the selection.

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import IterableDataset
 
 from .atomic import atomic_path
+from .families import conditioning_of
 from .sampling import SamplerConfig, sample
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,8 @@ def _cache_problem(items: dict[str, torch.Tensor], expected: int) -> str | None:
 
 
 class ShuffledBatches(IterableDataset):
-    """Yields ``(x, t, y)`` batches of this rank's items in an order seeded by (seed, epoch).
+    """Yields batches of this rank's items (``(x, t, y)``; text items: dicts with the negative
+    prompt, :mod:`vq4dit.families.conditioning`) in an order seeded by (seed, epoch).
 
     An ``IterableDataset`` so Lightning does not add a ``DistributedSampler`` on top of the
     per-rank sharding done at generation time.
@@ -157,14 +159,13 @@ class ShuffledBatches(IterableDataset):
         return -(-self.items["t"].numel() // self.batch_size)
 
     def __iter__(self):
-        count = self.items["t"].numel()
+        count, conditioning = self.items["t"].numel(), conditioning_of(self.items)
         if self.shuffle:
             order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + 104729 * self.epoch_fn()))
         else:
             order = torch.arange(count)
         for start in range(0, count, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield self.items["x"][idx], self.items["t"][idx], self.items["y"][idx]
+            yield conditioning.batch(self.items, order[start : start + self.batch_size])
 
 
 class EvaluationBatches(IterableDataset):

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..families import Batch, batch_to, call_model
 from ..layers import InputMoments, VQLinear
 from ..vq_config import VQConfig
 from .config import BitAllocation as AllocationConfig  # the settings (declared once, in engine.config)
@@ -163,7 +164,7 @@ def solve_allocation(layers: Sequence[LayerChoice], budget: float, resolution: i
 def measure_sensitivity(
     teacher: nn.Module,
     selected: Iterable[tuple[str, nn.Linear, VQConfig]],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    batches: Sequence[Batch],
     input_moments: Mapping[str, InputMoments] | None = None,
     span: int = 2,
     progress: bool = True,
@@ -173,7 +174,7 @@ def measure_sensitivity(
     Args:
         teacher: the FP DiT (restored unchanged afterwards).
         selected: ``(name, linear, config)`` of the layers to allocate (``select_layers``).
-        batches: ``(x [B, C, H, W], t [B], y [B])`` calibration batches.
+        batches: model batches (DiT: ``(x [B, C, H, W], t [B], y [B])``).
         input_moments: per layer, the input second moments (``kmeans_metric="activation"``, error feedback).
         span: options ``k = 2^(c-span) .. 2^(c+span)`` around each layer's ``k = 2^c``.
 
@@ -183,8 +184,8 @@ def measure_sensitivity(
 
     selected = list(selected)
     device = next(teacher.parameters()).device
-    batches = [tuple(t.to(device) for t in batch) for batch in batches]
-    run = lambda: [teacher(x, timestep=t, class_labels=y).sample.float() for x, t, y in batches]  # noqa: E731
+    batches = [batch_to(batch, device) for batch in batches]
+    run = lambda: [call_model(teacher, batch).float() for batch in batches]  # noqa: E731
     reference = run()
     layers = []
     work = sum(len(allocation_options(c, m.out_features, m.in_features, span)) for _, m, c in selected)
@@ -227,7 +228,7 @@ def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
 def allocate_bits(
     teacher: nn.Module,
     selected: Iterable[tuple[str, nn.Linear, VQConfig]],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    batches: Sequence[Batch],
     budget: float | None = None,
     input_moments: Mapping[str, InputMoments] | None = None,
     span: int = 2,

@@ -28,7 +28,8 @@ from torch import nn
 
 from ..distributed import BlockSpread
 from ..layers import InputMoments, VQLinear, replace_in_optimizer_
-from ..models import NonFiniteError, block_modules
+from ..families import Batch, FilterFn, block_modules, family_of
+from ..models import NonFiniteError
 from ..quantize import finalize_model_, select_layers, vq_layers
 from ..soft import logit_regularizer
 from ..typed_settings import require_resolved
@@ -36,7 +37,7 @@ from ..vq_config import VQConfig
 from .allocation import AllocationConfig
 from .overrides import check_overrides, merge_overrides, refuse_allocated_fields
 from .config import CalibrationConfig
-from .losses import RegularizerGate, block_losses, with_null_labels
+from .losses import RegularizerGate, block_losses
 from .probe import Phases, build_layers, gather_statistics, preparation_steps, probe_allocation
 from .student import build_student, cast_teacher_
 
@@ -70,12 +71,13 @@ class Calibrator:
     """VQ4DiT calibration of ``student`` against ``teacher``.
 
     Args:
-        teacher: the frozen FP DiT.
+        teacher: the frozen FP transformer, of a supported family (:mod:`vq4dit.families`).
         student: a copy with ``VQLinear`` layers (:func:`vq4dit.engine.build_student`).
         config: the calibration settings.
         vq_config: the default VQ settings the student was built with (kept for resume checks).
         guidance_scale: the calibration trajectories' guidance; above 1 every batch is also fed
-            with the null label (the unconditional path of guided sampling is calibrated too).
+            unconditioned (null label, negative prompt: the unconditional path of guided sampling
+            is calibrated too).
         spread: block spreading over DDP ranks (None: this process calibrates every block).
     """
 
@@ -121,6 +123,7 @@ class Calibrator:
         bit_budget: float | None = None,
         allocation: Mapping[str, Mapping[str, int]] | None = None,
         allocation_config: AllocationConfig | None = None,
+        filter_fn: FilterFn | None = None,
     ) -> "Calibrator":
         """Freeze ``teacher``, build the k-means-initialised student, cast the teacher to
         ``config.teacher_dtype``: a ready engine. ``items`` (``{"x", "t", "y"}`` calibration
@@ -129,11 +132,13 @@ class Calibrator:
         layers cost ``bit_budget`` bits per weight all-in (None: what the uniform settings cost;
         :mod:`vq4dit.engine.probe`, settings ``allocation_config``). ``allocation``: a previous
         run's per-layer codebook sizes (``engine.allocation``), reused as they are (a resume).
+        ``filter_fn``: the layer filter when no ``include`` is given (None: the family's default set;
+        :meth:`vq4dit.engine.config.LayerSelection.linear_filter` adds the family's options).
         ``engine.phase_seconds``: wall seconds of statistics, kmeans, feedback, probe, check."""
         config, allocation_config = config or CalibrationConfig(), allocation_config or AllocationConfig()
         teacher.requires_grad_(False).eval()
         check_overrides(overrides)
-        selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
+        selected = select_layers(teacher, vq_config, filter_fn, include=include, exclude=exclude, overrides=overrides)
         if bit_allocation or allocation is not None:
             refuse_allocated_fields(overrides, [name for name, _, _ in selected])
         probing = bit_allocation and allocation is None
@@ -150,13 +155,13 @@ class Calibrator:
             uniform = {name: c for name, _, c in selected}  # a layer allocated away from it: built as the probe does
             if allocation is not None:  # field by field: the user's other fields of a layer stay
                 overrides = merge_overrides(overrides, allocation)
-                selected = select_layers(teacher, vq_config, include=include, exclude=exclude, overrides=overrides)
+                selected = select_layers(teacher, vq_config, filter_fn, include=include, exclude=exclude, overrides=overrides)
             layers = build_layers(selected, moments, phases, built, uniform, allocation_config)
         finally:
             phases.close()
         phases.seconds["kmeans"] = phases.seconds.get("kmeans", 0.0) - phases.seconds.get("feedback", 0.0)
         student = build_student(teacher, vq_config, include=include, exclude=exclude, overrides=overrides,
-                                progress=False, input_moments=moments, prebuilt=layers)
+                                progress=False, input_moments=moments, prebuilt=layers, filter_fn=filter_fn)
         engine = cls(teacher, student, config, vq_config=vq_config, guidance_scale=guidance_scale)
         # the activation statistics used (E[x^2]; not the full matrices), for baselines of the same layers
         engine.input_moments = None if moments is None else {name: m.without_full() for name, m in moments.items()}
@@ -184,17 +189,17 @@ class Calibrator:
                 layer.row_scales.requires_grad_(simultaneous or layer.is_hard)
 
     # ------------------------------------------------------------------------------------- loss
-    def model_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x [B, C, H, W], t [B], y [B])`` -> the model batch (2B with null labels under guidance)."""
-        x, t, y = batch
-        return with_null_labels(x, t, y) if self.guidance_scale > 1.0 else (x, t, y)
+    def model_batch(self, batch: Batch) -> Batch:
+        """A batch of B items (DiT: ``(x [B, C, H, W], t [B], y [B])``) -> the model batch (2B with
+        the unconditional copies under guidance: null labels, the negative prompt)."""
+        return family_of(self.teacher).conditioning.with_unconditional(batch) if self.guidance_scale > 1.0 else batch
 
-    def block_losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-block MSE ``[L]`` (0 for other ranks' blocks under a spread) and the output MSE."""
-        x, t, y = self.model_batch(batch)
         owned = None if self.spread is None else self.spread.owned_blocks
         output_grad = self.config.output_weight > 0 and torch.is_grad_enabled()
-        return block_losses(self.teacher, self.student, x, t, y, self.config.block_inputs, owned, output_grad)
+        return block_losses(self.teacher, self.student, self.model_batch(batch), block_inputs=self.config.block_inputs,
+                            owned_blocks=owned, output_grad=output_grad)
 
     def ratio_terms(self) -> dict[str, torch.Tensor]:
         """The ratio regulariser of every soft layer this rank calibrates."""
@@ -207,7 +212,7 @@ class Calibrator:
 
     def step_loss(self, batch, step: int) -> StepLoss:
         """The loss of optimisation step ``step``: mean block MSE + lambda_r x mean L_r over soft
-        layers (gated). ``batch``: ``(x [B, C, H, W], t [B], y [B])``."""
+        layers (gated). ``batch``: B calibration items (DiT: ``(x [B, C, H, W], t [B], y [B])``)."""
         block_mse, output_mse = self.block_losses(batch)
         terms, names = self.ratio_terms(), list(self.layers)
         # Every block MSE and every soft layer's L_r has one owner: summed over ranks, each rank

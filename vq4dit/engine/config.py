@@ -8,6 +8,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
+from torch import nn
+
+from ..families import FilterFn, family_of
 from ..typed_settings import recipe_field
 
 BlockInputs = Literal["student", "teacher"]
@@ -92,15 +95,29 @@ class LayerSelection:
     """Which Linear layers are quantized, and with which per-layer VQ settings.
 
     Args:
-        include: glob patterns of the Linear layers to quantize (None: the 7 core Linears per block).
+        include: glob patterns of the Linear layers to quantize (None: the model family's default
+            set; DiT: the 7 core Linears per block, PixArt: the 10 Linears per block).
         exclude: glob patterns of Linear layers left in full precision.
         overrides: glob or layer name -> VQ settings of those layers, e.g.
             ``{"*.norm1.linear": {"codebook_size": 1024}}``.
+        options: layer options of the model family that widen its default set, e.g.
+            ``{"quantize_adaln": true}`` (PixArt: ``adaln_single.linear`` too); not with ``include``.
     """
 
     include: list[str] | None = None
     exclude: list[str] | None = None
     overrides: dict[str, dict[str, int]] | None = None
+    options: dict[str, bool] | None = None
+
+    def linear_filter(self, model: nn.Module) -> FilterFn | None:
+        """The default-set filter of ``model``'s family with :attr:`options` (None without options:
+        the family's plain default). ``ValueError`` for an option the family does not have, or
+        options given with ``include``."""
+        if not self.options:
+            return None
+        if self.include:
+            raise ValueError("layers.options widen the default layer set; with layers.include they do nothing")
+        return family_of(model).linear_filter(**self.options)
 
 
 @dataclass(frozen=True, kw_only=True)

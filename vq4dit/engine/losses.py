@@ -9,53 +9,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import block_modules, capture_blocks
-from ..sampling import NULL_CLASS
+from ..families import Batch, ClassLabels, capture_blocks, family_of
 
 
 def with_null_labels(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, t, y)`` of B items -> 2B: the items again with the null label (the unconditional
     path that classifier-free guided sampling also runs)."""
-    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_CLASS)])
+    return ClassLabels().with_unconditional((x, t, y))
+
+
+def block_output_mse(output, reference) -> torch.Tensor:
+    """MSE of a block's output against the teacher's: a tensor, or the mean over the tensors of a
+    tuple (blocks that return several streams)."""
+    if isinstance(output, torch.Tensor):
+        return F.mse_loss(output.float(), reference.float())
+    pairs = [(o, r) for o, r in zip(output, reference) if isinstance(o, torch.Tensor)]
+    return torch.stack([F.mse_loss(o.float(), r.float()) for o, r in pairs]).mean()
 
 
 def block_losses(
     teacher: nn.Module,
     student: nn.Module,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    y: torch.Tensor,
+    *batch: Batch | torch.Tensor,
     block_inputs: str = "student",
     owned_blocks: Container[int] | None = None,
     output_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block MSE ``[L]`` between teacher and student block outputs, and the final-output MSE.
 
-    ``x [B, C, H, W]``, ``t [B]``, ``y [B]``. ``block_inputs="student"`` runs the student end to
-    end; ``"teacher"`` feeds every student block the teacher's input of that block (the output MSE
-    is then NaN: there is no student output). ``owned_blocks`` (``teacher`` inputs only): blocks
-    computed here; the others get an MSE of exactly 0 (their owner computes them).
-    ``output_grad``: the output MSE keeps its graph (an output-level loss term), else detached.
+    ``batch``: one model batch (a dict, or DiT's tuple), or DiT's three tensors ``x [B, C, H, W],
+    t [B], y [B]``; the teacher's family calls both models on it. ``block_inputs="student"`` runs
+    the student end to end; ``"teacher"`` feeds every student block the teacher's input of that
+    block, as hooks recorded it (the output MSE is then NaN: there is no student output).
+    ``owned_blocks`` (``teacher`` inputs only): blocks computed here; the others get an MSE of
+    exactly 0 (their owner computes them). ``output_grad``: the output MSE keeps its graph (an
+    output-level loss term), else detached.
     """
-    teacher_blocks, student_blocks = block_modules(teacher), block_modules(student)
+    batch = batch[0] if len(batch) == 1 else batch
+    family = family_of(teacher)
+    teacher_blocks, student_blocks = family.blocks(teacher), family.blocks(student)
     teaching_inputs = block_inputs == "teacher"
     with torch.no_grad(), capture_blocks(teacher_blocks, record_inputs=teaching_inputs) as (t_out, t_in):
-        teacher_final = teacher(x, timestep=t, class_labels=y).sample
+        teacher_final = family.forward(teacher, batch)
+    device = teacher_final.device
     if teaching_inputs:
         owned = range(len(student_blocks)) if owned_blocks is None else owned_blocks
         s_out = [
             block(*args, **kwargs) if index in owned else None
             for index, (block, (args, kwargs)) in enumerate(zip(student_blocks, t_in))
         ]
-        output_mse = torch.tensor(float("nan"), device=x.device)
+        final_mse = torch.tensor(float("nan"), device=device)
     else:
         with capture_blocks(student_blocks) as (s_out, _):
-            student_final = student(x, timestep=t, class_labels=y).sample
+            student_final = family.forward(student, batch)
         output = student_final if output_grad else student_final.detach()
-        output_mse = F.mse_loss(output.float(), teacher_final.float())
-    zero = torch.zeros((), device=x.device)
-    block_mse = torch.stack([zero if s is None else F.mse_loss(s.float(), tt.float()) for s, tt in zip(s_out, t_out)])
-    return block_mse, output_mse
+        final_mse = F.mse_loss(output.float(), teacher_final.float())
+    zero = torch.zeros((), device=device)
+    block_mse = torch.stack([zero if s is None else block_output_mse(s, tt) for s, tt in zip(s_out, t_out)])
+    return block_mse, final_mse
 
 
 class RegularizerGate:

@@ -25,8 +25,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..families import Batch, batch_size, block_modules, call_model, capture_blocks
 from ..layers import InputMoments, VQLinear
-from ..models import block_modules, capture_blocks
 from ..vq_config import VQConfig
 from .allocation import (
     AllocationConfig, AllocationResult, LayerChoice, allocation_options, mean_bits_per_weight, mean_over_ranks,
@@ -37,7 +37,7 @@ from .statistics import input_second_moments, item_batches, statistics_batches, 
 log = logging.getLogger(__name__)
 
 Selected = Sequence[tuple[str, nn.Linear, VQConfig]]
-Batches = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Batches = list[Batch]
 
 
 class Phases:
@@ -162,7 +162,7 @@ def output_mse(model: nn.Module, batches: Batches, reference: list[torch.Tensor]
     """Mean final-output MSE of ``model`` against ``reference`` over ``batches`` (0 without one)
     and the outputs ``[B, C, H, W]`` per batch."""
     device = next(model.parameters()).device
-    outputs = [model(x.to(device), timestep=t.to(device), class_labels=y.to(device)).sample.float() for x, t, y in batches]
+    outputs = [call_model(model, batch, device).float() for batch in batches]
     if reference is None:
         return 0.0, outputs
     return sum(float((o - r).pow(2).mean()) for o, r in zip(outputs, reference)) / len(batches), outputs
@@ -219,7 +219,7 @@ def layer_gains(teacher: nn.Module, layers: Mapping[str, VQLinear], predicted: M
     gain (one model forward with every given layer of block ``b`` quantized, divided by that
     block's output MSE with them). A layer outside the blocks gets its own model forward. So a
     model of B blocks needs B forwards (not one per layer) plus cheap block forwards.
-    ``batches``: ``(x, t, y)`` model batches; ``on_forward()`` after each model forward."""
+    ``batches``: model batches; ``on_forward()`` after each model forward."""
     blocks = block_modules(teacher)
     owner = {id(module): index for index, block in enumerate(blocks) for module in block.modules()}
     grouped: dict[int | None, list[str]] = {}
@@ -227,16 +227,16 @@ def layer_gains(teacher: nn.Module, layers: Mapping[str, VQLinear], predicted: M
         grouped.setdefault(owner.get(id(teacher.get_submodule(name))), []).append(name)
     device = next(teacher.parameters()).device
     records = []
-    for x, t, y in batches:
+    for batch in batches:
         with capture_blocks(blocks, record_inputs=True) as (outputs, inputs):
-            final = teacher(x.to(device), timestep=t.to(device), class_labels=y.to(device)).sample
+            final = call_model(teacher, batch, device)
         records.append((final, list(inputs), list(outputs)))
     on_forward()
 
     def final_mse(swap: Mapping[str, nn.Module]) -> float:
         with swapped(teacher, swap):
-            return sum(_mse(teacher(x.to(device), timestep=t.to(device), class_labels=y.to(device)), final)
-                       for (x, t, y), (final, _, _) in zip(batches, records)) / len(batches)
+            return sum(_mse(call_model(teacher, batch, device), final)
+                       for batch, (final, _, _) in zip(batches, records)) / len(batches)
 
     def block_mse(index: int, swap: Mapping[str, nn.Module]) -> float:
         with swapped(teacher, swap):
@@ -356,7 +356,7 @@ def check_allocation(teacher: nn.Module, allocation: AllocationResult, built: Ma
     with swapped(teacher, pick(uniform)):
         flat = output_mse(teacher, batches, reference)[0]
     allocated, flat = mean_over_ranks([allocated, flat], reference[0].device)
-    items = sum(x.shape[0] for x, _, _ in batches)
+    items = sum(batch_size(batch) for batch in batches)
     kept = allocated <= flat
     allocation.check = {"allocated_mse": allocated, "uniform_mse": flat, "items": items, "kept": kept}
     if kept:

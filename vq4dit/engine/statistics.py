@@ -8,14 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..families import Batch, call_model, conditioning_of
 from ..layers import InputMoments
-from .losses import with_null_labels
 
 
 def statistics_batches(items: dict[str, torch.Tensor], guidance_scale: float, batch_size: int = 8,
-                       max_items: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Model batches ``(x, t, y)`` over at most ``max_items`` calibration items (evenly strided over
-    all trajectories and timesteps), with null-label copies when ``guidance_scale > 1``."""
+                       max_items: int = 1024) -> list[Batch]:
+    """Model batches over at most ``max_items`` calibration items (evenly strided over all
+    trajectories and timesteps), with unconditional copies when ``guidance_scale > 1``."""
     return item_batches(items, strided_items(items["t"].numel(), max_items), guidance_scale, batch_size)
 
 
@@ -26,21 +26,19 @@ def strided_items(count: int, max_items: int) -> torch.Tensor:
 
 
 def item_batches(items: dict[str, torch.Tensor], index: torch.Tensor, guidance_scale: float,
-                 batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Model batches ``(x, t, y)`` of the items ``index [M]``, with null-label copies when
-    ``guidance_scale > 1``."""
-    batches = []
-    for chunk in index.split(batch_size):
-        x, t, y = items["x"][chunk], items["t"][chunk], items["y"][chunk]
-        batches.append(with_null_labels(x, t, y) if guidance_scale > 1.0 else (x, t, y))
-    return batches
+                 batch_size: int = 8) -> list[Batch]:
+    """Model batches of the items ``index [M]`` (class labels: ``(x, t, y)`` tuples; text: dicts),
+    with the unconditional copies (null label, negative prompt) when ``guidance_scale > 1``."""
+    conditioning = conditioning_of(items)
+    batches = [conditioning.batch(items, chunk) for chunk in index.split(batch_size)]
+    return [conditioning.with_unconditional(b) for b in batches] if guidance_scale > 1.0 else batches
 
 
 @torch.no_grad()
 def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: Container[str] = (),
                          on_batch: Callable[[], object] | None = None) -> dict[str, InputMoments]:
-    """The input second moments of ``model``'s Linear layers ``names`` over ``batches`` of
-    ``(x [B, C, H, W], t [B], y [B])`` (every token of every item counts once): ``E[x_j^2]``
+    """The input second moments of ``model``'s Linear layers ``names`` over model ``batches``
+    (every token of every item counts once): ``E[x_j^2]``
     ``[in]``, and for the layers in ``full`` also the whole ``E[x x^T]`` ``[in, in]`` (error feedback).
     ``on_batch`` is called after every batch (a progress bar)."""
     sums: dict[str, torch.Tensor] = {}
@@ -56,8 +54,8 @@ def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: 
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
     device = next(model.parameters()).device
     try:
-        for x, t, y in batches:
-            model(x.to(device), timestep=t.to(device), class_labels=y.to(device))
+        for batch in batches:
+            call_model(model, batch, device)
             if on_batch is not None:
                 on_batch()
     finally:

@@ -8,6 +8,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..families import FilterFn
 from ..layers import InputMoments
 from ..quantize import quantize_, vq_layers
 from ..vq_config import VQConfig
@@ -23,6 +24,7 @@ def build_student(
     progress: bool = True,
     input_moments: Mapping[str, InputMoments] | None = None,
     prebuilt: Mapping[str, nn.Module] | None = None,
+    filter_fn: FilterFn | None = None,
 ) -> nn.Module:
     """A calibration student: ``teacher``'s modules with k-means-initialised ``VQLinear`` layers.
 
@@ -30,12 +32,13 @@ def build_student(
     and a deep copy would hold a second set of weights (3 GB on DiT-XL/2) that the quantized layers
     replace anyway. ``input_moments``: per layer, the input second moments of activation-aware k-means and
     error feedback; ``prebuilt``: ``VQLinear`` layers already built, used as they are
-    (:func:`vq4dit.quantize.quantize_`). Ratio logits and biases of the VQ layers require gradients (codebooks: see
+    (:func:`vq4dit.quantize.quantize_`); ``filter_fn``: the layer filter when no ``include`` is given
+    (None: the model family's default set). Ratio logits and biases of the VQ layers require gradients (codebooks: see
     :meth:`vq4dit.engine.Calibrator.update_codebook_trainability`); the student is in eval mode.
     """
     shared = {id(t): t for t in (*teacher.parameters(), *teacher.buffers())}
     student = copy.deepcopy(teacher, memo=shared)
-    quantize_(student, vq_config, include=include, exclude=exclude, overrides=overrides, progress=progress,
+    quantize_(student, vq_config, filter_fn, include=include, exclude=exclude, overrides=overrides, progress=progress,
               input_moments=input_moments, prebuilt=prebuilt)
     for layer in vq_layers(student).values():
         layer.candidate_logits.requires_grad_(True)

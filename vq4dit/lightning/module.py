@@ -13,6 +13,7 @@ from torch import nn
 from ..distributed import BlockSpread, ddp_ignored
 from ..engine import CalibrationConfig, Calibrator, load_packed_student
 from ..engine.config import BitAllocation, LayerSelection
+from ..families import batch_size as items_in
 from ..models import load_dit
 from ..quantize import argmax_view
 from ..recipes import Recipe
@@ -117,7 +118,8 @@ class CalibrationModule(pl.LightningModule):
         layers, allocate = self.layer_selection, self.allocation.enabled
         self.engine = Calibrator.build(
             self.teacher, self.vq_config, self.calibration, include=layers.include, exclude=layers.exclude,
-            overrides=layers.overrides, guidance_scale=self.data_settings.guidance_scale,
+            overrides=layers.overrides, filter_fn=layers.linear_filter(self.teacher),
+            guidance_scale=self.data_settings.guidance_scale,
             progress=self.global_rank == 0 if self._trainer else True, items=self.data_settings.train_items,
             bit_allocation=allocate, bit_budget=self.allocation.budget,
             allocation=read_allocation(self.resume_checkpoint) if allocate and self.resume_checkpoint else None,
@@ -146,7 +148,7 @@ class CalibrationModule(pl.LightningModule):
         loss = out.loss
         if self.engine.spread is not None:
             loss = loss + 0.0 * self.ddp_anchor  # DDP's only parameter (see configure_model)
-        batch_size = batch[0].shape[0]
+        batch_size = items_in(batch)
         self.log_dict(
             {"train/loss": out.total, "train/block_mse": out.distillation, "train/ratio_loss": out.ratio,
              "train/output_mse": out.output_mse, "train/ratio_loss_applied": float(out.ratio_applied)},
@@ -159,7 +161,7 @@ class CalibrationModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         block_mse, output_mse = self.engine.block_losses(batch)
         block_mse = self.engine.global_sum(block_mse.detach())  # spread_blocks: every block from its owner
-        batch_size, sync = batch[0].shape[0], self.engine.spread is None  # with a spread: already global
+        batch_size, sync = items_in(batch), self.engine.spread is None  # with a spread: already global
         self.log("val/block_mse", block_mse.mean(), prog_bar=True, sync_dist=sync, batch_size=batch_size)
         self.log("val/output_mse", output_mse, sync_dist=sync, batch_size=batch_size)
 

@@ -66,8 +66,8 @@ def check_module_settings(module) -> None:
             raise ValueError(f"quantized={quantized!r} is not a packed vq4dit model folder (no config.json with quant_method vq4dit)")
         return
     check_overrides(layers.overrides)
-    selected = select_layers(module.teacher, settings["vq"], include=layers.include, exclude=layers.exclude,
-                             overrides=layers.overrides)
+    selected = select_layers(module.teacher, settings["vq"], layers.linear_filter(module.teacher), include=layers.include,
+                             exclude=layers.exclude, overrides=layers.overrides)
     if allocation.enabled:
         refuse_allocated_fields(layers.overrides, [name for name, _, _ in selected])
         from ..engine.allocation import cheapest_bits_per_weight

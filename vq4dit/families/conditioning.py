@@ -1,0 +1,101 @@
+"""How calibration items are conditioned: class labels (DiT) or text prompts (PixArt, ...).
+
+A set of calibration items is a dict of tensors. Its *item* keys hold one row per item (``x [M, C,
+H, W]``, ``t [M]`` and the conditioning); its *shared* keys hold what the data source keeps once,
+the conditioning of the unconditional branch of classifier-free guidance. A *batch* holds the
+item rows of B items plus the shared tensors; doubled with its unconditional copy it is a model
+batch of 2B. Class-label batches are the tuple ``(x, t, y)`` (a dict with those keys works too);
+text batches are dicts. Nothing here knows a model class: :mod:`vq4dit.families` maps a batch to
+a model call.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+import torch
+
+from ..sampling import NULL_CLASS
+
+Batch = Union[tuple[torch.Tensor, ...], Mapping[str, torch.Tensor]]
+
+
+def batch_size(batch: Batch) -> int:
+    """B, the items of ``batch`` (its ``x [B, C, H, W]``)."""
+    return int((batch["x"] if isinstance(batch, Mapping) else batch[0]).shape[0])
+
+
+def batch_to(batch: Batch, device: torch.device | str) -> Batch:
+    """``batch`` with every tensor on ``device`` (the same container type)."""
+    if isinstance(batch, Mapping):
+        return {key: value.to(device) for key, value in batch.items()}
+    return tuple(value.to(device) for value in batch)
+
+
+class ClassLabels:
+    """One class id per item (``y [M]``); the unconditional branch is the null class (row
+    ``NULL_CLASS`` of DiT's label table, as ``DiTPipeline`` uses it)."""
+
+    name = "class labels"
+    item_keys = ("x", "t", "y")
+    shared_keys: tuple[str, ...] = ()
+
+    def batch(self, items: Mapping[str, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(x [B, C, H, W], t [B], y [B])`` of the items ``index [B]``."""
+        return tuple(items[key][index] for key in self.item_keys)
+
+    def unpack(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, t, y)`` of a tuple or dict batch."""
+        x, t, y = (batch[key] for key in self.item_keys) if isinstance(batch, Mapping) else batch
+        return x, t, y
+
+    def with_unconditional(self, batch: Batch) -> Batch:
+        """B items -> 2B: the items again with the null label (same container type)."""
+        x, t, y = self.unpack(batch)
+        doubled = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_CLASS)]))
+        return dict(zip(self.item_keys, doubled)) if isinstance(batch, Mapping) else doubled
+
+
+class TextPrompts:
+    """Prompt embeddings per item (``prompt_embeds [M, T, C]``, ``prompt_attention_mask [M, T]``);
+    the unconditional branch is the negative prompt the data source holds once
+    (``negative_prompt_embeds [1, T, C]``, ``negative_prompt_attention_mask [1, T]``)."""
+
+    name = "text prompts"
+    item_keys = ("x", "t", "prompt_embeds", "prompt_attention_mask")
+    shared_keys = ("negative_prompt_embeds", "negative_prompt_attention_mask")
+
+    def batch(self, items: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The item rows ``index [B]`` plus the shared negative prompt."""
+        return {**{key: items[key][index] for key in self.item_keys}, **{key: items[key] for key in self.shared_keys}}
+
+    def with_unconditional(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """B items -> 2B: the items again with the negative prompt's embeddings and mask."""
+        size = batch_size(batch)
+        embeds, negative = batch["prompt_embeds"], batch["negative_prompt_embeds"]
+        if negative.shape[1:] != embeds.shape[1:]:
+            raise ValueError(f"the negative prompt embeddings {tuple(negative.shape)} do not match the prompt "
+                             f"embeddings {tuple(embeds.shape)} in tokens and channels ([1, T, C] vs [N, T, C])")
+        mask, negative_mask = batch["prompt_attention_mask"], batch["negative_prompt_attention_mask"]
+        return {
+            **batch,
+            "x": torch.cat([batch["x"], batch["x"]]),
+            "t": torch.cat([batch["t"], batch["t"]]),
+            "prompt_embeds": torch.cat([embeds, negative.to(embeds.dtype).expand(size, -1, -1)]),
+            "prompt_attention_mask": torch.cat([mask, negative_mask.to(mask.dtype).expand(size, -1)]),
+        }
+
+
+CONDITIONINGS: tuple[ClassLabels | TextPrompts, ...] = (ClassLabels(), TextPrompts())
+Conditioning = Union[ClassLabels, TextPrompts]
+
+
+def conditioning_of(source: Batch) -> Conditioning:
+    """The conditioning of a set of items or a batch, from its keys (a tuple: class labels)."""
+    if not isinstance(source, Mapping):
+        return CONDITIONINGS[0]
+    for conditioning in CONDITIONINGS:
+        if all(key in source for key in (*conditioning.item_keys, *conditioning.shared_keys)):
+            return conditioning
+    wanted = "; ".join(f"{c.name}: {', '.join(c.item_keys + c.shared_keys)}" for c in CONDITIONINGS)
+    raise ValueError(f"calibration items with keys {sorted(source)} fit no conditioning; expected ({wanted})")
