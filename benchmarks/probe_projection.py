@@ -39,28 +39,31 @@ def probe_projection(bits: int, lloyd_iters: int, target_iters: int, gain_items:
     ``2 x gain_items`` items, and 3 over ``2 x check_items`` (the check), all in fp32.
     "Beyond the run": what the probe adds to a run without allocation, which builds the base ``k`` anyway."""
     from vq4dit.engine.allocation import AllocationConfig, allocation_options
-    from vq4dit.engine.probe import layer_output_error
+    from vq4dit.engine.probe import Phases, build_options, layer_output_error
     from vq4dit.layers import InputMoments
 
     torch.manual_seed(0)
     config = VQConfig.from_bits(bits, num_candidates=2, row_scale=True, kmeans_metric="activation", error_feedback=True,
                                 ratio_init="confident")
-    span, blocks = AllocationConfig().span, preset_config(XL_PRESET)["num_layers"]
-    full, draft, base_full, moved_max, measured_wall, option_count = [], [], [], [], 0.0, 0
+    probe_config = AllocationConfig()
+    span, blocks = probe_config.span, preset_config(XL_PRESET)["num_layers"]
+    parts: dict[str, list] = {"base": [], "others": [], "drafts": [], "moved": []}
+    measured_wall, option_count, phases = 0.0, 0, Phases(0, progress=False)
 
-    def at(iters: int, configs: list, linear, hessian):  # the ops of building ``configs`` together
+    def at(iters: int, configs: list, linear, hessian, alone: bool):  # the ops of building ``configs`` as the probe does
         def build():
-            layers = VQLinear.from_linear_options(linear, [c.with_overrides(kmeans_iters=iters) for c in configs],
-                                                  "probe", InputMoments.from_full(hessian))
+            moments, configs_at = InputMoments.from_full(hessian), [c.with_overrides(kmeans_iters=iters) for c in configs]
+            layers = [VQLinear.from_linear(linear, configs_at[0], "probe", moments)] if alone else \
+                build_options(linear, "probe", configs_at, moments, probe_config, phases)
             for layer in layers:
                 layer_output_error(linear, layer, hessian)
         with torch.no_grad():
             return count_ops(build)
 
-    def scaled(configs: list, linear, hessian, iters: float):  # ops at ``iters`` Lloyd iterations
-        at_n, at_0 = at(lloyd_iters, configs, linear, hessian), at(0, configs, linear, hessian)
+    def scaled(configs: list, linear, hessian, iters: float, alone: bool = False):  # ops at ``iters`` Lloyd iterations
+        at_n, at_0 = at(lloyd_iters, configs, linear, hessian, alone), at(0, configs, linear, hessian, alone)
         per_iter = combine([(1.0 / lloyd_iters, at_n), (-1.0 / lloyd_iters, at_0)])
-        return combine([(1.0, at_0), (iters, per_iter)]), per_iter, at_n.wall_s, at_0
+        return combine([(1.0, at_0), (iters, per_iter)]), at_n.wall_s
 
     for out_f, in_f in XL_BLOCK_SHAPES.values():
         linear = torch.nn.Linear(in_f, out_f)
@@ -69,23 +72,17 @@ def probe_projection(bits: int, lloyd_iters: int, target_iters: int, gain_items:
         options = allocation_options(config, out_f, in_f, span)
         others = [option for option in options if option != config]
         option_count += len(options)
-        together, per_iter_all, wall, _ = scaled(options, linear, hessian, float(target_iters))
-        alone, per_iter_base, wall_base, base_at_0 = scaled([config], linear, hessian, float(target_iters))
-        largest, _, wall_largest, _ = scaled([max(others, key=lambda o: o.codebook_size)], linear, hessian,
-                                          float(target_iters))
-        full.append(together)
-        base_full.append(alone)
-        moved_max.append(largest)
-        # drafts: the base in full, the others and a draft of the base (for the ratio) at draft_iters
-        per_iter_others = combine([(1.0, per_iter_all), (-1.0, per_iter_base)])
-        draft.append(combine([(1.0, together), (-float(target_iters), per_iter_others),
-                              (float(draft_iters), per_iter_others), (1.0, base_at_0),
-                              (float(draft_iters), per_iter_base)]))
-        measured_wall += wall + wall_base + wall_largest
+        for part, configs, iters, alone in (("base", [config], target_iters, True), ("others", others, target_iters, False),
+                                            ("drafts", options, draft_iters, False),
+                                            ("moved", [max(others, key=lambda o: o.codebook_size)], target_iters, False)):
+            counts, wall = scaled(configs, linear, hessian, float(iters), alone)
+            parts[part].append(counts)
+            measured_wall += wall
     opt, pes = SCENARIOS
     span_s = lambda c: f"{fmt_s(c.projected_s(opt))} - {fmt_s(c.projected_s(pes))}"  # noqa: E731
-    full_block, base_block = combine([(1.0, c) for c in full]), combine([(1.0, c) for c in base_full])
-    draft_block, moved_block = combine([(1.0, c) for c in draft]), combine([(1.0, c) for c in moved_max])
+    base_block, others_block, draft_block, moved_block = (combine([(1.0, c) for c in parts[p]])
+                                                          for p in ("base", "others", "drafts", "moved"))
+    full_block = combine([(1.0, base_block), (1.0, others_block)])
     with tempfile.TemporaryDirectory() as tmp:
         teacher = load_dit(xl_block_folder(f"{tmp}/xl1", num_layers=1)).eval()
         x, t, y = trajectory_inputs(teacher, measure_items)
@@ -95,15 +92,16 @@ def probe_projection(bits: int, lloyd_iters: int, target_iters: int, gain_items:
     per_model_item = blocks / measure_items  # a 1-block forward ~ one block of the 28
     forwards = combine([((blocks + 1 + 8) * gain_items * per_model_item, forward),
                         (3 * check_items * per_model_item, forward)])
-    extra_full = combine([(float(blocks), full_block), (-float(blocks), base_block), (1.0, forwards)])
-    extra_draft = combine([(float(blocks), draft_block), (-float(blocks), base_block), (1.0, forwards)])
+    extra_full = combine([(float(blocks), others_block), (1.0, forwards)])
+    extra_draft = combine([(float(blocks), draft_block), (1.0, forwards)])
     extra_draft_moved = combine([(1.0, extra_draft), (float(blocks), moved_block)])
     return "\n".join([
         f"### Projected bit-allocation probe, DiT-XL/2 w{bits} (k={config.codebook_size}, d={config.subvector_dim}), "
         f"span {span}: {blocks} blocks x {option_count} options, {blocks + 1} model forwards of {2 * gain_items} items "
         f"(block-local gains) + 3 of {2 * check_items} (check), fp32",
-        f"- one XL block, every option in full, each layer's options built together (k-means {target_iters} Lloyd "
-        f"iterations, one error-feedback pass, prediction): "
+        f"- one XL block, every option in full (the base k as without allocation; k/2 and 2k together: "
+        f"k-means {target_iters} Lloyd iterations on {probe_config.probe_points_per_codeword} sub-vectors per codeword, "
+        f"one error-feedback pass; prediction): "
         f"projected H100 {span_s(full_block)} (CPU {measured_wall:.1f} s "
         f"measured at {lloyd_iters} iteration(s)); the base k alone {span_s(base_block)}",
         f"- one XL block, drafts at {draft_iters} Lloyd iterations (probe_kmeans_iters {draft_iters}): {span_s(draft_block)}",

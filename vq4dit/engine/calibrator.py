@@ -19,7 +19,6 @@ every method acts on this rank's blocks and the statistics are global (collectiv
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
@@ -37,34 +36,9 @@ from ..vq_config import VQConfig
 from .allocation import AllocationConfig
 from .overrides import check_overrides, merge_overrides, refuse_allocated_fields
 from .config import CalibrationConfig
-from .losses import RegularizerGate, block_losses
+from .losses import RegularizerGate, StepLoss, block_losses
 from .probe import Phases, build_layers, gather_statistics, preparation_steps, probe_allocation
 from .student import build_student, cast_teacher_
-
-
-@dataclass
-class StepLoss:
-    """One step's loss and its parts (all but ``loss`` detached and global over ranks).
-
-    ``loss``: this rank's part, to call ``backward()`` on (summed over ranks it is the full loss);
-    ``block_mse [L]``: per-block MSE; ``distillation``: their mean (L_d); ``ratio``: mean ratio
-    regulariser over soft layers (L_r); ``ratio_applied``: whether the gate let L_r in.
-    """
-
-    loss: torch.Tensor
-    block_mse: torch.Tensor
-    distillation: torch.Tensor
-    ratio: torch.Tensor
-    output_mse: torch.Tensor
-    ratio_applied: bool
-    ratio_weight: float
-    output_weight: float = 0.0
-
-    @property
-    def total(self) -> torch.Tensor:
-        """L_d + lambda_r L_r (where the gate applied it) + lambda_o output MSE, as optimised."""
-        ratio = self.ratio_weight * self.ratio if self.ratio_applied else 0.0
-        return self.distillation + ratio + (self.output_weight * self.output_mse if self.output_weight else 0.0)
 
 
 class Calibrator:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Container
 
 import torch
@@ -10,6 +11,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families import Batch, ClassLabels, capture_blocks, family_of
+
+
+@dataclass
+class StepLoss:
+    """One step's loss and its parts (all but ``loss`` detached and global over ranks).
+
+    ``loss``: this rank's part, to call ``backward()`` on (summed over ranks it is the full loss);
+    ``block_mse [L]``: per-block MSE; ``distillation``: their mean (L_d); ``ratio``: mean ratio
+    regulariser over soft layers (L_r); ``ratio_applied``: whether the gate let L_r in.
+    """
+
+    loss: torch.Tensor
+    block_mse: torch.Tensor
+    distillation: torch.Tensor
+    ratio: torch.Tensor
+    output_mse: torch.Tensor
+    ratio_applied: bool
+    ratio_weight: float
+    output_weight: float = 0.0
+
+    @property
+    def total(self) -> torch.Tensor:
+        """L_d + lambda_r L_r (where the gate applied it) + lambda_o output MSE, as optimised."""
+        ratio = self.ratio_weight * self.ratio if self.ratio_applied else 0.0
+        return self.distillation + ratio + (self.output_weight * self.output_mse if self.output_weight else 0.0)
 
 
 def with_null_labels(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
