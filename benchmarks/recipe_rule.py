@@ -9,6 +9,7 @@ seed-to-seed noise and the default recipe's calibration-seed noise as rows of th
     python -m benchmarks.recipe_rule                                   # the docs/quality.md table (hours)
     python -m benchmarks.recipe_rule --models digits --settings regime-w2 --recipes paper default
     python -m benchmarks.recipe_rule --models rgb --seeds 0 1 2 --json outputs/recipe_rule_rgb.json
+    python -m benchmarks.recipe_rule --models rgb --recipes paper default --seeds 0 --grid docs/suite_samples_
 
 Rows (``--recipes``): ``paper`` (``--model.recipe paper``), ``default`` (the default recipe),
 ``no-rowscale`` / ``no-aware`` / ``no-feedback`` / ``no-confident`` (the default with that one lever off),
@@ -100,9 +101,12 @@ def calibrate(spec: SuiteModel, setting: str, recipe: str, seed: int, max_steps:
 
 
 def run(models: list[str], settings: list[str], recipes: list[str], seeds: list[int], max_steps: int,
-        on_result: Callable[[list[dict]], None] | None = None, every_seed: bool = False) -> list[dict]:
+        on_result: Callable[[list[dict]], None] | None = None, every_seed: bool = False,
+        grids: dict[str, list[tuple[str, torch.Tensor]]] | None = None) -> list[dict]:
     """Every (model, setting, recipe, seed) run scored against its model's FP samples; FP rows first.
-    The default recipe runs with every seed, the others with the first (``every_seed``: all)."""
+    The default recipe runs with every seed, the others with the first (``every_seed``: all).
+    ``grids``: filled with model -> [(row label, its first 16 images [16, 3, H, W])] (FP first; the
+    first seed of each run), all from the same labels and noise."""
     results: list[dict] = []
     for name in models:
         spec = MODELS[name]()
@@ -118,6 +122,8 @@ def run(models: list[str], settings: list[str], recipes: list[str], seeds: list[
             return {k: float(v) for k, v in metrics.compute().items()}
 
         fp_images = generate_images(spec.load_model(), labels, noise, sampler, batch_size=250)
+        if grids is not None:
+            grids[name] = [("fp", fp_images[:16])]
         results.append({"model": name, "setting": "fp", "recipe": "fp", "seed": 0, "bits_per_weight": 32.0,
                         **score(fp_images, None)})
         for other in seeds[1:] or [1]:  # the FP noise bar: another evaluation seed, scored like a run
@@ -131,6 +137,8 @@ def run(models: list[str], settings: list[str], recipes: list[str], seeds: list[
                     print(f"[recipe_rule] {name} {setting} {recipe} seed {seed}", file=sys.stderr, flush=True)
                     student, info = calibrate(spec, setting, recipe, seed, max_steps)
                     images = generate_images(student, labels, noise, sampler, batch_size=250)
+                    if grids is not None and seed == seeds[0]:
+                        grids[name].append((f"{setting} {recipe}", images[:16]))
                     results.append({"model": name, "setting": setting, "recipe": recipe, "seed": seed,
                                     "bits_per_weight": bits_per_weight(student), **info,
                                     **score(images, fp_images)})
@@ -228,6 +236,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max_steps", type=int, default=600, help="the stop rule's step cap, every run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the results as JSON (after every run)")
+    parser.add_argument("--grid", default=None, metavar="PREFIX",
+                        help="also write PREFIX<model>.png per model: 16 samples per row (FP, then each run; same noise)")
     parser.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
                         help="print the tables of earlier --json results (merged) instead of running")
     args = parser.parse_args(argv)
@@ -250,7 +260,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
             atomic_write_text(args.json, json.dumps(results, indent=2))
 
-    results = run(args.models, args.settings, args.recipes, args.seeds, args.max_steps, partial, args.every_seed)
+    grids: dict[str, list[tuple[str, torch.Tensor]]] | None = {} if args.grid else None
+    results = run(args.models, args.settings, args.recipes, args.seeds, args.max_steps, partial, args.every_seed, grids)
+    for model, rows in (grids or {}).items():
+        from vq4dit.images import make_grid, save_png
+
+        path = save_png(make_grid([images for _, images in rows], scale=2), f"{args.grid}{model}.png")
+        print(f"grid {path}: rows top to bottom: {', '.join(label for label, _ in rows)}", file=sys.stderr)
     print(f"\nrecipe rule: {', '.join(args.models)}; stop rule: CalibrationStop max_steps {args.max_steps}; "
           "evaluation: digits 500 samples DDPM 25 steps, rgb 256 samples DDPM 10 steps, cfg 1.5, the model's "
           "own classifier as FID features; fp@N: FP sampled with evaluation seed N (the FP noise bar)")

@@ -158,3 +158,42 @@ def test_confident_ratio_init_starts_near_the_nearest_candidate():
     torch.testing.assert_close(ratios, torch.tensor([[0.9, 0.05, 0.05]] * 2))
     two = init_candidate_logits(torch.tensor([[0.1, 0.2]]), "confident").softmax(dim=1)
     torch.testing.assert_close(two, torch.tensor([[0.9, 0.1]]))
+
+
+def test_weighted_nearest_codewords_are_the_weighted_distances_of_every_pair():
+    generator = torch.Generator().manual_seed(0)
+    points, codebook = torch.randn(3000, 4, generator=generator), torch.randn(24, 4, generator=generator)
+    weights = torch.rand(3000, 4, generator=generator) * 3
+    every = ((points.unsqueeze(1) - codebook.unsqueeze(0)).pow(2) * weights.unsqueeze(1)).sum(2)  # [N, k]
+    expected, expected_index = every.topk(3, dim=1, largest=False)
+    index, distances = nearest_codewords(points, codebook, 3, weights)
+    assert (index == expected_index).float().mean() > 0.999  # round-off may flip a near tie
+    torch.testing.assert_close(distances, expected, rtol=1e-4, atol=1e-5)
+    assert (distances >= 0).all()
+
+
+def test_weighted_seeding_is_d2_sampling_under_the_weights():
+    """A point far away along a heavily weighted dimension is always seeded; the same point far
+    away along a dimension of weight ~0 never is."""
+    from vq4dit.kmeans import _kmeans_plus_plus
+
+    points = torch.zeros(200, 2)
+    points[0], points[1] = torch.tensor([100.0, 0.0]), torch.tensor([0.0, 100.0])
+    points[2:] += torch.randn(198, 2) * 0.01
+    weights = torch.tensor([[1.0, 1e-8]]).expand(200, 2)
+    for seed in range(5):
+        seeded = _kmeans_plus_plus(points, 3, torch.Generator().manual_seed(seed), weights)
+        rows = {tuple(row.tolist()) for row in seeded}
+        assert (100.0, 0.0) in rows and (0.0, 100.0) not in rows
+
+
+def test_lloyd_on_a_sample_stays_close_to_lloyd_on_every_point():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 2, generator=generator) * 5
+    points = centres[torch.randint(0, 8, (40000,), generator=generator)] + torch.randn(40000, 2, generator=generator) * 0.3
+    full, sampled = kmeans(points, 8, 10, 0, backend="torch"), kmeans(points, 8, 10, 0, backend="torch",
+                                                                         lloyd_points_per_cluster=256)
+    assert not torch.equal(full, sampled)  # the sample really changes the run
+    error = lambda codebook: float(torch.cdist(points, codebook).min(1).values.pow(2).mean())  # noqa: E731
+    assert error(sampled) < 1.05 * error(full)
+    assert torch.equal(kmeans(points, 8, 10, 0, backend="torch", lloyd_points_per_cluster=10**6), full)  # no sample
