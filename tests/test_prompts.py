@@ -90,3 +90,84 @@ def test_the_digest_is_the_files_content(tmp_path):
     first = file_digest(write_embeddings(tmp_path / "a.safetensors"))
     assert first == file_digest(write_embeddings(tmp_path / "b.safetensors"))  # the name does not count
     assert first != file_digest(write_embeddings(tmp_path / "c.safetensors", embeddings(seed=1)))
+
+
+class WordTokenizer:
+    """A tokenizer double with the call PixArt's pipelines make: word ids (hashed), padded and
+    truncated to ``max_length``, an attention mask of ones over the words (and the end token)."""
+
+    def __call__(self, texts, padding, max_length, truncation, add_special_tokens, return_tensors):
+        assert padding == "max_length" and truncation and add_special_tokens and return_tensors == "pt"
+        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+        mask = torch.zeros(len(texts), max_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            words = [3 + sum(map(ord, word)) % 90 for word in text.split()][: max_length - 1] + [1]  # 1: end token
+            ids[row, : len(words)], mask[row, : len(words)] = torch.tensor(words), 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+class TinyEncoder(torch.nn.Module):
+    """An encoder double: embedding + a masked mean mixed in, ``(last_hidden_state [B, T, C],)``."""
+
+    def __init__(self, channels: int = CAPTION) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.mix = torch.nn.Embedding(100, channels), torch.nn.Linear(channels, channels)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embed(input_ids)
+        mean = (hidden * attention_mask[..., None]).sum(1, keepdim=True) / attention_mask.sum(1)[:, None, None]
+        return (self.mix(hidden + mean),)
+
+
+def test_encode_writes_a_valid_file_once_per_key_and_again_when_anything_changes(tmp_path):
+    from vq4dit.prompts.encode import encode_file, encode_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  a blue square on grass  \nthree digits\n", encoding="utf-8")
+    loads = []
+
+    def loader(pipeline, device, dtype):
+        loads.append((pipeline, device, dtype))
+        return WordTokenizer(), TinyEncoder()
+
+    out = tmp_path / "embeds.safetensors"
+    assert encode_file("pipe", prompts, out, max_length=6, batch_size=2, loader=loader, progress=False)
+    loaded = load_prompt_embeds(out)  # the file passes the --data.prompt_embeds check
+    assert loaded["prompt_embeds"].shape == (3, 6, CAPTION) and loaded["negative_prompt_embeds"].shape == (1, 6, CAPTION)
+    assert loaded["prompt_attention_mask"].sum(1).tolist() == [4, 6, 3]  # words + end token, truncated to 6
+    assert loaded["negative_prompt_attention_mask"].tolist() == [[1, 0, 0, 0, 0, 0]]  # "" is the end token only
+    direct = encode_prompts(WordTokenizer(), TinyEncoder(), ["a blue square on grass"], max_length=6, progress=False)
+    assert torch.equal(loaded["prompt_embeds"][1], direct["prompt_embeds"][0])  # batching changes nothing
+    assert not encode_file("pipe", prompts, out, max_length=6, batch_size=2, loader=loader, progress=False)
+    assert len(loads) == 1  # the second run found its key: no encoder loaded
+    assert encode_file("pipe", prompts, out, max_length=7, loader=loader, progress=False)  # another setting
+    assert encode_file("pipe", prompts, out, max_length=7, negative="blurry", loader=loader, progress=False)
+    prompts.write_text("a red circle\n", encoding="utf-8")
+    assert encode_file("pipe", prompts, out, max_length=7, negative="blurry", loader=loader, progress=False)
+    assert len(loads) == 4 and load_prompt_embeds(out)["prompt_embeds"].shape == (1, 7, CAPTION)
+
+
+def test_the_encode_command_says_each_mistake_in_one_error_line(tmp_path, capsys):
+    import importlib.util
+
+    from vq4dit.prompts.__main__ import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n", encoding="utf-8")
+    base = ["encode", "--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "e.safetensors")]
+    cases = [([*base, "--prompts", str(tmp_path / "none.txt")], "cannot read the prompts"),
+             ([*base, "--prompts", str(prompts), "--max-length", "0"], "--max-length and --batch-size must be >= 1"),
+             ([*base, "--prompts", str(prompts), "--dtype", "int8"], "--dtype must be float32")]
+    if importlib.util.find_spec("transformers") is None:  # this environment: the extra is not installed
+        cases.append(([*base, "--prompts", str(prompts)], "needs the transformers package"))
+    else:
+        cases.append(([*base, "--prompts", str(prompts)], "cannot load the tokenizer / text encoder"))
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    cases.append(([*base, "--prompts", str(tmp_path / "empty.txt")], "holds no prompt"))
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "e.safetensors").exists()
