@@ -89,6 +89,13 @@ def load_prompt_embeds(path: str | Path) -> dict[str, torch.Tensor]:
     return {key: tensors[key].float() if key.endswith("embeds") else tensors[key].long() for key in KEYS}
 
 
+def prompt_condition(prompts: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The text condition of the prompts ``index [B]`` (rows of the table, the negative prompt once):
+    ``prompt_embeds [B, T, C]``, ``prompt_attention_mask [B, T]``, ``negative_prompt_embeds [1, T, C]``,
+    ``negative_prompt_attention_mask [1, T]``."""
+    return {key: prompts[key][index] if not key.startswith("negative") else prompts[key] for key in KEYS}
+
+
 def file_digest(path: str | Path) -> str:
     """The sha256 of a file's bytes (hex): what the trajectory cache keys a prompt file on."""
     digest = hashlib.sha256()
@@ -117,4 +124,4 @@ def check_prompts_fit(model: nn.Module, prompts: dict[str, torch.Tensor] | None,
                              f"is {expected}: were they encoded with this model's text encoder?")
 
 
-__all__ = ["KEYS", "check_prompts_fit", "file_digest", "load_prompt_embeds"]
+__all__ = ["KEYS", "check_prompts_fit", "file_digest", "load_prompt_embeds", "prompt_condition"]
