@@ -90,7 +90,6 @@ def test_fit_calibrates_a_pixart_folder_from_an_embeddings_file_and_exports_a_pi
                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
     assert torch.equal(same, quantized)
     error = float((quantized - fp).norm() / fp.norm())
-    print("relative error", error)
     assert 0 < error < 0.1, error  # 2 bits per weight (k=16, d=2) on a random 16-wide model
     assert sorted(tmp_path.rglob("samples/step_*.png"))  # the sample grid shows the prompts
 
