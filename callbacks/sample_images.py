@@ -8,8 +8,11 @@ import pytorch_lightning as pl
 import torch
 
 from vq4dit.evaluation import decode, load_vae
+from vq4dit.families import family_of
+from vq4dit.families.guidance import sample_conditioned
 from vq4dit.images import make_grid, save_png, to_images
-from vq4dit.sampling import SamplerConfig, sample
+from vq4dit.prompts import prompt_condition
+from vq4dit.sampling import SamplerConfig
 
 from .settings import check_range
 
@@ -18,7 +21,8 @@ class SampleImages(pl.Callback):
     """Every ``every_n_steps`` steps and at the end of fit, sample the teacher and the student.
 
     Row 1 is the FP teacher, row 2 the quantized student (soft rows use their current ratios; at
-    the end of fit all rows are hard), with identical seeds and labels. The grid goes to
+    the end of fit all rows are hard), with identical seeds and labels (a text-conditioned model:
+    column i shows prompt ``i % N`` of the data module's embeddings). The grid goes to
     TensorBoard (``samples/fp_vs_quantized``) and to ``<log_dir>/samples/step_<N>.png``.
 
     Args:
@@ -70,7 +74,11 @@ class SampleImages(pl.Callback):
             return
         labels = torch.tensor(self.labels)
         seeds = [self.seed + i for i in range(len(self.labels))]
-        rows = [self._decode(sample(m, labels, seeds, self.config)) for m in (pl_module.teacher, pl_module.student)]
+        prompts = getattr(getattr(trainer, "datamodule", None), "prompts", None)
+        if prompts is not None:
+            labels = prompt_condition(prompts, torch.arange(len(seeds)) % prompts["prompt_embeds"].shape[0])
+        rows = [self._decode(sample_conditioned(family_of(m), m, labels, seeds, self.config))
+                for m in (pl_module.teacher, pl_module.student)]
         grid = make_grid(rows, scale=self.scale)
         step = trainer.global_step
         experiment = getattr(trainer.logger, "experiment", None)

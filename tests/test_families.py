@@ -45,15 +45,16 @@ def tiny_pixart(**config) -> PixArtTransformer2DModel:
     return model
 
 
-def text_items(count: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Calibration items of a text family: per item ``x, t, prompt_embeds, prompt_attention_mask``
-    (masks with padding), one negative prompt held once."""
+def text_items(count: int = 16, seed: int = 0, prompts: int = 5) -> dict[str, torch.Tensor]:
+    """Calibration items of a text family: per item ``x, t, prompt_index`` into a table of
+    ``prompts`` embeddings (masks with padding) held once, like the negative prompt."""
     g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(count, TOKENS, dtype=torch.long)
-    mask[:, 3:] = (torch.rand(count, TOKENS - 3, generator=g) < 0.5).long()
+    mask = torch.ones(prompts, TOKENS, dtype=torch.long)
+    mask[:, 3:] = (torch.rand(prompts, TOKENS - 3, generator=g) < 0.5).long()
     return {
         "x": torch.randn(count, 4, 8, 8, generator=g), "t": torch.randint(0, 1000, (count,), generator=g),
-        "prompt_embeds": torch.randn(count, TOKENS, CAPTION, generator=g), "prompt_attention_mask": mask,
+        "prompt_index": torch.arange(count) % prompts,
+        "prompt_embeds": torch.randn(prompts, TOKENS, CAPTION, generator=g), "prompt_attention_mask": mask,
         "negative_prompt_embeds": torch.randn(1, TOKENS, CAPTION, generator=g),
         "negative_prompt_attention_mask": torch.tensor([[1, 1, 0, 0, 0]]),
     }
@@ -134,7 +135,9 @@ def test_the_unconditional_branch_is_the_negative_prompt_or_the_null_label():
     assert [b["x"].shape[0] for b in doubled] == [8, 4]
     first = doubled[0]
     assert torch.equal(first["x"][:4], first["x"][4:]) and torch.equal(first["t"][:4], items["t"][:4])
-    assert torch.equal(first["prompt_embeds"][:4], items["prompt_embeds"][:4])
+    assert torch.equal(first["prompt_embeds"][:4], items["prompt_embeds"][items["prompt_index"][:4]])
+    assert torch.equal(first["prompt_attention_mask"][:4], items["prompt_attention_mask"][[0, 1, 2, 3]])
+    assert conditioning_of(first) is conditioning_of(items)  # a batch is known by its keys too
     assert torch.equal(first["prompt_embeds"][4:], items["negative_prompt_embeds"].expand(4, -1, -1))
     assert first["prompt_attention_mask"][4:].tolist() == [[1, 1, 0, 0, 0]] * 4
     plain = item_batches(items, torch.arange(6), guidance_scale=1.0, batch_size=4)

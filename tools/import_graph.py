@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "vq4dit.decoding", "vq4dit.kernels", "vq4dit.kernels.*", "vq4dit.packing", "vq4dit.error_feedback", "vq4dit.assignment",
               "vq4dit.atomic", "vq4dit.write_faults", "vq4dit.metrics", "vq4dit.sampling", "vq4dit.images", "vq4dit.baselines",
               "vq4dit.typed_settings")),
-    ("models", ("vq4dit.families", "vq4dit.families.*", "vq4dit.convert", "vq4dit.models")),  # model families, DiT loading
+    ("models", ("vq4dit.families", "vq4dit.families.*", "vq4dit.convert", "vq4dit.models", "vq4dit.prompts",
+                "vq4dit.prompts.*")),  # model families, DiT loading, prompt embeddings
     ("layers", ("vq4dit.layers", "vq4dit.quantize", "vq4dit.size", "vq4dit.distributed")),
     ("io", ("vq4dit.io", "vq4dit.io.*", "vq4dit.export")),  # vq4dit.export: old import path, re-exports only
     ("evaluation", ("vq4dit.reference", "vq4dit.rgb_reference", "vq4dit.evaluation", "vq4dit.trajectories")),

@@ -1,11 +1,13 @@
-"""DiT models: presets and loading from any source.
+"""DiT models (and PixArt folders): presets and loading from any source.
 
 Which Linears get quantized, where the blocks are and how a model is called belong to its family
 (:mod:`vq4dit.families`; DiT: :mod:`vq4dit.families.dit`); their old names here are re-exports.
 :func:`load_dit` accepts a preset name (random init), a local diffusers folder (a
 ``DiTPipeline`` snapshot or a bare transformer folder), a Hugging Face hub id, or an original
 facebookresearch/DiT ``.pt``/``.pth`` checkpoint, and always returns the model in eval mode:
-in train mode diffusers drops class labels at random in every block.
+in train mode diffusers drops class labels at random in every block. A diffusers folder whose
+``config.json`` names ``PixArtTransformer2DModel`` (a bare transformer folder or a PixArt pipeline
+with ``transformer/``) loads as that class: the text-conditioned family of :mod:`vq4dit.families`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from torch import nn
 
 from vq4dit.convert import (
@@ -149,6 +151,7 @@ def check_finite(source: nn.Module | Mapping[str, torch.Tensor], what: str = "mo
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth")
 _DIT_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # the latter: legacy snapshots
+_PIXART_CLASS_NAME = "PixArtTransformer2DModel"
 _WEIGHT_FILE = re.compile(r"diffusion_pytorch_model.*\.(safetensors|bin)$")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -160,12 +163,12 @@ def _folder_layout(folder: Path) -> tuple[Path, str | None]:
     if (folder / "config.json").is_file():
         return folder, None
     raise DiTLoadError(
-        f"{str(folder)!r} is not a DiT folder: no config.json; expected a DiTPipeline snapshot "
+        f"{str(folder)!r} is not a DiT folder: no config.json; expected a DiTPipeline (or PixArt pipeline) snapshot "
         "(transformer/config.json + weights) or a transformer folder (config.json + weights)"
     )
 
 
-def _load_folder(folder: Path) -> DiTTransformer2DModel:
+def _load_folder(folder: Path) -> DiTTransformer2DModel | PixArtTransformer2DModel:
     model_dir, subfolder = _folder_layout(folder)
     config_path = model_dir / "config.json"
     try:
@@ -173,23 +176,25 @@ def _load_folder(folder: Path) -> DiTTransformer2DModel:
     except (OSError, ValueError) as err:
         raise DiTLoadError(f"cannot read {str(config_path)!r} as JSON: {err}") from err
     class_name = config.get("_class_name") if isinstance(config, dict) else None
-    if class_name not in _DIT_CLASS_NAMES or config.get("norm_type") != "ada_norm_zero":
+    pixart = class_name == _PIXART_CLASS_NAME
+    if not pixart and (class_name not in _DIT_CLASS_NAMES or config.get("norm_type") != "ada_norm_zero"):
         raise DiTLoadError(
             f"{str(config_path)!r} describes a {class_name!r} with norm_type "
             f"{config.get('norm_type') if isinstance(config, dict) else None!r}; expected a "
-            "DiTTransformer2DModel (norm_type 'ada_norm_zero')"
+            f"DiTTransformer2DModel (norm_type 'ada_norm_zero') or a {_PIXART_CLASS_NAME}"
         )
+    kind, model_class = ("PixArt", PixArtTransformer2DModel) if pixart else ("DiT", DiTTransformer2DModel)
     if not any(_WEIGHT_FILE.match(p.name) for p in model_dir.iterdir()):
         raise DiTLoadError(
-            f"{str(model_dir)!r} has a DiT config.json but no weights; expected "
+            f"{str(model_dir)!r} has a {kind} config.json but no weights; expected "
             "diffusion_pytorch_model.safetensors (or .bin, or sharded files with an index)"
         )
     try:
-        model, info = DiTTransformer2DModel.from_pretrained(
+        model, info = model_class.from_pretrained(
             folder, subfolder=subfolder, low_cpu_mem_usage=False, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as err:
-        raise DiTLoadError(f"cannot load the DiT in {str(model_dir)!r}: {_disagreement(err)}") from err
+        raise DiTLoadError(f"cannot load the {kind} in {str(model_dir)!r}: {_disagreement(err)}") from err
     missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
     if missing or unexpected:  # diffusers would leave random weights in place and only warn
         parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in (
@@ -242,8 +247,8 @@ def load_dit(
     dtype: torch.dtype | None = None,
     num_heads: int | None = None,
     allow_nonfinite: bool = False,
-) -> DiTTransformer2DModel:
-    """Load a diffusers ``DiTTransformer2DModel`` in eval mode, on the CPU.
+) -> DiTTransformer2DModel | PixArtTransformer2DModel:
+    """Load a diffusers ``DiTTransformer2DModel`` (or a ``PixArtTransformer2DModel`` folder) in eval mode, on the CPU.
 
     Resolution order for strings: preset name, existing local path, hub id (``org/name``).
     Path objects are always local paths.
@@ -252,7 +257,8 @@ def load_dit(
         source: ``reference`` (the shipped digits DiT), ``rgb_reference`` (the shipped RGB-patches
             DiT; stored in FP16, loaded in float32), a preset (``DiT-XL/2``, ``DiT-S/4-512``,
             ``tiny``; random weights), a local
-            diffusers folder (``DiTPipeline`` snapshot or transformer folder), a hub id, or an
+            diffusers folder (``DiTPipeline`` snapshot or transformer folder; a PixArt pipeline or
+            ``PixArtTransformer2DModel`` folder loads as that class), a hub id, or an
             original facebookresearch/DiT checkpoint (``.pt``/``.pth``).
         dtype: optional cast of all parameters and buffers, e.g. ``torch.bfloat16``.
         num_heads: attention heads of an original checkpoint whose hidden size is not one of
@@ -305,7 +311,8 @@ def load_dit(
         raise DiTLoadError(
             f"{source!r} is neither an existing path, a preset nor a valid hub id (org/name)"
         )
-    apply_timestep_freq_shift(model)
+    if isinstance(model, DiTTransformer2DModel):  # PixArt keeps diffusers' own timestep embedding
+        apply_timestep_freq_shift(model)
     if dtype is not None:
         model = model.to(dtype)
     if not allow_nonfinite:  # after the cast: float16 turns values above 65504 into Inf

@@ -23,7 +23,7 @@ latent channels "for exact reproducibility"; ``None`` guides all of them as diff
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -205,6 +205,16 @@ class Diffusion:
         return x0 * a_prev.sqrt().item() + eps * (1.0 - a_prev).sqrt().item()
 
 
+def combine_guidance(both: torch.Tensor, channels: int, guidance_scale: float, guided_channels: int | None) -> torch.Tensor:
+    """Classifier-free guidance of a doubled model output ``both [2B, C_out, H, W]`` (conditional
+    rows first, then unconditional) on the leading ``guided_channels`` (None: all ``channels``)
+    noise channels: ``[B, C_out, H, W]``; the rest (learned variance) is the conditional row's."""
+    cond, uncond = both.chunk(2)
+    channels = channels if guided_channels is None else min(guided_channels, channels)
+    guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([guided, cond[:, channels:]], dim=1)
+
+
 def guided_output(
     model: nn.Module,
     x: torch.Tensor,
@@ -218,10 +228,11 @@ def guided_output(
         return model(x, timestep=t, class_labels=labels).sample
     null = torch.full_like(labels, NULL_CLASS)
     both = model(torch.cat([x, x]), timestep=torch.cat([t, t]), class_labels=torch.cat([labels, null])).sample
-    cond, uncond = both.chunk(2)
-    channels = x.shape[1] if guided_channels is None else min(guided_channels, x.shape[1])
-    guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
-    return torch.cat([guided, cond[:, channels:]], dim=1)
+    return combine_guidance(both, x.shape[1], guidance_scale, guided_channels)
+
+
+# ``(x [B, C, H, W], t [B]) -> [B, C_out, H, W]``: a model's guided output on a fixed conditioning
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int], device, dtype=torch.float32) -> torch.Tensor:
@@ -234,34 +245,37 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int], device, dtype=torch.
 @torch.no_grad()
 def sample(
     model: nn.Module,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     seeds: list[int],
     config: SamplerConfig = SamplerConfig(),
     record_trajectory: bool = False,
     progress: bool = False,
+    denoiser: Denoiser | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Generate ``len(labels)`` samples (model space: latents or pixels).
+    """Generate ``len(seeds)`` samples (model space: latents or pixels).
 
     Args:
         model: a diffusers-style DiT: ``model(x, timestep=t, class_labels=y).sample``.
-        labels: ``[B]`` class ids.
+        labels: ``[B]`` class ids (None with a ``denoiser``).
         seeds: one seed per sample; the initial noise and every step's noise derive from it, so
             FP and quantized models get identical noise.
         config: sampler settings.
         record_trajectory: also return the list of model inputs ``(x_t [B, C, H, W], t [B])``.
         progress: show a progress bar over steps.
+        denoiser: the guided model output on another conditioning (text prompts:
+            :func:`vq4dit.families.guidance.sample_conditioned`); None: ``model`` on ``labels``.
 
     Returns:
         ``x_0 [B, C, H, W]`` (and the trajectory when asked).
     """
-    if len(seeds) != labels.numel():
+    if denoiser is None and len(seeds) != labels.numel():
         raise ValueError(f"need one seed per label: {len(seeds)} seeds for {labels.numel()} labels")
     diffusion = Diffusion(config.num_steps, config.train_steps, config.fixed_variance)
     param = next(model.parameters())
     cfg = model.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     x = initial_noise(shape, seeds, param.device)
-    labels = labels.to(param.device)
+    labels = labels.to(param.device) if denoiser is None else None
     step_generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
     trajectory = []
     from tqdm.auto import tqdm
@@ -270,7 +284,10 @@ def sample(
         t = torch.full((x.shape[0],), int(diffusion.timesteps[i]), device=x.device, dtype=torch.long)
         if record_trajectory:
             trajectory.append((x.detach().cpu().clone(), t.cpu()))
-        out = guided_output(model, x, t, labels, config.guidance_scale, config.guided_channels).float()
+        if denoiser is None:
+            out = guided_output(model, x, t, labels, config.guidance_scale, config.guided_channels).float()
+        else:
+            out = denoiser(x, t).float()
         if config.sampler == "ddim":
             x = diffusion.ddim_step(x, out, i, config.clip_denoised)
         else:

@@ -1,10 +1,12 @@
 """Zero-data calibration items: the FP teacher's own sampling trajectories.
 
-No dataset: every trajectory starts from Gaussian noise with random class labels and is sampled
-by the full-precision teacher (DDPM with learned variance or DDIM, with classifier-free guidance).
-Every intermediate ``(x_t, t, y)`` becomes one calibration item; the student and the teacher both
-see the teacher's ``x_t`` (never the student's own trajectory). A trajectory is identified by its
-plan (labels and noise seeds, a pure function of ``(seed, index)``).
+No dataset: every trajectory starts from Gaussian noise with random class labels (or, for a
+text-conditioned model, prompts of an embeddings file, cycled) and is sampled by the
+full-precision teacher (DDPM with learned variance or DDIM, with classifier-free guidance) in its
+own input space. Every intermediate ``(x_t, t, y)`` (text: ``(x_t, t, prompt_index)``, the prompt
+table kept once) becomes one calibration item; the student and the teacher both see the teacher's
+``x_t`` (never the student's own trajectory). A trajectory is identified by its plan (labels or
+prompts and noise seeds, a pure function of ``(seed, index)``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import IterableDataset
 
 from .atomic import atomic_path
-from .families import conditioning_of
-from .sampling import SamplerConfig, sample
+from .families import conditioning_of, family_of
+from .families.guidance import sample_conditioned
+from .prompts import prompt_condition
+from .sampling import SamplerConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +39,25 @@ class TrajectoryPlan:
     Args:
         seed: seed of labels and noise.
         classes_per_trajectory: samples (random classes) per trajectory; the official code uses 4.
-        num_classes: labels are drawn from ``0 .. num_classes-1``.
+        num_classes: labels are drawn from ``0 .. num_classes-1``; with prompts: their number N.
         sampler: the sampling schedule (sampler, steps, guidance).
+        prompts_digest: the sha256 of the prompt-embeddings file (text models; None: class labels):
+            sample ``c`` of trajectory ``i`` uses prompt ``(i * classes_per_trajectory + c) % N``.
     """
 
     seed: int
     classes_per_trajectory: int
     num_classes: int
     sampler: SamplerConfig
+    prompts_digest: str | None = None
 
     def labels_and_seeds(self, index: int) -> tuple[list[int], list[int]]:
-        """Labels and noise seeds of trajectory ``index``."""
-        return trajectory_plan(index, self.seed, self.classes_per_trajectory, self.num_classes)
+        """Labels (prompt indices for text) and noise seeds of trajectory ``index``."""
+        labels, seeds = trajectory_plan(index, self.seed, self.classes_per_trajectory, self.num_classes)
+        if self.prompts_digest is not None:  # every prompt in turn: N prompts cycled over the trajectories
+            first = index * self.classes_per_trajectory
+            labels = [(first + c) % self.num_classes for c in range(self.classes_per_trajectory)]
+        return labels, seeds
 
 
 def trajectory_plan(index: int, seed: int, classes_per_trajectory: int, num_classes: int) -> tuple[list[int], list[int]]:
@@ -64,13 +75,17 @@ def generate_items(
     plan: TrajectoryPlan,
     samples_per_call: int = 32,
     progress: bool = True,
+    prompts: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample the trajectories ``indices`` with the teacher; return every step as an item.
 
-    Returns ``{"x": [M, C, H, W], "t": [M], "y": [M]}`` on the CPU, M = len(indices) * classes * steps.
+    Returns ``{"x": [M, C, H, W], "t": [M], "y": [M]}`` on the CPU, M = len(indices) * classes * steps;
+    with ``prompts`` (:func:`vq4dit.prompts.load_prompt_embeds`, for a plan with a digest) ``y`` is
+    ``prompt_index [M]`` and the prompt table and negative prompt come along once.
     """
     from tqdm.auto import tqdm
 
+    family = family_of(teacher)
     labels, seeds = [], []
     for index in indices:
         traj_labels, traj_seeds = plan.labels_and_seeds(index)
@@ -80,12 +95,24 @@ def generate_items(
     starts = range(0, len(labels), samples_per_call)
     for start in tqdm(starts, desc="teacher trajectories", disable=not progress, unit="batch"):
         batch_labels = torch.tensor(labels[start : start + samples_per_call])
-        _, trajectory = sample(teacher, batch_labels, seeds[start : start + samples_per_call], plan.sampler, record_trajectory=True)
+        condition = batch_labels if prompts is None else prompt_condition(prompts, batch_labels)
+        _, trajectory = sample_conditioned(family, teacher, condition, seeds[start : start + samples_per_call],
+                                           plan.sampler, record_trajectory=True)
         for x_t, t in trajectory:
             xs.append(x_t.float())
             ts.append(t)
             ys.append(batch_labels)
-    return {"x": torch.cat(xs), "t": torch.cat(ts), "y": torch.cat(ys)}
+    items = {"x": torch.cat(xs), "t": torch.cat(ts), _condition_key(prompts): torch.cat(ys)}
+    return with_prompts(items, prompts)
+
+
+def _condition_key(prompts: dict | None) -> str:
+    return "y" if prompts is None else "prompt_index"
+
+
+def with_prompts(items: dict[str, torch.Tensor], prompts: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """``items`` with the prompt table and the negative prompt (held once, not per item) added."""
+    return items if prompts is None else {**items, **prompts}
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -106,39 +133,44 @@ def cached_items(
     cache_dir: str | None,
     fingerprint: Callable[[], str] | None = None,
     progress: bool = True,
+    prompts: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`generate_items`, read from / written to ``cache_dir`` when given (safetensors, keyed
-    by the teacher's weights, the plan and the indices). A corrupt cache file is named in a
-    warning and generated again; a cache that cannot be written is a ``WriteError`` (``ValueError``)."""
+    by the teacher's weights, the plan (with the prompt file's digest) and the indices; the prompt
+    table is not stored). A corrupt cache file is named in a warning and generated again; a cache
+    that cannot be written is a ``WriteError`` (``ValueError``)."""
     if not cache_dir:
-        return generate_items(teacher, indices, plan, progress=progress)
+        return generate_items(teacher, indices, plan, progress=progress, prompts=prompts)
     weights = fingerprint() if fingerprint is not None else weights_fingerprint(teacher)
-    key = json.dumps({"weights": weights, "plan": asdict(plan), "indices": indices}, sort_keys=True, default=str)
+    record = {k: v for k, v in asdict(plan).items() if k != "prompts_digest" or v is not None}  # DiT keys as before
+    key = json.dumps({"weights": weights, "plan": record, "indices": indices}, sort_keys=True, default=str)
     path = Path(cache_dir) / f"trajectories-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.exists():
         try:
             items = load_file(str(path))
             expected = len(indices) * plan.classes_per_trajectory * plan.sampler.num_steps
-            problem = _cache_problem(items, expected)
+            problem = _cache_problem(items, expected, _condition_key(prompts))
             if problem is None:
-                return items
+                return with_prompts(items, prompts)
             log.warning("trajectory cache %s %s: generating the trajectories again", path, problem)
         except (OSError, SafetensorError, ValueError) as error:
             log.warning("trajectory cache %s is unreadable (%s): generating the trajectories again", path, error)
-    items = generate_items(teacher, indices, plan, progress=progress)
-    size = sum(v.numel() * v.element_size() for v in items.values()) + 4096
+    items = generate_items(teacher, indices, plan, progress=progress, prompts=prompts)
+    stored = {k: items[k].contiguous() for k in ("x", "t", _condition_key(prompts))}
+    size = sum(v.numel() * v.element_size() for v in stored.values()) + 4096
     with atomic_path(path, size=size) as tmp:  # WriteError (a ValueError) names the file and the cause
-        save_file({k: v.contiguous() for k, v in items.items()}, str(tmp))
+        save_file(stored, str(tmp))
     return items
 
 
-def _cache_problem(items: dict[str, torch.Tensor], expected: int) -> str | None:
+def _cache_problem(items: dict[str, torch.Tensor], expected: int, condition: str = "y") -> str | None:
     """What is wrong with a cache file's content (None: nothing): keys, item count, shapes, values."""
-    if set(items) != {"x", "t", "y"}:
-        return f"holds {sorted(items)}, not x/t/y"
-    x, t, y = items["x"], items["t"], items["y"]
+    if set(items) != {"x", "t", condition}:
+        return f"holds {sorted(items)}, not x/t/{condition}"
+    x, t, y = items["x"], items["t"], items[condition]
     if x.ndim != 4 or t.shape != (expected,) or y.shape != (expected,) or x.shape[0] != expected:
-        return f"holds x {tuple(x.shape)}, t {tuple(t.shape)}, y {tuple(y.shape)}, not the {expected} items of its plan"
+        return (f"holds x {tuple(x.shape)}, t {tuple(t.shape)}, {condition} {tuple(y.shape)}, not the {expected} "
+                "items of its plan")
     if not bool(torch.isfinite(x).all()):
         return "holds NaN/Inf"
     return None

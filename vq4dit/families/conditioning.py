@@ -1,9 +1,10 @@
 """How calibration items are conditioned: class labels (DiT) or text prompts (PixArt, ...).
 
 A set of calibration items is a dict of tensors. Its *item* keys hold one row per item (``x [M, C,
-H, W]``, ``t [M]`` and the conditioning); its *shared* keys hold what the data source keeps once,
-the conditioning of the unconditional branch of classifier-free guidance. A *batch* holds the
-item rows of B items plus the shared tensors; doubled with its unconditional copy it is a model
+H, W]``, ``t [M]`` and the conditioning: a class label or a prompt index); its *shared* keys hold
+what the data source keeps once (a prompt table, the conditioning of the unconditional branch of
+classifier-free guidance). A *batch* holds the conditioning of B items plus the unconditional
+branch's; doubled with its unconditional copy it is a model
 batch of 2B. Class-label batches are the tuple ``(x, t, y)`` (a dict with those keys works too);
 text batches are dicts. Nothing here knows a model class: :mod:`vq4dit.families` maps a batch to
 a model call.
@@ -39,6 +40,7 @@ class ClassLabels:
     name = "class labels"
     item_keys = ("x", "t", "y")
     shared_keys: tuple[str, ...] = ()
+    batch_keys = item_keys
 
     def batch(self, items: Mapping[str, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(x [B, C, H, W], t [B], y [B])`` of the items ``index [B]``."""
@@ -57,17 +59,26 @@ class ClassLabels:
 
 
 class TextPrompts:
-    """Prompt embeddings per item (``prompt_embeds [M, T, C]``, ``prompt_attention_mask [M, T]``);
-    the unconditional branch is the negative prompt the data source holds once
-    (``negative_prompt_embeds [1, T, C]``, ``negative_prompt_attention_mask [1, T]``)."""
+    """A prompt index per item (``prompt_index [M]`` long) into a table held once: ``prompt_embeds
+    [N, T, C]``, ``prompt_attention_mask [N, T]``; the unconditional branch is the negative prompt,
+    held once too (``negative_prompt_embeds [1, T, C]``, ``negative_prompt_attention_mask [1, T]``).
+    Items never copy embeddings: M items cost ``8 M`` bytes of conditioning, not ``4 M T C``."""
 
     name = "text prompts"
-    item_keys = ("x", "t", "prompt_embeds", "prompt_attention_mask")
-    shared_keys = ("negative_prompt_embeds", "negative_prompt_attention_mask")
+    item_keys = ("x", "t", "prompt_index")
+    shared_keys = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+    batch_keys = ("x", "t", *shared_keys)
 
     def batch(self, items: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The item rows ``index [B]`` plus the shared negative prompt."""
-        return {**{key: items[key][index] for key in self.item_keys}, **{key: items[key] for key in self.shared_keys}}
+        """``{x [B, C, H, W], t [B], prompt_embeds [B, T, C'], prompt_attention_mask [B, T]}`` of the
+        items ``index [B]`` (their prompts gathered from the table) plus the shared negative prompt."""
+        prompts = items["prompt_index"][index]
+        return {
+            "x": items["x"][index], "t": items["t"][index],
+            "prompt_embeds": items["prompt_embeds"][prompts], "prompt_attention_mask": items["prompt_attention_mask"][prompts],
+            "negative_prompt_embeds": items["negative_prompt_embeds"],
+            "negative_prompt_attention_mask": items["negative_prompt_attention_mask"],
+        }
 
     def with_unconditional(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """B items -> 2B: the items again with the negative prompt's embeddings and mask."""
@@ -96,6 +107,9 @@ def conditioning_of(source: Batch) -> Conditioning:
         return CONDITIONINGS[0]
     for conditioning in CONDITIONINGS:
         if all(key in source for key in (*conditioning.item_keys, *conditioning.shared_keys)):
+            return conditioning
+    for conditioning in CONDITIONINGS:
+        if all(key in source for key in conditioning.batch_keys):
             return conditioning
     wanted = "; ".join(f"{c.name}: {', '.join(c.item_keys + c.shared_keys)}" for c in CONDITIONINGS)
     raise ValueError(f"calibration items with keys {sorted(source)} fit no conditioning; expected ({wanted})")

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..evaluation import evaluation_plan
+from ..prompts import check_prompts_fit, file_digest, load_prompt_embeds
 from ..sampling import SamplerConfig
 from ..trajectories import EvaluationBatches, ShuffledBatches, TrajectoryPlan, cached_items
 from .validation import check_writable_dir
@@ -46,10 +47,15 @@ class CalibrationDataModule(pl.LightningDataModule):
     Args:
         num_trajectories: training trajectories (in all ranks together; divisible by world size,
             except with the module's ``spread_blocks``, where every rank uses all of them).
-        classes_per_trajectory: samples (random classes) per trajectory; the official code uses 4.
-        batch_size: items per optimisation step; each item is also fed with the null label when
-            ``guidance_scale > 1``, so the model batch is twice this (official: 4 + 4).
-        num_classes: labels are drawn from ``0 .. num_classes-1``; default: the model's table size.
+        classes_per_trajectory: samples (random classes, or prompts) per trajectory; the official code uses 4.
+        batch_size: items per optimisation step; each item is also fed with the null label (the
+            negative prompt) when ``guidance_scale > 1``, so the model batch is twice this (official: 4 + 4).
+        num_classes: labels are drawn from ``0 .. num_classes-1``; default: the model's table size
+            (ignored for text-conditioned models).
+        prompt_embeds: the calibration prompts of a text-conditioned model (PixArt): a safetensors
+            file with ``prompt_embeds [N, T, C]``, ``prompt_attention_mask [N, T]``,
+            ``negative_prompt_embeds [1, T, C]``, ``negative_prompt_attention_mask [1, T]``
+            (``python -m vq4dit.prompts encode`` writes one); the N prompts are cycled over the trajectories.
         sampler: ``ddpm`` (original DiT, learned variance) or ``ddim``.
         num_steps: sampling steps of the schedule used at inference (default 50).
         guidance_scale: classifier-free guidance of the teacher's sampling (official code: 4.0).
@@ -74,6 +80,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         classes_per_trajectory: int = 4,
         batch_size: int = 4,
         num_classes: int | None = None,
+        prompt_embeds: str | None = None,
         sampler: Literal["ddpm", "ddim"] = "ddpm",
         num_steps: int = 50,
         guidance_scale: float = 4.0,
@@ -100,6 +107,9 @@ class CalibrationDataModule(pl.LightningDataModule):
             raise ValueError(f"eval_samples and eval_batch_size must be >= 1, got {eval_samples}, {eval_batch_size}")
         if cache_dir is not None:
             check_writable_dir(cache_dir, "cache_dir")
+        # checked now, before any work; against the model in setup, before the trajectories
+        self.prompts = load_prompt_embeds(prompt_embeds) if prompt_embeds else None
+        self.prompts_digest = file_digest(prompt_embeds) if prompt_embeds else None
         self.save_hyperparameters()
         self.sampler_config = SamplerConfig(
             sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, guided_channels=guided_channels
@@ -131,11 +141,18 @@ class CalibrationDataModule(pl.LightningDataModule):
 
     def trajectory_plan(self, teacher) -> TrajectoryPlan:
         hp = self.hparams
+        if self.prompts is not None:  # N prompts, cycled
+            count = self.prompts["prompt_embeds"].shape[0]
+            return TrajectoryPlan(hp.seed, hp.classes_per_trajectory, count, self.sampler_config, self.prompts_digest)
         return TrajectoryPlan(hp.seed, hp.classes_per_trajectory, self.num_classes_of(teacher), self.sampler_config)
 
     def setup(self, stage: str) -> None:
         module = self.trainer.lightning_module
-        self._num_classes = self.num_classes_of(module.teacher)
+        check_prompts_fit(module.teacher, self.prompts, self.hparams.prompt_embeds)
+        if self.prompts is not None and stage in ("test", "predict"):
+            raise ValueError(f"train.py {stage} does not sample text-conditioned models yet (issue 21); "
+                             "load the packed model with vq4dit.load_quantized and use its pipeline")
+        self._num_classes = None if self.prompts is not None else self.num_classes_of(module.teacher)
         if stage not in ("fit", "validate"):
             return  # test / predict sample from the evaluation plan, no trajectories needed
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if module.shards_data else (0, 1)
@@ -151,10 +168,12 @@ class CalibrationDataModule(pl.LightningDataModule):
         plan, progress = self.trajectory_plan(teacher), self.trainer.global_rank == 0
         if stage == "fit" and self.train_items is None:
             indices = list(range(rank, total, world))
-            self.train_items = cached_items(teacher, indices, plan, self.hparams.cache_dir, progress=progress)
+            self.train_items = cached_items(teacher, indices, plan, self.hparams.cache_dir, progress=progress,
+                                            prompts=self.prompts)
         if self.val_items is None and self.hparams.val_trajectories:
             indices = list(range(total, total + self.hparams.val_trajectories))
-            self.val_items = cached_items(teacher, indices, plan, self.hparams.cache_dir, progress=progress)
+            self.val_items = cached_items(teacher, indices, plan, self.hparams.cache_dir, progress=progress,
+                                          prompts=self.prompts)
 
     # ------------------------------------------------------------------------------ dataloaders
     def _loader(self, items, shuffle: bool) -> DataLoader:

@@ -1,0 +1,143 @@
+"""A prompt text file -> a ``--data.prompt_embeds`` safetensors file, with a pipeline's tokenizer and
+text encoder (the optional extra ``pip install 'vq4dit[text]'``: ``transformers``)::
+
+    python -m vq4dit.prompts encode --pipeline FOLDER_OR_HUB_ID --prompts prompts.txt --out embeds.safetensors
+
+As PixArt's pipelines encode a prompt: the tokenizer pads and truncates to ``--max-length`` tokens
+(PixArt-Σ: 300, PixArt-α: 120), the encoder's last hidden state is the embedding, the attention
+mask comes along; the negative prompt (default empty) is encoded the same way. The captions are
+taken as written (the pipelines' optional caption cleaning is not applied). The output file
+carries a key (sha256 of the prompts, the negative prompt, the settings and the encoder: its
+files' names, sizes and modification times for a folder, the id for a hub id): a second run
+with the same key finds the file and does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..atomic import atomic_path
+from . import KEYS
+
+KEY_FIELD = "vq4dit_prompts_key"
+MISSING_TRANSFORMERS = ("python -m vq4dit.prompts encode needs the transformers package (the text encoder): "
+                        "pip install 'vq4dit[text]'")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a text file: one a line, blank lines skipped.
+
+    Raises:
+        ValueError: the file is missing, unreadable or holds no prompt.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the prompts {path}: {error}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"the prompts file {path} holds no prompt (one prompt a line)")
+    return prompts
+
+
+def encoder_identity(pipeline: str) -> str:
+    """What the cache key knows of an encoder: a local pipeline's ``tokenizer/`` and ``text_encoder/``
+    files (relative name, size, mtime), or the hub id itself."""
+    folder = Path(pipeline).expanduser()
+    if not folder.is_dir():
+        return f"hub:{pipeline}"
+    files = sorted(p for sub in ("tokenizer", "text_encoder") for p in (folder / sub).rglob("*") if p.is_file())
+    return json.dumps([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def prompts_key(prompts: list[str], negative: str, max_length: int, dtype: str, pipeline: str) -> str:
+    """The sha256 (hex) that names one encoding: prompts, negative prompt, settings, encoder."""
+    record = {"prompts": prompts, "negative": negative, "max_length": max_length, "dtype": dtype,
+              "encoder": encoder_identity(pipeline)}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def stored_key(path: str | Path) -> str | None:
+    """The key an earlier run wrote into ``path`` (None: no file, not ours, unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get(KEY_FIELD)
+    except (OSError, SafetensorError, ValueError):
+        return None
+
+
+def load_text_encoder(pipeline: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(tokenizer, text_encoder)`` of a pipeline folder or hub id (subfolders ``tokenizer/`` and
+    ``text_encoder/``), the encoder in eval mode on ``device``.
+
+    Raises:
+        ValueError: ``transformers`` is not installed, or the pipeline has no loadable tokenizer/encoder.
+    """
+    try:
+        from transformers import AutoTokenizer, T5EncoderModel
+    except ImportError:
+        raise ValueError(MISSING_TRANSFORMERS) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
+        encoder = T5EncoderModel.from_pretrained(pipeline, subfolder="text_encoder", torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the tokenizer / text encoder of {pipeline}: {' '.join(str(error).split())}") from None
+    return tokenizer, encoder.to(device).eval()
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: Callable, encoder: torch.nn.Module, prompts: list[str], negative: str = "",
+                   max_length: int = 300, batch_size: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The four tensors of a prompt-embeddings file: ``prompt_embeds [N, T, C]`` float32 and
+    ``prompt_attention_mask [N, T]`` int64 of ``prompts`` (T = ``max_length``), and the negative
+    prompt's ``[1, T, C]`` / ``[1, T]``."""
+    from tqdm.auto import tqdm
+
+    device = next(encoder.parameters()).device
+
+    def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                           add_special_tokens=True, return_tensors="pt")
+        mask = tokens["attention_mask"].to(device)
+        embeds = encoder(tokens["input_ids"].to(device), attention_mask=mask)[0]
+        return embeds.float().cpu(), mask.long().cpu()
+
+    chunks = [encode(prompts[i:i + batch_size]) for i in
+              tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress, unit="batch")]
+    negative_embeds, negative_mask = encode([negative])
+    tensors = (torch.cat([e for e, _ in chunks]), torch.cat([m for _, m in chunks]), negative_embeds, negative_mask)
+    return dict(zip(KEYS, tensors))
+
+
+def encode_file(pipeline: str, prompts_path: str | Path, out: str | Path, negative: str = "", max_length: int = 300,
+                batch_size: int = 8, device: str = "cpu", dtype: str = "float32", loader=load_text_encoder,
+                progress: bool = True) -> bool:
+    """Write the embeddings of ``prompts_path`` to ``out`` (safetensors with the key in its metadata);
+    False when ``out`` already holds this key (nothing done). ``loader``: ``(pipeline, device, dtype)
+    -> (tokenizer, encoder)``, :func:`load_text_encoder` by default.
+
+    Raises:
+        ValueError: bad prompts file, ``max_length``/``batch_size`` < 1, an unknown dtype, no
+            ``transformers``, an unloadable pipeline, or an unwritable ``out`` (a ``WriteError``).
+    """
+    if max_length < 1 or batch_size < 1:
+        raise ValueError(f"--max-length and --batch-size must be >= 1, got {max_length} and {batch_size}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    prompts = read_prompts(prompts_path)
+    key = prompts_key(prompts, negative, max_length, dtype, pipeline)
+    if stored_key(out) == key:
+        return False
+    tokenizer, encoder = loader(pipeline, device, getattr(torch, dtype))
+    tensors = encode_prompts(tokenizer, encoder, prompts, negative, max_length, batch_size, progress)
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
+    with atomic_path(out, size=size) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={KEY_FIELD: key})
+    return True
