@@ -15,7 +15,7 @@ from vq4dit.engine.statistics import item_batches
 from vq4dit.families import (
     DIT, PIXART, UnsupportedModelError, block_modules, call_model, capture_blocks, conditioning_of, family_of,
 )
-from vq4dit.models import load_dit
+from vq4dit.models import DEFAULT_QUANTIZED_SUFFIXES, default_linear_filter, load_dit
 from vq4dit.quantize import finalize_model_, quantize_, vq_layers
 from vq4dit.sampling import NULL_CLASS
 from vq4dit.trajectories import ShuffledBatches
@@ -248,3 +248,38 @@ def test_the_layer_options_reach_the_student_and_a_wrong_one_is_one_error_line(t
     assert code == 2 and "Traceback" not in err and "teacher trajectories" not in err
     (line,) = error_lines(err)
     assert "DiT models have no layer option 'quantize_adaln'" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT: the default quantized set and the blocks (vq4dit.models' names)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_linear_filter_selects_seven_core_linears_per_block():
+    model = load_dit("tiny")
+    selected = {name for name, m in model.named_modules() if default_linear_filter(m, name)}
+    expected = {f"transformer_blocks.{i}.{s}" for i in range(2) for s in DEFAULT_QUANTIZED_SUFFIXES}
+    assert selected == expected and len(selected) == 7 * 2
+    assert not any("norm1.emb" in name for name in selected)
+    assert not default_linear_filter(nn.Identity(), "transformer_blocks.0.attn1.to_q")
+    assert not default_linear_filter(nn.Linear(2, 2), "model.transformer_blocks.0.attn1.to_q")
+    assert not default_linear_filter(nn.Linear(2, 2), "proj_out_1")
+
+
+def test_block_modules_in_order():
+    model = load_dit("tiny")
+    blocks = block_modules(model)
+    assert len(blocks) == 2
+    assert all(a is b for a, b in zip(blocks, model.transformer_blocks))
+    with pytest.raises(TypeError):
+        block_modules(nn.Linear(2, 2))
+
+
+def test_reference_source_loads_the_shipped_digits_dit():
+    model = load_dit("reference")
+    assert not model.training
+    assert model.config.in_channels == 1 and model.config.out_channels == 2
+    assert model.config.sample_size == 16 and model.config.num_embeds_ada_norm == 1000
+    x = torch.randn(2, 1, 16, 16)
+    out = model(x, timestep=torch.tensor([10, 900]), class_labels=torch.tensor([3, 1000])).sample
+    assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()

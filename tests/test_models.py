@@ -11,11 +11,9 @@ import warnings
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-from torch import nn
 
 from tests.dit_reference import dit_forward, random_original_state_dict
 from vq4dit.models import (
-    DEFAULT_QUANTIZED_SUFFIXES,
     PRESETS,
     TIMESTEP_FREQ_SHIFT_KEY,
     DiTLoadError,
@@ -23,7 +21,6 @@ from vq4dit.models import (
     apply_timestep_freq_shift,
     block_modules,
     check_finite,
-    default_linear_filter,
     load_dit,
     preset_config,
 )
@@ -307,41 +304,6 @@ def test_unreadable_checkpoint_files(tmp_path):
     other.write_bytes(b"\0")
     with pytest.raises(DiTLoadError, match="unsupported type"):
         load_dit(other)
-
-
-# ---------------------------------------------------------------------------------------------
-# Quantization filter and blocks
-# ---------------------------------------------------------------------------------------------
-
-
-def test_default_linear_filter_selects_seven_core_linears_per_block():
-    model = load_dit("tiny")
-    selected = {name for name, m in model.named_modules() if default_linear_filter(m, name)}
-    expected = {f"transformer_blocks.{i}.{s}" for i in range(2) for s in DEFAULT_QUANTIZED_SUFFIXES}
-    assert selected == expected and len(selected) == 7 * 2
-    assert not any("norm1.emb" in name for name in selected)
-    assert not default_linear_filter(nn.Identity(), "transformer_blocks.0.attn1.to_q")
-    assert not default_linear_filter(nn.Linear(2, 2), "model.transformer_blocks.0.attn1.to_q")
-    assert not default_linear_filter(nn.Linear(2, 2), "proj_out_1")
-
-
-def test_block_modules_in_order():
-    model = load_dit("tiny")
-    blocks = block_modules(model)
-    assert len(blocks) == 2
-    assert all(a is b for a, b in zip(blocks, model.transformer_blocks))
-    with pytest.raises(TypeError):
-        block_modules(nn.Linear(2, 2))
-
-
-def test_reference_source_loads_the_shipped_digits_dit():
-    model = load_dit("reference")
-    assert not model.training
-    assert model.config.in_channels == 1 and model.config.out_channels == 2
-    assert model.config.sample_size == 16 and model.config.num_embeds_ada_norm == 1000
-    x = torch.randn(2, 1, 16, 16)
-    out = model(x, timestep=torch.tensor([10, 900]), class_labels=torch.tensor([3, 1000])).sample
-    assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()
 
 
 # ---------------------------------------------------------------------------------------------
