@@ -1,4 +1,5 @@
 """The DiT-XL/2 configs: base + overlay give exactly the settings of the former one-file configs.
+The PixArt-Σ configs (1024 base + 512 overlay): PixArtSigmaPipeline's sampling defaults, one GPU, bf16.
 
 ``tests/data/legacy_configs`` holds the four former files verbatim (flat ``model:`` names, which the CLI
 translates to the nested settings, as it does for any former config). Both sides are parsed by the real
@@ -18,6 +19,8 @@ from train import effective_config
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY = ROOT / "tests" / "data" / "legacy_configs"
 BASE = ROOT / "configs" / "dit_xl2.yaml"
+PIXART = {1024: [ROOT / "configs" / "pixart_sigma_1024.yaml"],
+          512: [ROOT / "configs" / "pixart_sigma_1024.yaml", ROOT / "configs" / "pixart_sigma_512.yaml"]}
 NEW_FILES = {  # legacy file -> the --config files that replace it
     "dit_xl2_256_w2": [BASE],
     "dit_xl2_256_w3": [BASE, ROOT / "configs" / "dit_xl2" / "256_w3.yaml"],
@@ -60,10 +63,11 @@ def test_overlays_equal_the_former_configs(name, configs):
     assert not differing, f"{name}: key: (former, new) {differing}"
 
 
-def test_base_writes_no_code_default():
+@pytest.mark.parametrize("base", [BASE, PIXART[1024][0]], ids=["dit_xl2", "pixart_sigma"])
+def test_base_writes_no_code_default(base):
     """Every value the base writes differs from the default it would get without it."""
     defaults = flatten(effective_config())
-    with open(BASE) as file:
+    with open(base) as file:
         written = yaml.safe_load(file)
     restated = [key for key, value in flatten(written).items()
                 if "callbacks" not in key and "logger" not in key and defaults.get(key) == value]
@@ -73,3 +77,19 @@ def test_base_writes_no_code_default():
         restated += [f"{name}.{key}" for key, value in callback.get("init_args", {}).items()
                      if parameters[key].default == value]
     assert not restated
+
+
+def test_pixart_configs_are_the_pipeline_defaults_on_one_gpu_in_bf16():
+    """Both PixArt-Σ runs parse with the real CLI parser (nothing loaded): the pipeline's 20 steps and
+    guidance 4.5, the prompts file of the encode command, a bf16 teacher, and outputs of their own."""
+    parsed = {size: flatten(effective_config(*files)) for size, files in PIXART.items()}
+    for size, config in parsed.items():
+        assert config["model.model"] == f"PixArt-alpha/PixArt-Sigma-XL-2-{size}-MS"
+        assert (config["trainer.devices"], config["trainer.precision"]) == (1, "bf16-mixed")
+        assert config["model.calibration.teacher_dtype"] == "bfloat16"
+        assert (config["data.sampler"], config["data.num_steps"], config["data.guidance_scale"]) == ("ddim", 20, 4.5)
+        assert config["data.prompt_embeds"] == "outputs/pixart_sigma_prompts.safetensors"
+        assert config["data.guided_channels"] is None  # PixArt guides every latent channel
+        assert not any("SampleImages" in str(value) for value in config.values())
+    for key in ("model.export.dir", "trainer.default_root_dir", "trainer.logger.init_args.save_dir"):
+        assert parsed[512][key] != parsed[1024][key] and "512" in parsed[512][key], key
