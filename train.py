@@ -166,15 +166,30 @@ def translate_legacy(args: list[str]) -> list[str]:
     return translated
 
 
+PROMPT_SOURCES = ("--data.prompt_embeds", "--data.prompts")
+
+
+def prompts_from_command_line(args: list[str]) -> list[str]:
+    """``args`` where a prompt source given as a flag replaces the other one a ``--config`` names:
+    ``--data.prompt_embeds F`` appends ``--data.prompts=null`` and ``--data.prompts F`` appends
+    ``--data.prompt_embeds=null`` (both as flags: the data module refuses both)."""
+    given = [source for source in PROMPT_SOURCES if any(a == source or a.startswith(source + "=") for a in args)]
+    if len(given) != 1:
+        return args
+    other = next(source for source in PROMPT_SOURCES if source not in given)
+    return [*args, f"{other}=null"]
+
+
 def cli_main(args: ArgsType = None, run: bool = True) -> VQ4DiTCLI:
     """Parse ``args`` (default: ``sys.argv``) and run the subcommand; ``run=False``: build model,
     datamodule and trainer only (``args`` then has no subcommand), for scripts that add callbacks.
-    The former flat ``--model.*`` names are translated (:func:`translate_legacy`)."""
-    if args is None:  # sys.argv: passed on only when a former flag was renamed
-        translated = translate_legacy(sys.argv[1:])
+    The former flat ``--model.*`` names are translated (:func:`translate_legacy`); a prompt source
+    given as a flag replaces the config's (:func:`prompts_from_command_line`)."""
+    if args is None:  # sys.argv: passed on only when a former flag was renamed or a prompt source given
+        translated = prompts_from_command_line(translate_legacy(sys.argv[1:]))
         args = None if translated == sys.argv[1:] else translated
     elif isinstance(args, (list, tuple)):
-        args = translate_legacy(list(args))
+        args = prompts_from_command_line(translate_legacy(list(args)))
     return VQ4DiTCLI(
         CalibrationModule,
         CalibrationDataModule,
@@ -245,6 +260,15 @@ def _stop_before_the_fit(signum: int, frame) -> None:
     raise stop
 
 
+def close_progress_bars() -> None:
+    """Close every open tqdm bar (each ends its line), so an ``error:`` line printed after a fault
+    in the middle of a bar (encoding, trajectories, statistics, k-means) starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main() -> None:
     previous = signal.signal(signal.SIGTERM, _stop_before_the_fit)
     try:
@@ -253,18 +277,21 @@ def main() -> None:
         saved = getattr(stop, "checkpoint", None)
         where = f"resumable checkpoint {saved}; resume with the same command plus --ckpt_path last" if saved \
             else "nothing calibrated yet, nothing written; run the same command again"
-        phase = f" while {stop.phase}" if getattr(stop, "phase", None) else ""  # (a progress bar may be cut mid-line)
-        print(f"\nerror: stopped by SIGTERM at step {getattr(stop, 'step', 0)}{phase}: {where}", file=sys.stderr)
+        phase = f" while {stop.phase}" if getattr(stop, "phase", None) else ""
+        close_progress_bars()
+        print(f"error: stopped by SIGTERM at step {getattr(stop, 'step', 0)}{phase}: {where}", file=sys.stderr)
         sys.exit(143)
     except (ValueError, MisconfigurationException) as error:  # user mistakes, with a message naming the problem
         if os.environ.get("VQ4DIT_DEBUG"):
             raise
+        close_progress_bars()
         print(f"error: {one_line(str(error))}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:  # an environment fault outside the atomic writers (they raise WriteError)
         if os.environ.get("VQ4DIT_DEBUG"):
             raise
         where = f": {error.filename}" if error.filename else ""
+        close_progress_bars()
         print(f"error: {error.strerror or error}{where}", file=sys.stderr)
         sys.exit(1)
     finally:

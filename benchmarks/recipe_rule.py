@@ -10,6 +10,7 @@ seed-to-seed noise and the default recipe's calibration-seed noise as rows of th
     python -m benchmarks.recipe_rule --models digits --settings regime-w2 --recipes paper default
     python -m benchmarks.recipe_rule --models rgb --seeds 0 1 2 --json outputs/recipe_rule_rgb.json
     python -m benchmarks.recipe_rule --models rgb --recipes paper default --seeds 0 --grid docs/suite_samples_
+    python -m benchmarks.recipe_rule --models pixart --settings regime-w2 w3 --recipes paper default --seeds 0 1 2
 
 Rows (``--recipes``): ``paper`` (``--model.recipe paper``), ``default`` (the default recipe),
 ``no-rowscale`` / ``no-aware`` / ``no-feedback`` / ``no-confident`` (the default with that one lever off),
@@ -32,6 +33,7 @@ import torch
 
 from benchmarks.common import Timer, bits_per_weight, fit, fit_args, machine_line, markdown_table
 from vq4dit.evaluation import build_metrics, evaluation_plan, generate_images
+from vq4dit.prompts import load_prompt_embeds, prompt_classes
 from vq4dit.sampling import SamplerConfig
 
 SETTINGS = {  # k and d explicitly: the RGB config names its own
@@ -61,6 +63,8 @@ class SuiteModel:
     num_classes: int
     samples: int
     steps: int
+    guidance_scale: float = 1.5
+    prompt_file: str | None = None  # a text model: sample i uses prompt i mod N, scored as the class it names
 
 
 def _digits() -> SuiteModel:
@@ -79,7 +83,16 @@ def _rgb() -> SuiteModel:
                       lambda: load_real_images("rgb_patches"), 8, 256, 10)  # the set `train.py test` scores against
 
 
-MODELS = {"digits": _digits, "rgb": _rgb}
+def _pixart() -> SuiteModel:
+    from vq4dit.evaluation import load_real_images
+    from vq4dit.pixart_reference import CALIBRATION_PROMPTS, load_pixart_reference_model
+    from vq4dit.reference import load_reference_classifier
+
+    return SuiteModel("configs/pixart_reference.yaml", load_pixart_reference_model, load_reference_classifier,
+                      lambda: load_real_images("digits"), 40, 400, 25, 4.0, str(CALIBRATION_PROMPTS))
+
+
+MODELS = {"digits": _digits, "rgb": _rgb, "pixart": _pixart}
 
 
 def calibrate(spec: SuiteModel, setting: str, recipe: str, seed: int, max_steps: int) -> tuple[torch.nn.Module, dict]:
@@ -111,32 +124,39 @@ def run(models: list[str], settings: list[str], recipes: list[str], seeds: list[
     for name in models:
         spec = MODELS[name]()
         labels, noise = evaluation_plan(spec.samples, spec.num_classes, 0)
-        sampler = SamplerConfig(sampler="ddpm", num_steps=spec.steps, guidance_scale=1.5, clip_denoised=True)
+        sampler = SamplerConfig(sampler="ddpm", num_steps=spec.steps, guidance_scale=spec.guidance_scale,
+                                clip_denoised=True)
         classifier, real = spec.load_classifier(), spec.real_images()
+        prompts = load_prompt_embeds(spec.prompt_file) if spec.prompt_file else None
+        classes = prompt_classes(spec.prompt_file) if spec.prompt_file else None
 
-        def score(images: torch.Tensor, fp: torch.Tensor | None) -> dict[str, float]:
+        def score(images: torch.Tensor, fp: torch.Tensor | None, plan: torch.Tensor = labels) -> dict[str, float]:
             metrics = build_metrics("classifier", classifier, real, spec.samples)
+            truth = plan if classes is None else classes[plan]
             for start in range(0, spec.samples, 250):
-                metrics.update(images[start:start + 250], labels[start:start + 250],
+                metrics.update(images[start:start + 250], truth[start:start + 250],
                                None if fp is None else fp[start:start + 250])
             return {k: float(v) for k, v in metrics.compute().items()}
 
-        fp_images = generate_images(spec.load_model(), labels, noise, sampler, batch_size=250)
+        def images_of(model: torch.nn.Module, plan: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+            return generate_images(model, plan, seeds, sampler, batch_size=250, prompts=prompts)
+
+        fp_images = images_of(spec.load_model(), labels, noise)
         if grids is not None:
             grids[name] = [("fp", fp_images[:16])]
         results.append({"model": name, "setting": "fp", "recipe": "fp", "seed": 0, "bits_per_weight": 32.0,
                         **score(fp_images, None)})
         for other in seeds[1:] or [1]:  # the FP noise bar: another evaluation seed, scored like a run
             other_labels, other_noise = evaluation_plan(spec.samples, spec.num_classes, other)
-            images = generate_images(spec.load_model(), other_labels, other_noise, sampler, batch_size=250)
+            images = images_of(spec.load_model(), other_labels, other_noise)
             results.append({"model": name, "setting": "fp", "recipe": f"fp@{other}", "seed": other,
-                            "bits_per_weight": 32.0, **score(images, fp_images)})
+                            "bits_per_weight": 32.0, **score(images, fp_images, other_labels)})
         for setting in settings:
             for recipe in recipes:
                 for seed in (seeds if recipe == "default" or every_seed else seeds[:1]):
                     print(f"[recipe_rule] {name} {setting} {recipe} seed {seed}", file=sys.stderr, flush=True)
                     student, info = calibrate(spec, setting, recipe, seed, max_steps)
-                    images = generate_images(student, labels, noise, sampler, batch_size=250)
+                    images = images_of(student, labels, noise)
                     if grids is not None and seed == seeds[0]:
                         grids[name].append((f"{setting} {recipe}", images[:16]))
                     results.append({"model": name, "setting": setting, "recipe": recipe, "seed": seed,

@@ -38,7 +38,8 @@ def npz_from_folder(folder: Path, count: int) -> Path:
 
 class SampleWriter(BasePredictionWriter):
     """Write every predicted sample as ``{output_dir}/{index:06d}.png`` and, at the end, all of them
-    as ``{output_dir}.npz`` (``arr_0``: ``[N, H, W, 3]`` uint8) plus ``labels.txt`` (one class per line).
+    as ``{output_dir}.npz`` (``arr_0``: ``[N, H, W, 3]`` uint8) plus ``labels.txt`` (one class per line; a
+    text model's prompt index).
 
     Under DDP every rank writes its own PNGs; rank 0 assembles the npz after a barrier.
 

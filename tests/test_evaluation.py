@@ -156,3 +156,18 @@ def test_bad_evaluation_input_fails_with_one_clear_line(tmp_path, override, mess
     assert code == 2, stderr[-2000:]
     (line,) = error_lines(stderr)
     assert message in line and "Traceback" not in stderr
+
+
+def test_a_pipelines_vae_loads_from_vae_and_decodes_with_its_own_scaling_factor(tmp_path):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=4,
+        sample_size=8, scaling_factor=0.13025,  # PixArt-Σ's (SDXL) VAE
+    ).save_pretrained(tmp_path / "pipe" / "vae")
+    vae = load_vae(str(tmp_path / "pipe"))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = ((vae.decode(latents / 0.13025).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(decode(latents, vae), expected)
+    assert not torch.allclose(decode(latents, vae), ((vae.decode(latents / 0.18215).sample + 1) / 2).clamp(0, 1))

@@ -6,7 +6,10 @@ import argparse
 import copy
 import json
 import math
+import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,18 +188,64 @@ def test_legacy_transformer2d_snapshot_loads(tmp_path, inputs):
 
 
 def test_hub_id_tries_pipeline_then_transformer(monkeypatch):
-    calls = []
+    import huggingface_hub
+
+    calls, configs = [], []
+
+    def fake_config(repo_id, filename, subfolder=None, **kwargs):
+        configs.append(subfolder)
+        if subfolder == "transformer":
+            raise huggingface_hub.errors.EntryNotFoundError("no transformer/ subfolder")
+        path = Path(tempfile.mkdtemp()) / "config.json"
+        path.write_text(json.dumps({"_class_name": "DiTTransformer2DModel", "norm_type": "ada_norm_zero"}))
+        return str(path)
 
     def fake_from_pretrained(repo_id, subfolder=None, **kwargs):
         calls.append((repo_id, subfolder))
-        if subfolder == "transformer":
-            raise OSError("no transformer/ subfolder")
         return DiTTransformer2DModel(**PRESETS["tiny"]).train()
 
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_config)
     monkeypatch.setattr(DiTTransformer2DModel, "from_pretrained", fake_from_pretrained)
     model = load_dit("some-org/some-dit")
-    assert calls == [("some-org/some-dit", "transformer"), ("some-org/some-dit", None)]
+    assert configs == ["transformer", None] and calls == [("some-org/some-dit", None)]
     assert not model.training
+
+
+def _hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    """A Hugging Face hub cache holding ``folder``'s files as the snapshot of ``repo_id`` (main)."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_pixart_hub_id_loads_from_the_hub_cache_offline(tmp_path):
+    """The real hub path, offline: a PixArt pipeline and a bare DiT in a Hugging Face cache
+    (HF_HUB_OFFLINE=1, a fresh process: huggingface_hub reads both at import)."""
+    import subprocess
+    import sys
+
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    PixArtTransformer2DModel(num_layers=1, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+                             sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=12,
+                             ).save_pretrained(tmp_path / "pipe" / "transformer")
+    DiTTransformer2DModel(**PRESETS["tiny"]).save_pretrained(tmp_path / "dit")
+    _hub_cache(tmp_path / "hub", "org/tiny-pixart", tmp_path / "pipe")
+    _hub_cache(tmp_path / "hub", "org/tiny-dit", tmp_path / "dit")
+    script = ("from vq4dit.models import load_dit\n"
+              "for source in ('org/tiny-pixart', 'org/tiny-dit'):\n"
+              "    print(type(load_dit(source)).__name__)\n"
+              "try:\n    load_dit('org/absent')\nexcept ValueError as error:\n    print('error:', error)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["PixArtTransformer2DModel", "DiTTransformer2DModel"], result.stderr[-2000:]
+    assert lines[2].startswith("error:") and "org/absent" in lines[2] and "hub id" in lines[2]
 
 
 @pytest.mark.parametrize(

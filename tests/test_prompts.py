@@ -171,3 +171,43 @@ def test_the_encode_command_says_each_mistake_in_one_error_line(tmp_path, capsys
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_prompt_classes_come_from_the_files_metadata_and_are_checked(tmp_path):
+    from safetensors.torch import load_file
+
+    from vq4dit.prompts import CLASSES_FIELD, prompt_classes
+    from vq4dit.prompts.encode import encode_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo\nthree\n", encoding="utf-8")
+    loader = lambda pipeline, device, dtype: (WordTokenizer(), TinyEncoder())  # noqa: E731
+    out = tmp_path / "e.safetensors"
+    encode_file("pipe", prompts, out, max_length=4, loader=loader, progress=False)
+    assert prompt_classes(out) is None  # no classes given: none stored
+    assert encode_file("pipe", prompts, out, max_length=4, loader=loader, progress=False, classes=[1, 2, 3])
+    assert prompt_classes(out).tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="3 classes for 2 prompts"):
+        prompts.write_text("one\ntwo\n", encoding="utf-8")
+        encode_file("pipe", prompts, out, max_length=4, loader=loader, progress=False, classes=[1, 2, 3])
+    tensors = load_file(str(out))
+    for bad in ("[1, 2]", "[1, -2, 3]", "[1.5, 2, 3]", "not json"):
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={CLASSES_FIELD: bad})
+        with pytest.raises(ValueError, match="must list one class"):
+            prompt_classes(tmp_path / "bad.safetensors")
+
+
+def test_the_encode_command_encodes_for_the_shipped_reference_without_transformers(tmp_path, capsys):
+    from vq4dit.prompts.__main__ import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten seven\nthe number 3\n", encoding="utf-8")
+    out = tmp_path / "e.safetensors"
+    assert main(["encode", "--pipeline", "pixart_reference", "--prompts", str(prompts), "--out", str(out)]) == 0
+    loaded = load_prompt_embeds(out)
+    assert loaded["prompt_embeds"].shape == (2, 8, 32) and loaded["prompt_attention_mask"].sum(1).tolist() == [4, 4]
+    check_prompts_fit(load_dit("pixart_reference"), loaded, str(out))  # the reference's own width
+    prompts.write_text("a purple seven\n", encoding="utf-8")
+    assert main(["encode", "--pipeline", "pixart_reference", "--prompts", str(prompts), "--out", str(out)]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "'purple'" in line and "vocabulary" in line

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import io
 import re
 import shlex
@@ -97,11 +98,13 @@ def test_every_flag_named_in_readme_and_docs_exists(capsys, monkeypatch):
 
 @pytest.mark.parametrize("command", BENCH, ids=[" ".join(c[2:]) for c in BENCH])
 def test_benchmark_commands_exist_with_their_flags(command):
-    """``python -m benchmarks.NAME FLAGS``: the module exists, its ``--help`` lists every flag."""
+    """``python -m benchmarks.NAME FLAGS`` (or ``vq4dit.NAME SUBCOMMAND FLAGS``): the module exists,
+    the ``--help`` of its (sub)command lists every flag."""
     module = command[2]
-    assert module.startswith("benchmarks.") and importlib.util.find_spec(module) is not None, module
-    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    assert module.startswith(("benchmarks.", "vq4dit.")) and importlib.util.find_spec(module) is not None, module
+    words = list(itertools.takewhile(lambda w: not w.startswith("-"), command[3:]))  # a subcommand
+    result = subprocess.run([sys.executable, "-m", module, *words, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in (w.split("=")[0] for w in command[3:] if w.startswith("--")):
         assert flag in result.stdout, f"{module} has no {flag}"

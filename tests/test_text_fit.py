@@ -122,3 +122,13 @@ def test_text_and_class_models_refuse_the_other_conditioning_in_one_error_line(t
     code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, model=["--model.model", str(pixart_folder[0]), *SMALL]))
     assert code == 2 and "Traceback" not in err
     assert "text-conditioned: give its calibration prompts with --data.prompt_embeds" in error_lines(err)[0]
+
+
+def test_a_prompt_source_given_as_a_flag_replaces_the_one_a_config_names():
+    from train import prompts_from_command_line
+
+    config = ["fit", "--config", "c.yaml"]
+    assert prompts_from_command_line([*config, "--data.prompt_embeds", "e.safetensors"])[-1] == "--data.prompts=null"
+    assert prompts_from_command_line([*config, "--data.prompts=p.txt"])[-1] == "--data.prompt_embeds=null"
+    both = [*config, "--data.prompts=p.txt", "--data.prompt_embeds=e.safetensors"]
+    assert prompts_from_command_line(both) == both and prompts_from_command_line(config) == config

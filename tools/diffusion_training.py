@@ -28,6 +28,8 @@ from vq4dit.reference import disable_label_dropout_
 from vq4dit.sampling import NULL_CLASS, Diffusion
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Build = Callable[["DiTTrainingConfig", int], nn.Module]
+Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
 # ---------------------------------------------------------------------------------------------
 # Training-only diffusion math (the schedule and posterior are vq4dit.sampling.Diffusion's)
@@ -149,13 +151,9 @@ class DiTTrainingConfig:
 
 
 @torch.no_grad()
-def init_dit_weights_(model: nn.Module, label_std: float = 0.02) -> nn.Module:
-    """DiT's initialisation (from the paper's description), in place.
-
-    Xavier-uniform Linears and patch projection with zero bias, N(0, 0.02) timestep MLPs,
-    N(0, label_std) label tables, and zero adaLN-Zero modulations and output layer, so every block
-    starts as the identity.
-    """
+def xavier_init_(model: nn.Module) -> nn.Module:
+    """Xavier-uniform weights and zero biases for every Linear and the patch projection
+    (``model.pos_embed.proj``), in place: the common start of DiT's and PixArt's initialisations."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
@@ -164,6 +162,41 @@ def init_dit_weights_(model: nn.Module, label_std: float = 0.02) -> nn.Module:
     projection = model.pos_embed.proj
     nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))
     nn.init.zeros_(projection.bias)
+    return model
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """``{mean, min, max, std}`` of ``values`` (sample std; 0 for one value)."""
+    mean = sum(values) / len(values)
+    return {"mean": mean, "min": min(values), "max": max(values),
+            "std": (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5}
+
+
+def record_noise_bars(out: Path, report: dict, keys: tuple[str, ...]) -> dict:
+    """Print ``report``'s ``keys`` (each a :func:`spread`) as a markdown table and store ``report``
+    as ``noise_bars`` in ``out/training.json``; returns ``report``."""
+    import json
+
+    print("| metric | mean | min | max |\n|---|---|---|---|")
+    for key in keys:
+        if report[key]:
+            print(f"| {key} | {report[key]['mean']:.4f} | {report[key]['min']:.4f} | {report[key]['max']:.4f} |")
+    info_path = Path(out) / "training.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info["noise_bars"] = report
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    return report
+
+
+@torch.no_grad()
+def init_dit_weights_(model: nn.Module, label_std: float = 0.02) -> nn.Module:
+    """DiT's initialisation (from the paper's description), in place.
+
+    Xavier-uniform Linears and patch projection with zero bias, N(0, 0.02) timestep MLPs,
+    N(0, label_std) label tables, and zero adaLN-Zero modulations and output layer, so every block
+    starts as the identity.
+    """
+    xavier_init_(model)
     for block in model.transformer_blocks:
         embedder = block.norm1.emb
         nn.init.normal_(embedder.class_embedder.embedding_table.weight, std=label_std)
@@ -236,6 +269,13 @@ def _no_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return images
 
 
+def dit_forward(model: nn.Module, xt: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+    """A class-conditional DiT's output ``[B, 2C, H, W]`` on ``xt [B, C, H, W]``, ``timesteps [B]``
+    and ``labels [B]`` (``NULL_CLASS`` where dropped)."""
+    return model(xt, timestep=timesteps, class_labels=labels).sample
+
+
 def train_dit(
     config: DiTTrainingConfig,
     images: torch.Tensor,
@@ -245,6 +285,8 @@ def train_dit(
     checkpoint_every: int = 100,
     progress: bool = True,
     stop_at: int | None = None,
+    build: Build = build_dit,
+    forward: Forward = dit_forward,
 ) -> tuple[nn.Module, dict]:
     """Train a reference DiT with the hybrid loss; returns ``(ema_model, stats)`` (EMA in eval mode).
 
@@ -267,7 +309,7 @@ def train_dit(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     diffusion = Diffusion(config.num_timesteps, config.num_timesteps)  # full chain: step index = timestep
-    model = build_dit(config, in_channels=images.shape[1]).train()
+    model = build(config, images.shape[1]).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -300,7 +342,7 @@ def train_dit(
         noise = torch.randn(x0.shape, generator=generator)
         xt = diffusion.q_sample(x0, t, noise)
 
-        output = model(xt, timestep=diffusion.timesteps[t], class_labels=y).sample
+        output = forward(model, xt, diffusion.timesteps[t], y, generator)
         mse, vb = hybrid_loss(diffusion, output, x0, xt, t, noise)
         loss = (mse + vb).mean()
         for group in optimizer.param_groups:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tools.diffusion_training import DiTTrainingConfig, train_dit
+from tools.diffusion_training import DiTTrainingConfig, record_noise_bars, spread, train_dit
 from tools.train_reference import ClassifierConfig, train_classifier
 from vq4dit.rgb_reference import REGIONS, RGB_ASSETS_DIR, rgb_patches_dataset, rgb_patches_split
 
@@ -165,11 +165,6 @@ def evaluate(
         metrics.update((samples[b] + 1) / 2, labels, fp_images=(samples[a] + 1) / 2)
         pairs[f"{a}-{b}"] = metrics.compute()["fid_to_fp"]
 
-    def spread(values: list[float]) -> dict:
-        mean = sum(values) / len(values)
-        return {"mean": mean, "min": min(values), "max": max(values),
-                "std": (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5}
-
     report = {
         "sampler": f"DDPM {num_steps} steps, learned variance, x0 clipped, cfg {guidance_scale:g}",
         "samples_per_seed": len(labels), "real_items": len(real), "features": "the RGB classifier's penultimate layer",
@@ -178,15 +173,7 @@ def evaluate(
         "class_accuracy": spread([v["class_accuracy"] for v in per_seed.values()]),
         "fp_vs_fp_fid": {"pairs": pairs, **spread(list(pairs.values()))} if pairs else None,
     }
-    print("| metric | mean | min | max |\n|---|---|---|---|")
-    for key in ("fid_to_real", "class_accuracy", "fp_vs_fp_fid"):
-        if report[key]:
-            print(f"| {key} | {report[key]['mean']:.4f} | {report[key]['min']:.4f} | {report[key]['max']:.4f} |")
-    info_path = out / "training.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    info["noise_bars"] = report
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
-    return report
+    return record_noise_bars(out, report, ("fid_to_real", "class_accuracy", "fp_vs_fp_fid"))
 
 
 def main(args: list[str] | None = None) -> None:

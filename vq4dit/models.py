@@ -213,18 +213,40 @@ def _disagreement(err: Exception) -> str:
     return f"config.json and the weights disagree: {lines[0]}{more}"
 
 
-def _load_hub(repo_id: str) -> DiTTransformer2DModel:
+def _hub_class(repo_id: str, subfolder: str | None) -> type[DiTTransformer2DModel] | type[PixArtTransformer2DModel]:
+    """The transformer class a hub repo's ``config.json`` (in ``subfolder``) names, fetched (or found
+    in the local Hugging Face cache) alone, before any weights."""
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(repo_id, "config.json", subfolder=subfolder)
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise DiTLoadError(f"cannot read the config.json of {repo_id!r} as JSON: {err}") from err
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name == _PIXART_CLASS_NAME:
+        return PixArtTransformer2DModel
+    if class_name not in _DIT_CLASS_NAMES or config.get("norm_type") != "ada_norm_zero":
+        raise DiTLoadError(f"{repo_id!r} holds a {class_name!r}; expected a DiTTransformer2DModel "
+                           f"(norm_type 'ada_norm_zero') or a {_PIXART_CLASS_NAME}")
+    return DiTTransformer2DModel
+
+
+def _load_hub(repo_id: str) -> DiTTransformer2DModel | PixArtTransformer2DModel:
+    from huggingface_hub.errors import EntryNotFoundError
+
     errors = []
-    for subfolder in ("transformer", None):  # DiTPipeline snapshot first, then bare transformer
+    for subfolder in ("transformer", None):  # pipeline snapshot first, then bare transformer
         try:
-            return DiTTransformer2DModel.from_pretrained(
-                repo_id, subfolder=subfolder, low_cpu_mem_usage=False
-            )
-        except (OSError, ValueError, RuntimeError) as err:
-            errors.append(f"{subfolder or '<root>'}: {type(err).__name__}: {err}")
+            model_class = _hub_class(repo_id, subfolder)
+            return model_class.from_pretrained(repo_id, subfolder=subfolder, low_cpu_mem_usage=False)
+        except (OSError, ValueError, RuntimeError, EntryNotFoundError) as err:
+            if isinstance(err, DiTLoadError):
+                raise
+            errors.append(f"{subfolder or '<root>'}: {type(err).__name__}: {' '.join(str(err).split())}")
     raise DiTLoadError(
         f"{repo_id!r} is not a local path, preset or checkpoint, and loading it as a Hugging "
-        f"Face hub id (DiTPipeline or transformer) failed: {' | '.join(errors)}"
+        f"Face hub id (a DiT or PixArt pipeline, or a transformer) failed: {' | '.join(errors)}"
     )
 
 
@@ -236,9 +258,11 @@ def _is_pathlike_string(source: str) -> bool:
 # The project's small trained digits DiT (pixel space, 16x16, 10 classes), shipped in the package.
 REFERENCE_NAME = "reference"
 REFERENCE_FOLDER = Path(__file__).resolve().parent / "assets" / "reference" / "transformer"
-# The shipped reference suite by name (issue 17): the digits DiT and the RGB-patches DiT (FP16 weights).
+# The shipped reference suite by name (issue 17): the digits DiT, the RGB-patches DiT and the
+# text-conditioned PixArt on digits (FP16 weights).
 SHIPPED_MODELS = {REFERENCE_NAME: REFERENCE_FOLDER,
-                  "rgb_reference": Path(__file__).resolve().parent / "assets" / "rgb_reference" / "transformer"}
+                  **{name: Path(__file__).resolve().parent / "assets" / name / "transformer"
+                     for name in ("rgb_reference", "pixart_reference")}}
 
 
 def load_dit(
@@ -255,7 +279,8 @@ def load_dit(
 
     Args:
         source: ``reference`` (the shipped digits DiT), ``rgb_reference`` (the shipped RGB-patches
-            DiT; stored in FP16, loaded in float32), a preset (``DiT-XL/2``, ``DiT-S/4-512``,
+            DiT; stored in FP16, loaded in float32), ``pixart_reference`` (the shipped text-conditioned
+            PixArt, FP16 -> float32), a preset (``DiT-XL/2``, ``DiT-S/4-512``,
             ``tiny``; random weights), a local
             diffusers folder (``DiTPipeline`` snapshot or transformer folder; a PixArt pipeline or
             ``PixArtTransformer2DModel`` folder loads as that class), a hub id, or an

@@ -18,8 +18,11 @@ from torch import nn
 from ..evaluation import (
     SHIPPED_REFERENCES, build_metrics, decode, load_real_images, load_shipped_classifier, load_vae, to_uint8_hwc,
 )
+from ..families import family_of
+from ..families.guidance import sample_conditioned
 from ..images import make_grid, save_png
-from ..sampling import SamplerConfig, sample
+from ..prompts import prompt_condition
+from ..sampling import SamplerConfig
 
 EvalModel = Literal["quantized", "fp"]
 MetricsFeatures = Literal["auto", "classifier", "inception"]
@@ -66,26 +69,45 @@ class SampleEvaluation:
         pixel_space = self.vae_source is None and teacher.config.in_channels in (1, 3)
         return replace(base, clip_denoised=pixel_space)
 
-    def images(self, model: nn.Module, batch: dict, sampler: SamplerConfig, device: torch.device) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] of ``batch`` (``labels [B]``, ``seeds [B]``)."""
+    def images(self, model: nn.Module, batch: dict, sampler: SamplerConfig, device: torch.device,
+               prompts: dict | None = None) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] of ``batch`` (``labels [B]``: classes, or for a text
+        model the rows of ``prompts``, :func:`vq4dit.prompts.load_prompt_embeds`; ``seeds [B]``)."""
         if self.vae_source is not None and self._vae is None:
             self._vae = load_vae(self.vae_source, device)
-        return decode(sample(model, batch["labels"], batch["seeds"].tolist(), sampler), self._vae)
+        labels = batch["labels"]
+        condition = labels if prompts is None else prompt_condition(prompts, labels.cpu())
+        return decode(sample_conditioned(family_of(model), model, condition, batch["seeds"].tolist(), sampler), self._vae)
+
+    @staticmethod
+    def classes(module, labels: torch.Tensor) -> torch.Tensor:
+        """The classes of a batch's ``labels [B]``: themselves, or the classes its prompts name
+        (their file's metadata; the prompt indices when it has none)."""
+        known = module.data_settings.prompt_classes
+        return labels if known is None else known.to(labels.device)[labels]
 
     def evaluated(self, teacher: nn.Module, student: nn.Module | None) -> nn.Module:
         return teacher if self.eval_model == "fp" else student
 
     # ------------------------------------------------------------------------------------ test
-    def start_test(self, device: torch.device, num_samples: int) -> None:
+    def start_test(self, device: torch.device, num_samples: int, prompts: dict | None = None,
+                   prompt_classes: torch.Tensor | None = None) -> None:
+        """Load the metrics; a text model scored by a classifier needs its prompts' classes."""
+        if prompts is not None and self.features == "classifier" and prompt_classes is None:
+            raise ValueError("class accuracy of a text model needs the class each prompt names (the embeddings "
+                             "file's vq4dit_prompt_classes metadata, as the shipped reference's files carry); "
+                             "use --model.evaluation.metrics_features inception")
         classifier = load_shipped_classifier(self.model_source) if self.features == "classifier" else None
         real = load_real_images(self.real_images) if self.real_images else None
         self.metrics = build_metrics(self.features, classifier, real, num_samples).to(device)
 
     def test_step(self, module, batch: dict, batch_idx: int, sampler: SamplerConfig) -> None:
         """Sample ``batch`` with the evaluated model (and the FP model under the same noise)."""
-        images = self.images(self.evaluated(module.teacher, module.student), batch, sampler, module.device)
-        fp_images = self.images(module.teacher, batch, sampler, module.device) if self.eval_model == "quantized" else None
-        self.metrics.update(images, batch["labels"], fp_images)
+        prompts = module.data_settings.prompts
+        images = self.images(self.evaluated(module.teacher, module.student), batch, sampler, module.device, prompts)
+        fp_images = (self.images(module.teacher, batch, sampler, module.device, prompts)
+                     if self.eval_model == "quantized" else None)
+        self.metrics.update(images, self.classes(module, batch["labels"]), fp_images)
         if batch_idx == 0:
             self._log_grid(module.trainer, module.logger, images, fp_images)
 
@@ -107,6 +129,8 @@ class SampleEvaluation:
 
     # --------------------------------------------------------------------------------- predict
     def predict_step(self, module, batch: dict, sampler: SamplerConfig) -> dict[str, torch.Tensor]:
-        """``{"index": [B], "labels": [B], "images": [B, H, W, 3] uint8}`` for the sample writer."""
-        images = self.images(self.evaluated(module.teacher, module.student), batch, sampler, module.device)
+        """``{"index": [B], "labels": [B], "images": [B, H, W, 3] uint8}`` for the sample writer
+        (``labels``: classes, or for a text model the prompt indices)."""
+        images = self.images(self.evaluated(module.teacher, module.student), batch, sampler, module.device,
+                             module.data_settings.prompts)
         return {"index": batch["index"].cpu(), "labels": batch["labels"].cpu(), "images": torch.from_numpy(to_uint8_hwc(images))}

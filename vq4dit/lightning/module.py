@@ -205,7 +205,8 @@ class CalibrationModule(pl.LightningModule):
         return self.evaluation.sampler(self.data_settings.eval_sampler, self.teacher)
 
     def on_test_start(self) -> None:
-        self.evaluation.start_test(self.device, self.data_settings.eval_samples)
+        data = self.data_settings
+        self.evaluation.start_test(self.device, data.eval_samples, data.prompts, data.prompt_classes)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.evaluation.test_step(self, batch, batch_idx, self._eval_sampler())
