@@ -15,9 +15,9 @@ from torch import nn
 
 from .images import to_images
 from .metrics import SampleMetrics, feature_networks
-from .sampling import SamplerConfig, sample
+from .sampling import SamplerConfig
 
-LATENT_SCALE = 0.18215  # DiT / Stable Diffusion VAE latent scaling
+LATENT_SCALE = 0.18215  # DiT / Stable Diffusion VAE latent scaling (a VAE without config.scaling_factor)
 
 
 def evaluation_plan(num_samples: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
@@ -29,25 +29,32 @@ def evaluation_plan(num_samples: int, num_classes: int, seed: int = 0) -> tuple[
 
 
 def load_vae(source: str, device: torch.device | str = "cpu") -> nn.Module:
-    """A diffusers ``AutoencoderKL`` from a folder or hub id (e.g. ``stabilityai/sd-vae-ft-ema``)."""
+    """A diffusers ``AutoencoderKL`` from a folder or hub id (e.g. ``stabilityai/sd-vae-ft-ema``), or
+    the ``vae/`` of a pipeline folder / hub id (a PixArt pipeline)."""
     from diffusers import AutoencoderKL
 
-    try:
-        return AutoencoderKL.from_pretrained(source).eval().requires_grad_(False).to(device)
-    except (OSError, ValueError, EnvironmentError) as error:
-        raise ValueError(f"cannot load the VAE {source!r} (a diffusers AutoencoderKL folder or hub id): {error}") from error
+    errors = []
+    for subfolder in (None, "vae"):
+        try:
+            return AutoencoderKL.from_pretrained(source, subfolder=subfolder).eval().requires_grad_(False).to(device)
+        except (OSError, ValueError, EnvironmentError) as error:
+            errors.append(" ".join(str(error).split()))
+    raise ValueError(f"cannot load the VAE {source!r} (a diffusers AutoencoderKL folder or hub id, or a pipeline "
+                     f"with vae/): {errors[0]}")
 
 
 @torch.no_grad()
 def decode(samples: torch.Tensor, vae: nn.Module | None = None) -> torch.Tensor:
     """Model-space samples ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in [0, 1].
 
-    Latent models need ``vae`` (decoded as ``vae.decode(z / 0.18215)``, as DiT does); pixel-space
-    models (1 or 3 channels) are mapped from [-1, 1].
+    Latent models need ``vae`` (decoded as ``vae.decode(z / s)`` with the VAE's own
+    ``config.scaling_factor`` ``s``: 0.18215 for DiT's, 0.13025 for PixArt-Σ's); pixel-space models
+    (1 or 3 channels) are mapped from [-1, 1].
     """
     if vae is not None:
         param = next(vae.parameters())
-        pixels = vae.decode(samples.to(param.device, param.dtype) / LATENT_SCALE).sample
+        scale = getattr(getattr(vae, "config", None), "scaling_factor", None) or LATENT_SCALE
+        pixels = vae.decode(samples.to(param.device, param.dtype) / scale).sample
         return to_images(pixels.float())
     if samples.shape[1] not in (1, 3):
         raise ValueError(
@@ -65,21 +72,29 @@ def generate_images(
     vae: nn.Module | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    prompts: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [0, 1] (CPU) for ``labels [N]`` and one seed each, in batches.
 
-    The noise of sample ``i`` depends only on ``seeds[i]``: any two models get identical noise.
+    ``labels`` are class labels, or for a text-conditioned model rows of ``prompts`` (a table of
+    :func:`vq4dit.prompts.load_prompt_embeds`). The noise of sample ``i`` depends only on
+    ``seeds[i]``: any two models get identical noise.
     """
     from tqdm.auto import tqdm
+
+    from .families import family_of
+    from .families.guidance import sample_conditioned
+    from .prompts import prompt_condition
 
     images = []
     for start in tqdm(range(0, len(seeds), batch_size), desc="sampling", disable=not progress, unit="batch"):
         stop = start + batch_size
-        images.append(decode(sample(model, labels[start:stop], seeds[start:stop], config), vae).cpu())
+        condition = labels[start:stop] if prompts is None else prompt_condition(prompts, labels[start:stop])
+        images.append(decode(sample_conditioned(family_of(model), model, condition, seeds[start:stop], config), vae).cpu())
     return torch.cat(images)
 
 
-SHIPPED_REFERENCES = {"reference": "digits", "rgb_reference": "rgb_patches"}
+SHIPPED_REFERENCES = {"reference": "digits", "rgb_reference": "rgb_patches", "pixart_reference": "digits"}
 """The shipped reference models (``--model.model``) -> the real-image set their classifier scores."""
 
 
@@ -123,7 +138,7 @@ def load_shipped_classifier(model_source: str) -> nn.Module:
         from .rgb_reference import load_rgb_reference_classifier
 
         return load_rgb_reference_classifier()
-    if model_source == "reference":
+    if model_source in ("reference", "pixart_reference"):  # the PixArt reference draws digits too
         from .reference import load_reference_classifier
 
         return load_reference_classifier()

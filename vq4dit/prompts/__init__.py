@@ -21,6 +21,7 @@ encode`` writes such a file from a prompt text file (:mod:`vq4dit.prompts.encode
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..families import TextPrompts, family_of
 
+CLASSES_FIELD = "vq4dit_prompt_classes"  # optional metadata: JSON list, the class each prompt names
 KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 _MASK_DTYPES = (torch.int32, torch.int64)
 
@@ -89,6 +91,31 @@ def load_prompt_embeds(path: str | Path) -> dict[str, torch.Tensor]:
     return {key: tensors[key].float() if key.endswith("embeds") else tensors[key].long() for key in KEYS}
 
 
+def prompt_classes(path: str | Path) -> torch.Tensor | None:
+    """The class each prompt of a (checked) embeddings file names, ``[N]`` int64, from its optional
+    metadata ``vq4dit_prompt_classes`` (the shipped reference's files carry it; ``train.py test``
+    then scores class accuracy); None when the file has none.
+
+    Raises:
+        ValueError: the metadata is not a list of N non-negative integers.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        text = (handle.metadata() or {}).get(CLASSES_FIELD)
+        count = handle.get_slice("prompt_embeds").get_shape()[0]
+    if text is None:
+        return None
+    try:
+        classes = json.loads(text)
+    except ValueError:
+        classes = None
+    if not (isinstance(classes, list) and len(classes) == count and all(isinstance(c, int) and c >= 0 for c in classes)):
+        raise ValueError(f"prompt embeddings {path}: metadata {CLASSES_FIELD} must list one class (an integer >= 0) "
+                         f"per prompt ({count})")
+    return torch.tensor(classes, dtype=torch.long)
+
+
 def prompt_condition(prompts: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     """The text condition of the prompts ``index [B]`` (rows of the table, the negative prompt once):
     ``prompt_embeds [B, T, C]``, ``prompt_attention_mask [B, T]``, ``negative_prompt_embeds [1, T, C]``,
@@ -113,7 +140,8 @@ def check_prompts_fit(model: nn.Module, prompts: dict[str, torch.Tensor] | None,
     text = isinstance(family.conditioning, TextPrompts)
     if prompts is None and text:
         raise ValueError(f"a {family.name} model is text-conditioned: give its calibration prompts with "
-                         "--data.prompt_embeds FILE.safetensors (python -m vq4dit.prompts encode writes one)")
+                         "--data.prompt_embeds FILE.safetensors (python -m vq4dit.prompts encode writes one) "
+                         "or --data.prompts FILE.txt (encoded with the pipeline's text encoder)")
     if prompts is not None and not text:
         raise ValueError(f"--data.prompt_embeds {path} was given for a {family.name} model, which is conditioned on "
                          "class labels, not text: drop it")
@@ -124,4 +152,5 @@ def check_prompts_fit(model: nn.Module, prompts: dict[str, torch.Tensor] | None,
                              f"is {expected}: were they encoded with this model's text encoder?")
 
 
-__all__ = ["KEYS", "check_prompts_fit", "file_digest", "load_prompt_embeds", "prompt_condition"]
+__all__ = ["CLASSES_FIELD", "KEYS", "check_prompts_fit", "file_digest", "load_prompt_embeds", "prompt_classes",
+           "prompt_condition"]

@@ -24,9 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path
-from . import KEYS
+from . import CLASSES_FIELD, KEYS
+from .tiny_encoder import is_tiny_encoder_folder, load_tiny_encoder
 
 KEY_FIELD = "vq4dit_prompts_key"
+SHIPPED_PIPELINES = {"pixart_reference": Path(__file__).resolve().parents[1] / "assets" / "pixart_reference"}
+"""Names of shipped pipeline folders with their own text encoder (no ``transformers`` needed)."""
+DEFAULT_MAX_LENGTH = 300  # PixArt-Σ; a tiny encoder's own length otherwise
 MISSING_TRANSFORMERS = ("python -m vq4dit.prompts encode needs the transformers package (the text encoder): "
                         "pip install 'vq4dit[text]'")
 
@@ -47,10 +51,15 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def pipeline_folder(pipeline: str) -> Path:
+    """The folder of ``pipeline``: a shipped name (``pixart_reference``) or the path as given."""
+    return SHIPPED_PIPELINES.get(pipeline, Path(pipeline).expanduser())
+
+
 def encoder_identity(pipeline: str) -> str:
     """What the cache key knows of an encoder: a local pipeline's ``tokenizer/`` and ``text_encoder/``
     files (relative name, size, mtime), or the hub id itself."""
-    folder = Path(pipeline).expanduser()
+    folder = pipeline_folder(pipeline)
     if not folder.is_dir():
         return f"hub:{pipeline}"
     files = sorted(p for sub in ("tokenizer", "text_encoder") for p in (folder / sub).rglob("*") if p.is_file())
@@ -75,11 +84,16 @@ def stored_key(path: str | Path) -> str | None:
 
 def load_text_encoder(pipeline: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """``(tokenizer, text_encoder)`` of a pipeline folder or hub id (subfolders ``tokenizer/`` and
-    ``text_encoder/``), the encoder in eval mode on ``device``.
+    ``text_encoder/``), the encoder in eval mode on ``device``. A ``text_encoder/`` holding a vq4dit
+    tiny encoder (the shipped ``pixart_reference``) needs no ``transformers``.
 
     Raises:
         ValueError: ``transformers`` is not installed, or the pipeline has no loadable tokenizer/encoder.
     """
+    folder = pipeline_folder(pipeline)
+    if is_tiny_encoder_folder(folder / "text_encoder"):
+        tokenizer, encoder = load_tiny_encoder(folder / "text_encoder")
+        return tokenizer, encoder.to(device, dtype)
     try:
         from transformers import AutoTokenizer, T5EncoderModel
     except ImportError:
@@ -116,28 +130,38 @@ def encode_prompts(tokenizer: Callable, encoder: torch.nn.Module, prompts: list[
     return dict(zip(KEYS, tensors))
 
 
-def encode_file(pipeline: str, prompts_path: str | Path, out: str | Path, negative: str = "", max_length: int = 300,
+def encode_file(pipeline: str, prompts_path: str | Path, out: str | Path, negative: str = "",
+                max_length: int | None = None,
                 batch_size: int = 8, device: str = "cpu", dtype: str = "float32", loader=load_text_encoder,
-                progress: bool = True) -> bool:
+                progress: bool = True, classes: list[int] | None = None) -> bool:
     """Write the embeddings of ``prompts_path`` to ``out`` (safetensors with the key in its metadata);
     False when ``out`` already holds this key (nothing done). ``loader``: ``(pipeline, device, dtype)
-    -> (tokenizer, encoder)``, :func:`load_text_encoder` by default.
+    -> (tokenizer, encoder)``, :func:`load_text_encoder` by default. ``max_length`` None: a tiny
+    encoder's own length, else 300 (PixArt-Σ). ``classes``: the class each prompt names, written as
+    metadata (``train.py test`` then scores class accuracy with a reference's classifier).
 
     Raises:
         ValueError: bad prompts file, ``max_length``/``batch_size`` < 1, an unknown dtype, no
             ``transformers``, an unloadable pipeline, or an unwritable ``out`` (a ``WriteError``).
     """
+    if max_length is None:
+        text_encoder = pipeline_folder(pipeline) / "text_encoder"
+        max_length = (json.loads((text_encoder / "config.json").read_text())["max_length"]
+                      if is_tiny_encoder_folder(text_encoder) else DEFAULT_MAX_LENGTH)
     if max_length < 1 or batch_size < 1:
         raise ValueError(f"--max-length and --batch-size must be >= 1, got {max_length} and {batch_size}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     prompts = read_prompts(prompts_path)
-    key = prompts_key(prompts, negative, max_length, dtype, pipeline)
+    if classes is not None and len(classes) != len(prompts):
+        raise ValueError(f"{len(classes)} classes for {len(prompts)} prompts")
+    key = prompts_key(prompts, negative, max_length, dtype, pipeline) + (f":{classes}" if classes is not None else "")
     if stored_key(out) == key:
         return False
     tokenizer, encoder = loader(pipeline, device, getattr(torch, dtype))
     tensors = encode_prompts(tokenizer, encoder, prompts, negative, max_length, batch_size, progress)
     size = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
     with atomic_path(out, size=size) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={KEY_FIELD: key})
+        metadata = {KEY_FIELD: key, **({CLASSES_FIELD: json.dumps(classes)} if classes is not None else {})}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return True
