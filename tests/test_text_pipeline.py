@@ -1,7 +1,7 @@
 """A user's text-conditioned workflow end to end with real Hugging Face components (issue 21):
 a tiny random PixArt-Σ pipeline folder (T5 encoder, fast tokenizer, VAE, scheduler) built offline,
 ``python -m vq4dit.prompts encode`` on it, ``train.py fit`` from those embeddings, and the packed
-transformer inside stock ``PixArtSigmaPipeline`` (CPU, offline, ~20 s)."""
+transformer inside stock ``PixArtSigmaPipeline`` (CPU, offline, ~10 s)."""
 
 import pytest
 import torch
