@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vq4dit"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("math", ("vq4dit._version", "vq4dit.vq_config", "vq4dit.codewords", "vq4dit.kmeans", "vq4dit.soft",
               "vq4dit.decoding", "vq4dit.kernels", "vq4dit.kernels.*", "vq4dit.packing", "vq4dit.error_feedback", "vq4dit.assignment",
-              "vq4dit.atomic", "vq4dit.write_faults", "vq4dit.metrics", "vq4dit.sampling", "vq4dit.images", "vq4dit.baselines",
+              "vq4dit.atomic", "vq4dit.write_faults", "vq4dit.metrics", "vq4dit.sampling", "vq4dit.flow_matching", "vq4dit.images", "vq4dit.baselines",
               "vq4dit.typed_settings")),
     ("models", ("vq4dit.families", "vq4dit.families.*", "vq4dit.convert", "vq4dit.models", "vq4dit.prompts",
                 "vq4dit.prompts.*")),  # model families, DiT loading, prompt embeddings

@@ -6,8 +6,9 @@ Which Linears get quantized, where the blocks are and how a model is called belo
 ``DiTPipeline`` snapshot or a bare transformer folder), a Hugging Face hub id, or an original
 facebookresearch/DiT ``.pt``/``.pth`` checkpoint, and always returns the model in eval mode:
 in train mode diffusers drops class labels at random in every block. A diffusers folder whose
-``config.json`` names ``PixArtTransformer2DModel`` (a bare transformer folder or a PixArt pipeline
-with ``transformer/``) loads as that class: the text-conditioned family of :mod:`vq4dit.families`.
+``config.json`` names ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel`` (a bare transformer
+folder or a pipeline with ``transformer/``) loads as that class: the text-conditioned families of
+:mod:`vq4dit.families`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 from torch import nn
 
 from vq4dit.convert import (
@@ -152,6 +153,9 @@ def check_finite(source: nn.Module | Mapping[str, torch.Tensor], what: str = "mo
 _CHECKPOINT_SUFFIXES = (".pt", ".pth")
 _DIT_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # the latter: legacy snapshots
 _PIXART_CLASS_NAME = "PixArtTransformer2DModel"
+# the other families' classes that a folder or hub config.json may name: name -> (kind, class)
+_TEXT_CLASSES = {_PIXART_CLASS_NAME: ("PixArt", PixArtTransformer2DModel),
+                 "SD3Transformer2DModel": ("SD3", SD3Transformer2DModel)}
 _WEIGHT_FILE = re.compile(r"diffusion_pytorch_model.*\.(safetensors|bin)$")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -168,7 +172,7 @@ def _folder_layout(folder: Path) -> tuple[Path, str | None]:
     )
 
 
-def _load_folder(folder: Path) -> DiTTransformer2DModel | PixArtTransformer2DModel:
+def _load_folder(folder: Path) -> DiTTransformer2DModel | PixArtTransformer2DModel | SD3Transformer2DModel:
     model_dir, subfolder = _folder_layout(folder)
     config_path = model_dir / "config.json"
     try:
@@ -176,14 +180,14 @@ def _load_folder(folder: Path) -> DiTTransformer2DModel | PixArtTransformer2DMod
     except (OSError, ValueError) as err:
         raise DiTLoadError(f"cannot read {str(config_path)!r} as JSON: {err}") from err
     class_name = config.get("_class_name") if isinstance(config, dict) else None
-    pixart = class_name == _PIXART_CLASS_NAME
-    if not pixart and (class_name not in _DIT_CLASS_NAMES or config.get("norm_type") != "ada_norm_zero"):
+    text = class_name in _TEXT_CLASSES
+    if not text and (class_name not in _DIT_CLASS_NAMES or config.get("norm_type") != "ada_norm_zero"):
         raise DiTLoadError(
             f"{str(config_path)!r} describes a {class_name!r} with norm_type "
             f"{config.get('norm_type') if isinstance(config, dict) else None!r}; expected a "
-            f"DiTTransformer2DModel (norm_type 'ada_norm_zero') or a {_PIXART_CLASS_NAME}"
+            f"DiTTransformer2DModel (norm_type 'ada_norm_zero') or one of {', '.join(_TEXT_CLASSES)}"
         )
-    kind, model_class = ("PixArt", PixArtTransformer2DModel) if pixart else ("DiT", DiTTransformer2DModel)
+    kind, model_class = _TEXT_CLASSES[class_name] if text else ("DiT", DiTTransformer2DModel)
     if not any(_WEIGHT_FILE.match(p.name) for p in model_dir.iterdir()):
         raise DiTLoadError(
             f"{str(model_dir)!r} has a {kind} config.json but no weights; expected "
@@ -213,7 +217,7 @@ def _disagreement(err: Exception) -> str:
     return f"config.json and the weights disagree: {lines[0]}{more}"
 
 
-def _hub_class(repo_id: str, subfolder: str | None) -> type[DiTTransformer2DModel] | type[PixArtTransformer2DModel]:
+def _hub_class(repo_id: str, subfolder: str | None) -> type[nn.Module]:
     """The transformer class a hub repo's ``config.json`` (in ``subfolder``) names, fetched (or found
     in the local Hugging Face cache) alone, before any weights."""
     from huggingface_hub import hf_hub_download
@@ -224,15 +228,15 @@ def _hub_class(repo_id: str, subfolder: str | None) -> type[DiTTransformer2DMode
     except (OSError, ValueError) as err:
         raise DiTLoadError(f"cannot read the config.json of {repo_id!r} as JSON: {err}") from err
     class_name = config.get("_class_name") if isinstance(config, dict) else None
-    if class_name == _PIXART_CLASS_NAME:
-        return PixArtTransformer2DModel
+    if class_name in _TEXT_CLASSES:
+        return _TEXT_CLASSES[class_name][1]
     if class_name not in _DIT_CLASS_NAMES or config.get("norm_type") != "ada_norm_zero":
         raise DiTLoadError(f"{repo_id!r} holds a {class_name!r}; expected a DiTTransformer2DModel "
-                           f"(norm_type 'ada_norm_zero') or a {_PIXART_CLASS_NAME}")
+                           f"(norm_type 'ada_norm_zero') or one of {', '.join(_TEXT_CLASSES)}")
     return DiTTransformer2DModel
 
 
-def _load_hub(repo_id: str) -> DiTTransformer2DModel | PixArtTransformer2DModel:
+def _load_hub(repo_id: str) -> DiTTransformer2DModel | PixArtTransformer2DModel | SD3Transformer2DModel:
     from huggingface_hub.errors import EntryNotFoundError
 
     errors = []
@@ -271,7 +275,7 @@ def load_dit(
     dtype: torch.dtype | None = None,
     num_heads: int | None = None,
     allow_nonfinite: bool = False,
-) -> DiTTransformer2DModel | PixArtTransformer2DModel:
+) -> DiTTransformer2DModel | PixArtTransformer2DModel | SD3Transformer2DModel:
     """Load a diffusers ``DiTTransformer2DModel`` (or a ``PixArtTransformer2DModel`` folder) in eval mode, on the CPU.
 
     Resolution order for strings: preset name, existing local path, hub id (``org/name``).

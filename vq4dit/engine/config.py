@@ -100,8 +100,9 @@ class LayerSelection:
         exclude: glob patterns of Linear layers left in full precision.
         overrides: glob or layer name -> VQ settings of those layers, e.g.
             ``{"*.norm1.linear": {"codebook_size": 1024}}``.
-        options: layer options of the model family that widen its default set, e.g.
-            ``{"quantize_adaln": true}`` (PixArt: ``adaln_single.linear`` too); not with ``include``.
+        options: layer options of the model family that widen (or, set false, narrow) its default set,
+            e.g. ``{"quantize_adaln": true}`` (PixArt: ``adaln_single.linear`` too),
+            ``{"quantize_modulation": false}`` (SD3: the blocks' modulation stays FP); not with ``include``.
     """
 
     include: list[str] | None = None

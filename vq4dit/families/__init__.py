@@ -11,12 +11,13 @@ from torch import nn
 
 from .base import Family, FilterFn, ModelInputs, UnsupportedModelError, capture_blocks
 from .conditioning import (
-    Batch, ClassLabels, Conditioning, TextPrompts, batch_size, batch_to, conditioning_of,
+    Batch, ClassLabels, Conditioning, PooledTextPrompts, TextPrompts, batch_size, batch_to, conditioning_of,
 )
 from .dit import DIT
 from .pixart import PIXART
+from .sd3 import SD3
 
-FAMILIES: tuple[Family, ...] = (DIT, PIXART)
+FAMILIES: tuple[Family, ...] = (DIT, PIXART, SD3)
 
 
 def family_of(model: nn.Module) -> Family:
@@ -45,6 +46,6 @@ def call_model(model: nn.Module, batch: Batch, device: torch.device | str | None
 
 __all__ = [
     "Batch", "ClassLabels", "Conditioning", "DIT", "FAMILIES", "Family", "FilterFn", "ModelInputs", "PIXART",
-    "TextPrompts", "UnsupportedModelError", "batch_size", "batch_to", "block_modules", "call_model",
+    "PooledTextPrompts", "SD3", "TextPrompts", "UnsupportedModelError", "batch_size", "batch_to", "block_modules", "call_model",
     "capture_blocks", "conditioning_of", "family_of",
 ]

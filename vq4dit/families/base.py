@@ -17,10 +17,12 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..sampling import sample
 from .conditioning import Batch, Conditioning, batch_to
 
 FilterFn = Callable[[nn.Module, str], bool]
 ModelInputs = tuple[tuple[Any, ...], dict[str, Any]]
+SampleFn = Callable[..., Any]  # vq4dit.sampling.sample's signature: (model, labels, seeds, config, record, progress, denoiser)
 
 
 class UnsupportedModelError(TypeError, ValueError):
@@ -41,8 +43,15 @@ class Family:
         block_linears: the Linears quantized by default: their names inside a block.
         options: option -> the further Linears (qualified names) it quantizes, e.g.
             ``{"quantize_adaln": ("adaln_single.linear",)}``.
+        block_options: option -> the further Linears (names inside every block) it quantizes, e.g.
+            ``{"quantize_modulation": ("norm1.linear",)}``.
+        default_options: options that are on unless set False (part of the default set).
         inputs: ``(model, batch) -> (args, kwargs)``: the model call on one model batch (conditional
             and unconditional rows alike).
+        sampler: how the teacher samples its trajectories (:func:`vq4dit.sampling.sample`'s contract):
+            DDPM / DDIM by default, :class:`vq4dit.flow_matching.FlowMatchSampler` for flow matching.
+        text_channels: prompt-file key -> the model config field its last dimension must equal
+            (text families), e.g. ``{"prompt_embeds": "caption_channels"}``.
     """
 
     name: str
@@ -53,6 +62,10 @@ class Family:
     block_linears: tuple[str, ...]
     inputs: Callable[[nn.Module, Batch], ModelInputs]
     options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    block_options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    default_options: Mapping[str, bool] = field(default_factory=dict)
+    sampler: SampleFn = sample
+    text_channels: Mapping[str, str] = field(default_factory=dict)
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The transformer blocks of ``model``, in forward order."""
@@ -67,17 +80,21 @@ class Family:
 
     def linear_filter(self, **options: bool) -> FilterFn:
         """``(module, qualified_name) -> bool``: True for the default quantized ``nn.Linear`` s
-        (``<block list>.<i>.<block linear>``) and those of the ``options`` set True.
+        (``<block list>.<i>.<block linear>``) and those of the ``options`` set True (a default
+        option: unless set False).
 
         Raises:
             ValueError: an option this family does not have.
         """
-        unknown = sorted(set(options) - set(self.options))
+        known = (*self.options, *self.block_options)
+        unknown = sorted(set(options) - set(known))
         if unknown:
             raise ValueError(f"{self.name} models have no layer option {', '.join(map(repr, unknown))}; "
-                             f"options: {', '.join(self.options) or 'none'}")
-        lists, linears = (("|".join(map(re.escape, names))) for names in (self.block_lists, self.block_linears))
-        extra = [re.escape(name) for option, on in options.items() if on for name in self.options[option]]
+                             f"options: {', '.join(known) or 'none'}")
+        options = {**self.default_options, **options}
+        inside = (*self.block_linears, *(n for o, on in options.items() if on for n in self.block_options.get(o, ())))
+        lists, linears = (("|".join(map(re.escape, names))) for names in (self.block_lists, inside))
+        extra = [re.escape(name) for option, on in options.items() if on for name in self.options.get(option, ())]
         pattern = re.compile("|".join([rf"(?:{lists})\.\d+\.(?:{linears})", *extra]))
         return lambda module, name: isinstance(module, nn.Linear) and pattern.fullmatch(name) is not None
 

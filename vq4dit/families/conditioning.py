@@ -1,4 +1,5 @@
-"""How calibration items are conditioned: class labels (DiT) or text prompts (PixArt, ...).
+"""How calibration items are conditioned: class labels (DiT), text prompts (PixArt) or text prompts
+with pooled embeddings (SD3).
 
 A set of calibration items is a dict of tensors. Its *item* keys hold one row per item (``x [M, C,
 H, W]``, ``t [M]`` and the conditioning: a class label or a prompt index); its *shared* keys hold
@@ -97,8 +98,33 @@ class TextPrompts:
         }
 
 
-CONDITIONINGS: tuple[ClassLabels | TextPrompts, ...] = (ClassLabels(), TextPrompts())
-Conditioning = Union[ClassLabels, TextPrompts]
+class PooledTextPrompts(TextPrompts):
+    """:class:`TextPrompts` plus one pooled embedding per prompt (SD3's CLIP pooled outputs): the
+    table gains ``pooled_prompt_embeds [N, P]``, the negative prompt ``negative_pooled_prompt_embeds
+    [1, P]``."""
+
+    name = "pooled text prompts"
+    shared_keys = (*TextPrompts.shared_keys, "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    batch_keys = ("x", "t", *shared_keys)
+
+    def batch(self, items: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`TextPrompts.batch` with ``pooled_prompt_embeds [B, P]`` and the negative ``[1, P]``."""
+        return {**super().batch(items, index), "pooled_prompt_embeds": items["pooled_prompt_embeds"][items["prompt_index"][index]],
+                "negative_pooled_prompt_embeds": items["negative_pooled_prompt_embeds"]}
+
+    def with_unconditional(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """B items -> 2B: :meth:`TextPrompts.with_unconditional` with the negative pooled embedding."""
+        pooled, negative = batch["pooled_prompt_embeds"], batch["negative_pooled_prompt_embeds"]
+        if negative.shape[1:] != pooled.shape[1:]:
+            raise ValueError(f"the negative pooled embedding {tuple(negative.shape)} does not match the pooled "
+                             f"embeddings {tuple(pooled.shape)} ([1, P] vs [N, P])")
+        doubled = torch.cat([pooled, negative.to(pooled.dtype).expand(batch_size(batch), -1)])
+        return {**super().with_unconditional(batch), "pooled_prompt_embeds": doubled}
+
+
+# the pooled conditioning first: its keys are a superset of the plain text prompts'
+CONDITIONINGS: tuple[ClassLabels | TextPrompts, ...] = (ClassLabels(), PooledTextPrompts(), TextPrompts())
+Conditioning = Union[ClassLabels, TextPrompts, PooledTextPrompts]
 
 
 def conditioning_of(source: Batch) -> Conditioning:

@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..sampling import Denoiser, SamplerConfig, combine_guidance, sample
+from ..sampling import Denoiser, SamplerConfig, combine_guidance
 from .base import Family
 
 Condition = torch.Tensor | Mapping[str, torch.Tensor]  # class labels [B], or a text condition (below)
@@ -18,7 +18,8 @@ def denoiser(family: Family, model: nn.Module, condition: Mapping[str, torch.Ten
              guided_channels: int | None) -> Denoiser:
     """``(x [B, C, H, W], t [B]) -> [B, C_out, H, W]``: ``model``'s output on ``condition`` (a text
     condition: ``prompt_embeds [B, T, C']``, ``prompt_attention_mask [B, T]``,
-    ``negative_prompt_embeds [1, T, C']``, ``negative_prompt_attention_mask [1, T]``), guided
+    ``negative_prompt_embeds [1, T, C']``, ``negative_prompt_attention_mask [1, T]``; pooled families:
+    ``pooled_prompt_embeds [B, P]``, ``negative_pooled_prompt_embeds [1, P]``), guided
     against the family's unconditional branch when ``guidance_scale > 1``."""
     device = next(model.parameters()).device
     condition = {key: value.to(device) for key, value in condition.items()}
@@ -35,12 +36,13 @@ def denoiser(family: Family, model: nn.Module, condition: Mapping[str, torch.Ten
 
 def sample_conditioned(family: Family, model: nn.Module, condition: Condition, seeds: list[int],
                        config: SamplerConfig = SamplerConfig(), record_trajectory: bool = False, progress: bool = False):
-    """:func:`vq4dit.sampling.sample` of ``len(seeds)`` samples on class labels ``[B]`` or a text
-    condition (:func:`denoiser`): ``x_0 [B, C, H, W]`` (and the trajectory when asked)."""
+    """The family's sampler (:func:`vq4dit.sampling.sample` or flow matching) of ``len(seeds)`` samples
+    on class labels ``[B]`` or a text condition (:func:`denoiser`): ``x_0 [B, C, H, W]`` (and the
+    trajectory when asked)."""
     if torch.is_tensor(condition):
-        return sample(model, condition, seeds, config, record_trajectory, progress)
+        return family.sampler(model, condition, seeds, config, record_trajectory, progress)
     rows = condition["prompt_embeds"].shape[0]
     if rows != len(seeds):
         raise ValueError(f"need one seed per prompt: {len(seeds)} seeds for {rows} prompts")
     output = denoiser(family, model, condition, config.guidance_scale, config.guided_channels)
-    return sample(model, None, seeds, config, record_trajectory, progress, denoiser=output)
+    return family.sampler(model, None, seeds, config, record_trajectory, progress, denoiser=output)

@@ -54,4 +54,5 @@ PIXART = Family(
     + ("ff.net.0.proj", "ff.net.2"),
     inputs=pixart_inputs,
     options={"quantize_adaln": ("adaln_single.linear",)},
+    text_channels={"prompt_embeds": "caption_channels"},
 )

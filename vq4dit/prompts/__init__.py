@@ -1,7 +1,8 @@
 """Prompt embeddings for text-conditioned models: the ``--data.prompt_embeds`` file, read and checked.
 
-The file is a safetensors file with exactly four tensors (what a pipeline's ``encode_prompt``
-returns, once for N prompts and once for the negative prompt):
+The file is a safetensors file with exactly four tensors, six for a family conditioned on pooled
+embeddings too (what a pipeline's ``encode_prompt`` returns, once for N prompts and once for the
+negative prompt; SD3's pipeline has no masks: write ones):
 
 ======================================  ============  ================================================
 key                                     shape         dtype
@@ -10,11 +11,13 @@ key                                     shape         dtype
 ``prompt_attention_mask``               ``[N, T]``     int32 / int64, values 0 / 1
 ``negative_prompt_embeds``              ``[1, T, C]``  float
 ``negative_prompt_attention_mask``      ``[1, T]``     int32 / int64, values 0 / 1
+``pooled_prompt_embeds``                ``[N, P]``     float: families with pooled embeddings (SD3) only
+``negative_pooled_prompt_embeds``       ``[1, P]``     float: with the former
 ======================================  ============  ================================================
 
 Every mistake is a ``ValueError`` naming the file and the problem (the CLI prints it as one
 ``error:`` line) before any heavy work; :func:`check_prompts_fit` checks the file against the model
-(its family is text-conditioned, ``C`` is its ``caption_channels``). ``python -m vq4dit.prompts
+(its family is text-conditioned, pooled or not; ``C`` (and ``P``) are its config's widths). ``python -m vq4dit.prompts
 encode`` writes such a file from a prompt text file (:mod:`vq4dit.prompts.encode`).
 """
 
@@ -29,20 +32,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..families import TextPrompts, family_of
+from ..families import PooledTextPrompts, TextPrompts, family_of
 
 CLASSES_FIELD = "vq4dit_prompt_classes"  # optional metadata: JSON list, the class each prompt names
 KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+POOLED_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")  # [N, P], [1, P]: SD3's pooled CLIP
 _MASK_DTYPES = (torch.int32, torch.int64)
 
 
 def _check(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """Raise a ValueError naming the first problem of ``tensors`` (read from ``path``)."""
     where = f"prompt embeddings {path}"
-    missing, extra = [k for k in KEYS if k not in tensors], sorted(set(tensors) - set(KEYS))
+    expected = (*KEYS, *POOLED_KEYS) if any(k in tensors for k in POOLED_KEYS) else KEYS
+    missing, extra = [k for k in expected if k not in tensors], sorted(set(tensors) - set(expected))
     if missing or extra:
         parts = ([f"lacks {', '.join(missing)}"] if missing else []) + ([f"has extra {', '.join(extra)}"] if extra else [])
-        raise ValueError(f"{where} {' and '.join(parts)}; expected exactly {', '.join(KEYS)}")
+        raise ValueError(f"{where} {' and '.join(parts)}; expected exactly {', '.join(KEYS)} "
+                         f"(and {', '.join(POOLED_KEYS)} for pooled families)")
     embeds, mask = tensors["prompt_embeds"], tensors["prompt_attention_mask"]
     negative, negative_mask = tensors["negative_prompt_embeds"], tensors["negative_prompt_attention_mask"]
     for key, tensor, rank, shape in (("prompt_embeds", embeds, 3, "[N, T, C]"), ("prompt_attention_mask", mask, 2, "[N, T]"),
@@ -64,7 +70,9 @@ def _check(path: str, tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"{where}: negative_prompt_embeds {tuple(negative.shape)} / negative_prompt_attention_mask "
                          f"{tuple(negative_mask.shape)} do not match prompt_embeds {tuple(embeds.shape)}: expected "
                          f"[1, T, C] = {[1, tokens, channels]} and [1, T] = {[1, tokens]}")
-    for key in ("prompt_embeds", "negative_prompt_embeds"):
+    if expected != KEYS:
+        _check_pooled(where, tensors, count)
+    for key in ("prompt_embeds", "negative_prompt_embeds", *(POOLED_KEYS if expected != KEYS else ())):
         if not bool(torch.isfinite(tensors[key]).all()):
             raise ValueError(f"{where}: {key} holds NaN/Inf")
     for key in ("prompt_attention_mask", "negative_prompt_attention_mask"):
@@ -72,9 +80,21 @@ def _check(path: str, tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"{where}: {key} holds values other than 0 and 1")
 
 
+def _check_pooled(where: str, tensors: dict[str, torch.Tensor], count: int) -> None:
+    """Raise a ValueError naming the first problem of the pooled embeddings of ``count`` prompts."""
+    pooled, negative = tensors["pooled_prompt_embeds"], tensors["negative_pooled_prompt_embeds"]
+    for key, tensor in zip(POOLED_KEYS, (pooled, negative)):
+        if tensor.ndim != 2 or not tensor.is_floating_point():
+            raise ValueError(f"{where}: {key} is {tuple(tensor.shape)} {tensor.dtype}, expected a floating "
+                             f"{'[N, P]' if key == POOLED_KEYS[0] else '[1, P]'}")
+    if pooled.shape[0] != count or pooled.shape[1] == 0 or negative.shape != (1, pooled.shape[1]):
+        raise ValueError(f"{where}: pooled_prompt_embeds {tuple(pooled.shape)} / negative_pooled_prompt_embeds "
+                         f"{tuple(negative.shape)} do not match {count} prompts: expected [N, P] and [1, P], N = {count}")
+
+
 def load_prompt_embeds(path: str | Path) -> dict[str, torch.Tensor]:
-    """The four checked tensors of a prompt-embeddings file: embeddings as float32 (``[N, T, C]``,
-    ``[1, T, C]``), masks as int64 (``[N, T]``, ``[1, T]``).
+    """The four (pooled: six) checked tensors of a prompt-embeddings file: embeddings as float32
+    (``[N, T, C]``, ``[1, T, C]``; ``[N, P]``, ``[1, P]``), masks as int64 (``[N, T]``, ``[1, T]``).
 
     Raises:
         ValueError: the file is missing or unreadable, or its keys, ranks, dtypes, shapes or values
@@ -88,7 +108,8 @@ def load_prompt_embeds(path: str | Path) -> dict[str, torch.Tensor]:
     except (OSError, SafetensorError, ValueError) as error:
         raise ValueError(f"prompt embeddings {path} are not a readable safetensors file: {error}") from None
     _check(path, tensors)
-    return {key: tensors[key].float() if key.endswith("embeds") else tensors[key].long() for key in KEYS}
+    return {key: tensors[key].float() if key.endswith("embeds") else tensors[key].long()
+            for key in (*KEYS, *POOLED_KEYS) if key in tensors}
 
 
 def prompt_classes(path: str | Path) -> torch.Tensor | None:
@@ -119,8 +140,10 @@ def prompt_classes(path: str | Path) -> torch.Tensor | None:
 def prompt_condition(prompts: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
     """The text condition of the prompts ``index [B]`` (rows of the table, the negative prompt once):
     ``prompt_embeds [B, T, C]``, ``prompt_attention_mask [B, T]``, ``negative_prompt_embeds [1, T, C]``,
-    ``negative_prompt_attention_mask [1, T]``."""
-    return {key: prompts[key][index] if not key.startswith("negative") else prompts[key] for key in KEYS}
+    ``negative_prompt_attention_mask [1, T]`` (pooled files: ``pooled_prompt_embeds [B, P]``,
+    ``negative_pooled_prompt_embeds [1, P]`` too)."""
+    return {key: prompts[key][index] if not key.startswith("negative") else prompts[key]
+            for key in (*KEYS, *POOLED_KEYS) if key in prompts}
 
 
 def file_digest(path: str | Path) -> str:
@@ -134,10 +157,11 @@ def file_digest(path: str | Path) -> str:
 
 def check_prompts_fit(model: nn.Module, prompts: dict[str, torch.Tensor] | None, path: str | None = None) -> None:
     """Raise a ValueError when ``prompts`` (from :func:`load_prompt_embeds`, or None) do not fit
-    ``model``: a text-conditioned model needs them with ``C == caption_channels``, a class-conditional
-    one takes none."""
+    ``model``: a text-conditioned model needs them, with the pooled embeddings exactly when its family
+    is conditioned on them, and widths equal to its config's (``Family.text_channels``); a
+    class-conditional one takes none."""
     family = family_of(model)
-    text = isinstance(family.conditioning, TextPrompts)
+    text, pooled = isinstance(family.conditioning, TextPrompts), isinstance(family.conditioning, PooledTextPrompts)
     if prompts is None and text:
         raise ValueError(f"a {family.name} model is text-conditioned: give its calibration prompts with "
                          "--data.prompt_embeds FILE.safetensors (python -m vq4dit.prompts encode writes one) "
@@ -145,12 +169,18 @@ def check_prompts_fit(model: nn.Module, prompts: dict[str, torch.Tensor] | None,
     if prompts is not None and not text:
         raise ValueError(f"--data.prompt_embeds {path} was given for a {family.name} model, which is conditioned on "
                          "class labels, not text: drop it")
-    if prompts is not None:
-        channels, expected = prompts["prompt_embeds"].shape[-1], model.config.caption_channels
+    if prompts is None:
+        return
+    if pooled != (POOLED_KEYS[0] in prompts):
+        wanted = "needs" if pooled else "takes no"
+        raise ValueError(f"prompt embeddings {path}: a {family.name} model {wanted} pooled embeddings "
+                         f"({', '.join(POOLED_KEYS)}); encode the prompts with this model's pipeline")
+    for key, field in family.text_channels.items():
+        channels, expected = prompts[key].shape[-1], getattr(model.config, field)
         if channels != expected:
-            raise ValueError(f"prompt embeddings {path} have C={channels} channels, but the model's caption_channels "
+            raise ValueError(f"prompt embeddings {path}: {key} have {channels} channels, but the model's {field} "
                              f"is {expected}: were they encoded with this model's text encoder?")
 
 
-__all__ = ["CLASSES_FIELD", "KEYS", "check_prompts_fit", "file_digest", "load_prompt_embeds", "prompt_classes",
+__all__ = ["CLASSES_FIELD", "KEYS", "POOLED_KEYS", "check_prompts_fit", "file_digest", "load_prompt_embeds", "prompt_classes",
            "prompt_condition"]

@@ -1,0 +1,144 @@
+"""MMDiT (issue 22): the SD3 / SD3.5 family on tiny random ``SD3Transformer2DModel`` s: default layer
+sets, the pipeline's call, block losses over both streams, pooled prompt files, flow-matching
+trajectories against diffusers' scheduler, and ``train.py fit`` end to end (CPU, offline)."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from torch import nn
+
+from tests.test_families import tiny_pixart
+from tests.test_prompts import embeddings, write_embeddings
+from vq4dit.engine import block_losses
+from vq4dit.families import PIXART, SD3, PooledTextPrompts, call_model, conditioning_of, family_of
+from vq4dit.prompts import check_prompts_fit, load_prompt_embeds, prompt_condition
+
+TOKENS, JOINT, POOLED = 5, 12, 10
+SD35 = dict(dual_attention_layers=(0,), qk_norm="rms_norm")  # SD3.5's second image attention and qk-norm
+
+
+def tiny_sd3(**config) -> SD3Transformer2DModel:
+    """A random 2-block SD3 (16 wide, 8x8 latents of 4 channels, T5-like context of 12 channels,
+    pooled CLIP of 10); ``SD35``: SD3.5's ``attn2`` in block 0 and qk RMS-norm."""
+    torch.manual_seed(0)
+    base = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=JOINT, caption_projection_dim=16,
+                pooled_projection_dim=POOLED, pos_embed_max_size=16)
+    model = SD3Transformer2DModel(**{**base, **config}).eval()
+    with torch.no_grad():  # diffusers zero-initialises the modulation and the output head
+        for name, parameter in model.named_parameters():
+            if ("linear" in name or "proj_out" in name) and not parameter.any():
+                parameter.normal_(0, 0.3)
+    return model
+
+
+def sd3_embeddings(count: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A valid pooled prompt-embeddings dict for :func:`tiny_sd3` (masks all ones, as SD3's pipeline has none)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    tensors = embeddings(count, TOKENS, JOINT, seed)
+    ones = torch.ones(count, TOKENS, dtype=torch.long)
+    return {**tensors, "prompt_attention_mask": ones, "negative_prompt_attention_mask": ones[:1].clone(),
+            "pooled_prompt_embeds": torch.randn(count, POOLED, generator=g),
+            "negative_pooled_prompt_embeds": torch.randn(1, POOLED, generator=g)}
+
+
+def sd3_batch(count: int = 2, seed: int = 3) -> dict[str, torch.Tensor]:
+    """``count`` items (x, float t, prompts 0..count-1) with the negative prompt."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = sd3_embeddings(count)
+    return {"x": torch.randn(count, 4, 8, 8, generator=g), "t": torch.linspace(900.0, 100.0, count),
+            **prompt_condition(prompts, torch.arange(count))}
+
+
+@pytest.mark.parametrize("config, attn2", [({}, 0), (SD35, 1)])
+def test_the_default_set_is_every_joint_linear_with_the_modulation_and_the_option_keeps_it_fp(config, attn2):
+    model = tiny_sd3(**config)
+    assert family_of(model) is SD3
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    chosen = {name for name, module in model.named_modules() if SD3.linear_filter()(module, name)}
+    per_block = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                 "attn.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "norm1_context.linear"]
+    first = {f"transformer_blocks.0.{n}" for n in per_block + ["attn.to_add_out", "ff_context.net.0.proj",
+                                                               "ff_context.net.2"]}
+    first |= {f"transformer_blocks.0.attn2.{n}" for n in ("to_q", "to_k", "to_v", "to_out.0")} if attn2 else set()
+    last = {f"transformer_blocks.1.{n}" for n in per_block}  # context_pre_only: no to_add_out, no ff_context
+    assert chosen == first | last
+    assert linears - chosen == {"context_embedder", "norm_out.linear", "proj_out", "time_text_embed.text_embedder.linear_1",
+                                "time_text_embed.text_embedder.linear_2", "time_text_embed.timestep_embedder.linear_1",
+                                "time_text_embed.timestep_embedder.linear_2"}
+    fp_modulation = {name for name, module in model.named_modules()
+                     if SD3.linear_filter(quantize_modulation=False)(module, name)}
+    assert chosen - fp_modulation == {f"transformer_blocks.{i}.{n}" for i in (0, 1)
+                                      for n in ("norm1.linear", "norm1_context.linear")}
+    with pytest.raises(ValueError, match="SD3 models have no layer option 'quantize_adaln'; options: quantize_modulation"):
+        SD3.linear_filter(quantize_adaln=True)
+
+
+def test_the_family_calls_the_model_as_the_pipeline_does_and_its_batches_carry_the_pooled_prompt():
+    model, batch = tiny_sd3(**SD35), sd3_batch()
+    with torch.no_grad():
+        out = call_model(model, batch)
+        same = model(batch["x"], encoder_hidden_states=batch["prompt_embeds"],
+                     pooled_projections=batch["pooled_prompt_embeds"], timestep=batch["t"]).sample
+        other = call_model(model, {**batch, "pooled_prompt_embeds": batch["pooled_prompt_embeds"] + 1})
+    assert torch.equal(out, same) and out.shape == (2, 4, 8, 8) and not torch.allclose(out, other)
+    assert isinstance(conditioning_of(batch), PooledTextPrompts)
+    doubled = SD3.conditioning.with_unconditional(batch)
+    assert torch.equal(doubled["pooled_prompt_embeds"][2:], batch["negative_pooled_prompt_embeds"].expand(2, -1))
+    assert torch.equal(doubled["prompt_embeds"][:2], batch["prompt_embeds"]) and doubled["x"].shape[0] == 4
+    items = {"x": batch["x"], "t": batch["t"], "prompt_index": torch.tensor([1, 0]), **sd3_embeddings(2)}
+    picked = conditioning_of(items).batch(items, torch.tensor([0]))
+    assert torch.equal(picked["pooled_prompt_embeds"], items["pooled_prompt_embeds"][1:2])
+
+
+def test_block_losses_cover_both_streams_and_the_last_block_without_a_context_stream():
+    teacher, batch = tiny_sd3(), sd3_batch()
+    assert teacher.transformer_blocks[1].context_pre_only
+    for stream in ("ff_context.net.2", "ff.net.2"):  # block 0: the text stream, then the image stream alone
+        student = copy.deepcopy(teacher)
+        with torch.no_grad():
+            student.transformer_blocks[0].get_submodule(stream).weight.add_(0.05)
+        for inputs in ("student", "teacher"):
+            block_mse, output_mse = block_losses(teacher, student, batch, block_inputs=inputs)
+            assert block_mse[0] > 0 and torch.isfinite(block_mse).all(), (stream, inputs)
+            assert (block_mse[1] > 0) == (inputs == "student")  # teacher inputs: block 1 sees the true input
+    same, _ = block_losses(teacher, copy.deepcopy(teacher), batch)
+    assert torch.equal(same, torch.zeros(2))
+
+
+def test_pooled_prompt_files_are_required_for_sd3_and_refused_for_pixart(tmp_path):
+    path = write_embeddings(tmp_path / "p.safetensors", sd3_embeddings())
+    prompts = load_prompt_embeds(path)
+    assert prompts["pooled_prompt_embeds"].shape == (3, POOLED) and prompts["pooled_prompt_embeds"].dtype == torch.float32
+    check_prompts_fit(tiny_sd3(), prompts, str(path))
+    condition = prompt_condition(prompts, torch.tensor([2, 0]))
+    assert torch.equal(condition["pooled_prompt_embeds"], prompts["pooled_prompt_embeds"][[2, 0]])
+    plain = load_prompt_embeds(write_embeddings(tmp_path / "e.safetensors", embeddings(3, TOKENS, JOINT)))
+    for model, given, message in ((tiny_sd3(), plain, "SD3 model needs pooled embeddings"),
+                                  (tiny_pixart(), load_prompt_embeds(write_embeddings(
+                                      tmp_path / "x.safetensors", {**sd3_embeddings(), **embeddings()})),
+                                   "PixArt model takes no pooled embeddings")):
+        with pytest.raises(ValueError, match=message) as raised:
+            check_prompts_fit(model, given, "f.safetensors")
+        assert "f.safetensors" in str(raised.value) and family_of(model) in (SD3, PIXART)
+    wide = {**sd3_embeddings(), "pooled_prompt_embeds": torch.randn(3, POOLED + 1),
+            "negative_pooled_prompt_embeds": torch.randn(1, POOLED + 1)}
+    with pytest.raises(ValueError, match="pooled_prompt_embeds have 11 channels, but the model's pooled_projection_dim is 10"):
+        check_prompts_fit(tiny_sd3(), load_prompt_embeds(write_embeddings(tmp_path / "w.safetensors", wide)), "w")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"negative_pooled_prompt_embeds": None}, "lacks negative_pooled_prompt_embeds"),
+    ({"pooled_prompt_embeds": torch.randn(2, POOLED)}, "do not match 3 prompts"),
+    ({"negative_pooled_prompt_embeds": torch.randn(1, POOLED + 1)}, "do not match 3 prompts"),
+    ({"pooled_prompt_embeds": torch.randn(3, 2, POOLED)}, "pooled_prompt_embeds is (3, 2, 10)"),
+    ({"negative_pooled_prompt_embeds": torch.ones(1, POOLED, dtype=torch.long)}, "expected a floating [1, P]"),
+    ({"pooled_prompt_embeds": torch.full((3, POOLED), float("nan"))}, "pooled_prompt_embeds holds NaN/Inf"),
+])
+def test_every_malformed_pooled_file_is_one_value_error_naming_the_file(tmp_path, changes, message):
+    path = write_embeddings(tmp_path / "bad.safetensors", sd3_embeddings(), **changes)
+    with pytest.raises(ValueError, match="prompt embeddings .*bad.safetensors") as raised:
+        load_prompt_embeds(path)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
