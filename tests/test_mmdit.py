@@ -6,14 +6,18 @@ import copy
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch import nn
 
 from tests.test_families import tiny_pixart
 from tests.test_prompts import embeddings, write_embeddings
 from vq4dit.engine import block_losses
 from vq4dit.families import PIXART, SD3, PooledTextPrompts, call_model, conditioning_of, family_of
+from vq4dit.families.guidance import sample_conditioned
+from vq4dit.flow_matching import flow_schedule
 from vq4dit.prompts import check_prompts_fit, load_prompt_embeds, prompt_condition
+from vq4dit.sampling import SamplerConfig, initial_noise
+from vq4dit.trajectories import TrajectoryPlan, cached_items
 
 TOKENS, JOINT, POOLED = 5, 12, 10
 SD35 = dict(dual_attention_layers=(0,), qk_norm="rms_norm")  # SD3.5's second image attention and qk-norm
@@ -142,3 +146,60 @@ def test_every_malformed_pooled_file_is_one_value_error_naming_the_file(tmp_path
     with pytest.raises(ValueError, match="prompt embeddings .*bad.safetensors") as raised:
         load_prompt_embeds(path)
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+# --- flow-matching trajectories -------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps, shift", [(4, 3.0), (7, 1.0), (1, 3.0)])
+def test_the_flow_schedule_is_the_diffusers_schedulers(steps, shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    sigmas, timesteps = flow_schedule(steps, shift)
+    assert torch.equal(sigmas, scheduler.sigmas) and torch.equal(timesteps, scheduler.timesteps)
+
+
+def stock_pipeline(transformer: nn.Module) -> StableDiffusion3Pipeline:
+    """``StableDiffusion3Pipeline`` on ``transformer`` with SD3's scheduler and no text encoders or
+    VAE: it takes embeddings and returns latents (``output_type="latent"``)."""
+    none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                          "tokenizer_3"))
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **none)
+
+
+def pipeline_latents(transformer: nn.Module, condition: dict, latents: torch.Tensor, steps: int, guidance: float):
+    """The pipeline's final latents and every step's input latents ``[(x_t [B, C, H, W], t)]``."""
+    seen = [latents.clone()]
+
+    def keep(_pipe, _i, _t, kwargs):
+        seen.append(kwargs["latents"].clone())
+        return {}
+
+    final = stock_pipeline(transformer)(
+        prompt_embeds=condition["prompt_embeds"], pooled_prompt_embeds=condition["pooled_prompt_embeds"],
+        negative_prompt_embeds=condition["negative_prompt_embeds"].expand_as(condition["prompt_embeds"]),
+        negative_pooled_prompt_embeds=condition["negative_pooled_prompt_embeds"].expand_as(condition["pooled_prompt_embeds"]),
+        latents=latents, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+        output_type="latent", callback_on_step_end=keep).images
+    return final, seen[:-1]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_the_teachers_trajectories_are_the_sd3_pipelines_with_its_scheduler(tmp_path, guidance):
+    teacher = tiny_sd3(**SD35)
+    prompts = load_prompt_embeds(write_embeddings(tmp_path / "p.safetensors", sd3_embeddings()))
+    plan = TrajectoryPlan(0, 2, 3, SamplerConfig(num_steps=4, guidance_scale=guidance), prompts_digest="a" * 64)
+    items = cached_items(teacher, [0, 1], plan, str(tmp_path / "cache"), progress=False, prompts=prompts)
+    assert items["x"].shape == (16, 4, 8, 8) and items["prompt_index"][:4].tolist() == [0, 1, 2, 0]
+    assert items["pooled_prompt_embeds"] is prompts["pooled_prompt_embeds"] and items["t"].dtype == torch.float32
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(4)
+    assert torch.equal(items["t"][::4], scheduler.timesteps)  # the model's float timestep (1000 sigma), noisiest first
+    seeds = plan.labels_and_seeds(0)[1] + plan.labels_and_seeds(1)[1]
+    condition = prompt_condition(prompts, torch.tensor([0, 1, 2, 0]))
+    final, seen = pipeline_latents(teacher, condition, initial_noise((4, 8, 8), seeds, "cpu"), 4, guidance)
+    ours, trajectory = sample_conditioned(SD3, teacher, condition, seeds, plan.sampler, record_trajectory=True)
+    torch.testing.assert_close(ours, final, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([x for x, _ in trajectory]), torch.cat(seen), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(items["x"], torch.cat(seen), rtol=1e-4, atol=1e-5)  # the items are those x_t
+    again = cached_items(teacher, [0, 1], plan, str(tmp_path / "cache"), progress=False, prompts=prompts)
+    assert all(torch.equal(again[key], items[key]) for key in items)

@@ -2,7 +2,8 @@
 
 No dataset: every trajectory starts from Gaussian noise with random class labels (or, for a
 text-conditioned model, prompts of an embeddings file, cycled) and is sampled by the
-full-precision teacher (DDPM with learned variance or DDIM, with classifier-free guidance) in its
+full-precision teacher with its family's sampler (DDPM with learned variance or DDIM; SD3: flow
+matching, :mod:`vq4dit.flow_matching`, with float timesteps), with classifier-free guidance, in its
 own input space. Every intermediate ``(x_t, t, y)`` (text: ``(x_t, t, prompt_index)``, the prompt
 table kept once) becomes one calibration item; the student and the teacher both see the teacher's
 ``x_t`` (never the student's own trajectory). A trajectory is identified by its plan (labels or
