@@ -6,16 +6,21 @@ import copy
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch import nn
 
+from tests.test_calibration import fit_args
 from tests.test_families import tiny_pixart
 from tests.test_prompts import embeddings, write_embeddings
+from tests.test_trust import error_lines, run_main
+from train import cli_main
+from vq4dit import load_quantized
 from vq4dit.engine import block_losses
 from vq4dit.families import PIXART, SD3, PooledTextPrompts, call_model, conditioning_of, family_of
 from vq4dit.families.guidance import sample_conditioned
 from vq4dit.flow_matching import flow_schedule
 from vq4dit.prompts import check_prompts_fit, load_prompt_embeds, prompt_condition
+from vq4dit.quantize import vq_layers
 from vq4dit.sampling import SamplerConfig, initial_noise
 from vq4dit.trajectories import TrajectoryPlan, cached_items
 
@@ -158,12 +163,15 @@ def test_the_flow_schedule_is_the_diffusers_schedulers(steps, shift):
     assert torch.equal(sigmas, scheduler.sigmas) and torch.equal(timesteps, scheduler.timesteps)
 
 
+NO_TEXT = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3",
+                         "image_encoder", "feature_extractor"))  # the pipeline then takes embeddings
+
+
 def stock_pipeline(transformer: nn.Module) -> StableDiffusion3Pipeline:
     """``StableDiffusion3Pipeline`` on ``transformer`` with SD3's scheduler and no text encoders or
     VAE: it takes embeddings and returns latents (``output_type="latent"``)."""
-    none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-                          "tokenizer_3"))
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **none)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=None, **NO_TEXT)
 
 
 def pipeline_latents(transformer: nn.Module, condition: dict, latents: torch.Tensor, steps: int, guidance: float):
@@ -203,3 +211,91 @@ def test_the_teachers_trajectories_are_the_sd3_pipelines_with_its_scheduler(tmp_
     torch.testing.assert_close(items["x"], torch.cat(seen), rtol=1e-4, atol=1e-5)  # the items are those x_t
     again = cached_items(teacher, [0, 1], plan, str(tmp_path / "cache"), progress=False, prompts=prompts)
     assert all(torch.equal(again[key], items[key]) for key in items)
+
+
+# --- train.py fit end to end, the packed transformer in the stock pipeline ------------------------
+
+SMALL = ["--model.vq.codebook_size=16", "--model.vq.subvector_dim=2", "--data.num_trajectories=2",
+         "--data.classes_per_trajectory=2", "--data.num_steps=6", "--trainer.max_epochs=3"]
+FP_MODULATION = '--model.layers.options={"quantize_modulation": false}'
+
+
+def tiny_vae() -> AutoencoderKL:
+    """A random 2-level VAE (8x8x4 latents of 16x16 images) with an SD3-style shift factor."""
+    torch.manual_seed(1)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=4, sample_size=16, scaling_factor=1.5, shift_factor=0.1).eval()
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny SD3.5 pipeline folder (no text encoders), its pooled prompts, and ``train.py fit`` of
+    it twice: ``packed`` (modulation quantized, the default) and ``fp_modulation/packed``."""
+    root = tmp_path_factory.mktemp("sd3")
+    pipe = stock_pipeline(tiny_sd3(**SD35))
+    pipe.register_modules(vae=tiny_vae())
+    pipe.save_pretrained(root / "pipeline")
+    embeds = write_embeddings(root / "e.safetensors", sd3_embeddings())
+    for out, extra in ((root, []), (root / "fp_modulation", [FP_MODULATION])):
+        cli_main(fit_args(out, *extra, model=["--model.model", str(root / "pipeline"), "--data.prompt_embeds",
+                                              str(embeds), *SMALL]))
+    return root, embeds
+
+
+def relative_error(packed: nn.Module, fp: nn.Module, batch: dict) -> float:
+    with torch.no_grad():
+        reference = call_model(fp, batch)
+        return float((call_model(packed, batch) - reference).norm() / reference.norm())
+
+
+def test_fit_calibrates_an_sd3_folder_and_stock_from_pretrained_loads_the_packed_transformer(fitted):
+    root, _ = fitted
+    fp = SD3Transformer2DModel.from_pretrained(root / "pipeline" / "transformer")
+    packed = SD3Transformer2DModel.from_pretrained(root / "packed")  # stock diffusers, vq4dit's backend
+    fp_modulation = SD3Transformer2DModel.from_pretrained(root / "fp_modulation" / "packed")
+    assert len(vq_layers(packed)) == 29 and len(vq_layers(fp_modulation)) == 25  # 4 modulation Linears FP
+    assert not any("norm1" in name for name in vq_layers(fp_modulation))
+    batch = sd3_batch(3, seed=11)
+    with torch.no_grad():
+        assert torch.equal(call_model(load_quantized(root / "packed"), batch), call_model(packed, batch))
+    errors = [relative_error(model, fp, batch) for model in (packed, fp_modulation)]
+    assert all(0 < error < 0.1 for error in errors), errors  # 2 bits per weight on a random 16-wide model
+    assert sorted(root.rglob("samples/step_*.png"))  # the flow-matching sample grid
+
+
+def generate(pipe: StableDiffusion3Pipeline, condition: dict, output_type: str = "pt") -> torch.Tensor:
+    """``[2, 3, 16, 16]`` images in [0, 1] (or ``[2, 4, 8, 8]`` latents) of two prompts, 3 steps, guidance 4, seed 7."""
+    return pipe(prompt_embeds=condition["prompt_embeds"], pooled_prompt_embeds=condition["pooled_prompt_embeds"],
+                negative_prompt_embeds=condition["negative_prompt_embeds"].expand(2, -1, -1),
+                negative_pooled_prompt_embeds=condition["negative_pooled_prompt_embeds"].expand(2, -1),
+                num_inference_steps=3, guidance_scale=4.0, height=16, width=16, output_type=output_type,
+                generator=torch.Generator().manual_seed(7)).images
+
+
+def test_the_packed_transformer_generates_in_the_stock_sd3_pipeline_and_saves_packed(tmp_path, fitted):
+    root, embeds = fitted
+    condition = prompt_condition(load_prompt_embeds(embeds), torch.tensor([0, 1]))
+    fp_pipe = StableDiffusion3Pipeline.from_pretrained(root / "pipeline", **NO_TEXT)
+    pipe = StableDiffusion3Pipeline.from_pretrained(root / "pipeline", **NO_TEXT,
+                                                    transformer=SD3Transformer2DModel.from_pretrained(root / "packed"))
+    fp_latents, latents = generate(fp_pipe, condition, "latent"), generate(pipe, condition, "latent")
+    error = float((latents - fp_latents).norm() / fp_latents.norm())
+    assert latents.shape == (2, 4, 8, 8) and 0 < error < 0.15, error
+    images = generate(pipe, condition)
+    assert images.shape == (2, 3, 16, 16) and bool(torch.isfinite(images).all())
+    assert float((images - generate(fp_pipe, condition)).abs().mean()) < float((images[0] - images[1]).abs().mean())
+    pipe.save_pretrained(tmp_path / "out")
+    assert SD3Transformer2DModel.load_config(tmp_path / "out" / "transformer")["quantization_config"]["quant_method"] == "vq4dit"
+    loaded = StableDiffusion3Pipeline.from_pretrained(tmp_path / "out", **NO_TEXT)
+    assert len(vq_layers(loaded.transformer)) == 29 and torch.equal(generate(loaded, condition), images)
+
+
+def test_an_sd3_fit_with_a_prompt_file_without_pooled_embeddings_is_one_error_line(tmp_path, monkeypatch, capsys, fitted):
+    plain = write_embeddings(tmp_path / "plain.safetensors", embeddings(3, TOKENS, JOINT))
+    args = fit_args(tmp_path, model=["--model.model", str(fitted[0] / "pipeline"), "--data.prompt_embeds", str(plain), *SMALL])
+    code, err = run_main(monkeypatch, capsys, args)
+    assert code == 2 and "Traceback" not in err and "teacher trajectories" not in err
+    (line,) = error_lines(err)
+    assert "plain.safetensors" in line and "SD3 model needs pooled embeddings" in line, line
+    assert not (tmp_path / "packed").exists()
