@@ -262,6 +262,8 @@ def test_fit_calibrates_an_sd3_folder_and_stock_from_pretrained_loads_the_packed
     errors = [relative_error(model, fp, batch) for model in (packed, fp_modulation)]
     assert all(0 < error < 0.1 for error in errors), errors  # 2 bits per weight on a random 16-wide model
     assert sorted(root.rglob("samples/step_*.png"))  # the flow-matching sample grid
+    card = (root / "packed" / "README.md").read_text()  # its usage names the saved class
+    assert 'SD3Transformer2DModel.from_pretrained("<this repo or folder>")' in card and "DiTTransformer2DModel" not in card
 
 
 def generate(pipe: StableDiffusion3Pipeline, condition: dict, output_type: str = "pt") -> torch.Tensor:

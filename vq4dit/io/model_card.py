@@ -33,6 +33,7 @@ def model_card(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
     """README.md text for ``model`` saved with ``config`` (its ``quantization_config`` holds the
     layers and the optional ``card`` facts) and file ``tensors``."""
     qc = config["quantization_config"]
+    model_class = config.get("_class_name", "DiTTransformer2DModel")  # the usage names the saved class
     card = dict(qc.get("card") or {})
     layers = qc["layers"]
     weights = sum(s["in_features"] * s["out_features"] for s in layers.values())
@@ -81,9 +82,9 @@ def model_card(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor])
         "",
         "```python",
         "import vq4dit  # registers the vq4dit quantization backend with diffusers",
-        "from diffusers import DiTTransformer2DModel",
+        f"from diffusers import {model_class}",
         "",
-        'model = DiTTransformer2DModel.from_pretrained("<this repo or folder>")',
+        f'model = {model_class}.from_pretrained("<this repo or folder>")',
         "```",
         "",
     ]
