@@ -16,6 +16,7 @@ from tests.test_trust import error_lines, run_main
 from train import cli_main
 from vq4dit import load_quantized
 from vq4dit.engine import block_losses
+from vq4dit.evaluation import decode
 from vq4dit.families import PIXART, SD3, PooledTextPrompts, call_model, conditioning_of, family_of
 from vq4dit.families.guidance import sample_conditioned
 from vq4dit.flow_matching import flow_schedule
@@ -286,6 +287,7 @@ def test_the_packed_transformer_generates_in_the_stock_sd3_pipeline_and_saves_pa
     assert latents.shape == (2, 4, 8, 8) and 0 < error < 0.15, error
     images = generate(pipe, condition)
     assert images.shape == (2, 3, 16, 16) and bool(torch.isfinite(images).all())
+    torch.testing.assert_close(decode(latents, pipe.vae), images)  # vq4dit decodes as the pipeline (shift factor)
     assert float((images - generate(fp_pipe, condition)).abs().mean()) < float((images[0] - images[1]).abs().mean())
     pipe.save_pretrained(tmp_path / "out")
     assert SD3Transformer2DModel.load_config(tmp_path / "out" / "transformer")["quantization_config"]["quant_method"] == "vq4dit"

@@ -47,14 +47,17 @@ def load_vae(source: str, device: torch.device | str = "cpu") -> nn.Module:
 def decode(samples: torch.Tensor, vae: nn.Module | None = None) -> torch.Tensor:
     """Model-space samples ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in [0, 1].
 
-    Latent models need ``vae`` (decoded as ``vae.decode(z / s)`` with the VAE's own
-    ``config.scaling_factor`` ``s``: 0.18215 for DiT's, 0.13025 for PixArt-Σ's); pixel-space models
-    (1 or 3 channels) are mapped from [-1, 1].
+    Latent models need ``vae`` (decoded as ``vae.decode(z / s + m)`` with the VAE's own
+    ``config.scaling_factor`` ``s``: 0.18215 for DiT's, 0.13025 for PixArt-Σ's, and its
+    ``config.shift_factor`` ``m``, as StableDiffusion3Pipeline decodes: 0 when the VAE has none);
+    pixel-space models (1 or 3 channels) are mapped from [-1, 1].
     """
     if vae is not None:
         param = next(vae.parameters())
-        scale = getattr(getattr(vae, "config", None), "scaling_factor", None) or LATENT_SCALE
-        pixels = vae.decode(samples.to(param.device, param.dtype) / scale).sample
+        config = getattr(vae, "config", None)
+        scale = getattr(config, "scaling_factor", None) or LATENT_SCALE
+        shift = getattr(config, "shift_factor", None) or 0.0
+        pixels = vae.decode(samples.to(param.device, param.dtype) / scale + shift).sample
         return to_images(pixels.float())
     if samples.shape[1] not in (1, 3):
         raise ValueError(
