@@ -295,11 +295,17 @@ def test_the_packed_transformer_generates_in_the_stock_sd3_pipeline_and_saves_pa
     assert len(vq_layers(loaded.transformer)) == 29 and torch.equal(generate(loaded, condition), images)
 
 
-def test_an_sd3_fit_with_a_prompt_file_without_pooled_embeddings_is_one_error_line(tmp_path, monkeypatch, capsys, fitted):
+@pytest.mark.parametrize("source, message", [
+    ("--data.prompt_embeds", "plain.safetensors: a SD3 model needs pooled embeddings"),
+    ("--data.prompts", "--data.prompts cannot encode the pooled embeddings a SD3 model needs yet"),
+])
+def test_an_sd3_fit_without_pooled_embeddings_is_one_error_line(tmp_path, monkeypatch, capsys, fitted, source, message):
     plain = write_embeddings(tmp_path / "plain.safetensors", embeddings(3, TOKENS, JOINT))
-    args = fit_args(tmp_path, model=["--model.model", str(fitted[0] / "pipeline"), "--data.prompt_embeds", str(plain), *SMALL])
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    given = plain if source == "--data.prompt_embeds" else tmp_path / "prompts.txt"
+    args = fit_args(tmp_path, model=["--model.model", str(fitted[0] / "pipeline"), source, str(given), *SMALL])
     code, err = run_main(monkeypatch, capsys, args)
-    assert code == 2 and "Traceback" not in err and "teacher trajectories" not in err
+    assert code == 2 and "Traceback" not in err and "teacher trajectories" not in err and "encoding" not in err
     (line,) = error_lines(err)
-    assert "plain.safetensors" in line and "SD3 model needs pooled embeddings" in line, line
+    assert message in line, line
     assert not (tmp_path / "packed").exists()

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..evaluation import evaluation_plan
-from ..prompts import check_prompts_fit, file_digest, load_prompt_embeds, prompt_classes
+from ..prompts import check_encodable, check_prompts_fit, file_digest, load_prompt_embeds, prompt_classes
 from ..prompts.encode import encode_file, read_prompts
 from ..sampling import SamplerConfig
 from ..trajectories import EvaluationBatches, ShuffledBatches, TrajectoryPlan, cached_items
@@ -191,6 +191,7 @@ class CalibrationDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         module = self.trainer.lightning_module
         if self.prompts is None and self.hparams.prompts:
+            check_encodable(module.teacher)
             self._encode_prompts(getattr(module, "settings", {}).get("model"))
         check_prompts_fit(module.teacher, self.prompts, self.embeds_file)
         # test / predict: sample i has label i mod num_classes, a class or (text models) a prompt index

@@ -182,5 +182,14 @@ def check_prompts_fit(model: nn.Module, prompts: dict[str, torch.Tensor] | None,
                              f"is {expected}: were they encoded with this model's text encoder?")
 
 
-__all__ = ["CLASSES_FIELD", "KEYS", "POOLED_KEYS", "check_prompts_fit", "file_digest", "load_prompt_embeds", "prompt_classes",
+def check_encodable(model: nn.Module) -> None:
+    """Raise a ValueError when ``--data.prompts`` cannot encode ``model``'s prompts (the encode
+    command writes T5 embeddings only: no pooled embeddings yet), before any encoder is loaded."""
+    family = family_of(model)
+    if isinstance(family.conditioning, PooledTextPrompts):
+        raise ValueError(f"--data.prompts cannot encode the pooled embeddings a {family.name} model needs yet: write "
+                         "an embeddings file from its pipeline's encode_prompt and give --data.prompt_embeds FILE")
+
+
+__all__ = ["CLASSES_FIELD", "KEYS", "POOLED_KEYS", "check_encodable", "check_prompts_fit", "file_digest", "load_prompt_embeds", "prompt_classes",
            "prompt_condition"]
