@@ -1,15 +1,18 @@
 """MMDiT (issue 22): the SD3 / SD3.5 family on tiny random ``SD3Transformer2DModel`` s: default layer
 sets, the pipeline's call, block losses over both streams, pooled prompt files, flow-matching
-trajectories against diffusers' scheduler, and ``train.py fit`` end to end (CPU, offline)."""
+trajectories against the stock pipeline, ``train.py fit`` end to end with the packed transformer in
+the stock ``StableDiffusion3Pipeline``, and ``train.py predict`` (CPU, offline, ~11 s)."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from torch import nn
 
 from tests.test_calibration import fit_args
+from tests.test_evaluation import eval_args
 from tests.test_families import tiny_pixart
 from tests.test_prompts import embeddings, write_embeddings
 from tests.test_trust import error_lines, run_main
@@ -309,3 +312,12 @@ def test_an_sd3_fit_without_pooled_embeddings_is_one_error_line(tmp_path, monkey
     (line,) = error_lines(err)
     assert message in line, line
     assert not (tmp_path / "packed").exists()
+
+
+def test_train_py_predict_samples_the_packed_sd3_with_flow_matching_and_decodes_with_its_vae(tmp_path, fitted):
+    root, embeds = fitted
+    cli_main(eval_args("predict", tmp_path, "--model.model", str(root / "pipeline"), "--data.prompt_embeds", str(embeds),
+                       f"--model.evaluation.quantized={root / 'packed'}", f"--model.evaluation.vae={root / 'pipeline' / 'vae'}"))
+    with np.load(tmp_path / "samples.npz") as archive:
+        assert archive["arr_0"].shape == (12, 16, 16, 3)  # 12 samples, prompt i mod 3
+    assert (tmp_path / "samples" / "labels.txt").read_text().split()[:4] == ["0", "1", "2", "0"]
