@@ -6,11 +6,17 @@ are ``linspace(T sigma_max, T sigma_min, S) / T`` shifted once more (as the sche
 final 0. The model sees the timestep ``T sigma`` (float) and predicts the velocity ``v``; a step is
 ``x <- x + (sigma_next - sigma) v``. Classifier-free guidance combines the two branches as
 ``StableDiffusion3Pipeline`` does: ``v_u + g (v_c - v_u)``.
+
+Flux's resolution-dependent schedule (:func:`dynamic_flow_schedule`): ``FluxPipeline``'s sigmas
+``linspace(1, 1 / S, S)`` shifted exponentially, ``e^mu / (e^mu + 1 / s - 1)``, with ``mu`` linear in
+the image's token count (:func:`image_seq_shift`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import numpy as np
 import torch
@@ -35,6 +41,25 @@ def flow_schedule(num_steps: int, shift: float, train_steps: int = 1000) -> tupl
     return torch.cat([sigmas, torch.zeros(1)]), sigmas * train_steps
 
 
+def image_seq_shift(seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:
+    """``mu`` of an image of ``seq_len`` tokens: linear from ``base_shift`` at ``base_seq_len`` to
+    ``max_shift`` at ``max_seq_len`` (``FluxPipeline``'s ``calculate_shift``, scheduler defaults)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * slope + base_shift - slope * base_seq_len
+
+
+def dynamic_flow_schedule(num_steps: int, mu: float | None, shift: float = 1.0,
+                          train_steps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigmas [S + 1], timesteps [S])`` float32 of ``FluxPipeline``'s ``S = num_steps`` Euler steps:
+    ``linspace(1, 1 / S, S)`` shifted by ``e^mu / (e^mu + 1 / s - 1)`` (dynamic shifting, FLUX.1-dev's
+    scheduler), or statically by ``shift`` when ``mu`` is None (FLUX.1-schnell: shift 1)."""
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+    sigmas = shifted(sigmas, shift) if mu is None else math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+    sigmas = torch.from_numpy(sigmas).to(torch.float32)
+    return torch.cat([sigmas, torch.zeros(1)]), sigmas * train_steps
+
+
 def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """One Euler step ``x + (sigma_next - sigma) v`` (float32 sigmas, 0-dim) in float32, returned in
     ``velocity``'s dtype (the scheduler's ``step``): ``[B, C, H, W]``."""
@@ -51,6 +76,16 @@ class FlowMatchSampler:
 
     shift: float = 3.0
 
+    def latent_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one sample's latents: the model config's ``in_channels`` and ``sample_size``."""
+        return model.config.in_channels, model.config.sample_size, model.config.sample_size
+
+    def schedule(self, model: nn.Module, num_steps: int, train_steps: int,
+                 shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sigmas [S + 1], timesteps [S])`` for ``model``'s latents of ``shape``: :func:`flow_schedule`
+        with ``shift``."""
+        return flow_schedule(num_steps, self.shift, train_steps)
+
     @torch.no_grad()
     def __call__(self, model: nn.Module, labels: torch.Tensor | None, seeds: list[int],
                  config: SamplerConfig = SamplerConfig(), record_trajectory: bool = False, progress: bool = False,
@@ -61,10 +96,9 @@ class FlowMatchSampler:
         on its condition, :mod:`vq4dit.families.guidance`); ``config.sampler`` does not apply."""
         if denoiser is None:
             raise ValueError("flow-matching models are text-conditioned: sample them with a denoiser (a condition)")
-        sigmas, timesteps = flow_schedule(config.num_steps, self.shift, config.train_steps)
-        param = next(model.parameters())
-        cfg = model.config
-        x = initial_noise((cfg.in_channels, cfg.sample_size, cfg.sample_size), seeds, param.device)
+        shape = self.latent_shape(model)
+        sigmas, timesteps = self.schedule(model, config.num_steps, config.train_steps, shape)
+        x = initial_noise(shape, seeds, next(model.parameters()).device)
         trajectory = []
         from tqdm.auto import tqdm
 
@@ -76,4 +110,4 @@ class FlowMatchSampler:
         return (x, trajectory) if record_trajectory else x
 
 
-__all__ = ["FlowMatchSampler", "euler_step", "flow_schedule", "shifted"]
+__all__ = ["FlowMatchSampler", "dynamic_flow_schedule", "euler_step", "flow_schedule", "image_seq_shift", "shifted"]

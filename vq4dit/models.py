@@ -6,8 +6,9 @@ Which Linears get quantized, where the blocks are and how a model is called belo
 ``DiTPipeline`` snapshot or a bare transformer folder), a Hugging Face hub id, or an original
 facebookresearch/DiT ``.pt``/``.pth`` checkpoint, and always returns the model in eval mode:
 in train mode diffusers drops class labels at random in every block. A diffusers folder whose
-``config.json`` names ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel`` (a bare transformer
-folder or a pipeline with ``transformer/``) loads as that class: the text-conditioned families of
+``config.json`` names ``PixArtTransformer2DModel``, ``SD3Transformer2DModel`` or
+``FluxTransformer2DModel`` (a bare transformer folder or a pipeline with ``transformer/``) loads as
+that class: the text-conditioned families of
 :mod:`vq4dit.families`.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 from torch import nn
 
 from vq4dit.convert import (
@@ -155,7 +156,8 @@ _DIT_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # the latter
 _PIXART_CLASS_NAME = "PixArtTransformer2DModel"
 # the other families' classes that a folder or hub config.json may name: name -> (kind, class)
 _TEXT_CLASSES = {_PIXART_CLASS_NAME: ("PixArt", PixArtTransformer2DModel),
-                 "SD3Transformer2DModel": ("SD3", SD3Transformer2DModel)}
+                 "SD3Transformer2DModel": ("SD3", SD3Transformer2DModel),
+                 "FluxTransformer2DModel": ("Flux", FluxTransformer2DModel)}
 _WEIGHT_FILE = re.compile(r"diffusion_pytorch_model.*\.(safetensors|bin)$")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 

@@ -165,8 +165,9 @@ class Calibrator:
     # ------------------------------------------------------------------------------------- loss
     def model_batch(self, batch: Batch) -> Batch:
         """A batch of B items (DiT: ``(x [B, C, H, W], t [B], y [B])``) -> the model batch (2B with
-        the unconditional copies under guidance: null labels, the negative prompt)."""
-        return family_of(self.teacher).conditioning.with_unconditional(batch) if self.guidance_scale > 1.0 else batch
+        the unconditional copies under guidance: null labels, the negative prompt; a guidance-distilled
+        model: B with the guidance scale as an input)."""
+        return family_of(self.teacher).conditioning.guided(batch, self.guidance_scale)
 
     def block_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-block MSE ``[L]`` (0 for other ranks' blocks under a spread) and the output MSE."""

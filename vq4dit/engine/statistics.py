@@ -28,10 +28,10 @@ def strided_items(count: int, max_items: int) -> torch.Tensor:
 def item_batches(items: dict[str, torch.Tensor], index: torch.Tensor, guidance_scale: float,
                  batch_size: int = 8) -> list[Batch]:
     """Model batches of the items ``index [M]`` (class labels: ``(x, t, y)`` tuples; text: dicts),
-    with the unconditional copies (null label, negative prompt) when ``guidance_scale > 1``."""
+    guided as the conditioning guides: with the unconditional copies (null label, negative prompt)
+    when ``guidance_scale > 1``; a guidance-distilled model's with the scale as an input."""
     conditioning = conditioning_of(items)
-    batches = [conditioning.batch(items, chunk) for chunk in index.split(batch_size)]
-    return [conditioning.with_unconditional(b) for b in batches] if guidance_scale > 1.0 else batches
+    return [conditioning.guided(conditioning.batch(items, chunk), guidance_scale) for chunk in index.split(batch_size)]
 
 
 @torch.no_grad()

@@ -11,13 +11,14 @@ from torch import nn
 
 from .base import Family, FilterFn, ModelInputs, UnsupportedModelError, capture_blocks
 from .conditioning import (
-    Batch, ClassLabels, Conditioning, PooledTextPrompts, TextPrompts, batch_size, batch_to, conditioning_of,
+    Batch, ClassLabels, Conditioning, DistilledTextPrompts, PooledTextPrompts, TextPrompts, batch_size, batch_to, conditioning_of,
 )
 from .dit import DIT
+from .flux import FLUX
 from .pixart import PIXART
 from .sd3 import SD3
 
-FAMILIES: tuple[Family, ...] = (DIT, PIXART, SD3)
+FAMILIES: tuple[Family, ...] = (DIT, PIXART, SD3, FLUX)
 
 
 def family_of(model: nn.Module) -> Family:
@@ -45,7 +46,7 @@ def call_model(model: nn.Module, batch: Batch, device: torch.device | str | None
 
 
 __all__ = [
-    "Batch", "ClassLabels", "Conditioning", "DIT", "FAMILIES", "Family", "FilterFn", "ModelInputs", "PIXART",
+    "Batch", "ClassLabels", "Conditioning", "DIT", "DistilledTextPrompts", "FAMILIES", "FLUX", "Family", "FilterFn", "ModelInputs", "PIXART",
     "PooledTextPrompts", "SD3", "TextPrompts", "UnsupportedModelError", "batch_size", "batch_to", "block_modules", "call_model",
     "capture_blocks", "conditioning_of", "family_of",
 ]

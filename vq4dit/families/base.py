@@ -22,12 +22,18 @@ from .conditioning import Batch, Conditioning, batch_to
 
 FilterFn = Callable[[nn.Module, str], bool]
 ModelInputs = tuple[tuple[Any, ...], dict[str, Any]]
+OutputFn = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]  # (model, batch, .sample) -> [B, C_out, H, W]
 SampleFn = Callable[..., Any]  # vq4dit.sampling.sample's signature: (model, labels, seeds, config, record, progress, denoiser)
 
 
 class UnsupportedModelError(TypeError, ValueError):
     """A model of a class no family describes (a ``ValueError`` too: the CLI prints it as one
     ``error:`` line)."""
+
+
+def as_it_is(model: nn.Module, batch: Any, sample: torch.Tensor) -> torch.Tensor:
+    """The default :attr:`Family.output`: a model's ``.sample`` already is ``[B, C_out, H, W]``."""
+    return sample
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class Family:
             DDPM / DDIM by default, :class:`vq4dit.flow_matching.FlowMatchSampler` for flow matching.
         text_channels: prompt-file key -> the model config field its last dimension must equal
             (text families), e.g. ``{"prompt_embeds": "caption_channels"}``.
+        output: ``(model, batch, sample) -> [B, C_out, H, W]``: the model's ``.sample`` in the
+            batch's latent layout (Flux unpacks its 2x2 tokens); default: as it is.
     """
 
     name: str
@@ -66,6 +74,7 @@ class Family:
     default_options: Mapping[str, bool] = field(default_factory=dict)
     sampler: SampleFn = sample
     text_channels: Mapping[str, str] = field(default_factory=dict)
+    output: OutputFn = as_it_is
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The transformer blocks of ``model``, in forward order."""
@@ -99,9 +108,11 @@ class Family:
         return lambda module, name: isinstance(module, nn.Linear) and pattern.fullmatch(name) is not None
 
     def forward(self, model: nn.Module, batch: Batch, device: torch.device | str | None = None) -> torch.Tensor:
-        """``model``'s output ``.sample`` on one model batch (moved to ``device`` first when given)."""
-        args, kwargs = self.inputs(model, batch if device is None else batch_to(batch, device))
-        return model(*args, **kwargs).sample
+        """``model``'s output ``.sample`` ``[B, C_out, H, W]`` on one model batch (moved to ``device``
+        first when given), in the batch's latent layout (:attr:`output`)."""
+        batch = batch if device is None else batch_to(batch, device)
+        args, kwargs = self.inputs(model, batch)
+        return self.output(model, batch, model(*args, **kwargs).sample)
 
 
 @contextlib.contextmanager

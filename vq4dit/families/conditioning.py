@@ -1,12 +1,13 @@
-"""How calibration items are conditioned: class labels (DiT), text prompts (PixArt) or text prompts
-with pooled embeddings (SD3).
+"""How calibration items are conditioned: class labels (DiT), text prompts (PixArt), text prompts
+with pooled embeddings (SD3) or those of a guidance-distilled model, without a negative prompt (Flux).
 
 A set of calibration items is a dict of tensors. Its *item* keys hold one row per item (``x [M, C,
 H, W]``, ``t [M]`` and the conditioning: a class label or a prompt index); its *shared* keys hold
 what the data source keeps once (a prompt table, the conditioning of the unconditional branch of
 classifier-free guidance). A *batch* holds the conditioning of B items plus the unconditional
 branch's; doubled with its unconditional copy it is a model
-batch of 2B. Class-label batches are the tuple ``(x, t, y)`` (a dict with those keys works too);
+batch of 2B (:meth:`guided`; a guidance-distilled model's batch stays B and carries the guidance
+scale instead). Class-label batches are the tuple ``(x, t, y)`` (a dict with those keys works too);
 text batches are dicts. Nothing here knows a model class: :mod:`vq4dit.families` maps a batch to
 a model call.
 """
@@ -58,6 +59,10 @@ class ClassLabels:
         doubled = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_CLASS)]))
         return dict(zip(self.item_keys, doubled)) if isinstance(batch, Mapping) else doubled
 
+    def guided(self, batch: Batch, guidance_scale: float) -> Batch:
+        """The model batch of guided sampling: :meth:`with_unconditional` when ``guidance_scale > 1``."""
+        return self.with_unconditional(batch) if guidance_scale > 1.0 else batch
+
 
 class TextPrompts:
     """A prompt index per item (``prompt_index [M]`` long) into a table held once: ``prompt_embeds
@@ -97,6 +102,8 @@ class TextPrompts:
             "prompt_attention_mask": torch.cat([mask, negative_mask.to(mask.dtype).expand(size, -1)]),
         }
 
+    guided = ClassLabels.guided
+
 
 class PooledTextPrompts(TextPrompts):
     """:class:`TextPrompts` plus one pooled embedding per prompt (SD3's CLIP pooled outputs): the
@@ -122,9 +129,36 @@ class PooledTextPrompts(TextPrompts):
         return {**super().with_unconditional(batch), "pooled_prompt_embeds": doubled}
 
 
+class DistilledTextPrompts(PooledTextPrompts):
+    """The pooled prompts of a guidance-distilled model (FLUX.1): ``prompt_embeds [N, T, C]``,
+    ``prompt_attention_mask [N, T]``, ``pooled_prompt_embeds [N, P]`` and no negative prompt: there
+    is no unconditional branch; the guidance scale goes into the model batch as ``guidance [B]``."""
+
+    name = "pooled text prompts, embedded guidance"
+    shared_keys = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")
+    batch_keys = ("x", "t", *shared_keys)
+
+    def batch(self, items: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{x [B, C, H, W], t [B], prompt_embeds [B, T, C'], prompt_attention_mask [B, T],
+        pooled_prompt_embeds [B, P]}`` of the items ``index [B]``."""
+        prompts = items["prompt_index"][index]
+        return {"x": items["x"][index], "t": items["t"][index],
+                **{key: items[key][prompts] for key in self.shared_keys}}
+
+    def with_unconditional(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise ValueError("a guidance-distilled model has no unconditional branch: its guidance scale is an input")
+
+    def guided(self, batch: Mapping[str, torch.Tensor], guidance_scale: float) -> dict[str, torch.Tensor]:
+        """The B items with ``guidance [B]`` float32 = ``guidance_scale`` (whatever its value, as
+        ``FluxPipeline`` passes its ``guidance_scale``)."""
+        scale = torch.full((batch_size(batch),), float(guidance_scale), device=batch["x"].device)
+        return {**batch, "guidance": scale}
+
+
 # the pooled conditioning first: its keys are a superset of the plain text prompts'
-CONDITIONINGS: tuple[ClassLabels | TextPrompts, ...] = (ClassLabels(), PooledTextPrompts(), TextPrompts())
-Conditioning = Union[ClassLabels, TextPrompts, PooledTextPrompts]
+CONDITIONINGS: tuple[ClassLabels | TextPrompts, ...] = (ClassLabels(), PooledTextPrompts(), TextPrompts(),
+                                                        DistilledTextPrompts())
+Conditioning = Union[ClassLabels, TextPrompts, PooledTextPrompts, DistilledTextPrompts]
 
 
 def conditioning_of(source: Batch) -> Conditioning:

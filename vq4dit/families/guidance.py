@@ -19,17 +19,18 @@ def denoiser(family: Family, model: nn.Module, condition: Mapping[str, torch.Ten
     """``(x [B, C, H, W], t [B]) -> [B, C_out, H, W]``: ``model``'s output on ``condition`` (a text
     condition: ``prompt_embeds [B, T, C']``, ``prompt_attention_mask [B, T]``,
     ``negative_prompt_embeds [1, T, C']``, ``negative_prompt_attention_mask [1, T]``; pooled families:
-    ``pooled_prompt_embeds [B, P]``, ``negative_pooled_prompt_embeds [1, P]``), guided
-    against the family's unconditional branch when ``guidance_scale > 1``."""
+    ``pooled_prompt_embeds [B, P]``, ``negative_pooled_prompt_embeds [1, P]``; guidance-distilled
+    ones: no negative keys), guided as the family's conditioning guides (:meth:`guided`): against
+    its unconditional branch when ``guidance_scale > 1`` (a 2B model batch), or by the scale as an
+    input (a B batch)."""
     device = next(model.parameters()).device
     condition = {key: value.to(device) for key, value in condition.items()}
 
     def output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        batch = {"x": x, "t": t, **condition}
-        if guidance_scale == 1.0:
-            return family.forward(model, batch)
-        both = family.forward(model, family.conditioning.with_unconditional(batch))
-        return combine_guidance(both, x.shape[1], guidance_scale, guided_channels)
+        out = family.forward(model, family.conditioning.guided({"x": x, "t": t, **condition}, guidance_scale))
+        if out.shape[0] == x.shape[0]:
+            return out
+        return combine_guidance(out, x.shape[1], guidance_scale, guided_channels)
 
     return output
 

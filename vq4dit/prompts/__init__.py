@@ -2,7 +2,9 @@
 
 The file is a safetensors file with exactly four tensors, six for a family conditioned on pooled
 embeddings too (what a pipeline's ``encode_prompt`` returns, once for N prompts and once for the
-negative prompt; SD3's pipeline has no masks: write ones):
+negative prompt; SD3's pipeline has no masks: write ones), three for a guidance-distilled family
+(Flux: ``prompt_embeds``, ``prompt_attention_mask`` (ones) and ``pooled_prompt_embeds``, no negative
+keys: such a model has no unconditional branch, a file with them is refused):
 
 ======================================  ============  ================================================
 key                                     shape         dtype
@@ -11,8 +13,8 @@ key                                     shape         dtype
 ``prompt_attention_mask``               ``[N, T]``     int32 / int64, values 0 / 1
 ``negative_prompt_embeds``              ``[1, T, C]``  float
 ``negative_prompt_attention_mask``      ``[1, T]``     int32 / int64, values 0 / 1
-``pooled_prompt_embeds``                ``[N, P]``     float: families with pooled embeddings (SD3) only
-``negative_pooled_prompt_embeds``       ``[1, P]``     float: with the former
+``pooled_prompt_embeds``                ``[N, P]``     float: families with pooled embeddings (SD3, Flux) only
+``negative_pooled_prompt_embeds``       ``[1, P]``     float: with the former (not Flux)
 ======================================  ============  ================================================
 
 Every mistake is a ``ValueError`` naming the file and the problem (the CLI prints it as one
@@ -32,28 +34,34 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..families import PooledTextPrompts, TextPrompts, family_of
+from ..families import DistilledTextPrompts, PooledTextPrompts, TextPrompts, family_of
 
 CLASSES_FIELD = "vq4dit_prompt_classes"  # optional metadata: JSON list, the class each prompt names
 KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 POOLED_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")  # [N, P], [1, P]: SD3's pooled CLIP
+DISTILLED_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")  # Flux: no negative prompt
 _MASK_DTYPES = (torch.int32, torch.int64)
 
 
 def _check(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """Raise a ValueError naming the first problem of ``tensors`` (read from ``path``)."""
     where = f"prompt embeddings {path}"
-    expected = (*KEYS, *POOLED_KEYS) if any(k in tensors for k in POOLED_KEYS) else KEYS
+    negative = any(k.startswith("negative") for k in tensors)
+    if POOLED_KEYS[0] in tensors and not negative:
+        expected = DISTILLED_KEYS
+    else:
+        expected = (*KEYS, *POOLED_KEYS) if any(k in tensors for k in POOLED_KEYS) else KEYS
     missing, extra = [k for k in expected if k not in tensors], sorted(set(tensors) - set(expected))
     if missing or extra:
         parts = ([f"lacks {', '.join(missing)}"] if missing else []) + ([f"has extra {', '.join(extra)}"] if extra else [])
         raise ValueError(f"{where} {' and '.join(parts)}; expected exactly {', '.join(KEYS)} "
-                         f"(and {', '.join(POOLED_KEYS)} for pooled families)")
+                         f"(and {', '.join(POOLED_KEYS)} for pooled families; Flux: {', '.join(DISTILLED_KEYS)})")
     embeds, mask = tensors["prompt_embeds"], tensors["prompt_attention_mask"]
-    negative, negative_mask = tensors["negative_prompt_embeds"], tensors["negative_prompt_attention_mask"]
-    for key, tensor, rank, shape in (("prompt_embeds", embeds, 3, "[N, T, C]"), ("prompt_attention_mask", mask, 2, "[N, T]"),
-                                     ("negative_prompt_embeds", negative, 3, "[1, T, C]"),
-                                     ("negative_prompt_attention_mask", negative_mask, 2, "[1, T]")):
+    for key, rank, shape in (("prompt_embeds", 3, "[N, T, C]"), ("prompt_attention_mask", 2, "[N, T]"),
+                             ("negative_prompt_embeds", 3, "[1, T, C]"), ("negative_prompt_attention_mask", 2, "[1, T]")):
+        tensor = tensors.get(key)
+        if tensor is None:
+            continue
         if tensor.ndim != rank:
             raise ValueError(f"{where}: {key} is {tuple(tensor.shape)}, expected {shape}")
         if key.endswith("mask") and tensor.dtype not in _MASK_DTYPES:
@@ -66,23 +74,25 @@ def _check(path: str, tensors: dict[str, torch.Tensor]) -> None:
     if mask.shape != (count, tokens):
         raise ValueError(f"{where}: prompt_attention_mask is {tuple(mask.shape)}, prompt_embeds {tuple(embeds.shape)}: "
                          f"expected [N, T] = {[count, tokens]}")
-    if negative.shape != (1, tokens, channels) or negative_mask.shape != (1, tokens):
+    negative, negative_mask = tensors.get("negative_prompt_embeds"), tensors.get("negative_prompt_attention_mask")
+    if negative is not None and (negative.shape != (1, tokens, channels) or negative_mask.shape != (1, tokens)):
         raise ValueError(f"{where}: negative_prompt_embeds {tuple(negative.shape)} / negative_prompt_attention_mask "
                          f"{tuple(negative_mask.shape)} do not match prompt_embeds {tuple(embeds.shape)}: expected "
                          f"[1, T, C] = {[1, tokens, channels]} and [1, T] = {[1, tokens]}")
     if expected != KEYS:
         _check_pooled(where, tensors, count)
-    for key in ("prompt_embeds", "negative_prompt_embeds", *(POOLED_KEYS if expected != KEYS else ())):
+    for key in (k for k in expected if k.endswith("embeds")):
         if not bool(torch.isfinite(tensors[key]).all()):
             raise ValueError(f"{where}: {key} holds NaN/Inf")
-    for key in ("prompt_attention_mask", "negative_prompt_attention_mask"):
+    for key in (k for k in expected if k.endswith("mask")):
         if not bool(((tensors[key] == 0) | (tensors[key] == 1)).all()):
             raise ValueError(f"{where}: {key} holds values other than 0 and 1")
 
 
 def _check_pooled(where: str, tensors: dict[str, torch.Tensor], count: int) -> None:
     """Raise a ValueError naming the first problem of the pooled embeddings of ``count`` prompts."""
-    pooled, negative = tensors["pooled_prompt_embeds"], tensors["negative_pooled_prompt_embeds"]
+    pooled = tensors["pooled_prompt_embeds"]
+    negative = tensors.get("negative_pooled_prompt_embeds", pooled[:1])  # Flux files have none
     for key, tensor in zip(POOLED_KEYS, (pooled, negative)):
         if tensor.ndim != 2 or not tensor.is_floating_point():
             raise ValueError(f"{where}: {key} is {tuple(tensor.shape)} {tensor.dtype}, expected a floating "
@@ -93,7 +103,7 @@ def _check_pooled(where: str, tensors: dict[str, torch.Tensor], count: int) -> N
 
 
 def load_prompt_embeds(path: str | Path) -> dict[str, torch.Tensor]:
-    """The four (pooled: six) checked tensors of a prompt-embeddings file: embeddings as float32
+    """The four (pooled: six; Flux: three) checked tensors of a prompt-embeddings file: embeddings as float32
     (``[N, T, C]``, ``[1, T, C]``; ``[N, P]``, ``[1, P]``), masks as int64 (``[N, T]``, ``[1, T]``).
 
     Raises:
@@ -175,6 +185,14 @@ def check_prompts_fit(model: nn.Module, prompts: dict[str, torch.Tensor] | None,
         wanted = "needs" if pooled else "takes no"
         raise ValueError(f"prompt embeddings {path}: a {family.name} model {wanted} pooled embeddings "
                          f"({', '.join(POOLED_KEYS)}); encode the prompts with this model's pipeline")
+    negative, distilled = [k for k in prompts if k.startswith("negative")], isinstance(family.conditioning, DistilledTextPrompts)
+    if distilled and negative:
+        raise ValueError(f"prompt embeddings {path}: a {family.name} model is guidance-distilled, with no unconditional "
+                         f"branch (the guidance scale is its input): its file holds no negative prompt; drop "
+                         f"{', '.join(negative)}")
+    if text and not distilled and not negative:
+        raise ValueError(f"prompt embeddings {path}: a {family.name} model needs the negative prompt of its "
+                         f"unconditional branch: {', '.join(k for k in family.conditioning.shared_keys if k.startswith('negative'))}")
     for key, field in family.text_channels.items():
         channels, expected = prompts[key].shape[-1], getattr(model.config, field)
         if channels != expected:
@@ -191,5 +209,5 @@ def check_encodable(model: nn.Module) -> None:
                          "an embeddings file from its pipeline's encode_prompt and give --data.prompt_embeds FILE")
 
 
-__all__ = ["CLASSES_FIELD", "KEYS", "POOLED_KEYS", "check_encodable", "check_prompts_fit", "file_digest", "load_prompt_embeds", "prompt_classes",
+__all__ = ["CLASSES_FIELD", "DISTILLED_KEYS", "KEYS", "POOLED_KEYS", "check_encodable", "check_prompts_fit", "file_digest", "load_prompt_embeds", "prompt_classes",
            "prompt_condition"]
