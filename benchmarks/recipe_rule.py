@@ -89,7 +89,7 @@ def _pixart() -> SuiteModel:
     from vq4dit.reference import load_reference_classifier
 
     return SuiteModel("configs/pixart_reference.yaml", load_pixart_reference_model, load_reference_classifier,
-                      lambda: load_real_images("digits"), 40, 400, 25, 4.0, str(CALIBRATION_PROMPTS))
+                      lambda: load_real_images("digits"), 40, 400, 25, 1.5, str(CALIBRATION_PROMPTS))
 
 
 MODELS = {"digits": _digits, "rgb": _rgb, "pixart": _pixart}
