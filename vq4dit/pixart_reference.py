@@ -69,7 +69,7 @@ def load_pixart_reference_model(path: str | Path = PIXART_ASSETS_DIR) -> nn.Modu
     """The reference ``PixArtTransformer2DModel`` in eval mode, float32 (stored FP16), CPU."""
     from .models import load_dit
 
-    return load_dit(str(Path(path) / "transformer"), dtype=torch.float32)
+    return load_dit(str(Path(path) / "transformer")).float()  # .to(float32) would warn about fp32 modules
 
 
 def load_pixart_reference_text(path: str | Path = PIXART_ASSETS_DIR) -> tuple[WordTokenizer, TinyTextEncoder]:
