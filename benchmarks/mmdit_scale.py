@@ -127,10 +127,10 @@ def trajectory_row(config: dict, forward: Counts, run: tuple[int, int, int]) -> 
         "-", f"{fmt_s(calls * forward.projected_s(opt))} - {fmt_s(calls * forward.projected_s(pes))}")}
 
 
-def model_columns(name: str, bits: tuple[int, ...], items: tuple[int, int], kmeans_iters: int,
-                  started: Timer) -> dict[str, dict[str, tuple[str, ...]]]:
-    """``{column: {quantity: (per block, whole model)}}`` of one SD3.5 model, a column per bit width."""
-    config, run = MODELS[name]
+def model_columns(config: dict, run: tuple[int, int, int], bits: tuple[int, ...], items: tuple[int, int],
+                  kmeans_iters: int, started: Timer) -> dict[str, dict[str, tuple[str, ...]]]:
+    """``{column: {quantity: (per block, whole model)}}`` of one model (``config``, the config's ``run``), a
+    column per bit width."""
     with torch.device("meta"):
         shapes = [(m.out_features, m.in_features) for n, m in SD3Transformer2DModel(**config).named_modules()
                   if SD3.linear_filter()(m, n)]
@@ -142,10 +142,24 @@ def model_columns(name: str, bits: tuple[int, ...], items: tuple[int, int], kmea
                                              output_tokens=tokens(config) + TEXT_TOKENS))
         vq, _ = recipe_settings("quality", b, kmeans_iters=25)
         kmeans = project_kmeans(measure_kmeans(vq, hidden(config), 2), hidden(config), 2, 25, shapes)
-        rows = scale_rows(config, measured, kmeans, (b,), SD3, TEXT_TOKENS, run)
-        columns[f"w{b}"] = {**rows, **inference_rows(config, (b,), activations), **trajectory_row(config, forward, run)}
-        print(f"measured: SD3.5-{name} w{b} ({started.elapsed:.0f} s)", flush=True)
+        rows = {**scale_rows(config, measured, kmeans, (b,), SD3, TEXT_TOKENS, run),
+                **inference_rows(config, (b,), activations), **trajectory_row(config, forward, run)}
+        columns[f"w{b}"] = {q.replace(f" w{b}", ""): cells for q, cells in rows.items()}  # the column names the bits
+        print(f"measured: {hidden(config)} wide, w{b} ({started.elapsed:.0f} s)", flush=True)
     return columns
+
+
+def table(name: str, columns: dict[str, dict[str, tuple[str, ...]]], items: tuple[int, int],
+          config: dict | None = None) -> str:
+    """One model's caption and markdown table: a row per quantity, per column its per-block and model cells."""
+    config = config or MODELS[name][0]
+    layers = config["num_layers"]
+    caption = (f"SD3.5-{name} ({layers} joint blocks, {hidden(config)} wide, 1024 px: {tokens(config)} image + "
+               f"{TEXT_TOKENS} text tokens), default recipe, bf16-mixed, bf16 teacher, all soft (first step), batch "
+               f"4 + 4 (extrapolated from {' and '.join(f'{i} + {i}' for i in items)}); {machine_line(label='measured on')}")
+    names = list(next(iter(columns.values())))
+    header = ["quantity"] + [f"{c} {part}" for c in columns for part in ("per block", f"model ({layers} blocks)")]
+    return caption + "\n\n" + markdown_table(header, [[q, *(cell for c in columns.values() for cell in c[q])] for q in names])
 
 
 def main() -> None:
@@ -154,19 +168,10 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3])
     args = parse_measure_arguments(parser)
     started = Timer()
-    tables = {name: model_columns(name, tuple(args.bits), tuple(args.items), args.kmeans_iters, started)
-              for name in args.models}
-    print(f"\n{PROJECTION_BANNER}\n")
-    for name, columns in tables.items():
-        config, run = MODELS[name]
-        layers = config["num_layers"]
-        print(f"SD3.5-{name} ({layers} joint blocks, {hidden(config)} wide, 1024 px: {tokens(config)} image + "
-              f"{TEXT_TOKENS} text tokens), default recipe, bf16-mixed, bf16 teacher, all soft (first step), batch "
-              f"4 + 4 (extrapolated from {' and '.join(f'{i} + {i}' for i in args.items)}); "
-              f"{machine_line(label='measured on')}\n")
-        names = list(next(iter(columns.values())))
-        header = ["quantity"] + [f"{c} {part}" for c in columns for part in ("per block", f"model ({layers} blocks)")]
-        print(markdown_table(header, [[q, *(cell for c in columns.values() for cell in c[q])] for q in names]) + "\n")
+    print(f"{PROJECTION_BANNER}\n", flush=True)
+    for name in args.models:  # each table as soon as its model is measured
+        columns = model_columns(*MODELS[name], tuple(args.bits), tuple(args.items), args.kmeans_iters, started)
+        print(table(name, columns, tuple(args.items)) + "\n", flush=True)
     print(f"script wall time: {started.elapsed:.0f} s")
 
 

@@ -4,8 +4,9 @@ tested) and builds the real SD3.5 shapes on meta."""
 import torch
 
 from benchmarks.mmdit_scale import (
-    MODELS, TEXT_TOKENS, forward_measurements, inference_rows, one_block_sd3, parameters, sd3_items, trajectory_row,
+    MODELS, TEXT_TOKENS, forward_measurements, inference_rows, model_columns, one_block_sd3, parameters, sd3_items, table, trajectory_row,
 )
+from benchmarks.common import Timer
 from benchmarks.pixart_scale import measure_block, paper_batch, scale_rows
 from benchmarks.roofline import Counts
 from vq4dit.families import SD3
@@ -40,3 +41,13 @@ def test_the_measured_block_is_a_full_joint_block_and_the_table_computes_on_a_ti
     assert "**inference w3: packed weights + activations (GB)**" in inference
     (cells,) = trajectory_row(TINY, forward, (2, 2, 3)).values()
     assert cells[0] == "-" and " - " in cells[1]
+
+
+def test_the_tables_columns_per_bit_width_have_the_same_rows_and_print():
+    torch.set_num_threads(1)
+    columns = model_columns(TINY, (2, 2, 3), (2, 3), (1, 2), 0, Timer())
+    assert list(columns) == ["w2", "w3"] and list(columns["w2"]) == list(columns["w3"])
+    assert "packed file, MiB (FP tensors float32)" in columns["w3"]
+    text = table("tiny", columns, (1, 2), TINY)
+    assert "| quantity | w2 per block | w2 model (3 blocks) | w3 per block | w3 model (3 blocks) |" in text
+    assert "**inference: packed weights + activations (GB)**" in text
