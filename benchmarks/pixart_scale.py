@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import PixArtTransformer2DModel
@@ -44,7 +44,7 @@ from benchmarks.roofline import PROJECTION_BANNER, SCENARIOS, Counts, count_ops,
 from benchmarks.throughput import CalibrationStep
 from callbacks import CandidatePruning
 from vq4dit.engine import Calibrator
-from vq4dit.families import PIXART
+from vq4dit.families import PIXART, Family
 from vq4dit.layers import VQLinear
 from vq4dit.size import SizeReport, size_report
 
@@ -74,12 +74,12 @@ def hidden(config: dict) -> int:
     return config["num_attention_heads"] * config["attention_head_dim"]
 
 
-def packed_report(config: dict, bits: int) -> SizeReport:
+def packed_report(config: dict, bits: int, family: Family = PIXART) -> SizeReport:
     """Size accounting of the whole model at ``bits`` (default recipe: row scales), built on meta."""
     vq, _ = recipe_settings("quality", bits)
     with torch.device("meta"):
-        model = PixArtTransformer2DModel(**config)
-    chosen = PIXART.linear_filter()
+        model = family.model_class(**config)
+    chosen = family.linear_filter()
     for name, linear in [(n, m) for n, m in model.named_modules() if chosen(m, n)]:
         parent, _, child = name.rpartition(".")
         layer = VQLinear(linear.in_features, linear.out_features, vq, bias=linear.bias is not None, device="meta")
@@ -128,20 +128,30 @@ class SavedTensors:
         return sum(self.seen.values())
 
 
+def one_block_pixart(config: dict) -> torch.nn.Module:
+    """A 1-block ``PixArtTransformer2DModel`` of ``config`` (random weights)."""
+    return PixArtTransformer2DModel(**{**config, "num_layers": 1})
+
+
 def measure_block(config: dict, bits: int, items: tuple[int, ...] = (1, 2), text_tokens: int = TEXT_TOKENS,
-                  statistics_items: int = 1, kmeans_iters: int = 2) -> dict[int, dict[str, Any]]:
-    """One real block of ``config`` (a 1-block model, random weights) built once as a fit builds it (default
-    recipe, ``statistics_items`` items for its statistics, ``kmeans_iters`` Lloyd iterations), then per entry
-    of ``items`` one soft calibration step from that start on so many prompts + their negative copies:
-    ``{items: byte sizes, CPU seconds of the build, op counts of the step}``."""
+                  statistics_items: int = 1, kmeans_iters: int = 2, family: Family = PIXART,
+                  build: Callable[[dict], torch.nn.Module] = one_block_pixart,
+                  make_items: Callable[..., dict[str, torch.Tensor]] = text_items,
+                  output_tokens: int | None = None) -> dict[int, dict[str, Any]]:
+    """One real block of ``config`` (``build``: a 1-block model of ``family``, random weights) built once as
+    a fit builds it (default recipe, ``statistics_items`` items of ``make_items(config, count, text_tokens,
+    seed)`` for its statistics, ``kmeans_iters`` Lloyd iterations), then per entry of ``items`` one soft
+    calibration step from that start on so many prompts + their negative copies: ``{items: byte sizes, CPU
+    seconds of the build, op counts of the step}``. ``output_tokens``: the tokens of the block output the
+    loss keeps (default: the image tokens)."""
     torch.manual_seed(0)
-    teacher = PixArtTransformer2DModel(**{**config, "num_layers": 1}).eval()
+    teacher = build(config).eval()
     vq, calibration = recipe_settings("quality", bits, {"teacher_dtype": "bfloat16"}, kmeans_iters=kmeans_iters)
-    statistics = text_items(config, statistics_items, text_tokens, seed=1)
+    statistics = make_items(config, statistics_items, text_tokens, seed=1)
     with Timer() as build:
         engine = Calibrator.build(teacher, vq, calibration, guidance_scale=GUIDANCE, progress=False, items=statistics)
     start = engine.snapshot()
-    t_block, s_block = PIXART.blocks(engine.teacher)[0], PIXART.blocks(engine.student)[0]
+    t_block, s_block = family.blocks(engine.teacher)[0], family.blocks(engine.student)[0]
     layers = [m for m in s_block.modules() if isinstance(m, VQLinear)]
     results = {}
     for count in items:
@@ -150,7 +160,7 @@ def measure_block(config: dict, bits: int, items: tuple[int, ...] = (1, 2), text
         engine.update_codebook_trainability()
         step = CalibrationStep(engine, CandidatePruning(), bf16_autocast)
         steady_optimizer(step.optimizer)
-        batch = PIXART.conditioning.batch(text_items(config, count, text_tokens), torch.arange(count))
+        batch = family.conditioning.batch(make_items(config, count, text_tokens), torch.arange(count))
         saved = SavedTensors(engine.student)
 
         state = [v for s in step.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
@@ -159,7 +169,7 @@ def measure_block(config: dict, bits: int, items: tuple[int, ...] = (1, 2), text
             "student_block": nbytes((*s_block.parameters(), *s_block.buffers())),
             "optimizer": nbytes(state),
             "logit_grads": nbytes(m.candidate_logits for m in layers),  # alive from the backward to the step
-            "teacher_output": 2 * count * tokens(config) * hidden(config) * 2,  # kept for the block loss, bf16
+            "teacher_output": 2 * count * (output_tokens or tokens(config)) * hidden(config) * 2,  # kept for the loss, bf16
         }
 
         def calibration_step() -> None:
@@ -197,10 +207,12 @@ def block_input_bytes(config: dict, text_tokens: int = TEXT_TOKENS) -> int:
     return 2 * (tokens(config) + text_tokens + 6) * hidden(config) * 2
 
 
-def scale_rows(config: dict, measured: dict[str, Any], kmeans: Counts, bits: tuple[int, ...]) -> dict[str, tuple[str, str]]:
-    """``{quantity: (per block, whole model)}`` of one resolution from its measurements at the paper batch."""
+def scale_rows(config: dict, measured: dict[str, Any], kmeans: Counts, bits: tuple[int, ...], family: Family = PIXART,
+               text_tokens: int = TEXT_TOKENS, run: tuple[int, int, int] = RUN) -> dict[str, tuple[str, str]]:
+    """``{quantity: (per block, whole model)}`` of one model and resolution from its measurements at the paper
+    batch; ``run``: the config's trajectories, prompts per trajectory and steps."""
     opt, pes = SCENARIOS
-    layers, items = config["num_layers"], RUN[0] * RUN[1] * RUN[2]
+    layers, items = config["num_layers"], run[0] * run[1] * run[2]
     state = measured["teacher_block"] + measured["student_block"] + measured["optimizer"] + measured["teacher_output"]
     saved = measured["saved"]
     peak = state + max(saved, measured["logit_grads"])
@@ -216,9 +228,9 @@ def scale_rows(config: dict, measured: dict[str, Any], kmeans: Counts, bits: tup
         "held all step: teacher + student block, RMSprop state, teacher block output (GB)": (gb(state), gb(layers * state)),
         "saved for the backward at 4 + 4 (GB)": (gb(saved), gb(layers * saved)),
         "**calibration step peak, GPU (GB)**": (gb(peak, True), gb(layers * peak, True)),
-        f"block inputs of {items:,} items if recorded (GB, bf16)": (gb(items * block_input_bytes(config)),
-                                                                   gb(layers * items * block_input_bytes(config))),
-        f"trajectory items {RUN[0]} x {RUN[1]} x {RUN[2]}, host RAM (GB)": ("-", gb(items * item_bytes(config))),
+        f"block inputs of {items:,} items if recorded (GB, bf16)": (gb(items * block_input_bytes(config, text_tokens)),
+                                                                   gb(layers * items * block_input_bytes(config, text_tokens))),
+        f"trajectory items {run[0]} x {run[1]} x {run[2]}, host RAM (GB)": ("-", gb(items * item_bytes(config))),
         "student build, CPU s: statistics (1 + 1 items) / k-means (2 iters) / feedback": (
             " / ".join(f"{build.get(p, 0.0):.1f}" for p in ("statistics", "kmeans", "feedback")), "-"),
         "k-means init + feedback (25 iters), H100 (projected)": ("-", h100(kmeans)),
@@ -227,21 +239,28 @@ def scale_rows(config: dict, measured: dict[str, Any], kmeans: Counts, bits: tup
         "**soft step at 4 + 4, H100 (projected)**": (h100(step), h100(step, layers)),
     }
     for b in bits:
-        report = packed_report(config, b)
+        report = packed_report(config, b, family)
         rows[f"packed file w{b}, MiB (FP tensors float32)"] = ("-", f"{report.file_bytes / 2 ** 20:,.0f} "
                                                             f"({report.other_bytes / 2 ** 20:,.0f} FP)")
     return rows
+
+
+def parse_measure_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser``'s arguments with the real-size benchmarks' shared options (``--items``, ``--kmeans-iters``,
+    ``--threads``: set for torch)."""
+    parser.add_argument("--items", type=int, nargs=2, default=[1, 2], help="prompts of the two measured steps")
+    parser.add_argument("--kmeans-iters", type=int, default=2, help="Lloyd iterations of the measured build")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024], choices=sorted(RESOLUTIONS))
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3], help="packed sizes (the measured block: the first)")
-    parser.add_argument("--items", type=int, nargs=2, default=[1, 2], help="prompts of the two measured steps")
-    parser.add_argument("--kmeans-iters", type=int, default=2, help="Lloyd iterations of the measured build")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_measure_arguments(parser)
     started = Timer()
     columns: dict[str, dict[str, tuple[str, str]]] = {}
     for resolution in args.resolutions:

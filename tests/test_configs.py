@@ -1,5 +1,6 @@
 """The DiT-XL/2 configs: base + overlay give exactly the settings of the former one-file configs.
 The PixArt-Σ configs (1024 base + 512 overlay): PixArtSigmaPipeline's sampling defaults, one GPU, bf16.
+The SD3.5 configs (Large, Medium): their model cards' steps and guidance, one GPU, bf16.
 
 ``tests/data/legacy_configs`` holds the four former files verbatim (flat ``model:`` names, which the CLI
 translates to the nested settings, as it does for any former config). Both sides are parsed by the real
@@ -21,6 +22,7 @@ LEGACY = ROOT / "tests" / "data" / "legacy_configs"
 BASE = ROOT / "configs" / "dit_xl2.yaml"
 PIXART = {1024: [ROOT / "configs" / "pixart_sigma_1024.yaml"],
           512: [ROOT / "configs" / "pixart_sigma_1024.yaml", ROOT / "configs" / "pixart_sigma_512.yaml"]}
+SD35 = {"large": (28, 3.5), "medium": (40, 4.5)}  # the model cards' steps and guidance
 NEW_FILES = {  # legacy file -> the --config files that replace it
     "dit_xl2_256_w2": [BASE],
     "dit_xl2_256_w3": [BASE, ROOT / "configs" / "dit_xl2" / "256_w3.yaml"],
@@ -63,7 +65,8 @@ def test_overlays_equal_the_former_configs(name, configs):
     assert not differing, f"{name}: key: (former, new) {differing}"
 
 
-@pytest.mark.parametrize("base", [BASE, PIXART[1024][0]], ids=["dit_xl2", "pixart_sigma"])
+@pytest.mark.parametrize("base", [BASE, PIXART[1024][0], *(ROOT / "configs" / f"sd35_{m}.yaml" for m in SD35)],
+                         ids=["dit_xl2", "pixart_sigma", *(f"sd35_{m}" for m in SD35)])
 def test_base_writes_no_code_default(base):
     """Every value the base writes differs from the default it would get without it."""
     defaults = flatten(effective_config())
@@ -93,3 +96,21 @@ def test_pixart_configs_are_the_pipeline_defaults_on_one_gpu_in_bf16():
         assert not any("SampleImages" in str(value) for value in config.values())
     for key in ("model.export.dir", "trainer.default_root_dir", "trainer.logger.init_args.save_dir"):
         assert parsed[512][key] != parsed[1024][key] and "512" in parsed[512][key], key
+
+
+def test_sd35_configs_are_the_model_cards_sampling_on_one_gpu_in_bf16():
+    """Both SD3.5 configs parse with the real CLI parser (nothing loaded): the model card's steps and
+    guidance, the encode command's prompts file, a bf16 teacher, and outputs of their own."""
+    parsed = {name: flatten(effective_config(ROOT / "configs" / f"sd35_{name}.yaml")) for name in SD35}
+    for name, config in parsed.items():
+        assert config["model.model"] == f"stabilityai/stable-diffusion-3.5-{name}"
+        assert (config["trainer.devices"], config["trainer.precision"]) == (1, "bf16-mixed")
+        assert config["model.calibration.teacher_dtype"] == "bfloat16"
+        assert (config["data.num_steps"], config["data.guidance_scale"]) == SD35[name]
+        assert config["data.prompt_embeds"] == f"outputs/sd35_{name}_prompts.safetensors"
+        assert config["data.guided_channels"] is None  # SD3 guides every latent channel
+        for key in ("model.export.dir", "trainer.default_root_dir", "trainer.logger.init_args.save_dir"):
+            assert f"sd35_{name}_w2" in config[key], key
+        header = (ROOT / "configs" / f"sd35_{name}.yaml").read_text().split("\nmodel:")[0]
+        for command in ("python -m vq4dit.prompts encode", "python train.py fit", "--model.vq.bits 3"):
+            assert command in header, (name, command)

@@ -300,7 +300,7 @@ def test_the_packed_transformer_generates_in_the_stock_sd3_pipeline_and_saves_pa
 
 @pytest.mark.parametrize("source, message", [
     ("--data.prompt_embeds", "plain.safetensors: a SD3 model needs pooled embeddings"),
-    ("--data.prompts", "--data.prompts cannot encode the pooled embeddings a SD3 model needs yet"),
+    ("--data.prompts", "has no tokenizer, text_encoder, tokenizer_2"),  # a folder saved without its text encoders
 ])
 def test_an_sd3_fit_without_pooled_embeddings_is_one_error_line(tmp_path, monkeypatch, capsys, fitted, source, message):
     plain = write_embeddings(tmp_path / "plain.safetensors", embeddings(3, TOKENS, JOINT))

@@ -36,13 +36,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def tiny_t5(width: int) -> T5EncoderModel:
+    """A random 2-layer T5 encoder ``width`` wide over :func:`tiny_tokenizer`'s vocabulary."""
+    return T5EncoderModel(T5Config(vocab_size=3 + len(WORDS), d_model=width, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0)).eval()
+
+
 def tiny_pipeline() -> PixArtSigmaPipeline:
     """A random PixArt-Σ pipeline: 2-block transformer, 2-layer T5 (16 wide), 2-level VAE with
     PixArt-Σ's scaling factor, DPM-Solver++ over PixArt's 1000 linear betas."""
     torch.manual_seed(0)
-    encoder = T5EncoderModel(T5Config(vocab_size=3 + len(WORDS), d_model=WIDTH, d_kv=8, d_ff=32, num_layers=2,
-                                      num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                      decoder_start_token_id=0)).eval()
+    encoder = tiny_t5(WIDTH)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=4, sample_size=SIZE, scaling_factor=0.13025).eval()

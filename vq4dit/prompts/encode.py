@@ -1,15 +1,20 @@
-"""A prompt text file -> a ``--data.prompt_embeds`` safetensors file, with a pipeline's tokenizer and
-text encoder (the optional extra ``pip install 'vq4dit[text]'``: ``transformers``)::
+"""A prompt text file -> a ``--data.prompt_embeds`` safetensors file, with a pipeline's tokenizers and
+text encoders (the optional extra ``pip install 'vq4dit[text]'``: ``transformers``)::
 
     python -m vq4dit.prompts encode --pipeline FOLDER_OR_HUB_ID --prompts prompts.txt --out embeds.safetensors
 
-As PixArt's pipelines encode a prompt: the tokenizer pads and truncates to ``--max-length`` tokens
+The pipeline's class says how: a folder's ``model_index.json`` ``_class_name``, a hub id's (when
+cached) or its name (``stable-diffusion-3`` in it: SD3). ``StableDiffusion3Pipeline``: as its
+``encode_prompt`` (two CLIPs and T5, pooled embeddings, all-ones masks; ``--max-length`` is T5's,
+default 256: :mod:`.sd3_encoder`). Any other (PixArt's pipelines, the shipped tiny encoder): as
+PixArt's pipelines encode a prompt: the tokenizer pads and truncates to ``--max-length`` tokens
 (PixArt-Σ: 300, PixArt-α: 120), the encoder's last hidden state is the embedding, the attention
-mask comes along; the negative prompt (default empty) is encoded the same way. Captions are
-lower-cased and stripped as the PixArt pipelines do even with ``clean_caption=False`` (T5's
-tokenizer is case-sensitive: "A red circle" and "a red circle" are other embeddings);
-``--keep-case`` encodes them as written. The optional caption cleaning (``clean_caption=True``,
-which needs ``bs4`` and ``ftfy``) is not applied. The output file
+mask comes along. The negative prompt (default empty) is encoded the same way. PixArt's captions
+are lower-cased and stripped as its pipelines do even with ``clean_caption=False`` (T5's tokenizer
+is case-sensitive: "A red circle" and "a red circle" are other embeddings); ``--keep-case``
+encodes them as written (SD3's always are). The optional caption cleaning (``clean_caption=True``,
+which needs ``bs4`` and ``ftfy``) is not applied. A pipeline of a pooled family with no encoder
+here yet (e.g. Flux) is one error. The output file
 carries a key (sha256 of the prompts, the negative prompt, the settings and the encoder: its
 files' names, sizes and modification times for a folder, the id for a hub id): a second run
 with the same key finds the file and does nothing.
@@ -27,7 +32,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path
-from . import CLASSES_FIELD, KEYS
+from ..families import FAMILIES, PooledTextPrompts
+from . import CLASSES_FIELD, KEYS, POOLED_KEYS, POOLED_PIPELINES
+from .sd3_encoder import SD3_MAX_LENGTH, encode_sd3, load_sd3_encoders, model_index
 from .tiny_encoder import is_tiny_encoder_folder, load_tiny_encoder
 
 KEY_FIELD = "vq4dit_prompts_key"
@@ -65,7 +72,8 @@ def encoder_identity(pipeline: str) -> str:
     folder = pipeline_folder(pipeline)
     if not folder.is_dir():
         return f"hub:{pipeline}"
-    files = sorted(p for sub in ("tokenizer", "text_encoder") for p in (folder / sub).rglob("*") if p.is_file())
+    subfolders = [f"{part}{suffix}" for part in ("tokenizer", "text_encoder") for suffix in ("", "_2", "_3")]  # SD3: 3 of each
+    files = sorted(p for sub in subfolders for p in (folder / sub).rglob("*") if p.is_file())
     return json.dumps([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
@@ -86,7 +94,7 @@ def stored_key(path: str | Path) -> str | None:
 
 
 def load_text_encoder(pipeline: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """``(tokenizer, text_encoder)`` of a pipeline folder or hub id (subfolders ``tokenizer/`` and
+    """``(tokenizer, text_encoder)`` of a (PixArt) pipeline folder or hub id (subfolders ``tokenizer/`` and
     ``text_encoder/``), the encoder in eval mode on ``device``. A ``text_encoder/`` holding a vq4dit
     tiny encoder (the shipped ``pixart_reference``) needs no ``transformers``.
 
@@ -109,14 +117,20 @@ def load_text_encoder(pipeline: str, device: str = "cpu", dtype: torch.dtype = t
     return tokenizer, encoder.to(device).eval()
 
 
+def in_batches(encode: Callable[[list[str]], Any], prompts: list[str], batch_size: int, progress: bool) -> list[Any]:
+    """``encode`` of ``prompts`` in chunks of ``batch_size``, under a progress bar: the chunks' results."""
+    from tqdm.auto import tqdm
+
+    with tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress, unit="batch") as bar:
+        return [encode(prompts[i:i + batch_size]) for i in bar]  # the bar ends its line on an error too
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer: Callable, encoder: torch.nn.Module, prompts: list[str], negative: str = "",
                    max_length: int = 300, batch_size: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
     """The four tensors of a prompt-embeddings file: ``prompt_embeds [N, T, C]`` float32 and
     ``prompt_attention_mask [N, T]`` int64 of ``prompts`` (T = ``max_length``), and the negative
     prompt's ``[1, T, C]`` / ``[1, T]``."""
-    from tqdm.auto import tqdm
-
     device = next(encoder.parameters()).device
 
     def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,46 +140,81 @@ def encode_prompts(tokenizer: Callable, encoder: torch.nn.Module, prompts: list[
         embeds = encoder(tokens["input_ids"].to(device), attention_mask=mask)[0]
         return embeds.float().cpu(), mask.long().cpu()
 
-    with tqdm(range(0, len(prompts), batch_size), desc="encoding prompts", disable=not progress, unit="batch") as bar:
-        chunks = [encode(prompts[i:i + batch_size]) for i in bar]  # the bar ends its line on an error too
+    chunks = in_batches(encode, prompts, batch_size, progress)
     negative_embeds, negative_mask = encode([negative])
     tensors = (torch.cat([e for e, _ in chunks]), torch.cat([m for _, m in chunks]), negative_embeds, negative_mask)
     return dict(zip(KEYS, tensors))
 
 
+def encode_sd3_prompts(encoders: Any, prompts: list[str], negative: str = "", max_length: int = SD3_MAX_LENGTH,
+                       batch_size: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The six tensors of an SD3 prompt-embeddings file (:mod:`.sd3_encoder`): ``prompt_embeds [N,
+    T, C]`` with all-ones ``prompt_attention_mask [N, T]`` (int64), the negative prompt's ``[1, T,
+    C]`` / ``[1, T]``, ``pooled_prompt_embeds [N, P]`` and ``negative_pooled_prompt_embeds [1, P]``."""
+    chunks = in_batches(lambda texts: encode_sd3(encoders, texts, max_length), prompts, batch_size, progress)
+    embeds, pooled = torch.cat([e for e, _ in chunks]), torch.cat([p for _, p in chunks])
+    negative_embeds, negative_pooled = encode_sd3(encoders, [negative], max_length)
+    ones = [torch.ones(e.shape[:2], dtype=torch.long) for e in (embeds, negative_embeds)]
+    return {**dict(zip(KEYS, (embeds, ones[0], negative_embeds, ones[1]))), **dict(zip(POOLED_KEYS, (pooled, negative_pooled)))}
+
+
+def pipeline_class(pipeline: str) -> str | None:
+    """The pipeline class name of a folder or hub id (``model_index.json``'s ``_class_name``; an
+    uncached hub id: ``StableDiffusion3Pipeline`` when its name says ``stable-diffusion-3``), or None."""
+    index = model_index(str(pipeline_folder(pipeline)))
+    if index is not None:
+        return index.get("_class_name")
+    if not pipeline_folder(pipeline).exists() and "stable-diffusion-3" in pipeline.lower():
+        return "StableDiffusion3Pipeline"
+    return None
+
+
 def encode_file(pipeline: str, prompts_path: str | Path, out: str | Path, negative: str = "",
                 max_length: int | None = None,
-                batch_size: int = 8, device: str = "cpu", dtype: str = "float32", loader=load_text_encoder,
+                batch_size: int = 8, device: str = "cpu", dtype: str = "float32", loader: Callable | None = None,
                 progress: bool = True, classes: list[int] | None = None, keep_case: bool = False) -> bool:
     """Write the embeddings of ``prompts_path`` to ``out`` (safetensors with the key in its metadata);
     False when ``out`` already holds this key (nothing done). ``loader``: ``(pipeline, device, dtype)
-    -> (tokenizer, encoder)``, :func:`load_text_encoder` by default. ``max_length`` None: a tiny
-    encoder's own length, else 300 (PixArt-Σ). ``classes``: the class each prompt names, written as
-    metadata (``train.py test`` then scores class accuracy with a reference's classifier).
-    ``keep_case``: encode the prompts as written, not lower-cased and stripped as PixArt's pipelines do.
+    -> encoders``, by default :func:`load_text_encoder` (``(tokenizer, encoder)``) or, for an SD3
+    pipeline, :func:`.sd3_encoder.load_sd3_encoders`. ``max_length`` None: SD3's 256 T5 tokens, a
+    tiny encoder's own length, else 300 (PixArt-Σ). ``classes``: the class each prompt names, written
+    as metadata (``train.py test`` then scores class accuracy with a reference's classifier).
+    ``keep_case``: encode the prompts as written, not lower-cased and stripped as PixArt's pipelines
+    do (SD3's are always as written).
 
     Raises:
-        ValueError: bad prompts file, ``max_length``/``batch_size`` < 1, an unknown dtype, no
-            ``transformers``, an unloadable pipeline, or an unwritable ``out`` (a ``WriteError``).
+        ValueError: bad prompts file, ``max_length``/``batch_size`` < 1, an unknown dtype, a pipeline
+            of a pooled family with no encoder here, no ``transformers``, an unloadable pipeline, or
+            an unwritable ``out`` (a ``WriteError``).
     """
+    kind = pipeline_class(pipeline)
+    sd3 = kind in POOLED_PIPELINES
+    if not sd3 and any(kind in f.pipelines for f in FAMILIES if isinstance(f.conditioning, PooledTextPrompts)):
+        raise ValueError(f"python -m vq4dit.prompts encode cannot encode the pooled embeddings of a {kind} yet "
+                         f"(it encodes {', '.join(POOLED_PIPELINES)} and T5 pipelines): write them from the "
+                         "pipeline's encode_prompt and give --data.prompt_embeds FILE")
     if max_length is None:
         text_encoder = pipeline_folder(pipeline) / "text_encoder"
-        max_length = (json.loads((text_encoder / "config.json").read_text())["max_length"]
+        max_length = (SD3_MAX_LENGTH if sd3 else json.loads((text_encoder / "config.json").read_text())["max_length"]
                       if is_tiny_encoder_folder(text_encoder) else DEFAULT_MAX_LENGTH)
     if max_length < 1 or batch_size < 1:
         raise ValueError(f"--max-length and --batch-size must be >= 1, got {max_length} and {batch_size}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     prompts = read_prompts(prompts_path)
-    if not keep_case:  # what PixArt's pipelines feed their tokenizer (_text_preprocessing, clean_caption=False)
+    if not (keep_case or sd3):  # what PixArt's pipelines feed their tokenizer (_text_preprocessing, clean_caption=False)
         prompts, negative = [p.lower().strip() for p in prompts], negative.lower().strip()
     if classes is not None and len(classes) != len(prompts):
         raise ValueError(f"{len(classes)} classes for {len(prompts)} prompts")
     key = prompts_key(prompts, negative, max_length, dtype, pipeline) + (f":{classes}" if classes is not None else "")
     if stored_key(out) == key:
         return False
-    tokenizer, encoder = loader(pipeline, device, getattr(torch, dtype))
-    tensors = encode_prompts(tokenizer, encoder, prompts, negative, max_length, batch_size, progress)
+    try:
+        encoders = (loader or (load_sd3_encoders if sd3 else load_text_encoder))(pipeline, device, getattr(torch, dtype))
+    except ImportError:
+        raise ValueError(MISSING_TRANSFORMERS) from None
+    tensors = (encode_sd3_prompts(encoders, prompts, negative, max_length, batch_size, progress) if sd3
+               else encode_prompts(*encoders, prompts, negative, max_length, batch_size, progress))
     size = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
     with atomic_path(out, size=size) as tmp:
         metadata = {KEY_FIELD: key, **({CLASSES_FIELD: json.dumps(classes)} if classes is not None else {})}
