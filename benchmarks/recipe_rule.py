@@ -287,9 +287,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         path = save_png(make_grid([images for _, images in rows], scale=2), f"{args.grid}{model}.png")
         print(f"grid {path}: rows top to bottom: {', '.join(label for label, _ in rows)}", file=sys.stderr)
+    plans = "; ".join(f"{name} {spec.samples} samples DDPM {spec.steps} steps cfg {spec.guidance_scale:g}"
+                      + (f" (sample i: prompt i mod {spec.num_classes}, scored as the digit it names)" if spec.prompt_file else "")
+                      for name, spec in ((name, MODELS[name]()) for name in args.models))
     print(f"\nrecipe rule: {', '.join(args.models)}; stop rule: CalibrationStop max_steps {args.max_steps}; "
-          "evaluation: digits 500 samples DDPM 25 steps, rgb 256 samples DDPM 10 steps, cfg 1.5, the model's "
-          "own classifier as FID features; fp@N: FP sampled with evaluation seed N (the FP noise bar)")
+          f"evaluation: {plans}; the model's own classifier as FID features; fp@N: FP sampled with evaluation "
+          "seed N (the FP noise bar)")
     print(machine_line(f"total {total.elapsed:.0f} s") + "\n")
     print(format_table(results) + "\n\n" + summary_table(results) + "\n\n" + verdicts(results))
     return results
