@@ -40,7 +40,7 @@ CLASSES_FIELD = "vq4dit_prompt_classes"  # optional metadata: JSON list, the cla
 KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 POOLED_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")  # [N, P], [1, P]: SD3's pooled CLIP
 DISTILLED_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")  # Flux: no negative prompt
-POOLED_PIPELINES = ("StableDiffusion3Pipeline",)  # the pipelines whose pooled embeddings the encode command writes
+POOLED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # the pipelines whose pooled embeddings the encode command writes
 _MASK_DTYPES = (torch.int32, torch.int64)
 
 
