@@ -203,7 +203,7 @@ def check_prompts_fit(model: nn.Module, prompts: dict[str, torch.Tensor] | None,
 
 def check_encodable(model: nn.Module) -> None:
     """Raise a ValueError when ``--data.prompts`` cannot encode ``model``'s prompts (a pooled family
-    none of whose pipelines is in ``POOLED_PIPELINES``, e.g. Flux), before any encoder is loaded."""
+    none of whose pipelines is in ``POOLED_PIPELINES``), before any encoder is loaded."""
     family = family_of(model)
     if isinstance(family.conditioning, PooledTextPrompts) and not set(family.pipelines) & set(POOLED_PIPELINES):
         raise ValueError(f"--data.prompts cannot encode the pooled embeddings a {family.name} model needs yet: write "
