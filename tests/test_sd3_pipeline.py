@@ -131,17 +131,17 @@ def test_fit_encodes_a_prompt_text_file_with_the_sd3_pipelines_encoders_and_cali
 
 
 def test_a_pooled_family_without_an_encoder_keeps_its_error(tmp_path, monkeypatch):
-    """What Flux will meet until it has an encoder: the fit check and the command each say so."""
+    """What a future pooled family meets until it has an encoder: the fit check and the command each say so."""
     check_encodable(tiny_sd3())  # SD3 is encodable
-    flux = dataclasses.replace(SD3, name="Flux", pipelines=("FluxPipeline",))
-    monkeypatch.setattr("vq4dit.prompts.family_of", lambda model: flux)
-    with pytest.raises(ValueError, match="--data.prompts cannot encode the pooled embeddings a Flux model needs yet"):
+    other = dataclasses.replace(SD3, name="Other", pipelines=("OtherPipeline",))
+    monkeypatch.setattr("vq4dit.prompts.family_of", lambda model: other)
+    with pytest.raises(ValueError, match="--data.prompts cannot encode the pooled embeddings a Other model needs yet"):
         check_encodable(tiny_sd3())
-    monkeypatch.setattr(encode_module, "FAMILIES", (flux,))
+    monkeypatch.setattr(encode_module, "FAMILIES", (other,))
     (tmp_path / "pipe").mkdir()
-    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "OtherPipeline"}')
     (tmp_path / "prompts.txt").write_text("a red circle\n")
-    with pytest.raises(ValueError, match="cannot encode the pooled embeddings of a FluxPipeline yet"):
+    with pytest.raises(ValueError, match="cannot encode the pooled embeddings of a OtherPipeline yet"):
         encode_module.encode_file(str(tmp_path / "pipe"), tmp_path / "prompts.txt", tmp_path / "e.safetensors")
     assert encode_module.pipeline_class("stabilityai/stable-diffusion-3.5-large") == "StableDiffusion3Pipeline"
     assert encode_module.pipeline_class("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS") is None  # the T5 path

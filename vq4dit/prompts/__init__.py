@@ -40,7 +40,7 @@ CLASSES_FIELD = "vq4dit_prompt_classes"  # optional metadata: JSON list, the cla
 KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 POOLED_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")  # [N, P], [1, P]: SD3's pooled CLIP
 DISTILLED_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")  # Flux: no negative prompt
-POOLED_PIPELINES = ("StableDiffusion3Pipeline",)  # the pipelines whose pooled embeddings the encode command writes
+POOLED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # the pipelines whose pooled embeddings the encode command writes
 _MASK_DTYPES = (torch.int32, torch.int64)
 
 
@@ -203,7 +203,7 @@ def check_prompts_fit(model: nn.Module, prompts: dict[str, torch.Tensor] | None,
 
 def check_encodable(model: nn.Module) -> None:
     """Raise a ValueError when ``--data.prompts`` cannot encode ``model``'s prompts (a pooled family
-    none of whose pipelines is in ``POOLED_PIPELINES``, e.g. Flux), before any encoder is loaded."""
+    none of whose pipelines is in ``POOLED_PIPELINES``), before any encoder is loaded."""
     family = family_of(model)
     if isinstance(family.conditioning, PooledTextPrompts) and not set(family.pipelines) & set(POOLED_PIPELINES):
         raise ValueError(f"--data.prompts cannot encode the pooled embeddings a {family.name} model needs yet: write "

@@ -16,16 +16,16 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="python -m vq4dit.prompts", description=__doc__.split("\n")[0])
     commands = main.add_subparsers(dest="command", required=True)
     encode = commands.add_parser("encode", help="encode a prompt file (one prompt a line) with a pipeline's text encoder")
-    encode.add_argument("--pipeline", required=True, help="pipeline folder or hub id (PixArt: tokenizer/ and text_encoder/; SD3/SD3.5: the two CLIPs and T5), "
+    encode.add_argument("--pipeline", required=True, help="pipeline folder or hub id (PixArt: tokenizer/ and text_encoder/; SD3/SD3.5: the two CLIPs and T5; Flux: CLIP-L and T5), "
                         "or pixart_reference")
     encode.add_argument("--prompts", required=True, help="text file, one prompt a line")
     encode.add_argument("--out", required=True, help="the safetensors file to write (skipped when it is up to date)")
-    encode.add_argument("--negative-prompt", default="", help="the unconditional branch's prompt (default: empty)")
+    encode.add_argument("--negative-prompt", default="", help="the unconditional branch's prompt (default: empty; Flux has none: an error)")
     encode.add_argument("--max-length", type=int, default=None,
                         help="tokens per prompt: the pipeline's by default (PixArt-Sigma 300, -Alpha 120, pixart_reference 8; "
-                        "SD3: T5's 256, after CLIP's 77)")
+                        "SD3: T5's 256, after CLIP's 77; Flux: T5's 512, FLUX.1-schnell is run with 256)")
     encode.add_argument("--keep-case", action="store_true",
-                        help="encode prompts as written (PixArt's default: lower-cased and stripped, as its pipelines do; SD3: always as written)")
+                        help="encode prompts as written (PixArt's default: lower-cased and stripped, as its pipelines do; SD3, Flux: always as written)")
     encode.add_argument("--batch-size", type=int, default=8, help="prompts per encoder call")
     encode.add_argument("--device", default="cpu", help="where the encoder runs, e.g. cuda")
     encode.add_argument("--dtype", default="float32", help="encoder dtype: float32, bfloat16 or float16")

@@ -6,15 +6,18 @@ text encoders (the optional extra ``pip install 'vq4dit[text]'``: ``transformers
 The pipeline's class says how: a folder's ``model_index.json`` ``_class_name``, a hub id's (when
 cached) or its name (``stable-diffusion-3`` in it: SD3). ``StableDiffusion3Pipeline``: as its
 ``encode_prompt`` (two CLIPs and T5, pooled embeddings, all-ones masks; ``--max-length`` is T5's,
-default 256: :mod:`.sd3_encoder`). Any other (PixArt's pipelines, the shipped tiny encoder): as
+default 256: :mod:`.sd3_encoder`). ``FluxPipeline``: as its ``encode_prompt`` (CLIP-L's pooled output
+and T5's last hidden state, ``--max-length`` T5's, default 512: :mod:`.flux_encoder`), three keys
+and no negative prompt (a ``--negative-prompt`` is one error: FLUX.1 has no unconditional branch).
+Any other (PixArt's pipelines, the shipped tiny encoder): as
 PixArt's pipelines encode a prompt: the tokenizer pads and truncates to ``--max-length`` tokens
 (PixArt-Σ: 300, PixArt-α: 120), the encoder's last hidden state is the embedding, the attention
 mask comes along. The negative prompt (default empty) is encoded the same way. PixArt's captions
 are lower-cased and stripped as its pipelines do even with ``clean_caption=False`` (T5's tokenizer
 is case-sensitive: "A red circle" and "a red circle" are other embeddings); ``--keep-case``
-encodes them as written (SD3's always are). The optional caption cleaning (``clean_caption=True``,
+encodes them as written (SD3's and Flux's always are). The optional caption cleaning (``clean_caption=True``,
 which needs ``bs4`` and ``ftfy``) is not applied. A pipeline of a pooled family with no encoder
-here yet (e.g. Flux) is one error. The output file
+here yet is one error. The output file
 carries a key (sha256 of the prompts, the negative prompt, the settings and the encoder: its
 files' names, sizes and modification times for a folder, the id for a hub id): a second run
 with the same key finds the file and does nothing.
@@ -33,7 +36,8 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_path
 from ..families import FAMILIES, PooledTextPrompts
-from . import CLASSES_FIELD, KEYS, POOLED_KEYS, POOLED_PIPELINES
+from . import CLASSES_FIELD, DISTILLED_KEYS, KEYS, POOLED_KEYS, POOLED_PIPELINES
+from .flux_encoder import FLUX_MAX_LENGTH, encode_flux, load_flux_encoders
 from .sd3_encoder import SD3_MAX_LENGTH, encode_sd3, load_sd3_encoders, model_index
 from .tiny_encoder import is_tiny_encoder_folder, load_tiny_encoder
 
@@ -158,14 +162,26 @@ def encode_sd3_prompts(encoders: Any, prompts: list[str], negative: str = "", ma
     return {**dict(zip(KEYS, (embeds, ones[0], negative_embeds, ones[1]))), **dict(zip(POOLED_KEYS, (pooled, negative_pooled)))}
 
 
+def encode_flux_prompts(encoders: Any, prompts: list[str], max_length: int = FLUX_MAX_LENGTH, batch_size: int = 8,
+                        progress: bool = True) -> dict[str, torch.Tensor]:
+    """The three tensors of a Flux prompt-embeddings file (:mod:`.flux_encoder`): ``prompt_embeds
+    [N, T, C]``, all-ones ``prompt_attention_mask [N, T]`` (int64), ``pooled_prompt_embeds [N, P]``."""
+    chunks = in_batches(lambda texts: encode_flux(encoders, texts, max_length), prompts, batch_size, progress)
+    embeds, pooled = torch.cat([e for e, _ in chunks]), torch.cat([p for _, p in chunks])
+    return dict(zip(DISTILLED_KEYS, (embeds, torch.ones(embeds.shape[:2], dtype=torch.long), pooled)))
+
+
 def pipeline_class(pipeline: str) -> str | None:
     """The pipeline class name of a folder or hub id (``model_index.json``'s ``_class_name``; an
-    uncached hub id: ``StableDiffusion3Pipeline`` when its name says ``stable-diffusion-3``), or None."""
+    uncached hub id: ``StableDiffusion3Pipeline`` when its name says ``stable-diffusion-3``,
+    ``FluxPipeline`` when it says ``flux``), or None."""
     index = model_index(str(pipeline_folder(pipeline)))
     if index is not None:
         return index.get("_class_name")
     if not pipeline_folder(pipeline).exists() and "stable-diffusion-3" in pipeline.lower():
         return "StableDiffusion3Pipeline"
+    if not pipeline_folder(pipeline).exists() and "flux" in pipeline.lower():
+        return "FluxPipeline"
     return None
 
 
@@ -176,33 +192,38 @@ def encode_file(pipeline: str, prompts_path: str | Path, out: str | Path, negati
     """Write the embeddings of ``prompts_path`` to ``out`` (safetensors with the key in its metadata);
     False when ``out`` already holds this key (nothing done). ``loader``: ``(pipeline, device, dtype)
     -> encoders``, by default :func:`load_text_encoder` (``(tokenizer, encoder)``) or, for an SD3
-    pipeline, :func:`.sd3_encoder.load_sd3_encoders`. ``max_length`` None: SD3's 256 T5 tokens, a
+    pipeline, :func:`.sd3_encoder.load_sd3_encoders` (Flux: :func:`.flux_encoder.load_flux_encoders`).
+    ``max_length`` None: SD3's 256 T5 tokens, Flux's 512, a
     tiny encoder's own length, else 300 (PixArt-Σ). ``classes``: the class each prompt names, written
     as metadata (``train.py test`` then scores class accuracy with a reference's classifier).
     ``keep_case``: encode the prompts as written, not lower-cased and stripped as PixArt's pipelines
-    do (SD3's are always as written).
+    do (SD3's and Flux's are always as written). Flux: three keys, no negative prompt.
 
     Raises:
         ValueError: bad prompts file, ``max_length``/``batch_size`` < 1, an unknown dtype, a pipeline
-            of a pooled family with no encoder here, no ``transformers``, an unloadable pipeline, or
+            of a pooled family with no encoder here, a negative prompt for Flux, no ``transformers``, an unloadable pipeline, or
             an unwritable ``out`` (a ``WriteError``).
     """
     kind = pipeline_class(pipeline)
-    sd3 = kind in POOLED_PIPELINES
-    if not sd3 and any(kind in f.pipelines for f in FAMILIES if isinstance(f.conditioning, PooledTextPrompts)):
+    flux = kind == "FluxPipeline"
+    sd3 = kind in POOLED_PIPELINES and not flux
+    if flux and negative:
+        raise ValueError(f"a Flux pipeline ({pipeline}) is guidance-distilled, with no unconditional branch: it encodes "
+                         f"no negative prompt; drop --negative-prompt / --data.negative_prompt ({negative!r})")
+    if not (sd3 or flux) and any(kind in f.pipelines for f in FAMILIES if isinstance(f.conditioning, PooledTextPrompts)):
         raise ValueError(f"python -m vq4dit.prompts encode cannot encode the pooled embeddings of a {kind} yet "
                          f"(it encodes {', '.join(POOLED_PIPELINES)} and T5 pipelines): write them from the "
                          "pipeline's encode_prompt and give --data.prompt_embeds FILE")
     if max_length is None:
         text_encoder = pipeline_folder(pipeline) / "text_encoder"
-        max_length = (SD3_MAX_LENGTH if sd3 else json.loads((text_encoder / "config.json").read_text())["max_length"]
+        max_length = (SD3_MAX_LENGTH if sd3 else FLUX_MAX_LENGTH if flux else json.loads((text_encoder / "config.json").read_text())["max_length"]
                       if is_tiny_encoder_folder(text_encoder) else DEFAULT_MAX_LENGTH)
     if max_length < 1 or batch_size < 1:
         raise ValueError(f"--max-length and --batch-size must be >= 1, got {max_length} and {batch_size}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     prompts = read_prompts(prompts_path)
-    if not (keep_case or sd3):  # what PixArt's pipelines feed their tokenizer (_text_preprocessing, clean_caption=False)
+    if not (keep_case or sd3 or flux):  # what PixArt's pipelines feed their tokenizer (_text_preprocessing, clean_caption=False)
         prompts, negative = [p.lower().strip() for p in prompts], negative.lower().strip()
     if classes is not None and len(classes) != len(prompts):
         raise ValueError(f"{len(classes)} classes for {len(prompts)} prompts")
@@ -210,10 +231,12 @@ def encode_file(pipeline: str, prompts_path: str | Path, out: str | Path, negati
     if stored_key(out) == key:
         return False
     try:
-        encoders = (loader or (load_sd3_encoders if sd3 else load_text_encoder))(pipeline, device, getattr(torch, dtype))
+        default = load_sd3_encoders if sd3 else load_flux_encoders if flux else load_text_encoder
+        encoders = (loader or default)(pipeline, device, getattr(torch, dtype))
     except ImportError:
         raise ValueError(MISSING_TRANSFORMERS) from None
     tensors = (encode_sd3_prompts(encoders, prompts, negative, max_length, batch_size, progress) if sd3
+               else encode_flux_prompts(encoders, prompts, max_length, batch_size, progress) if flux
                else encode_prompts(*encoders, prompts, negative, max_length, batch_size, progress))
     size = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
     with atomic_path(out, size=size) as tmp:
