@@ -62,6 +62,8 @@ class CalibrationDataModule(pl.LightningDataModule):
             file with ``prompt_embeds [N, T, C]``, ``prompt_attention_mask [N, T]``,
             ``negative_prompt_embeds [1, T, C]``, ``negative_prompt_attention_mask [1, T]``
             (``python -m vq4dit.prompts encode`` writes one); the N prompts are cycled over the trajectories.
+            SD3 adds ``pooled_prompt_embeds [N, P]`` and ``negative_pooled_prompt_embeds [1, P]``; Flux
+            has ``prompt_embeds``, ``prompt_attention_mask`` and ``pooled_prompt_embeds`` only.
             One prompt source: this or ``prompts`` (``train.py``: the one given as a flag replaces
             the one a config names).
         prompts: the calibration prompts as text (one a line), encoded once before the trajectories
