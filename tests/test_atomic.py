@@ -189,3 +189,24 @@ def test_atomic_folder_recovers_before_writing(tmp_path):
         with atomic_folder(tmp_path / "ckpt") as tmp:
             (tmp / "x").write_text("new")
     assert listing(tmp_path) == ["ckpt"] and listing(tmp_path / "ckpt") == ["config.json"]
+
+
+def test_what_a_library_writes_beside_the_temporary_file_never_lands_in_the_target_folder(tmp_path):
+    """safetensors 0.8 writes its own ``.tmpXXXXXX`` next to the file it is given, then renames it:
+    that happens inside atomic_path's private folder, which success removes and a real kill -9
+    leaves for ``recover``."""
+    import signal
+
+    with atomic_path(tmp_path / "a.safetensors") as tmp:
+        (tmp.parent / ".tmpAbC123").write_bytes(b"a library's own temporary")
+        tmp.write_bytes(b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+    script = ("import os, signal, sys\nfrom vq4dit.atomic import atomic_path\n"
+              "with atomic_path(sys.argv[1]) as tmp:\n"
+              "    (tmp.parent / '.tmpXyZ789').write_bytes(b'half')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "b.safetensors")], timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".b.safetensors.tmp-")]) == 1  # all in one folder
+    recover(tmp_path / "b.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]

@@ -132,20 +132,25 @@ def _remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` for the caller to write a file to; when the block
-    ends without error it is fsynced, given the umask's mode and ``os.replace``d onto ``path``,
-    otherwise removed. ``size``: the bytes about to be written, checked against the free space
-    and the file size limit first (:func:`check_room`).
+    """Yield a temporary path for the caller to write a file to; when the block ends without error
+    it is fsynced, given the umask's mode and ``os.replace``d onto ``path``, otherwise removed.
+    The temporary path is ``path``'s name inside a private folder ``.NAME.tmp-HOST-PID-RANDOM``
+    next to ``path``: whatever a library writes beside it (safetensors 0.8 writes its own
+    ``.tmpXXXXXX`` file and renames it) stays in that folder, which a kill leaves for
+    :func:`recover` to delete. ``size``: the bytes about to be written, checked against the free
+    space and the file size limit first (:func:`check_room`).
 
     Raises :class:`WriteError` for environment faults (``OSError``, or a library's write failure),
     in the block or after it.
     """
     path = Path(path).absolute()
-    tmp = path.parent / (_temp_name(path, "tmp") + secrets.token_hex(4))
+    private = path.parent / (_temp_name(path, "tmp") + secrets.token_hex(4))
+    tmp = private / path.name
     try:
         _prepare_parent(path)
         if size is not None:
             check_room(path, size)
+        private.mkdir()
         yield tmp
         if not tmp.is_file():
             raise WriteError(f"cannot write {path}: nothing was written to the temporary file")
@@ -162,7 +167,7 @@ def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Pa
         raise _write_error(path, cause) from err
     finally:
         with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+            _remove(private)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
