@@ -16,12 +16,9 @@ import torch
 from torch import nn
 
 from ..evaluation import (
-    SHIPPED_REFERENCES, build_metrics, decode, load_real_images, load_shipped_classifier, load_vae, to_uint8_hwc,
+    SHIPPED_REFERENCES, build_metrics, generate_images, load_real_images, load_shipped_classifier, load_vae, to_uint8_hwc,
 )
-from ..families import family_of
-from ..families.guidance import sample_conditioned
 from ..images import make_grid, save_png
-from ..prompts import prompt_condition
 from ..sampling import SamplerConfig
 
 EvalModel = Literal["quantized", "fp"]
@@ -75,9 +72,9 @@ class SampleEvaluation:
         model the rows of ``prompts``, :func:`vq4dit.prompts.load_prompt_embeds`; ``seeds [B]``)."""
         if self.vae_source is not None and self._vae is None:
             self._vae = load_vae(self.vae_source, device)
-        labels = batch["labels"]
-        condition = labels if prompts is None else prompt_condition(prompts, labels.cpu())
-        return decode(sample_conditioned(family_of(model), model, condition, batch["seeds"].tolist(), sampler), self._vae)
+        seeds = batch["seeds"].tolist()
+        labels = batch["labels"] if prompts is None else batch["labels"].cpu()
+        return generate_images(model, labels, seeds, sampler, self._vae, batch_size=len(seeds), prompts=prompts).to(device)
 
     @staticmethod
     def classes(module, labels: torch.Tensor) -> torch.Tensor:
