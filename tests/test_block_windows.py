@@ -19,7 +19,8 @@ from tests.test_trust import error_lines, run_main
 from train import cli_main
 from vq4dit import VQConfig, load_dit, load_quantized, save_quantized
 from vq4dit.engine import CalibrationConfig, Calibrator, block_losses, build_student
-from vq4dit.engine.windows import BlockWindow, held_out
+from vq4dit.engine.windows import BlockWindow, convert_own_, held_out
+from vq4dit.lightning import CalibrationModule
 from vq4dit.models import block_modules
 from vq4dit.quantize import vq_layers
 
@@ -94,6 +95,43 @@ def test_held_out_blocks_keep_their_place_when_the_model_moves():
         teacher.double()
     assert first.norm1.linear.weight.dtype == torch.float32 and second.norm1.linear.weight.dtype == torch.float64
     assert block_modules(teacher) == [first, second]  # put back in its place
+
+
+def test_the_module_keeps_parked_blocks_where_they_are_and_reports_on_every_block():
+    """``CalibrationModule``: a move of the whole module (here to float64, what a device move does to
+    placement) leaves the blocks outside the window as they are; its validation error covers every
+    block, one window at a time, as the whole-model computation does."""
+    torch.manual_seed(0)
+    module = CalibrationModule(model="tiny", recipe="paper", vq={"codebook_size": 16, "subvector_dim": 2},
+                               calibration={"block_inputs": "teacher", "window_blocks": 1}, offload_blocks=True)
+    module.configure_model()
+    batches = [(torch.randn(2, 4, 8, 8), torch.randint(0, 1000, (2,)), torch.randint(0, 1000, (2,)))]
+    windowed = module.validation_error(batches)
+    window, module.engine.window = module.engine.window, None
+    whole = module.validation_error(batches)
+    module.engine.window = window
+    assert windowed["block_mse"] == pytest.approx(whole["block_mse"], rel=1e-6) and windowed["block_mse"] > 0
+    module.double()
+    first, second = block_modules(module.student)
+    assert {p.dtype for p in first.parameters()} == {torch.float64} and module.teacher.pos_embed.proj.weight.dtype == torch.float64
+    teachers = {id(p) for p in module.teacher.parameters()}  # the student shares the teacher's FP tensors: they go with it
+    assert {p.dtype for p in second.parameters() if id(p) not in teachers} == {torch.float32}  # parked: outside the window
+
+
+def test_placement_moves_the_students_own_tensors_and_leaves_the_teachers():
+    """Offloading moves a block's own tensors (VQ state, the student's copies); the FP tensors it
+    shares with the teacher stay with the teacher (a dtype change shows what a device move would move)."""
+    torch.manual_seed(0)
+    teacher = load_dit("tiny")
+    engine = Calibrator.build(teacher, TINY_VQ, WINDOWED, progress=False)
+    block = block_modules(engine.student)[0]
+    teachers = {id(t) for t in (*teacher.parameters(), *teacher.buffers())}
+    assert any(id(t) in teachers for t in block.parameters())  # the DiT student shares its FP tensors
+    logits = block.attn1.to_q.candidate_logits
+    convert_own_(block, lambda tensor: tensor.double() if tensor.is_floating_point() else tensor, teachers)
+    assert block.attn1.to_q.candidate_logits is logits and logits.dtype == torch.float64  # the same Parameter
+    assert {t.dtype for t in block.parameters() if id(t) not in teachers} == {torch.float64}
+    assert {t.dtype for t in (*teacher.parameters(), *teacher.buffers()) if t.is_floating_point()} == {torch.float32}
 
 
 def test_only_the_window_trains_and_finished_windows_are_hard_and_freed():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -97,14 +97,32 @@ class BlockWindow:
         return f"window {self.index + 1}/{self.num_windows} (blocks {blocks.start}-{blocks.stop - 1})"
 
 
-def place_blocks_(student: nn.Module, window: BlockWindow, device: torch.device | str) -> None:
-    """Move every student block to where ``window`` puts it (:meth:`BlockWindow.device_of`): the
-    window's blocks to ``device``, the others to the CPU when offloading; nothing moves without offload.
-    Parameters stay the same objects (the optimizer keeps them)."""
+def place_blocks_(student: nn.Module, window: BlockWindow, device: torch.device | str,
+                  keep: Iterable[torch.Tensor] = ()) -> None:
+    """Move every student block's tensors to where ``window`` puts the block (:meth:`BlockWindow.device_of`):
+    the window's blocks to ``device``, the others to the CPU when offloading; nothing moves without
+    offload. ``keep``: tensors left where they are (the teacher's, which the student shares: they
+    stay with the teacher). Parameters stay the same objects (the optimizer keeps them)."""
     if not window.offload:
         return
+    kept = {id(t) for t in keep}
     for index, block in enumerate(block_modules(student)):
-        block.to(window.device_of(index, torch.device(device)))
+        target = window.device_of(index, torch.device(device))
+        convert_own_(block, lambda tensor: tensor.to(target), kept)
+
+
+def convert_own_(module: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor], kept: set[int]) -> None:
+    """Replace every parameter's data (and gradient) and every buffer of ``module`` by ``convert`` of
+    it (a device move), except the tensors whose ids are in ``kept``; Parameters stay the same objects."""
+    for sub in module.modules():
+        for param in sub._parameters.values():
+            if param is not None and id(param) not in kept:
+                param.data = convert(param.data)
+                if param.grad is not None:
+                    param.grad = convert(param.grad)
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and id(buffer) not in kept:
+                sub._buffers[name] = convert(buffer)
 
 
 @contextlib.contextmanager
@@ -148,6 +166,7 @@ class WindowSteps:
     None without ``window_blocks``): the blocks a step computes, their placement, moving on."""
 
     window: BlockWindow | None
+    teacher: nn.Module
     student: nn.Module
 
     def calibrated_blocks(self, num_blocks: int) -> list[int]:
@@ -158,7 +177,8 @@ class WindowSteps:
         """Put the student's blocks where the window wants them (offload: the window's on
         ``device``, the others on the CPU; a no-op otherwise)."""
         if self.window is not None:
-            place_blocks_(self.student, self.window, device)
+            teacher = self.teacher
+            place_blocks_(self.student, self.window, device, keep=(*teacher.parameters(), *teacher.buffers()))
 
     def advance_window_(self, optimizer: torch.optim.Optimizer | None, device: torch.device | str) -> int:
         """Finish the window: argmax its soft rows (hard and packable; candidates and ratio logits
