@@ -116,6 +116,9 @@ def test_the_module_keeps_parked_blocks_where_they_are_and_reports_on_every_bloc
     assert {p.dtype for p in first.parameters()} == {torch.float64} and module.teacher.pos_embed.proj.weight.dtype == torch.float64
     teachers = {id(p) for p in module.teacher.parameters()}  # the student shares the teacher's FP tensors: they go with it
     assert {p.dtype for p in second.parameters() if id(p) not in teachers} == {torch.float32}  # parked: outside the window
+    assert module.student_offloaded  # SampleImages waits for the end
+    module.engine.finish_windows_("cpu")
+    assert not module.student_offloaded
 
 
 def test_placement_moves_the_students_own_tensors_and_leaves_the_teachers():

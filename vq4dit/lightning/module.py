@@ -96,6 +96,13 @@ class CalibrationModule(pl.LightningModule):
         """Whether DDP ranks split the calibration items (not when they split the blocks)."""
         return not self.settings["spread_blocks"]
 
+    @property
+    def student_offloaded(self) -> bool:
+        """Whether student blocks live on the CPU now (``offload_blocks``): no whole-student forward
+        on the device until the windows end (``callbacks.SampleImages`` waits for the end)."""
+        window = None if self.engine is None else self.engine.window
+        return window is not None and bool(window.parked(self.student))
+
     def check_processes(self, world_size: int) -> None:
         """``ValueError`` for settings that need one process: block-by-block calibration (its
         trainable parameters change with the window, which DDP's fixed buckets cannot follow)."""
