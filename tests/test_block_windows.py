@@ -13,7 +13,8 @@ from torch import nn
 
 from tests.test_calibration import fit_args, hard_block_mse
 from tests.test_flux import flux_batch, tiny_flux
-from tests.test_mmdit import sd3_batch, tiny_sd3
+from tests.test_mmdit import SD35, SMALL, sd3_batch, sd3_embeddings, stock_pipeline, tiny_sd3, tiny_vae
+from tests.test_prompts import write_embeddings
 from tests.test_spread_blocks import packed_tensors
 from tests.test_trust import error_lines, run_main
 from train import cli_main
@@ -231,3 +232,21 @@ def test_mmdit_blocks_calibrate_window_by_window(tmp_path, family, size, steps):
     assert mse(engine.student) < mse(start)
     save_quantized(engine.student, tmp_path / "packed")
     assert (tmp_path / "packed" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_windowed_sd3_fit_exports_the_packed_transformer(tmp_path, monkeypatch, capsys, caplog):
+    """``train.py fit`` of a tiny SD3.5 folder (3 joint blocks) in windows of 2 with offload: 6 steps an
+    epoch, 6 steps a window, every layer hard in the packed transformer."""
+    caplog.set_level(logging.INFO)
+    pipe = stock_pipeline(tiny_sd3(num_layers=3, **SD35))
+    pipe.register_modules(vae=tiny_vae())
+    pipe.save_pretrained(tmp_path / "pipeline")
+    embeds = write_embeddings(tmp_path / "e.safetensors", sd3_embeddings())
+    model = ["--model.model", str(tmp_path / "pipeline"), "--data.prompt_embeds", str(embeds), *SMALL]
+    args = fit_args(tmp_path, "--model.calibration.block_inputs=teacher", "--model.calibration.window_blocks=2",
+                    "--model.offload_blocks=true", "--block_windows.max_steps=6", "--trainer.max_epochs=4", model=model)
+    code, err = run_main(monkeypatch, capsys, args)
+    assert code == 0 and not error_lines(err), err
+    assert "window 1/2 (blocks 0-1) finished at step 6" in caplog.text and "report (12 steps)" in caplog.text
+    packed = load_quantized(tmp_path / "packed")
+    assert len(vq_layers(packed)) > 0 and all(layer.is_hard for layer in vq_layers(packed).values())
