@@ -24,7 +24,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import callbacks  # noqa: F401  (short class paths in YAML: callbacks.CandidatePruning)
-from callbacks import CalibrationReport, FinalAssignment, RunGuard, SampleWriter
+from callbacks import BlockWindows, CalibrationReport, FinalAssignment, RunGuard, SampleWriter
 from callbacks.settings import RANGE_ERROR
 from vq4dit.lightning import CalibrationDataModule, CalibrationModule
 from vq4dit.lightning.checkpoint_io import AtomicCheckpointIO
@@ -57,6 +57,8 @@ class VQ4DiTCLI(LightningCLI):
         parser.add_lightning_class_args(CalibrationReport, "calibration_report")
         parser.add_lightning_class_args(FinalAssignment, "final_assignment")
         parser.add_lightning_class_args(RunGuard, "run_guard")
+        # Block-by-block calibration (--model.calibration.window_blocks) moves on by this rule; inactive without it.
+        parser.add_lightning_class_args(BlockWindows, "block_windows")
         # predict writes PNGs + a sample_ddp.py-style npz (inactive in the other subcommands).
         parser.add_lightning_class_args(SampleWriter, "sample_writer")
 
@@ -70,6 +72,9 @@ class VQ4DiTCLI(LightningCLI):
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])  # atomic saves, weights_only loads
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        self.model.check_processes(self.trainer.world_size)  # before the trajectories: one error line
 
     def _parse_ckpt_path(self) -> None:
         # Replaces LightningCLI's, which silently swaps in the checkpoint's model settings: ``last``

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 
 from vq4dit.evaluation import decode, load_vae
 from vq4dit.families import family_of
@@ -58,6 +59,7 @@ class SampleImages(pl.Callback):
         self.scale = scale
         self._vae = None
         self.written: list[Path] = []
+        self._offload_noted = False
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae_source is not None and self._vae is None:
@@ -88,6 +90,12 @@ class SampleImages(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            if getattr(pl_module, "student_offloaded", False):  # block windows: blocks on the CPU until the end
+                if not self._offload_noted:
+                    rank_zero_info("SampleImages: student blocks are offloaded to the CPU (offload_blocks): "
+                                   "samples only at the end of fit")
+                    self._offload_noted = True
+                return
             self._log(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:

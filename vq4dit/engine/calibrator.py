@@ -39,9 +39,10 @@ from .config import CalibrationConfig
 from .losses import RegularizerGate, StepLoss, block_losses
 from .probe import Phases, build_layers, gather_statistics, preparation_steps, probe_allocation
 from .student import build_student, cast_teacher_
+from .windows import BlockWindow, WindowSteps
 
 
-class Calibrator:
+class Calibrator(WindowSteps):
     """VQ4DiT calibration of ``student`` against ``teacher``.
 
     Args:
@@ -78,6 +79,7 @@ class Calibrator:
         self.allocation_report: str | None = None
         self.allocation_check: dict | None = None  # set by build(): the allocated vs uniform start (probe.check_allocation)
         self.phase_seconds: dict[str, float] = {}  # set by build(): wall seconds per preparation phase
+        self.window = None if self.config.window_blocks is None else BlockWindow.for_student(student, self.config.window_blocks)
         self.update_codebook_trainability()
 
     @classmethod
@@ -149,18 +151,24 @@ class Calibrator:
 
     # ----------------------------------------------------------------------------------- layers
     def owned_layers(self) -> dict[str, VQLinear]:
-        """The VQ layers this rank calibrates: all of them unless blocks are spread over ranks."""
-        if self.spread is None:
-            return self.layers
-        return {name: layer for name, layer in self.layers.items() if self.spread.owns_layer(name)}
+        """The VQ layers calibrated here and now: all, this rank's under a spread, the window's under a window."""
+        layers = self.layers
+        for scope in (s for s in (self.spread, self.window) if s is not None):
+            layers = {name: layer for name, layer in layers.items() if scope.owns_layer(name)}
+        return layers
 
     def update_codebook_trainability(self) -> None:
-        """Codebooks train with the ratios (``simultaneous``) or once their layer is hard."""
-        simultaneous = self.config.codebook_training == "simultaneous"
-        for layer in self.layers.values():
-            layer.codebook.requires_grad_(simultaneous or layer.is_hard)
-            if layer.row_scales is not None:  # the scales train with their codebook
-                layer.row_scales.requires_grad_(simultaneous or layer.is_hard)
+        """Codebooks train with the ratios (``simultaneous``) or once their layer is hard; under a
+        window, nothing of a layer outside it requires grad."""
+        simultaneous, window = self.config.codebook_training == "simultaneous", self.window
+        for name, layer in self.layers.items():
+            active = window is None or window.owns_layer(name)
+            for param in (layer.codebook, layer.row_scales):  # the scales train with their codebook
+                if param is not None:
+                    param.requires_grad_(active and (simultaneous or layer.is_hard))
+            for param in (layer.bias, layer.candidate_logits) if window is not None else ():
+                if param is not None:
+                    param.requires_grad_(active)
 
     # ------------------------------------------------------------------------------------- loss
     def model_batch(self, batch: Batch) -> Batch:
@@ -171,7 +179,7 @@ class Calibrator:
 
     def block_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-block MSE ``[L]`` (0 for other ranks' blocks under a spread) and the output MSE."""
-        owned = None if self.spread is None else self.spread.owned_blocks
+        owned = self.spread.owned_blocks if self.spread is not None else self.window.blocks if self.window else None
         output_grad = self.config.output_weight > 0 and torch.is_grad_enabled()
         return block_losses(self.teacher, self.student, self.model_batch(batch), block_inputs=self.config.block_inputs,
                             owned_blocks=owned, output_grad=output_grad)
@@ -202,7 +210,8 @@ class Calibrator:
         num_blocks, num_layers = block_mse.numel(), len(names)
         all_mse, all_r = summed[:num_blocks], summed[num_blocks : num_blocks + num_layers]
         soft = summed[num_blocks + num_layers :] > 0
-        loss_d = all_mse.mean()
+        calibrated = self.calibrated_blocks(num_blocks)
+        loss_d = all_mse[calibrated].mean()
         loss_r = all_r[soft].mean() if soft.any() else zero
         value_d, value_r = torch.stack([loss_d, loss_r]).tolist()  # one host sync for both
         if not math.isfinite(value_d) and (self.spread is not None or not dist.is_initialized()):
@@ -215,7 +224,7 @@ class Calibrator:
         apply_r = self.gate(value_r, step)
         # This rank's part: the same gradients as mean over all blocks + lambda_r x mean over soft layers.
         weight = self.config.regularizer_weight
-        loss = block_mse.sum() / num_blocks
+        loss = block_mse.sum() / len(calibrated)
         if apply_r and terms:
             loss = loss + weight * (torch.stack(list(terms.values())).sum() / int(soft.sum()))
         if self.config.output_weight > 0:  # plain DDP averages it like the block terms
@@ -224,8 +233,8 @@ class Calibrator:
 
     # ----------------------------------------------------------------------------- optimisation
     def param_groups(self) -> list[dict]:
-        """Codebooks, biases and ratio logits of every VQ layer, each group with its learning rate."""
-        layers, c = self.layers.values(), self.config
+        """Codebooks, biases and ratio logits of every VQ layer (the window's), each with its learning rate."""
+        layers, c = list((self.layers if self.window is None else self.owned_layers()).values()), self.config
         groups = [
             {"params": [l.codebook for l in layers], "lr": c.lr_codebook, "name": "codebooks"},
             {"params": [l.bias for l in layers if l.bias is not None], "lr": c.lr_bias, "name": "biases"},
@@ -365,6 +374,7 @@ class Calibrator:
             "vq_config": vars(self.vq_config) if self.vq_config is not None else None,
             "gate_minimum": self.gate.minimum,
             "allocation": self.allocation,
+            "window": None if self.window is None else self.window.index,
         }
 
     def load_state_dict(self, saved: Mapping) -> None:
@@ -378,6 +388,8 @@ class Calibrator:
                 f"this run: {mine['vq_config']}, {len(mine['layers'])} layers)"
             )
         self.gate.minimum = saved.get("gate_minimum", self.gate.minimum)
+        if self.window is not None and saved.get("window") is not None:  # the window the run had reached
+            self.window.index = int(saved["window"])
 
 
 def _mutate(optimizer: torch.optim.Optimizer | None, layer: VQLinear, mutate) -> None:

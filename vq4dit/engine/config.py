@@ -51,6 +51,10 @@ class CalibrationConfig:
         output_weight: (None: the recipe decides) weight of an output-level term, the MSE of the final noise
             prediction (``block_inputs="student"`` only), next to the mean block MSE (0: the
             paper's loss).
+        window_blocks: (None: every block at once) block-by-block calibration: K consecutive blocks are
+            calibrated at a time from the teacher's block inputs (needs ``block_inputs="teacher"``); the
+            other blocks are outside the optimizer, a finished window is hardened (``callbacks.BlockWindows``
+            moves the window on).
     """
 
     block_inputs: BlockInputs = "student"
@@ -66,6 +70,7 @@ class CalibrationConfig:
     lr_logits: float = 5e-2
     teacher_dtype: TeacherDtype = "float32"
     output_weight: float | None = recipe_field(0.0)
+    window_blocks: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("block_inputs", self.block_inputs, BlockInputs)
@@ -83,6 +88,12 @@ class CalibrationConfig:
             raise ValueError("output_weight needs block_inputs='student' (teacher inputs give no student output)")
         if not isinstance(self.rmsprop_alpha, (int, float)) or not 0 <= self.rmsprop_alpha < 1:
             raise ValueError(f"rmsprop_alpha must be in [0, 1), got {self.rmsprop_alpha}")
+        if self.window_blocks is not None:
+            if isinstance(self.window_blocks, bool) or not isinstance(self.window_blocks, int) or self.window_blocks < 1:
+                raise ValueError(f"window_blocks must be an integer >= 1 (or None), got {self.window_blocks!r}")
+            if self.block_inputs != "teacher":
+                raise ValueError("window_blocks needs block_inputs='teacher' (a window's blocks are calibrated from the "
+                                 f"teacher's block inputs), got block_inputs={self.block_inputs!r}")
         if not isinstance(self.gate_window, int) or self.gate_window < 1:
             raise ValueError(f"gate_window must be >= 1, got {self.gate_window}")
 

@@ -68,22 +68,21 @@ def block_losses(
     the student end to end; ``"teacher"`` feeds every student block the teacher's input of that
     block, as hooks recorded it (the output MSE is then NaN: there is no student output).
     ``owned_blocks`` (``teacher`` inputs only): blocks computed here; the others get an MSE of
-    exactly 0 (their owner computes them). ``output_grad``: the output MSE keeps its graph (an
+    exactly 0 (their owner, or their window, computes them); only the owned blocks' teacher inputs and
+    outputs are kept, and the teacher's forward stops after the last of them. ``output_grad``: the output MSE keeps its graph (an
     output-level loss term), else detached.
     """
     batch = batch[0] if len(batch) == 1 else batch
     family = family_of(teacher)
     teacher_blocks, student_blocks = family.blocks(teacher), family.blocks(student)
     teaching_inputs = block_inputs == "teacher"
+    if teaching_inputs and owned_blocks is not None:
+        return _owned_block_losses(family, teacher, student_blocks, batch, owned_blocks)
     with torch.no_grad(), capture_blocks(teacher_blocks, record_inputs=teaching_inputs) as (t_out, t_in):
         teacher_final = family.forward(teacher, batch)
     device = teacher_final.device
     if teaching_inputs:
-        owned = range(len(student_blocks)) if owned_blocks is None else owned_blocks
-        s_out = [
-            block(*args, **kwargs) if index in owned else None
-            for index, (block, (args, kwargs)) in enumerate(zip(student_blocks, t_in))
-        ]
+        s_out = [block(*args, **kwargs) for block, (args, kwargs) in zip(student_blocks, t_in)]
         final_mse = torch.tensor(float("nan"), device=device)
     else:
         with capture_blocks(student_blocks) as (s_out, _):
@@ -93,6 +92,44 @@ def block_losses(
     zero = torch.zeros((), device=device)
     block_mse = torch.stack([zero if s is None else block_output_mse(s, tt) for s, tt in zip(s_out, t_out)])
     return block_mse, final_mse
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the last block a loss needs: the rest of the forward is not run."""
+
+
+def _owned_block_losses(family, teacher: nn.Module, student_blocks: list[nn.Module], batch: Batch,
+                        owned_blocks: Container[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_losses` with teacher inputs for ``owned_blocks`` only (0 for the others, NaN output MSE)."""
+    teacher_blocks = family.blocks(teacher)
+    owned = [index for index in range(len(teacher_blocks)) if index in owned_blocks]
+    device = next(teacher.parameters()).device
+    t_out, t_in = [None] * len(teacher_blocks), [None] * len(teacher_blocks)
+    if owned:
+        def stop(_module, _args, _output):
+            raise _StopForward
+
+        with torch.no_grad(), capture_blocks([teacher_blocks[i] for i in owned], record_inputs=True) as (out, inp):
+            handle = teacher_blocks[owned[-1]].register_forward_hook(stop)  # after capture_blocks' own hook
+            try:
+                family.forward(teacher, batch)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+        for position, index in enumerate(owned):
+            t_out[index], t_in[index] = out[position], inp[position]
+        device = _first_tensor(t_out[owned[-1]]).device
+    zero = torch.zeros((), device=device)
+    block_mse = torch.stack([
+        block_output_mse(student_blocks[i](*t_in[i][0], **t_in[i][1]), t_out[i]) if t_out[i] is not None else zero
+        for i in range(len(teacher_blocks))
+    ])
+    return block_mse, torch.tensor(float("nan"), device=device)
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else next(o for o in output if isinstance(o, torch.Tensor))
 
 
 class RegularizerGate:

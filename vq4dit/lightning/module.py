@@ -4,6 +4,7 @@ the recipe) and calls :class:`vq4dit.engine.Calibrator` from its hooks; evaluati
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytorch_lightning as pl
@@ -13,6 +14,7 @@ from torch import nn
 from ..distributed import BlockSpread, ddp_ignored
 from ..engine import CalibrationConfig, Calibrator, load_packed_student
 from ..engine.config import BitAllocation, LayerSelection
+from ..engine.windows import held_out
 from ..families import batch_size as items_in
 from ..models import load_dit
 from ..quantize import argmax_view
@@ -48,6 +50,7 @@ class CalibrationModule(pl.LightningModule):
         evaluation: what ``test`` / ``predict`` / ``validate`` evaluate.
         num_heads: attention heads, only for original ``.pt`` checkpoints of non-paper sizes.
         spread_blocks: under DDP, rank r of W calibrates the blocks b % W == r on all items (needs teacher inputs).
+        offload_blocks: with ``calibration.window_blocks``, the student blocks outside the window live on the CPU.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class CalibrationModule(pl.LightningModule):
         evaluation: EvaluationSettings = EvaluationSettings(),
         num_heads: int | None = None,
         spread_blocks: bool = False,
+        offload_blocks: bool = False,
     ) -> None:
         super().__init__()
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
@@ -92,6 +96,20 @@ class CalibrationModule(pl.LightningModule):
         """Whether DDP ranks split the calibration items (not when they split the blocks)."""
         return not self.settings["spread_blocks"]
 
+    @property
+    def student_offloaded(self) -> bool:
+        """Whether student blocks live on the CPU now (``offload_blocks``): no whole-student forward
+        on the device until the windows end (``callbacks.SampleImages`` waits for the end)."""
+        window = None if self.engine is None else self.engine.window
+        return window is not None and bool(window.parked(self.student))
+
+    def check_processes(self, world_size: int) -> None:
+        """``ValueError`` for settings that need one process: block-by-block calibration (its
+        trainable parameters change with the window, which DDP's fixed buckets cannot follow)."""
+        if self.calibration.window_blocks is not None and world_size > 1:
+            raise ValueError(f"calibration.window_blocks runs in one process, got {world_size} "
+                             "(several GPUs: spread_blocks instead)")
+
     def trajectory_teacher(self, device: torch.device) -> nn.Module:
         """The float32 teacher on ``device`` for the trajectories (the student's k-means follows it there)."""
         return self.teacher.to(device)
@@ -111,11 +129,14 @@ class CalibrationModule(pl.LightningModule):
                 raise ValueError("model.quantized is for test / predict / validate (model.evaluation.quantized); "
                                  "resume a calibration with --ckpt_path")
             self.student = load_packed_student(self.quantized, self.teacher, self.device)
-            self.engine = Calibrator(self.teacher, self.student, self.calibration, guidance_scale=self.data_settings.guidance_scale)
+            hard = dataclasses.replace(self.calibration, window_blocks=None)  # a packed model: every block at once
+            self.engine = Calibrator(self.teacher, self.student, hard, guidance_scale=self.data_settings.guidance_scale)
             return
         if self.settings["evaluation"].model == "fp" and stage in ("test", "predict"):
             return
         layers, allocate = self.layer_selection, self.allocation.enabled
+        if self._trainer is not None:
+            self.check_processes(self.trainer.world_size)
         self.engine = Calibrator.build(
             self.teacher, self.vq_config, self.calibration, include=layers.include, exclude=layers.exclude,
             overrides=layers.overrides, filter_fn=layers.linear_filter(self.teacher),
@@ -126,6 +147,9 @@ class CalibrationModule(pl.LightningModule):
             allocation_config=self.allocation,
         )
         self.student = self.engine.student
+        if self.engine.window is not None:  # block-by-block: the blocks outside the window may go to the CPU now
+            self.engine.window.offload = self.settings["offload_blocks"]
+            self.engine.place_(self.trainer.strategy.root_device if self._trainer is not None else self.device)
         if self.engine.allocation_report and self.global_rank == 0:
             print(self.engine.allocation_report, file=sys.stderr, flush=True)
         if self.settings["spread_blocks"] and self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.world_size > 1:
@@ -134,6 +158,13 @@ class CalibrationModule(pl.LightningModule):
             # weight 0 stays with DDP (one float all-reduced per step, a zero gradient, no optimizer).
             self.ddp_anchor = nn.Parameter(torch.zeros(()))
         self._ddp_params_and_buffers_to_ignore = ddp_ignored(self.engine.layers, "student.", self.engine.spread is not None)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Lightning moves the whole module to its device: the blocks offloaded to the CPU stay there
+        engine = getattr(self, "engine", None)
+        parked = engine.window.parked(self.student) if engine is not None and engine.window is not None else []
+        with held_out(self, parked):
+            return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> "CalibrationModule":  # both DiTs stay in eval mode:
         super().train(mode)  # train mode drops labels at random in every block
@@ -155,13 +186,15 @@ class CalibrationModule(pl.LightningModule):
             prog_bar=False, batch_size=batch_size,
         )
         self.log("loss", out.distillation, prog_bar=True, logger=False, batch_size=batch_size)
-        self.log_dict({f"train/block_{i:02d}/mse": v for i, v in enumerate(out.block_mse)}, batch_size=batch_size)
+        blocks = self.engine.calibrated_blocks(out.block_mse.numel())  # under a window: the window's
+        self.log_dict({f"train/block_{i:02d}/mse": out.block_mse[i] for i in blocks}, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         block_mse, output_mse = self.engine.block_losses(batch)
         block_mse = self.engine.global_sum(block_mse.detach())  # spread_blocks: every block from its owner
         batch_size, sync = items_in(batch), self.engine.spread is None  # with a spread: already global
+        block_mse = block_mse[self.engine.calibrated_blocks(block_mse.numel())]  # under a window: the window's
         self.log("val/block_mse", block_mse.mean(), prog_bar=True, sync_dist=sync, batch_size=batch_size)
         self.log("val/output_mse", output_mse, sync_dist=sync, batch_size=batch_size)
 
@@ -169,11 +202,23 @@ class CalibrationModule(pl.LightningModule):
     def validation_error(self, batches: list) -> dict[str, float]:
         """Mean block MSE and final-output MSE against the teacher over ``batches`` (validation items
         on this device) of the student as it would be exported now (soft rows at their argmax);
-        read by ``callbacks.CalibrationReport``."""
+        read by ``callbacks.CalibrationReport``. Under a window: every block, one window at a time."""
         with argmax_view(self.student):
-            pairs = [self.engine.block_losses(batch) for batch in batches]
+            windows = [[self.engine.block_losses(batch) for batch in batches] for _ in self.engine.each_window(self.device)]
+        pairs = [(sum(w[i][0] for w in windows), windows[0][i][1]) for i in range(len(batches))]  # [L] over windows
         block = sum(float(self.engine.global_sum(b.detach()).mean()) for b, _ in pairs) / len(pairs)
         return {"block_mse": block, "output_mse": sum(float(o) for _, o in pairs) / len(pairs)}
+
+    def on_train_start(self) -> None:
+        self.engine.place_(self.device)  # a resumed window's blocks (and only they) on the device
+
+    def on_train_end(self) -> None:
+        self.engine.finish_windows_(self.device)  # after the callbacks' (FinalAssignment's argmax): all on the device
+
+    def advance_window_(self) -> int:
+        """Harden the window's layers and move on to the next window (``callbacks.BlockWindows``
+        decides when). Returns the number of rows finalised."""
+        return self.engine.advance_window_(self.trainer.optimizers[0] if self.trainer.optimizers else None, self.device)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.engine.update_codebook_trainability()

@@ -33,7 +33,7 @@ class ExportSettings:
 # Top-level settings (or whole groups) that may differ between a checkpoint and the run resuming
 # or evaluating it: where the result goes and how it is evaluated, never what is calibrated. The
 # model card shows every other setting. tests/test_settings.py checks that each is a parameter.
-RESUMABLE = frozenset({"export", "evaluation", "spread_blocks"})
+RESUMABLE = frozenset({"export", "evaluation", "spread_blocks", "offload_blocks"})
 
 # The flat ``--model.X`` names of vq4dit <= 715203d -> their place in the nested settings
 # (train.py translates them on the command line and in --config files, with one notice each).

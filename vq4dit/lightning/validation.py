@@ -54,6 +54,11 @@ def check_module_settings(module) -> None:
             "spread_blocks needs calibration.block_inputs='teacher' (blocks are only independent when each "
             f"gets its FP input), got block_inputs={calibration.block_inputs!r}"
         )
+    if calibration.window_blocks is not None and settings["spread_blocks"]:
+        raise ValueError("calibration.window_blocks does not combine with spread_blocks (block-by-block calibration "
+                         "runs in one process); use one of them")
+    if settings["offload_blocks"] and calibration.window_blocks is None:
+        raise ValueError("offload_blocks needs calibration.window_blocks (only blocks outside the window go to the CPU)")
     if settings["export"].dir is not None:
         check_export_dir(settings["export"].dir)
     evaluation = module.evaluation
