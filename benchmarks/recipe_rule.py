@@ -14,7 +14,8 @@ seed-to-seed noise and the default recipe's calibration-seed noise as rows of th
 
 Rows (``--recipes``): ``paper`` (``--model.recipe paper``), ``default`` (the default recipe),
 ``no-rowscale`` / ``no-aware`` / ``no-feedback`` / ``no-confident`` (the default with that one lever off),
-``+alloc`` (the default plus bit allocation, opt-in). The default runs with every ``--seeds`` value
+``+alloc`` (the default plus bit allocation, opt-in), ``+units`` (the default with the codebook in
+the weight's units, opt-in). The default runs with every ``--seeds`` value
 (calibration seed: k-means, trajectories); other rows with the first seed. Every run calibrates
 through ``train.py fit`` with the model's config, the same stop rule (``--max_steps`` cap) and no
 sample grids or checkpoints, then samples the same labels and noise as FP.
@@ -49,6 +50,7 @@ RECIPES = {
     "no-feedback": ["--model.vq.error_feedback=false"],
     "no-confident": ["--model.vq.ratio_init=inverse_distance"],
     "+alloc": ["--model.allocation.enabled=true"],
+    "+units": ["--model.vq.codebook_units=weight"],
 }
 
 

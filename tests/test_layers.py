@@ -240,3 +240,31 @@ def test_row_scales_normalise_rows_and_round_trip(tmp_path):
         c = stock(inputs[0], timestep=inputs[1], class_labels=inputs[2]).sample
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(b, c)
+
+
+def test_codebook_in_weight_units_is_the_same_layer_and_trains_in_weight_units():
+    """``codebook_units="weight"``: the same start weight bit for bit, the codewords at the weight's
+    magnitude and the scales about 1, so one RMSprop step moves the weight ~1/scale times further
+    than with codewords in the scaled rows' units."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight.mul_(0.05 * torch.logspace(-1, 0, 32).unsqueeze(1))
+    base = VQConfig(codebook_size=16, subvector_dim=2, num_candidates=1, row_scale=True)
+    scaled = VQLinear.from_linear(linear, base)
+    weight = VQLinear.from_linear(linear, base.with_overrides(codebook_units="weight"))
+    assert torch.equal(scaled.weight(), weight.weight())
+    assert 0.3 < weight.row_scales.detach().log2().mean().exp2() < 3  # relative scales
+    assert scaled.codebook.abs().mean() > 5 * weight.codebook.abs().mean()  # codewords of about 1 vs the weight's
+    x = torch.randn(64, 64)
+    moved = []
+    for layer in (scaled, weight):
+        start = layer.weight().detach().clone()
+        layer.row_scales.requires_grad_(False)
+        optimizer = torch.optim.RMSprop([layer.codebook], lr=1e-4, alpha=0.9)
+        layer(x).pow(2).sum().backward()
+        optimizer.step()
+        moved.append((layer.weight().detach() - start).abs().mean().item())
+    assert moved[1] > 5 * moved[0]
+    with pytest.raises(ValueError, match="codebook_units"):
+        VQConfig(codebook_units="rows")

@@ -113,7 +113,7 @@ def assign_options(weight: torch.Tensor, configs: Sequence[VQConfig], diagonal: 
     for index, (config, (_, scales, points, weights, codebook)) in enumerate(zip(configs, prepared)):
         nearest, sq_distances = found[index] if index in found else \
             nearest_codewords(points, codebook, config.num_candidates, weights)
-        if scales is not None:
+        if scales is not None and config.codebook_units == "weight":
             scales, codebook = in_weight_units(scales, codebook)
         assignments.append(Assignment(scales, codebook, nearest, sq_distances))
     return assignments

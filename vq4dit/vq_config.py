@@ -15,6 +15,7 @@ from .typed_settings import recipe_field
 
 RatioInit = Literal["inverse_distance", "uniform", "confident"]
 KMeansMetric = Literal["euclidean", "activation"]
+CodebookUnits = Literal["scaled", "weight"]
 
 
 _PRESETS = {
@@ -49,6 +50,12 @@ class VQConfig:
             weight): the rows are divided by their RMS before k-means, so one codebook serves rows
             of very different magnitude (the adaLN modulation rows differ ~60x); the scales are
             calibrated with the codebook (AQLM's scale-normalised codes).
+        codebook_units: with ``row_scale``, the units the codebook is stored (and calibrated) in:
+            ``scaled`` (the scaled rows', about 1) or ``weight`` (the weight's own units, the scales
+            divided by the power of two nearest their geometric mean). The layer is bit-identical;
+            ``weight`` makes ``lr_codebook`` move a codeword as far in weight space as it does without
+            row scales (``scaled`` moves it 10-50x less: the codebooks hardly train). Opt-in: measured
+            better on some suite cells and worse on one (docs/quality.md).
         kmeans_metric: (None: the recipe decides) ``euclidean`` or ``activation``: k-means and the candidate search
             weigh every input dimension j by the layer's input second moment E[x_j^2] on the
             calibration trajectories (the diagonal of the output-error metric, as GPTVQ / VPTQ
@@ -66,6 +73,7 @@ class VQConfig:
     kmeans_iters: int = 25
     kmeans_seed: int = 0
     row_scale: bool | None = recipe_field(False)
+    codebook_units: CodebookUnits = "scaled"
     kmeans_metric: KMeansMetric | None = recipe_field("euclidean")
     error_feedback: bool | None = recipe_field(False)
 
@@ -95,6 +103,8 @@ class VQConfig:
             )
         if self.kmeans_metric not in ("euclidean", "activation", None):
             raise ValueError(f"kmeans_metric must be 'euclidean' or 'activation', got {self.kmeans_metric!r}")
+        if self.codebook_units not in ("scaled", "weight"):
+            raise ValueError(f"codebook_units must be 'scaled' or 'weight', got {self.codebook_units!r}")
         if self.kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
 
