@@ -2,6 +2,8 @@
 k-means a window at a time, the layers outside window 0 moved off the device right after they are
 built, the full ``E[x x^T]`` freed per window; bit-identical to the one-pass build (tiny SD3.5)."""
 
+import logging
+
 import pytest
 import torch
 
@@ -57,11 +59,12 @@ def test_the_windowed_build_is_bit_identical_to_the_one_pass_build(tmp_path, all
     assert one.keys() == win.keys() and all(torch.equal(one[k], win[k]) for k in one)
 
 
-def test_the_build_holds_window_0_and_one_layer_on_the_device():
+def test_the_build_holds_window_0_and_one_layer_on_the_device(caplog):
     """Parking on the meta device (a stand-in for the CPU when the teacher's device is the CPU):
     the layers outside window 0 leave the device right after they are built, so the device's VQ
     state peaks at window 0's plus one layer, far below the whole student's; each statistics pass
     stops after its window (block b runs in the passes of windows >= b)."""
+    caplog.set_level(logging.INFO)
     teacher, items = sd3_setup()
     selected = select_layers(teacher, QUALITY, None)
     calls = [0] * len(block_modules(teacher))
@@ -82,6 +85,7 @@ def test_the_build_holds_window_0_and_one_layer_on_the_device():
     batches = len(statistics_batches(items, 4.0))
     assert calls == [3 * batches, 2 * batches, 1 * batches]  # windows 0, 1, 2: each pass stops after its window
     assert all(m.full is None for m in moments.values()) and set(moments) == set(layers)
+    assert "layers moved to meta; 3 statistics passes" in caplog.text
 
 
 def test_the_module_builds_window_by_window_only_with_offload(monkeypatch):

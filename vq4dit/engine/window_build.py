@@ -15,6 +15,7 @@ passes for W windows).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -28,6 +29,7 @@ from .allocation import AllocationConfig
 from .probe import Phases, Selected, build_layers, gather_statistics
 from .statistics import statistics_batches
 
+log = logging.getLogger(__name__)
 
 def layer_windows(teacher: nn.Module, selected: Selected, size: int) -> dict[str, int | None]:
     """Window index of every selected layer: its block's index // ``size``; None outside the blocks
@@ -95,4 +97,7 @@ def build_by_window(teacher: nn.Module, selected: Selected, items: dict | None, 
             layers[name] = layer
             if moments is not None and name in moments:
                 diagonals[name] = moments.pop(name).without_full()  # the full E[x x^T] is freed here
+    log.info("student build by window: at most %.3f GB of VQ state on %s, %.3f GB left there; %d of %d layers "
+             "moved to %s; %d statistics passes", ledger.peak / 1e9, device, ledger.held / 1e9, len(ledger.parked),
+             len(layers), park_device, passes)
     return {name: layers[name] for name, _, _ in selected}, diagonals or None, ledger
