@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import BlockSpread
-from ..layers import InputMoments, VQLinear, replace_in_optimizer_
+from ..layers import InputMoments, VQLinear
 from ..families import Batch, FilterFn, block_modules, family_of
 from ..models import NonFiniteError
 from ..quantize import finalize_model_, select_layers, vq_layers
@@ -39,7 +39,8 @@ from .config import CalibrationConfig
 from .losses import RegularizerGate, StepLoss, block_losses
 from .probe import Phases, build_layers, gather_statistics, preparation_steps, probe_allocation
 from .student import build_student, cast_teacher_
-from .windows import BlockWindow, WindowSteps
+from .window_build import build_by_window
+from .windows import BlockWindow, WindowSteps, mutate_in_optimizer_
 
 
 class Calibrator(WindowSteps):
@@ -100,6 +101,7 @@ class Calibrator(WindowSteps):
         allocation: Mapping[str, Mapping[str, int]] | None = None,
         allocation_config: AllocationConfig | None = None,
         filter_fn: FilterFn | None = None,
+        offload_blocks: bool = False,
     ) -> "Calibrator":
         """Freeze ``teacher``, build the k-means-initialised student, cast the teacher to
         ``config.teacher_dtype``: a ready engine. ``items`` (``{"x", "t", "y"}`` calibration
@@ -110,7 +112,8 @@ class Calibrator(WindowSteps):
         run's per-layer codebook sizes (``engine.allocation``), reused as they are (a resume).
         ``filter_fn``: the layer filter when no ``include`` is given (None: the family's default set;
         :meth:`vq4dit.engine.config.LayerSelection.linear_filter` adds the family's options).
-        ``engine.phase_seconds``: wall seconds of statistics, kmeans, feedback, probe, check."""
+        ``engine.phase_seconds``: wall seconds of statistics, kmeans, feedback, probe, check.
+        ``offload_blocks`` (``window_blocks``, no probe): built a window at a time (:mod:`.window_build`)."""
         config, allocation_config = config or CalibrationConfig(), allocation_config or AllocationConfig()
         teacher.requires_grad_(False).eval()
         check_overrides(overrides)
@@ -121,8 +124,9 @@ class Calibrator(WindowSteps):
         if probing and items is None:
             raise ValueError("activation-aware k-means, error feedback and bit allocation need calibration items")
         phases = Phases(preparation_steps(selected, items, probing, allocation_config), progress)
+        by_window = offload_blocks and config.window_blocks is not None and not probing
         try:
-            moments = gather_statistics(teacher, selected, items, guidance_scale, probing, phases)
+            moments = None if by_window else gather_statistics(teacher, selected, items, guidance_scale, probing, phases)
             measured, built = None, {}
             if probing:
                 measured, built = probe_allocation(teacher, selected, moments, items, guidance_scale, bit_budget,
@@ -132,7 +136,11 @@ class Calibrator(WindowSteps):
             if allocation is not None:  # field by field: the user's other fields of a layer stay
                 overrides = merge_overrides(overrides, allocation)
                 selected = select_layers(teacher, vq_config, filter_fn, include=include, exclude=exclude, overrides=overrides)
-            layers = build_layers(selected, moments, phases, built, uniform, allocation_config)
+            if by_window:
+                layers, moments, _ = build_by_window(teacher, selected, items, guidance_scale, config.window_blocks,
+                                                     phases, uniform, allocation_config)
+            else:
+                layers = build_layers(selected, moments, phases, built, uniform, allocation_config)
         finally:
             phases.close()
         phases.seconds["kmeans"] = phases.seconds.get("kmeans", 0.0) - phases.seconds.get("feedback", 0.0)
@@ -283,11 +291,11 @@ class Calibrator(WindowSteps):
         for layer in self.owned_layers().values():
             if layer.is_hard:
                 continue
-            _mutate(optimizer, layer, lambda: layer.harden_rows_(harden_threshold))
+            mutate_in_optimizer_(optimizer, layer, lambda: layer.harden_rows_(harden_threshold))
             if prune_floor > 0 and not layer.is_hard:
-                _mutate(optimizer, layer, lambda: layer.prune_candidates_(prune_floor))
+                mutate_in_optimizer_(optimizer, layer, lambda: layer.prune_candidates_(prune_floor))
             if not layer.is_hard and layer.hard_fraction >= finalize_fraction:
-                _mutate(optimizer, layer, layer.finalize_)
+                mutate_in_optimizer_(optimizer, layer, layer.finalize_)
         self.update_codebook_trainability()
 
     def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -390,11 +398,3 @@ class Calibrator(WindowSteps):
         self.gate.minimum = saved.get("gate_minimum", self.gate.minimum)
         if self.window is not None and saved.get("window") is not None:  # the window the run had reached
             self.window.index = int(saved["window"])
-
-
-def _mutate(optimizer: torch.optim.Optimizer | None, layer: VQLinear, mutate) -> None:
-    """Run a shrinking mutator of ``layer`` and move ``optimizer`` onto the new ratio logits."""
-    old = layer.candidate_logits
-    reindex = mutate()
-    if optimizer is not None and layer.candidate_logits is not old:
-        replace_in_optimizer_(optimizer, old, layer.candidate_logits, reindex)

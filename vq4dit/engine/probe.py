@@ -78,9 +78,10 @@ def preparation_steps(selected: Selected, items: dict | None, allocate: bool, co
 
 
 def gather_statistics(teacher: nn.Module, selected: Selected, items: dict | None, guidance_scale: float,
-                      allocate: bool, phases: Phases) -> dict[str, InputMoments] | None:
+                      allocate: bool, phases: Phases, stop_after: nn.Module | None = None) -> dict[str, InputMoments] | None:
     """Input second moments per layer: ``E[x^2] [in]`` for activation-aware k-means, and the full
-    ``E[x x^T] [in, in]`` for error feedback and for every layer when allocating; None when none is needed."""
+    ``E[x x^T] [in, in]`` for error feedback and for every layer when allocating; None when none is needed.
+    ``stop_after``: the module after which the teacher's forward may stop (:func:`input_second_moments`)."""
     aware = [name for name, _, c in selected if allocate or c.kmeans_metric == "activation" or c.error_feedback]
     if not aware:
         return None
@@ -89,7 +90,7 @@ def gather_statistics(teacher: nn.Module, selected: Selected, items: dict | None
     full = {name for name, _, c in selected if allocate or c.error_feedback}
     with phases.phase("statistics"):
         return input_second_moments(teacher, aware, statistics_batches(items, guidance_scale), full=full,
-                                    on_batch=phases.step)
+                                    on_batch=phases.step, stop_after=stop_after)
 
 
 def build_layers(selected: Selected, moments: Mapping[str, InputMoments] | None, phases: Phases,

@@ -34,13 +34,23 @@ def item_batches(items: dict[str, torch.Tensor], index: torch.Tensor, guidance_s
     return [conditioning.guided(conditioning.batch(items, chunk), guidance_scale) for chunk in index.split(batch_size)]
 
 
+class _StopForward(Exception):
+    """Raised after ``stop_after``'s forward: the rest of the model's forward is not needed."""
+
+
+def _stop(_module, _args, _output) -> None:
+    raise _StopForward
+
+
 @torch.no_grad()
 def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: Container[str] = (),
-                         on_batch: Callable[[], object] | None = None) -> dict[str, InputMoments]:
+                         on_batch: Callable[[], object] | None = None,
+                         stop_after: nn.Module | None = None) -> dict[str, InputMoments]:
     """The input second moments of ``model``'s Linear layers ``names`` over model ``batches``
     (every token of every item counts once): ``E[x_j^2]``
     ``[in]``, and for the layers in ``full`` also the whole ``E[x x^T]`` ``[in, in]`` (error feedback).
-    ``on_batch`` is called after every batch (a progress bar)."""
+    ``on_batch`` is called after every batch (a progress bar); ``stop_after``: a module after whose
+    forward the model's forward stops (every layer of ``names`` runs before it)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -52,10 +62,15 @@ def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: 
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
+    if stop_after is not None:
+        hooks.append(stop_after.register_forward_hook(_stop))
     device = next(model.parameters()).device
     try:
         for batch in batches:
-            call_model(model, batch, device)
+            try:
+                call_model(model, batch, device)
+            except _StopForward:
+                pass
             if on_batch is not None:
                 on_batch()
     finally:

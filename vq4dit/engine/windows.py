@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..distributed import layer_blocks
+from ..layers import VQLinear, replace_in_optimizer_
 from ..models import block_modules
 
 
@@ -148,6 +149,15 @@ def drop_from_optimizer_(optimizer: torch.optim.Optimizer, params: Iterable[torc
         group["params"] = [p for p in group["params"] if id(p) not in gone]
     for param in [p for p in optimizer.state if id(p) in gone]:
         del optimizer.state[param]
+
+
+def mutate_in_optimizer_(optimizer: torch.optim.Optimizer | None, layer: VQLinear, mutate: Callable[[], object]) -> None:
+    """Run a shrinking mutator of ``layer`` (hardening, pruning: it returns the
+    :class:`vq4dit.layers.RowReindex` of its ratio logits) and move ``optimizer`` onto the new ratio logits."""
+    old = layer.candidate_logits
+    reindex = mutate()
+    if optimizer is not None and layer.candidate_logits is not old:
+        replace_in_optimizer_(optimizer, old, layer.candidate_logits, reindex)
 
 
 def add_to_optimizer_(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:

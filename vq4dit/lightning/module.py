@@ -50,7 +50,8 @@ class CalibrationModule(pl.LightningModule):
         evaluation: what ``test`` / ``predict`` / ``validate`` evaluate.
         num_heads: attention heads, only for original ``.pt`` checkpoints of non-paper sizes.
         spread_blocks: under DDP, rank r of W calibrates the blocks b % W == r on all items (needs teacher inputs).
-        offload_blocks: with ``calibration.window_blocks``, the student blocks outside the window live on the CPU.
+        offload_blocks: with ``calibration.window_blocks``, the student blocks outside the window live on the CPU
+            (from the student build on: it goes window by window, :mod:`vq4dit.engine.window_build`).
     """
 
     def __init__(
@@ -144,10 +145,10 @@ class CalibrationModule(pl.LightningModule):
             progress=self.global_rank == 0 if self._trainer else True, items=self.data_settings.train_items,
             bit_allocation=allocate, bit_budget=self.allocation.budget,
             allocation=read_allocation(self.resume_checkpoint) if allocate and self.resume_checkpoint else None,
-            allocation_config=self.allocation,
+            allocation_config=self.allocation, offload_blocks=self.settings["offload_blocks"],
         )
         self.student = self.engine.student
-        if self.engine.window is not None:  # block-by-block: the blocks outside the window may go to the CPU now
+        if self.engine.window is not None:  # block-by-block: window 0's blocks on the device, with offload the others on the CPU
             self.engine.window.offload = self.settings["offload_blocks"]
             self.engine.place_(self.trainer.strategy.root_device if self._trainer is not None else self.device)
         if self.engine.allocation_report and self.global_rank == 0:
