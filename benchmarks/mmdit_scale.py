@@ -18,6 +18,7 @@ PROJECTIONS, NOT MEASUREMENTS, wherever a column says H100 (no GPU was used).
 
     python -m benchmarks.mmdit_scale                      # Large and Medium, w2 and w3 (1 thread)
     python -m benchmarks.mmdit_scale --models medium --bits 2
+    python -m benchmarks.mmdit_scale --models flux-dev              # FLUX.1-dev: benchmarks/flux_scale.py
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from benchmarks.proc_memory import status_kb
 from benchmarks.projection import bf16_autocast
 from benchmarks.projection_kmeans import measure_kmeans, project_kmeans
 from benchmarks.recipe_configs import recipe_settings
-from benchmarks.roofline import PROJECTION_BANNER, SCENARIOS, Counts, count_ops, fmt_s
-from vq4dit.families import SD3
+from benchmarks.roofline import PROJECTION_BANNER, SCENARIOS, Counts, combine, count_ops, fmt_s
+from vq4dit.families import SD3, Family
 
 SD35 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
             joint_attention_dim=4096, pooled_projection_dim=2048, qk_norm="rms_norm")  # both hub configs
@@ -51,10 +52,23 @@ MODELS = {  # name -> (transformer config, configs/*.yaml run: trajectories, pro
 TEXT_TOKENS = 77 + 256  # CLIP-L/G's 77 then T5's 256: StableDiffusion3Pipeline's prompt_embeds
 
 
-def parameters(config: dict) -> int:
+def parameters(config: dict, family: Family = SD3) -> int:
     """The parameter count of the whole model (built on meta)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in SD3Transformer2DModel(**config).parameters())
+        return sum(p.numel() for p in family.model_class(**config).parameters())
+
+
+def linear_shapes(config: dict, family: Family = SD3) -> list[tuple[int, int]]:
+    """``(out, in)`` of every Linear ``family`` quantizes by default in the whole model (built on meta)."""
+    with torch.device("meta"):
+        model = family.model_class(**config)
+    return [(m.out_features, m.in_features) for n, m in model.named_modules() if family.linear_filter()(m, n)]
+
+
+def kmeans_counts(config: dict, bits: int, family: Family = SD3) -> Counts:
+    """The projected k-means init + error feedback (25 iterations) of every quantized Linear at ``bits``."""
+    vq, _ = recipe_settings("quality", bits, kmeans_iters=25)
+    return project_kmeans(measure_kmeans(vq, hidden(config), 2), hidden(config), 2, 25, linear_shapes(config, family))
 
 
 def one_block_sd3(config: dict) -> SD3Transformer2DModel:
@@ -90,59 +104,67 @@ def model_batch(config: dict, count: int, text_tokens: int) -> dict[str, torch.T
 
 
 @torch.no_grad()
-def forward_measurements(config: dict, text_tokens: int = TEXT_TOKENS) -> tuple[int, Counts]:
-    """``(activation peak bytes, op counts)`` of a bf16 1-block forward at 1 image + its negative copy:
-    the peak as the rise of the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) over
-    the RSS with the weights and inputs allocated."""
-    torch.manual_seed(0)
-    model = one_block_sd3(config).to(torch.bfloat16).eval()
-    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model_batch(config, 1, text_tokens).items()}
-    SD3.forward(model, batch)  # warm-up: one-time allocations are not activations
+def forward_peak(model: torch.nn.Module, batch: dict[str, torch.Tensor], family: Family) -> tuple[int, Counts]:
+    """``(activation peak bytes, op counts)`` of a bf16 forward of ``model`` (a model batch): the peak as the
+    rise of the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) over the RSS with the
+    weights and inputs allocated."""
+    model = model.to(torch.bfloat16).eval()
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    family.forward(model, batch)  # warm-up: one-time allocations are not activations
     before = status_kb(os.getpid(), "VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # VmHWM := VmRSS
-    SD3.forward(model, batch)
+    family.forward(model, batch)
     peak = (status_kb(os.getpid(), "VmHWM") - before) * 1024
     with bf16_autocast():
-        counts = count_ops(lambda: SD3.forward(model, batch))
+        counts = count_ops(lambda: family.forward(model, batch))
     return peak, counts
 
 
-def inference_rows(config: dict, bits: tuple[int, ...], activations: int) -> dict[str, tuple[str, ...]]:
-    """The packed model's inference memory per bit width: packed bytes + the forward's activation peak."""
-    rows = {"1024 px forward activation peak, bf16, 1 + 1 (GB, measured on the CPU)": ("-", f"{activations / GB:.2f}")}
+def forward_measurements(config: dict, text_tokens: int = TEXT_TOKENS) -> tuple[int, Counts]:
+    """:func:`forward_peak` of a 1-block SD3 model at 1 image + its negative copy."""
+    torch.manual_seed(0)
+    return forward_peak(one_block_sd3(config), model_batch(config, 1, text_tokens), SD3)
+
+
+def inference_rows(config: dict, bits: tuple[int, ...], activations: int, family: Family = SD3,
+                   batch: str = "1 + 1") -> dict[str, tuple[str, ...]]:
+    """The packed model's inference memory per bit width: packed bytes + the forward's activation peak at
+    ``batch`` (model batch, as the label says)."""
+    rows = {f"1024 px forward activation peak, bf16, {batch} (GB, measured on the CPU)": ("-", f"{activations / GB:.2f}")}
     for b in bits:
-        report = packed_report(config, b, SD3)
+        report = packed_report(config, b, family)
         rows[f"**inference w{b}: packed weights + activations (GB)**"] = (
             "-", f"**{(report.file_bytes + activations) / GB:.1f}** ({report.file_bytes / GB:.2f} + {activations / GB:.2f})")
-    rows["bf16 transformer for comparison: weights + activations (GB)"] = ("-", f"{(2 * parameters(config) + activations) / GB:.1f}")
+    rows["bf16 transformer for comparison: weights + activations (GB)"] = ("-", f"{(2 * parameters(config, family) + activations) / GB:.1f}")
     return rows
 
 
 def trajectory_row(config: dict, forward: Counts, run: tuple[int, int, int]) -> dict[str, tuple[str, ...]]:
     """Teacher trajectories of ``run``: per step and trajectory one guided forward of ``run[1]`` prompts."""
+    return trajectory_time(combine([(config["num_layers"], forward)]), run)
+
+
+def trajectory_time(model_forward: Counts, run: tuple[int, int, int]) -> dict[str, tuple[str, ...]]:
+    """Teacher trajectories of ``run`` from the counts of one whole-model forward of one prompt (with its
+    negative copy where the model has one): ``run[0] x run[1] x run[2]`` of them (4 + 4 = 4 x (1 + 1))."""
     opt, pes = SCENARIOS
-    calls = run[0] * run[2] * run[1] * config["num_layers"]  # 1 + 1 forwards of one block; 4 + 4 = 4 x (1 + 1)
+    calls = run[0] * run[2] * run[1]
     return {f"teacher trajectories {run[0]} x {run[1]} x {run[2]}, bf16, H100 (projected)": (
-        "-", f"{fmt_s(calls * forward.projected_s(opt))} - {fmt_s(calls * forward.projected_s(pes))}")}
+        "-", f"{fmt_s(calls * model_forward.projected_s(opt))} - {fmt_s(calls * model_forward.projected_s(pes))}")}
 
 
 def model_columns(config: dict, run: tuple[int, int, int], bits: tuple[int, ...], items: tuple[int, int],
                   kmeans_iters: int, started: Timer) -> dict[str, dict[str, tuple[str, ...]]]:
     """``{column: {quantity: (per block, whole model)}}`` of one model (``config``, the config's ``run``), a
     column per bit width."""
-    with torch.device("meta"):
-        shapes = [(m.out_features, m.in_features) for n, m in SD3Transformer2DModel(**config).named_modules()
-                  if SD3.linear_filter()(m, n)]
     activations, forward = forward_measurements(config)
     columns = {}
     for b in bits:
         measured = paper_batch(measure_block(config, b, items, TEXT_TOKENS, kmeans_iters=kmeans_iters, family=SD3,
                                              build=one_block_sd3, make_items=sd3_items,
                                              output_tokens=tokens(config) + TEXT_TOKENS))
-        vq, _ = recipe_settings("quality", b, kmeans_iters=25)
-        kmeans = project_kmeans(measure_kmeans(vq, hidden(config), 2), hidden(config), 2, 25, shapes)
-        rows = {**scale_rows(config, measured, kmeans, (b,), SD3, TEXT_TOKENS, run),
+        rows = {**scale_rows(config, measured, kmeans_counts(config, b), (b,), SD3, TEXT_TOKENS, run),
                 **inference_rows(config, (b,), activations), **trajectory_row(config, forward, run)}
         columns[f"w{b}"] = {q.replace(f" w{b}", ""): cells for q, cells in rows.items()}  # the column names the bits
         print(f"measured: {hidden(config)} wide, w{b} ({started.elapsed:.0f} s)", flush=True)
@@ -164,12 +186,17 @@ def table(name: str, columns: dict[str, dict[str, tuple[str, ...]]], items: tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "flux-dev"])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3])
     args = parse_measure_arguments(parser)
     started = Timer()
     print(f"{PROJECTION_BANNER}\n", flush=True)
     for name in args.models:  # each table as soon as its model is measured
+        if name == "flux-dev":
+            from benchmarks.flux_scale import FLUX_DEV, RUN, flux_columns, flux_table  # it imports this module
+            columns = flux_columns(FLUX_DEV, RUN, tuple(args.bits), tuple(args.items), args.kmeans_iters, started)
+            print(flux_table(columns, tuple(args.items)) + "\n", flush=True)
+            continue
         columns = model_columns(*MODELS[name], tuple(args.bits), tuple(args.items), args.kmeans_iters, started)
         print(table(name, columns, tuple(args.items)) + "\n", flush=True)
     print(f"script wall time: {started.elapsed:.0f} s")

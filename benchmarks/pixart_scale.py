@@ -45,6 +45,7 @@ from benchmarks.throughput import CalibrationStep
 from callbacks import CandidatePruning
 from vq4dit.engine import Calibrator
 from vq4dit.families import PIXART, Family
+from vq4dit.families.conditioning import batch_size
 from vq4dit.layers import VQLinear
 from vq4dit.size import SizeReport, size_report
 
@@ -161,6 +162,7 @@ def measure_block(config: dict, bits: int, items: tuple[int, ...] = (1, 2), text
         step = CalibrationStep(engine, CandidatePruning(), bf16_autocast)
         steady_optimizer(step.optimizer)
         batch = family.conditioning.batch(make_items(config, count, text_tokens), torch.arange(count))
+        copies = batch_size(family.conditioning.guided(batch, GUIDANCE)) // count  # 2: negative copies; Flux: 1
         saved = SavedTensors(engine.student)
 
         state = [v for s in step.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
@@ -169,7 +171,7 @@ def measure_block(config: dict, bits: int, items: tuple[int, ...] = (1, 2), text
             "student_block": nbytes((*s_block.parameters(), *s_block.buffers())),
             "optimizer": nbytes(state),
             "logit_grads": nbytes(m.candidate_logits for m in layers),  # alive from the backward to the step
-            "teacher_output": 2 * count * (output_tokens or tokens(config)) * hidden(config) * 2,  # kept for the loss, bf16
+            "teacher_output": copies * count * (output_tokens or tokens(config)) * hidden(config) * 2,  # loss target, bf16
         }
 
         def calibration_step() -> None:
@@ -208,40 +210,61 @@ def block_input_bytes(config: dict, text_tokens: int = TEXT_TOKENS) -> int:
 
 
 def scale_rows(config: dict, measured: dict[str, Any], kmeans: Counts, bits: tuple[int, ...], family: Family = PIXART,
-               text_tokens: int = TEXT_TOKENS, run: tuple[int, int, int] = RUN) -> dict[str, tuple[str, str]]:
+               text_tokens: int = TEXT_TOKENS, run: tuple[int, int, int] = RUN) -> dict[str, tuple[str, ...]]:
     """``{quantity: (per block, whole model)}`` of one model and resolution from its measurements at the paper
     batch; ``run``: the config's trajectories, prompts per trajectory and steps."""
+    return kind_rows({"block": (measured, config["num_layers"])}, kmeans,
+                     {b: packed_report(config, b, family) for b in bits}, run,
+                     block_input_bytes(config, text_tokens), item_bytes(config))
+
+
+def held_bytes(measured: dict[str, Any]) -> float:
+    """What one block holds all step: teacher and student block, optimizer state, the loss's teacher output."""
+    return measured["teacher_block"] + measured["student_block"] + measured["optimizer"] + measured["teacher_output"]
+
+
+def kind_rows(kinds: dict[str, tuple[dict[str, Any], int]], kmeans: Counts, packed: dict[int, SizeReport],
+              run: tuple[int, int, int], input_bytes: int, host_item_bytes: int,
+              copies: int = 2) -> dict[str, tuple[str, ...]]:
+    """``{quantity: (a cell per block kind, whole model)}``: ``kinds`` maps a block kind to its measurements
+    at the paper batch and its number of blocks (the model cell: their sum); ``packed``: the packed size per
+    bit width; ``input_bytes``: one item's block inputs (with its ``copies``: 2 with the negative prompt, 1
+    for a guidance-distilled model); ``host_item_bytes``: one trajectory item in host RAM."""
     opt, pes = SCENARIOS
-    layers, items = config["num_layers"], run[0] * run[1] * run[2]
-    state = measured["teacher_block"] + measured["student_block"] + measured["optimizer"] + measured["teacher_output"]
-    saved = measured["saved"]
-    peak = state + max(saved, measured["logit_grads"])
-    build, step = measured["build_seconds"], measured["step"]
+    items, cases = run[0] * run[1] * run[2], list(kinds.values())
+    blank = ("-",) * len(cases)
+    pair = (lambda i: f"{i} + {i}") if copies == 2 else str
+    held = held_bytes
 
     def gb(value: float, bold: bool = False) -> str:
         return f"**{value / GB:.1f}**" if bold else f"{value / GB:.2f}"
 
-    def h100(counts: Counts, times: float = 1.0) -> str:
-        return f"{fmt_s(times * counts.projected_s(opt))} - {fmt_s(times * counts.projected_s(pes))}"
+    def cells(value: Callable[[dict[str, Any]], float], bold: bool = False) -> tuple[str, ...]:
+        return (*(gb(value(m), bold) for m, _ in cases), gb(sum(n * value(m) for m, n in cases), bold))
 
+    def h100(value: Callable[[str], float]) -> str:
+        return f"{fmt_s(value(opt))} - {fmt_s(value(pes))}"
+
+    batch = pair(PAPER_ITEMS)
     rows = {
-        "held all step: teacher + student block, RMSprop state, teacher block output (GB)": (gb(state), gb(layers * state)),
-        "saved for the backward at 4 + 4 (GB)": (gb(saved), gb(layers * saved)),
-        "**calibration step peak, GPU (GB)**": (gb(peak, True), gb(layers * peak, True)),
-        f"block inputs of {items:,} items if recorded (GB, bf16)": (gb(items * block_input_bytes(config, text_tokens)),
-                                                                   gb(layers * items * block_input_bytes(config, text_tokens))),
-        f"trajectory items {run[0]} x {run[1]} x {run[2]}, host RAM (GB)": ("-", gb(items * item_bytes(config))),
-        "student build, CPU s: statistics (1 + 1 items) / k-means (2 iters) / feedback": (
-            " / ".join(f"{build.get(p, 0.0):.1f}" for p in ("statistics", "kmeans", "feedback")), "-"),
-        "k-means init + feedback (25 iters), H100 (projected)": ("-", h100(kmeans)),
-        "soft step, CPU s at 1 + 1 / 2 + 2 (measured)": (measured["step_cpu_s"], "-"),
-        "soft step at 4 + 4, TFLOP": (f"{step.flops / 1e12:.2f}", f"{layers * step.flops / 1e12:.1f}"),
-        "**soft step at 4 + 4, H100 (projected)**": (h100(step), h100(step, layers)),
+        "held all step: teacher + student block, RMSprop state, teacher block output (GB)": cells(held),
+        f"saved for the backward at {batch} (GB)": cells(lambda m: m["saved"]),
+        "**calibration step peak, GPU (GB)**": cells(lambda m: held(m) + max(m["saved"], m["logit_grads"]), True),
+        f"block inputs of {items:,} items if recorded (GB, bf16)": cells(lambda m: items * input_bytes),
+        f"trajectory items {run[0]} x {run[1]} x {run[2]}, host RAM (GB)": (*blank, gb(items * host_item_bytes)),
+        f"student build, CPU s: statistics ({pair(1)} items) / k-means (2 iters) / feedback": (*(
+            " / ".join(f"{m['build_seconds'].get(p, 0.0):.1f}" for p in ("statistics", "kmeans", "feedback"))
+            for m, _ in cases), "-"),
+        "k-means init + feedback (25 iters), H100 (projected)": (*blank, h100(kmeans.projected_s)),
+        f"soft step, CPU s at {pair(1)} / {pair(2)} (measured)": (*(m["step_cpu_s"] for m, _ in cases), "-"),
+        f"soft step at {batch}, TFLOP": (*(f"{m['step'].flops / 1e12:.2f}" for m, _ in cases),
+                                         f"{sum(n * m['step'].flops for m, n in cases) / 1e12:.1f}"),
+        f"**soft step at {batch}, H100 (projected)**": (*(h100(m["step"].projected_s) for m, _ in cases),
+                                                        h100(lambda s: sum(n * m["step"].projected_s(s) for m, n in cases))),
     }
-    for b in bits:
-        report = packed_report(config, b, family)
-        rows[f"packed file w{b}, MiB (FP tensors float32)"] = ("-", f"{report.file_bytes / 2 ** 20:,.0f} "
-                                                            f"({report.other_bytes / 2 ** 20:,.0f} FP)")
+    for b, report in packed.items():
+        rows[f"packed file w{b}, MiB (FP tensors float32)"] = (*blank, f"{report.file_bytes / 2 ** 20:,.0f} "
+                                                               f"({report.other_bytes / 2 ** 20:,.0f} FP)")
     return rows
 
 

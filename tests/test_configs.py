@@ -1,6 +1,8 @@
 """The DiT-XL/2 configs: base + overlay give exactly the settings of the former one-file configs.
 The PixArt-Σ configs (1024 base + 512 overlay): PixArtSigmaPipeline's sampling defaults, one GPU, bf16.
 The SD3.5 configs (Large, Medium): their model cards' steps and guidance, one GPU, bf16.
+The FLUX.1 configs (dev base + schnell overlay): FluxPipeline's dev defaults (28 steps, embedded guidance 3.5),
+schnell's 4 steps without guidance, one GPU, bf16.
 
 ``tests/data/legacy_configs`` holds the four former files verbatim (flat ``model:`` names, which the CLI
 translates to the nested settings, as it does for any former config). Both sides are parsed by the real
@@ -23,6 +25,8 @@ BASE = ROOT / "configs" / "dit_xl2.yaml"
 PIXART = {1024: [ROOT / "configs" / "pixart_sigma_1024.yaml"],
           512: [ROOT / "configs" / "pixart_sigma_1024.yaml", ROOT / "configs" / "pixart_sigma_512.yaml"]}
 SD35 = {"large": (28, 3.5), "medium": (40, 4.5)}  # the model cards' steps and guidance
+FLUX = {"dev": ([ROOT / "configs" / "flux_dev.yaml"], 28, 3.5),  # FluxPipeline's defaults; schnell's model card
+        "schnell": ([ROOT / "configs" / "flux_dev.yaml", ROOT / "configs" / "flux_schnell.yaml"], 4, 1.0)}
 NEW_FILES = {  # legacy file -> the --config files that replace it
     "dit_xl2_256_w2": [BASE],
     "dit_xl2_256_w3": [BASE, ROOT / "configs" / "dit_xl2" / "256_w3.yaml"],
@@ -65,8 +69,8 @@ def test_overlays_equal_the_former_configs(name, configs):
     assert not differing, f"{name}: key: (former, new) {differing}"
 
 
-@pytest.mark.parametrize("base", [BASE, PIXART[1024][0], *(ROOT / "configs" / f"sd35_{m}.yaml" for m in SD35)],
-                         ids=["dit_xl2", "pixart_sigma", *(f"sd35_{m}" for m in SD35)])
+@pytest.mark.parametrize("base", [BASE, PIXART[1024][0], *(ROOT / "configs" / f"sd35_{m}.yaml" for m in SD35),
+                                  FLUX["dev"][0][0]], ids=["dit_xl2", "pixart_sigma", *(f"sd35_{m}" for m in SD35), "flux_dev"])
 def test_base_writes_no_code_default(base):
     """Every value the base writes differs from the default it would get without it."""
     defaults = flatten(effective_config())
@@ -114,3 +118,23 @@ def test_sd35_configs_are_the_model_cards_sampling_on_one_gpu_in_bf16():
         header = (ROOT / "configs" / f"sd35_{name}.yaml").read_text().split("\nmodel:")[0]
         for command in ("python -m vq4dit.prompts encode", "python train.py fit", "--model.vq.bits 3"):
             assert command in header, (name, command)
+
+
+def test_flux_configs_are_the_pipeline_defaults_on_one_gpu_in_bf16():
+    """FLUX.1-dev (base) and FLUX.1-schnell (overlay) parse with the real CLI parser (nothing loaded): their
+    steps and guidance, the encode command's prompts file, a bf16 teacher, and outputs of their own."""
+    parsed = {name: flatten(effective_config(*files)) for name, (files, _, _) in FLUX.items()}
+    for name, config in parsed.items():
+        assert config["model.model"] == f"black-forest-labs/FLUX.1-{name}"
+        assert (config["trainer.devices"], config["trainer.precision"]) == (1, "bf16-mixed")
+        assert config["model.calibration.teacher_dtype"] == "bfloat16"
+        assert (config["data.num_steps"], config["data.guidance_scale"]) == FLUX[name][1:]
+        assert config["data.prompt_embeds"] == f"outputs/flux_{name}_prompts.safetensors"
+        for key in ("model.export.dir", "trainer.default_root_dir", "trainer.logger.init_args.save_dir"):
+            assert f"flux_{name}_w2" in config[key], key
+        assert config["trainer.logger.init_args.name"] == "tensorboard"  # the overlay merges into the base's logger
+    for path in (ROOT / "configs" / "flux_dev.yaml", ROOT / "configs" / "flux_schnell.yaml"):
+        header = path.read_text().split("\nmodel:")[0]
+        for command in ("python -m vq4dit.prompts encode", "python train.py fit"):
+            assert command in header, (path.name, command)
+    assert "window_blocks" in (ROOT / "configs" / "flux_dev.yaml").read_text()  # the way once it is built
