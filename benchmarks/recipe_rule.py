@@ -11,11 +11,14 @@ seed-to-seed noise and the default recipe's calibration-seed noise as rows of th
     python -m benchmarks.recipe_rule --models rgb --seeds 0 1 2 --json outputs/recipe_rule_rgb.json
     python -m benchmarks.recipe_rule --models rgb --recipes paper default --seeds 0 --grid docs/suite_samples_
     python -m benchmarks.recipe_rule --models pixart --settings regime-w2 w3 --recipes paper default --seeds 0 1 2
+    python -m benchmarks.recipe_rule --models mmdit --settings regime-w2 w3 --recipes paper default fp-modulation --seeds 0
 
 Rows (``--recipes``): ``paper`` (``--model.recipe paper``), ``default`` (the default recipe),
 ``no-rowscale`` / ``no-aware`` / ``no-feedback`` / ``no-confident`` (the default with that one lever off),
 ``+alloc`` (the default plus bit allocation, opt-in), ``+units`` (the default with the codebook in
-the weight's units, opt-in). The default runs with every ``--seeds`` value
+the weight's units, opt-in), ``fp-modulation`` (the default with an MMDiT's modulation Linears
+``norm1.linear`` / ``norm1_context.linear`` kept FP: the SD3 family's ``quantize_modulation`` option
+off; SD3 models only). The default runs with every ``--seeds`` value
 (calibration seed: k-means, trajectories); other rows with the first seed. Every run calibrates
 through ``train.py fit`` with the model's config, the same stop rule (``--max_steps`` cap) and no
 sample grids or checkpoints, then samples the same labels and noise as FP.
@@ -51,6 +54,7 @@ RECIPES = {
     "no-confident": ["--model.vq.ratio_init=inverse_distance"],
     "+alloc": ["--model.allocation.enabled=true"],
     "+units": ["--model.vq.codebook_units=weight"],
+    "fp-modulation": ['--model.layers.options={"quantize_modulation": false}'],
 }
 
 
@@ -94,7 +98,16 @@ def _pixart() -> SuiteModel:
                       lambda: load_real_images("digits"), 40, 400, 25, 1.5, str(CALIBRATION_PROMPTS))
 
 
-MODELS = {"digits": _digits, "rgb": _rgb, "pixart": _pixart}
+def _mmdit() -> SuiteModel:
+    from vq4dit.evaluation import load_real_images
+    from vq4dit.mmdit_reference import MMDIT_CALIBRATION_PROMPTS, load_mmdit_reference_model
+    from vq4dit.reference import load_reference_classifier
+
+    return SuiteModel("configs/mmdit_reference.yaml", load_mmdit_reference_model, load_reference_classifier,
+                      lambda: load_real_images("digits"), 40, 400, 25, 1.0, str(MMDIT_CALIBRATION_PROMPTS))
+
+
+MODELS = {"digits": _digits, "rgb": _rgb, "pixart": _pixart, "mmdit": _mmdit}
 
 
 def calibrate(spec: SuiteModel, setting: str, recipe: str, seed: int, max_steps: int) -> tuple[torch.nn.Module, dict]:

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -30,6 +30,16 @@ from vq4dit.sampling import NULL_CLASS, Diffusion
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 Build = Callable[["DiTTrainingConfig", int], nn.Module]
 Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class Objective(Protocol):
+    """What the loop trains: how a clean batch is noised and how the model's output is scored."""
+
+    def noisy(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """``(x_t [B, C, H, W], model timesteps [B], state)`` of ``x0 [B, C, H, W]`` (draws from ``generator``)."""
+
+    def losses(self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, state: tuple) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms ``{name: [B]}`` of ``output``; the training loss is their summed mean."""
 
 # ---------------------------------------------------------------------------------------------
 # Training-only diffusion math (the schedule and posterior are vq4dit.sampling.Diffusion's)
@@ -86,6 +96,51 @@ def hybrid_loss(
     kl = _mean_over_pixels(normal_kl(true_mean, true_log_variance, mean, log_variance)) / math.log(2.0)
     nll = -_mean_over_pixels(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_variance)) / math.log(2.0)
     return mse, torch.where(t == 0, nll, kl)
+
+
+class DDPMObjective:
+    """Improved DDPM on ``num_timesteps`` linear betas: uniform step ``t``, then the noise; the
+    hybrid loss ``{mse, vb}`` (the model outputs ``[B, 2C, H, W]`` = eps and the variance)."""
+
+    def __init__(self, num_timesteps: int = 1000) -> None:
+        self.diffusion = Diffusion(num_timesteps, num_timesteps)  # full chain: step index = timestep
+
+    def noisy(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """``(x_t, timesteps [B], (t, noise))`` of ``x0 [B, C, H, W]``."""
+        t = torch.randint(0, self.diffusion.num_steps, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        return self.diffusion.q_sample(x0, t, noise), self.diffusion.timesteps[t], (t, noise)
+
+    def losses(self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, state: tuple) -> dict[str, torch.Tensor]:
+        """``{mse [B], vb [B]}`` of :func:`hybrid_loss`."""
+        mse, vb = hybrid_loss(self.diffusion, output, x0, xt, *state)
+        return {"mse": mse, "vb": vb}
+
+
+class FlowMatchingObjective:
+    """Rectified flow as SD3 trains it: ``x_s = (1 - s) x0 + s noise``, the model sees the timestep
+    ``s * train_steps`` (what ``StableDiffusion3Pipeline`` feeds) and predicts the velocity
+    ``noise - x0`` (``[B, C, H, W]``); ``s`` logit-normal (``sigmoid(N(0, 1))``, SD3's default) or uniform."""
+
+    def __init__(self, sampling: str = "logit_normal", train_steps: int = 1000) -> None:
+        if sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"sampling must be logit_normal or uniform, got {sampling!r}")
+        self.sampling, self.train_steps = sampling, train_steps
+
+    def noisy(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """``(x_s, timesteps s * train_steps [B], (noise,))`` of ``x0 [B, C, H, W]``."""
+        draw = torch.randn if self.sampling == "logit_normal" else torch.rand
+        s = draw(x0.shape[0], generator=generator)
+        s = torch.sigmoid(s) if self.sampling == "logit_normal" else s
+        noise = torch.randn(x0.shape, generator=generator)
+        sb = s.view(-1, *[1] * (x0.ndim - 1))
+        return (1 - sb) * x0 + sb * noise, s * self.train_steps, (noise,)
+
+    def losses(self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, state: tuple) -> dict[str, torch.Tensor]:
+        """``{mse [B]}``: the velocity error ``mean (noise - x0 - output)^2``."""
+        if output.shape != x0.shape:
+            raise ValueError(f"expected a velocity of shape {tuple(x0.shape)}, got {tuple(output.shape)}")
+        return {"mse": _mean_over_pixels((state[0] - x0 - output) ** 2)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +342,9 @@ def train_dit(
     stop_at: int | None = None,
     build: Build = build_dit,
     forward: Forward = dit_forward,
+    objective: Objective | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Train a reference DiT with the hybrid loss; returns ``(ema_model, stats)`` (EMA in eval mode).
+    """Train a reference DiT (by default with the hybrid loss); returns ``(ema_model, stats)`` (EMA in eval mode).
 
     Args:
         config: architecture and training settings.
@@ -301,6 +357,9 @@ def train_dit(
         progress: show a tqdm bar with the running losses.
         stop_at: end after this many steps (of ``config.train_steps``, whose schedule stays): a
             bounded wall time, reproducible by the same ``stop_at``; None = ``train_steps``.
+        build: ``(config, in_channels) -> model``.
+        forward: ``(model, x_t, timesteps, labels, generator) -> output``.
+        objective: noising and loss; None = :class:`DDPMObjective` on ``config.num_timesteps``.
     """
     from tqdm import tqdm
 
@@ -308,12 +367,12 @@ def train_dit(
         raise ValueError(f"images are {images.shape[-1]} px, config.sample_size is {config.sample_size}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    diffusion = Diffusion(config.num_timesteps, config.num_timesteps)  # full chain: step index = timestep
+    objective = DDPMObjective(config.num_timesteps) if objective is None else objective
     model = build(config, images.shape[1]).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    history = {"loss": [], "mse": [], "vb": []}
+    history: dict[str, list[float]] = {"loss": []}
     first_step, elapsed = 0, 0.0
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     state = _load_checkpoint(checkpoint, config) if checkpoint is not None else None
@@ -338,13 +397,11 @@ def train_dit(
         x0 = augment(images[index], generator)
         y = labels[index].clone()
         y[torch.rand(config.batch_size, generator=generator) < config.label_dropout] = NULL_CLASS
-        t = torch.randint(0, diffusion.num_steps, (config.batch_size,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        xt = diffusion.q_sample(x0, t, noise)
+        xt, timesteps, noise_state = objective.noisy(x0, generator)
 
-        output = forward(model, xt, diffusion.timesteps[t], y, generator)
-        mse, vb = hybrid_loss(diffusion, output, x0, xt, t, noise)
-        loss = (mse + vb).mean()
+        output = forward(model, xt, timesteps, y, generator)
+        terms = objective.losses(output, x0, xt, noise_state)
+        loss = sum(terms.values()).mean()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         optimizer.zero_grad(set_to_none=True)
@@ -361,11 +418,11 @@ def train_dit(
                     ema_p.lerp_(p, 1.0 - config.ema_decay)
 
         history["loss"].append(loss.item())
-        history["mse"].append(mse.mean().item())
-        history["vb"].append(vb.mean().item())
+        for name, term in terms.items():
+            history.setdefault(name, []).append(term.mean().item())
         if step % 50 == 0 or step + 1 == config.train_steps:
             recent = {k: sum(v[-50:]) / len(v[-50:]) for k, v in history.items()}
-            bar.set_postfix(loss=f"{recent['loss']:.4f}", mse=f"{recent['mse']:.4f}", vb=f"{recent['vb']:.4f}")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in recent.items()})
         if progress and (step % 500 == 0 or step + 1 == config.train_steps):
             recent = {k: sum(v[-100:]) / len(v[-100:]) for k, v in history.items()}
             print(
@@ -387,8 +444,7 @@ def train_dit(
         "steps_done": last_step,
         "wall_seconds": time.perf_counter() - start,
         "final_loss": sum(history["loss"][-window:]) / window,
-        "final_mse": sum(history["mse"][-window:]) / window,
-        "final_vb": sum(history["vb"][-window:]) / window,
+        **{f"final_{k}": sum(v[-window:]) / window for k, v in history.items() if k != "loss"},
         "loss_curve": [round(sum(history["loss"][i : i + 100]) / len(history["loss"][i : i + 100]), 5)
                        for i in range(0, last_step, 100)],
         "num_parameters": sum(p.numel() for p in ema.parameters()),

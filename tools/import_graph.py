@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "vq4dit.prompts.*")),  # model families, DiT loading, prompt embeddings
     ("layers", ("vq4dit.layers", "vq4dit.quantize", "vq4dit.size", "vq4dit.distributed")),
     ("io", ("vq4dit.io", "vq4dit.io.*", "vq4dit.export")),  # vq4dit.export: old import path, re-exports only
-    ("evaluation", ("vq4dit.reference", "vq4dit.rgb_reference", "vq4dit.pixart_reference", "vq4dit.evaluation", "vq4dit.trajectories")),
+    ("evaluation", ("vq4dit.reference", "vq4dit.rgb_reference", "vq4dit.pixart_reference", "vq4dit.mmdit_reference", "vq4dit.evaluation", "vq4dit.trajectories")),
     ("engine", ("vq4dit.engine", "vq4dit.engine.*", "vq4dit.recipes")),
     ("lightning", ("vq4dit.lightning", "vq4dit.lightning.*")),
     ("package", ("vq4dit",)),

@@ -97,7 +97,8 @@ def generate_images(
     return torch.cat(images)
 
 
-SHIPPED_REFERENCES = {"reference": "digits", "rgb_reference": "rgb_patches", "pixart_reference": "digits"}
+SHIPPED_REFERENCES = {"reference": "digits", "rgb_reference": "rgb_patches", "pixart_reference": "digits",
+                      "mmdit_reference": "digits"}
 """The shipped reference models (``--model.model``) -> the real-image set their classifier scores."""
 
 
@@ -141,7 +142,7 @@ def load_shipped_classifier(model_source: str) -> nn.Module:
         from .rgb_reference import load_rgb_reference_classifier
 
         return load_rgb_reference_classifier()
-    if model_source in ("reference", "pixart_reference"):  # the PixArt reference draws digits too
+    if SHIPPED_REFERENCES.get(model_source) == "digits":  # the PixArt and MMDiT references draw digits too
         from .reference import load_reference_classifier
 
         return load_reference_classifier()

@@ -24,6 +24,11 @@ from torch import nn
 
 from .sampling import Denoiser, SamplerConfig, initial_noise
 
+SCHEDULER_SHIFT_KEY = "_scheduler_shift"
+"""Model-config entry of its pipeline's ``scheduler_config.json`` ``shift``, recorded when a folder
+is loaded (:func:`vq4dit.models.load_dit`; a ``_`` key: diffusers keeps it silently and packed saves
+carry it)."""
+
 
 def shifted(sigmas: np.ndarray | torch.Tensor, shift: float):
     """SD3's static time shift ``shift s / (1 + (shift - 1) s)`` (same type as ``sigmas``)."""
@@ -71,7 +76,8 @@ class FlowMatchSampler:
     """The sampler of a flow-matching family: Euler over :func:`flow_schedule` with ``shift``.
 
     Args:
-        shift: the scheduler's static shift (SD3 / SD3.5: 3.0).
+        shift: the scheduler's static shift when the model records none (``SCHEDULER_SHIFT_KEY``
+            in its config, from its pipeline's scheduler config); SD3 / SD3.5: 3.0.
     """
 
     shift: float = 3.0
@@ -83,8 +89,15 @@ class FlowMatchSampler:
     def schedule(self, model: nn.Module, num_steps: int, train_steps: int,
                  shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sigmas [S + 1], timesteps [S])`` for ``model``'s latents of ``shape``: :func:`flow_schedule`
-        with ``shift``."""
-        return flow_schedule(num_steps, self.shift, train_steps)
+        with the model's recorded shift, else ``shift``."""
+        return flow_schedule(num_steps, self.shift_of(model), train_steps)
+
+    def shift_of(self, model: nn.Module) -> float:
+        """The static shift ``model`` is sampled with: its config's ``SCHEDULER_SHIFT_KEY`` (its
+        pipeline's scheduler), else ``shift``."""
+        config = getattr(model, "config", None)
+        recorded = config.get(SCHEDULER_SHIFT_KEY) if config is not None else None
+        return self.shift if recorded is None else float(recorded)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, labels: torch.Tensor | None, seeds: list[int],
@@ -110,4 +123,4 @@ class FlowMatchSampler:
         return (x, trajectory) if record_trajectory else x
 
 
-__all__ = ["FlowMatchSampler", "dynamic_flow_schedule", "euler_step", "flow_schedule", "image_seq_shift", "shifted"]
+__all__ = ["SCHEDULER_SHIFT_KEY", "FlowMatchSampler", "dynamic_flow_schedule", "euler_step", "flow_schedule", "image_seq_shift", "shifted"]

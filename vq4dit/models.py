@@ -33,6 +33,7 @@ from vq4dit.convert import (
 )
 from vq4dit.families import block_modules, capture_blocks
 from vq4dit.families.dit import DEFAULT_QUANTIZED_SUFFIXES, default_linear_filter
+from vq4dit.flow_matching import SCHEDULER_SHIFT_KEY
 
 __all__ = [
     "DEFAULT_QUANTIZED_SUFFIXES",
@@ -207,6 +208,20 @@ def _load_folder(folder: Path) -> DiTTransformer2DModel | PixArtTransformer2DMod
             (missing, "tensors the config describes are not in the weights"),
             (unexpected, "tensors in the weights are not in the config")) if keys]
         raise DiTLoadError(f"config.json and the weights in {str(model_dir)!r} disagree: {'; '.join(parts)}")
+    return record_scheduler_shift(model, model_dir.parent / "scheduler" / "scheduler_config.json")
+
+
+def record_scheduler_shift(model: nn.Module, scheduler_config: Path) -> nn.Module:
+    """Record the static ``shift`` of a pipeline's (flow-matching) ``scheduler_config`` in
+    ``model``'s config as ``SCHEDULER_SHIFT_KEY``: what :class:`vq4dit.flow_matching.FlowMatchSampler`
+    samples it with (SD3: the family's 3.0 otherwise). Nothing when there is no such file or it
+    has no numeric shift (DDPM / DPM schedulers)."""
+    try:
+        shift = json.loads(scheduler_config.read_text()).get("shift")
+    except (OSError, ValueError, AttributeError):
+        return model
+    if isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0:
+        model.register_to_config(**{SCHEDULER_SHIFT_KEY: float(shift)})
     return model
 
 
@@ -265,10 +280,10 @@ def _is_pathlike_string(source: str) -> bool:
 REFERENCE_NAME = "reference"
 REFERENCE_FOLDER = Path(__file__).resolve().parent / "assets" / "reference" / "transformer"
 # The shipped reference suite by name (issue 17): the digits DiT, the RGB-patches DiT and the
-# text-conditioned PixArt on digits (FP16 weights).
+# text-conditioned PixArt and MMDiT (SD3) on digits (FP16 weights).
 SHIPPED_MODELS = {REFERENCE_NAME: REFERENCE_FOLDER,
                   **{name: Path(__file__).resolve().parent / "assets" / name / "transformer"
-                     for name in ("rgb_reference", "pixart_reference")}}
+                     for name in ("rgb_reference", "pixart_reference", "mmdit_reference")}}
 
 
 def load_dit(
@@ -286,7 +301,7 @@ def load_dit(
     Args:
         source: ``reference`` (the shipped digits DiT), ``rgb_reference`` (the shipped RGB-patches
             DiT; stored in FP16, loaded in float32), ``pixart_reference`` (the shipped text-conditioned
-            PixArt, FP16 -> float32), a preset (``DiT-XL/2``, ``DiT-S/4-512``,
+            PixArt, FP16 -> float32), ``mmdit_reference`` (the shipped SD3-style MMDiT, FP16 -> float32), a preset (``DiT-XL/2``, ``DiT-S/4-512``,
             ``tiny``; random weights), a local
             diffusers folder (``DiTPipeline`` snapshot or transformer folder; a PixArt pipeline or
             ``PixArtTransformer2DModel`` folder loads as that class), a hub id, or an

@@ -15,7 +15,9 @@ vs 0.017: a small price for 2 bits instead of 16 on a third of the weights. ``po
 ``context_embedder``, ``time_text_embed``, ``norm_out`` and ``proj_out`` stay FP. qk-norm (SD3.5)
 is RMSNorm, nothing to quantize. Called as ``StableDiffusion3Pipeline`` calls it:
 ``model(x, encoder_hidden_states=, pooled_projections=, timestep=)`` (no attention mask: the
-file's masks are not used); sampled with flow matching, shift 3 (SD3 and SD3.5 scheduler configs).
+file's masks are not used); sampled with flow matching with its pipeline's scheduler shift (recorded
+when a folder is loaded: ``scheduler/scheduler_config.json``; the shipped ``mmdit_reference``: 1),
+else 3 (SD3 and SD3.5 scheduler configs).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ JOINT_LINEARS = (
     *(f"attn2.{name}" for name in ATTENTION),
 )
 MODULATION = ("norm1.linear", "norm1_context.linear")
-SD3_SHIFT = 3.0  # scheduler_config.json "shift" of SD3-medium, SD3.5-medium and SD3.5-large
+SD3_SHIFT = 3.0  # scheduler_config.json "shift" of SD3-medium, SD3.5-medium and SD3.5-large: the fallback
 
 
 def sd3_inputs(model: nn.Module, batch: Batch) -> ModelInputs:

@@ -12,7 +12,8 @@ and no negative prompt (a ``--negative-prompt`` is one error: FLUX.1 has no unco
 Any other (PixArt's pipelines, the shipped tiny encoder): as
 PixArt's pipelines encode a prompt: the tokenizer pads and truncates to ``--max-length`` tokens
 (PixArt-Σ: 300, PixArt-α: 120), the encoder's last hidden state is the embedding, the attention
-mask comes along. The negative prompt (default empty) is encoded the same way. PixArt's captions
+mask comes along. The negative prompt (default empty) is encoded the same way;
+a mean-pooled tiny encoder (``mmdit_reference``) adds the pooled keys (the mean over tokens). PixArt's captions
 are lower-cased and stripped as its pipelines do even with ``clean_caption=False`` (T5's tokenizer
 is case-sensitive: "A red circle" and "a red circle" are other embeddings); ``--keep-case``
 encodes them as written (SD3's and Flux's always are). The optional caption cleaning (``clean_caption=True``,
@@ -39,10 +40,11 @@ from ..families import FAMILIES, PooledTextPrompts
 from . import CLASSES_FIELD, DISTILLED_KEYS, KEYS, POOLED_KEYS, POOLED_PIPELINES
 from .flux_encoder import FLUX_MAX_LENGTH, encode_flux, load_flux_encoders
 from .sd3_encoder import SD3_MAX_LENGTH, encode_sd3, load_sd3_encoders, model_index
-from .tiny_encoder import is_tiny_encoder_folder, load_tiny_encoder
+from .tiny_encoder import TinyTextEncoder, is_tiny_encoder_folder, load_tiny_encoder, mean_pool
 
 KEY_FIELD = "vq4dit_prompts_key"
-SHIPPED_PIPELINES = {"pixart_reference": Path(__file__).resolve().parents[1] / "assets" / "pixart_reference"}
+SHIPPED_PIPELINES = {name: Path(__file__).resolve().parents[1] / "assets" / name
+                     for name in ("pixart_reference", "mmdit_reference")}
 """Names of shipped pipeline folders with their own text encoder (no ``transformers`` needed)."""
 DEFAULT_MAX_LENGTH = 300  # PixArt-Σ; a tiny encoder's own length otherwise
 MISSING_TRANSFORMERS = ("python -m vq4dit.prompts encode needs the transformers package (the text encoder): "
@@ -171,6 +173,14 @@ def encode_flux_prompts(encoders: Any, prompts: list[str], max_length: int = FLU
     return dict(zip(DISTILLED_KEYS, (embeds, torch.ones(embeds.shape[:2], dtype=torch.long), pooled)))
 
 
+def with_mean_pooled(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` of :func:`encode_prompts` and their pooled embeddings ``pooled_prompt_embeds [N, C]``
+    and ``negative_pooled_prompt_embeds [1, C]``: the mean over each prompt's tokens
+    (:func:`.tiny_encoder.mean_pool`, a tiny encoder with ``pooled == "mean"``)."""
+    pooled = (mean_pool(tensors[e], tensors[m]) for e, m in (KEYS[:2], KEYS[2:]))
+    return {**tensors, **dict(zip(POOLED_KEYS, pooled))}
+
+
 def pipeline_class(pipeline: str) -> str | None:
     """The pipeline class name of a folder or hub id (``model_index.json``'s ``_class_name``; an
     uncached hub id: ``StableDiffusion3Pipeline`` when its name says ``stable-diffusion-3``,
@@ -238,6 +248,8 @@ def encode_file(pipeline: str, prompts_path: str | Path, out: str | Path, negati
     tensors = (encode_sd3_prompts(encoders, prompts, negative, max_length, batch_size, progress) if sd3
                else encode_flux_prompts(encoders, prompts, max_length, batch_size, progress) if flux
                else encode_prompts(*encoders, prompts, negative, max_length, batch_size, progress))
+    if not (sd3 or flux) and isinstance(encoders[1], TinyTextEncoder) and encoders[1].pooled:  # the shipped MMDiT's: six keys
+        tensors = with_mean_pooled(tensors)
     size = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
     with atomic_path(out, size=size) as tmp:
         metadata = {KEY_FIELD: key, **({CLASSES_FIELD: json.dumps(classes)} if classes is not None else {})}

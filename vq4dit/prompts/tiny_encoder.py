@@ -7,7 +7,8 @@ follow the call conventions of a pipeline's T5 tokenizer and encoder, so
 :func:`vq4dit.prompts.encode.encode_prompts` runs them unchanged.
 
 A folder holds ``config.json`` (``{"kind": "vq4dit-tiny-text-encoder", "vocabulary": [...],
-"max_length": T, "channels": C}``) and ``model.safetensors``; a pipeline folder has it as
+"max_length": T, "channels": C}``, and ``"pooled": "mean"`` for an MMDiT's encoder: its pooled
+embedding is :func:`mean_pool`) and ``model.safetensors``; a pipeline folder has it as
 ``text_encoder/``. Every prompt ends with the ``<end>`` token (T5's EOS): the empty prompt is
 ``<end>`` alone.
 """
@@ -64,11 +65,14 @@ class TinyTextEncoder(nn.Module):
 
     Called like ``T5EncoderModel``: ``encoder(input_ids, attention_mask=mask)[0]`` is the last
     hidden state; padded positions are zeroed (the mask also travels to the transformer).
+    ``pooled``: ``"mean"`` when the model also takes a pooled embedding (:func:`mean_pool`), else None.
     """
 
-    def __init__(self, vocabulary_size: int, max_length: int, channels: int) -> None:
+    def __init__(self, vocabulary_size: int, max_length: int, channels: int, pooled: str | None = None) -> None:
         super().__init__()
-        self.max_length = max_length
+        if pooled not in (None, "mean"):
+            raise ValueError(f"pooled must be None or 'mean', got {pooled!r}")
+        self.max_length, self.pooled = max_length, pooled
         self.token = nn.Embedding(vocabulary_size, channels)
         self.position = nn.Parameter(torch.zeros(max_length, channels))
         self.norm = nn.LayerNorm(channels)
@@ -83,6 +87,13 @@ class TinyTextEncoder(nn.Module):
         if attention_mask is not None:
             hidden = hidden * attention_mask[..., None].to(hidden.dtype)
         return (hidden,)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The pooled embedding ``[B, C]`` of a tiny encoder's output ``hidden [B, T, C]``: the mean over
+    the prompt's tokens (``attention_mask [B, T]``; the empty prompt: its ``<end>`` token)."""
+    mask = attention_mask[..., None].to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def is_tiny_encoder_folder(folder: str | Path) -> bool:
@@ -101,7 +112,7 @@ def save_tiny_encoder(encoder: TinyTextEncoder, tokenizer: WordTokenizer, folder
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"kind": KIND, "vocabulary": tokenizer.vocabulary, "max_length": encoder.max_length,
-              "channels": encoder.token.embedding_dim}
+              "channels": encoder.token.embedding_dim, **({"pooled": encoder.pooled} if encoder.pooled else {})}
     save_file({k: v.detach().float().contiguous() for k, v in encoder.state_dict().items()},
               str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
@@ -121,7 +132,10 @@ def load_tiny_encoder(folder: str | Path) -> tuple[WordTokenizer, TinyTextEncode
         raise ValueError(f"{folder} is not a vq4dit tiny text encoder (config.json with kind {KIND!r})")
     config = json.loads((folder / "config.json").read_text())
     tokenizer = WordTokenizer(config["vocabulary"], config["max_length"])
-    encoder = TinyTextEncoder(len(config["vocabulary"]), config["max_length"], config["channels"])
+    try:
+        encoder = TinyTextEncoder(len(config["vocabulary"]), config["max_length"], config["channels"], config.get("pooled"))
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{folder}/config.json is not a tiny text encoder's config: {error}") from None
     try:
         encoder.load_state_dict(load_file(str(folder / "model.safetensors")))
     except (OSError, SafetensorError, RuntimeError) as error:
