@@ -135,3 +135,18 @@ def test_fit_on_the_config_exports_a_packed_mmdit_with_modulation_fp_when_asked(
     block = packed.transformer_blocks[0]
     assert type(block.norm1.linear) is nn.Linear and type(block.norm1_context.linear) is nn.Linear
     assert type(block.attn.to_q) is not nn.Linear and type(block.ff_context.net[2]) is not nn.Linear  # quantized
+
+
+@pytest.mark.parametrize("flag", ["--data.sampler=ddim", "--data.eval_sampler=ddpm"])
+def test_a_ddpm_or_ddim_sampler_for_a_flow_matching_model_is_one_error_line(tmp_path, monkeypatch, capsys, flag):
+    """A sampler choice the SD3 family would ignore is refused before the trajectories, in one line."""
+    from tests.test_trust import error_lines, run_main
+
+    code, err = run_main(monkeypatch, capsys, [
+        "fit", "--config", "configs/mmdit_reference.yaml", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.export.dir={tmp_path / 'packed'}",
+        f"--data.cache_dir={tmp_path / 'cache'}", flag])
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    (line,) = error_lines(err)
+    assert f"--data.{flag.split('.')[1].split('=')[0]} " in line and "does not apply to SD3 models" in line, line
+    assert "flow matching" in line and not (tmp_path / "cache").exists() and not (tmp_path / "packed").exists()

@@ -15,6 +15,7 @@ the image's token count (:func:`image_seq_shift`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import math
 
@@ -81,6 +82,8 @@ class FlowMatchSampler:
     """
 
     shift: float = 3.0
+    kinds: ClassVar[tuple[str, ...]] = ()  # the ``--data.sampler`` values it honours: none
+    description: ClassVar[str] = "flow matching (Euler steps, as the family's pipeline)"
 
     def latent_shape(self, model: nn.Module) -> tuple[int, int, int]:
         """``(C, H, W)`` of one sample's latents: the model config's ``in_channels`` and ``sample_size``."""

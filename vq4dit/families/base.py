@@ -76,6 +76,20 @@ class Family:
     text_channels: Mapping[str, str] = field(default_factory=dict)
     output: OutputFn = as_it_is
 
+    def check_sampler_flags(self, **flags: str | None) -> None:
+        """Refuse sampler choices (``flag=value``, e.g. ``sampler="ddim"``; None: not set) that this
+        family's sampler would silently ignore (flow matching has no DDPM / DDIM choice).
+
+        Raises:
+            ValueError: a set flag whose value the family's sampler does not honour."""
+        kinds = getattr(self.sampler, "kinds", None)
+        if kinds is None:  # DDPM / DDIM: SamplerConfig checks the value
+            return
+        for flag, value in flags.items():
+            if value is not None and value not in kinds:
+                raise ValueError(f"--data.{flag} {value} does not apply to {self.name} models: they sample by "
+                                 f"{self.sampler.description}; leave --data.{flag} unset")
+
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The transformer blocks of ``model``, in forward order."""
         blocks: list[nn.Module] = []

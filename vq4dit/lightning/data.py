@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..evaluation import evaluation_plan
+from ..families import family_of
 from ..prompts import check_encodable, check_prompts_fit, file_digest, load_prompt_embeds, prompt_classes
 from ..prompts.encode import encode_file, read_prompts
 from ..sampling import SamplerConfig
@@ -72,7 +73,8 @@ class CalibrationDataModule(pl.LightningDataModule):
         text_encoder: the pipeline whose tokenizer and text encoder encode ``prompts`` (a folder, a
             hub id or ``pixart_reference``); default: the model's own source.
         negative_prompt: the unconditional branch's prompt when encoding ``prompts`` (default empty).
-        sampler: ``ddpm`` (original DiT, learned variance) or ``ddim``.
+        sampler: ``ddpm`` (original DiT, learned variance) or ``ddim``; None: ``ddpm``. Flow-matching
+            models (SD3, Flux) sample as their pipeline does and refuse a value here.
         num_steps: sampling steps of the schedule used at inference (default 50).
         guidance_scale: classifier-free guidance of the teacher's sampling (official code: 4.0).
         guided_channels: leading channels that get guidance (original DiT: 3); None = all.
@@ -101,7 +103,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         prompts: str | None = None,
         text_encoder: str | None = None,
         negative_prompt: str = "",
-        sampler: Literal["ddpm", "ddim"] = "ddpm",
+        sampler: Literal["ddpm", "ddim"] | None = None,
         num_steps: int = 50,
         guidance_scale: float = 4.0,
         guided_channels: int | None = None,
@@ -139,10 +141,10 @@ class CalibrationDataModule(pl.LightningDataModule):
             read_prompts(prompts)  # readable, not empty
         self.save_hyperparameters()
         self.sampler_config = SamplerConfig(
-            sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, guided_channels=guided_channels
+            sampler=sampler or "ddpm", num_steps=num_steps, guidance_scale=guidance_scale, guided_channels=guided_channels
         )
         self.eval_sampler_config = SamplerConfig(  # invalid evaluation settings fail now, not after calibration
-            sampler=eval_sampler or sampler,
+            sampler=eval_sampler or sampler or "ddpm",
             num_steps=eval_num_steps or num_steps,
             guidance_scale=guidance_scale if eval_guidance_scale is None else eval_guidance_scale,
             guided_channels=guided_channels,
@@ -192,6 +194,8 @@ class CalibrationDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         module = self.trainer.lightning_module
+        family_of(module.teacher).check_sampler_flags(sampler=self.hparams.sampler,
+                                                      eval_sampler=self.hparams.eval_sampler)
         if self.prompts is None and self.hparams.prompts:
             check_encodable(module.teacher)
             self._encode_prompts(getattr(module, "settings", {}).get("model"))
