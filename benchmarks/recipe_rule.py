@@ -71,6 +71,7 @@ class SuiteModel:
     steps: int
     guidance_scale: float = 1.5
     prompt_file: str | None = None  # a text model: sample i uses prompt i mod N, scored as the class it names
+    sampler: str = "DDPM"  # what the summary line says: the family's own sampler samples
 
 
 def _digits() -> SuiteModel:
@@ -104,7 +105,8 @@ def _mmdit() -> SuiteModel:
     from vq4dit.reference import load_reference_classifier
 
     return SuiteModel("configs/mmdit_reference.yaml", load_mmdit_reference_model, load_reference_classifier,
-                      lambda: load_real_images("digits"), 40, 400, 25, 1.0, str(MMDIT_CALIBRATION_PROMPTS))
+                      lambda: load_real_images("digits"), 40, 400, 25, 1.0, str(MMDIT_CALIBRATION_PROMPTS),
+                      "Euler flow-matching")
 
 
 MODELS = {"digits": _digits, "rgb": _rgb, "pixart": _pixart, "mmdit": _mmdit}
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         path = save_png(make_grid([images for _, images in rows], scale=2), f"{args.grid}{model}.png")
         print(f"grid {path}: rows top to bottom: {', '.join(label for label, _ in rows)}", file=sys.stderr)
-    plans = "; ".join(f"{name} {spec.samples} samples DDPM {spec.steps} steps cfg {spec.guidance_scale:g}"
+    plans = "; ".join(f"{name} {spec.samples} samples {spec.sampler} {spec.steps} steps cfg {spec.guidance_scale:g}"
                       + (f" (sample i: prompt i mod {spec.num_classes}, scored as the digit it names)" if spec.prompt_file else "")
                       for name, spec in ((name, MODELS[name]()) for name in args.models))
     print(f"\nrecipe rule: {', '.join(args.models)}; stop rule: CalibrationStop max_steps {args.max_steps}; "

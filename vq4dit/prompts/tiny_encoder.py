@@ -1,4 +1,4 @@
-"""The small text-encoding path of the shipped PixArt reference (no ``transformers`` needed).
+"""The small text-encoding path of the shipped PixArt and MMDiT references (no ``transformers`` needed).
 
 A word-level tokenizer over a fixed vocabulary and an encoder of one embedding per token plus a
 learned position, layer-normalised: what the reference's captions ("a handwritten seven", "the
