@@ -33,8 +33,8 @@ NEW_FILES = {  # legacy file -> the --config files that replace it
     "dit_xl2_512_w2": [BASE, ROOT / "configs" / "dit_xl2" / "512_w2.yaml"],
     "dit_xl2_512_w3": [BASE, ROOT / "configs" / "dit_xl2" / "512_w3.yaml"],
 }
-# Defaults that the parser shows as null and the code resolves later (Trainer: None -> 50).
-RESOLVED_DEFAULTS = {"trainer.log_every_n_steps": 50}
+# Defaults that the parser shows as null and the code resolves later (Trainer: None -> 50; the DDPM sampler).
+RESOLVED_DEFAULTS = {"trainer.log_every_n_steps": 50, "data.sampler": "ddpm"}
 
 
 def flatten(value, prefix=""):

@@ -18,6 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+if __package__ in (None, ""):  # run as `python tools/NAME.py`: the repository root on the path, for tools.*
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from tools.diffusion_training import DiTTrainingConfig, FlowMatchingObjective, xavier_init_
 from tools.text_reference import evaluate_text_reference, train_text_reference
 from vq4dit.mmdit_reference import MMDIT_ASSETS_DIR, MMDIT_SHIFT, JointTextDiT, new_pooled_text_encoder
@@ -84,18 +89,19 @@ def write_scheduler(out: Path, config: MMDiTReferenceConfig) -> None:
 
 def train(
     out: Path = MMDIT_ASSETS_DIR,
-    config: MMDiTReferenceConfig = MMDiTReferenceConfig(),
+    dit: MMDiTReferenceConfig = MMDiTReferenceConfig(),
     checkpoint: Path = Path("mmdit_reference_training.ckpt"),
     threads: int = 1,
     stop_at: int | None = None,
 ) -> dict:
     """Train the MMDiT reference and its text encoder with rectified flow into ``out`` (artefact
-    folder; ``checkpoint``: the training state, resumed when present; ``threads``: torch CPU threads;
-    ``stop_at``: end after this many of ``config.train_steps``), as the PixArt tool's ``train``."""
-    objective = FlowMatchingObjective(config.timestep_sampling, config.num_timesteps)
-    return train_text_reference(Path(out), config, checkpoint, threads, stop_at, build_joint_dit, objective,
-                                write_extra=lambda folder: write_scheduler(folder, config),
-                                objective_text=f"rectified flow, {config.timestep_sampling} s, velocity MSE")
+    folder; ``dit``: the settings, ``--dit.train_steps N``: not ``config``, the command line's config-file
+    option; ``checkpoint``: the training state, resumed when present; ``threads``: torch CPU threads;
+    ``stop_at``: end after this many of ``dit.train_steps``), as the PixArt tool's ``train``."""
+    objective = FlowMatchingObjective(dit.timestep_sampling, dit.num_timesteps)
+    return train_text_reference(Path(out), dit, checkpoint, threads, stop_at, build_joint_dit, objective,
+                                write_extra=lambda folder: write_scheduler(folder, dit),
+                                objective_text=f"rectified flow, {dit.timestep_sampling} s, velocity MSE")
 
 
 def evaluate(

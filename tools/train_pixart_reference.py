@@ -17,6 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+if __package__ in (None, ""):  # run as `python tools/NAME.py`: the repository root on the path, for tools.*
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from tools.diffusion_training import DiTTrainingConfig, xavier_init_
 from tools.text_reference import (  # noqa: F401  (caption_tokens, text_forward_of: this tool's API too)
     caption_tokens, evaluate_text_reference, text_forward_of, train_text_reference, write_calibration_prompts,
@@ -85,7 +90,7 @@ def build_text_dit(config: PixArtReferenceConfig, in_channels: int) -> TextCondi
 
 def train(
     out: Path = PIXART_ASSETS_DIR,
-    config: PixArtReferenceConfig = PixArtReferenceConfig(),
+    dit: PixArtReferenceConfig = PixArtReferenceConfig(),
     checkpoint: Path = Path("pixart_reference_training.ckpt"),
     threads: int = 1,
     stop_at: int | None = None,
@@ -94,12 +99,13 @@ def train(
 
     Args:
         out: artefact folder.
-        config: settings of the transformer, the text encoder and the training.
+        dit: settings of the transformer, the text encoder and the training (``--dit.train_steps N``;
+            not ``config``, which is the command line's config-file option).
         checkpoint: training-state file (resumed when present, kept afterwards).
         threads: torch CPU threads.
-        stop_at: end after this many of ``config.train_steps`` (see ``train_dit``).
+        stop_at: end after this many of ``dit.train_steps`` (see ``train_dit``).
     """
-    return train_text_reference(Path(out), config, checkpoint, threads, stop_at, build_text_dit)
+    return train_text_reference(Path(out), dit, checkpoint, threads, stop_at, build_text_dit)
 
 
 def evaluate(

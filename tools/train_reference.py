@@ -32,6 +32,11 @@ from vq4dit.reference import (
     load_reference_model,
     sample_class_accuracy,
 )
+if __package__ in (None, ""):  # run as `python tools/NAME.py`: the repository root on the path, for tools.*
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from tools.diffusion_training import (  # noqa: F401  (re-exported: tests and the PixArt tool import them here)
     Augment,
     DiTTrainingConfig,

@@ -16,6 +16,11 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as `python tools/NAME.py`: the repository root on the path, for tools.*
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from tools.diffusion_training import DiTTrainingConfig, record_noise_bars, spread, train_dit
 from tools.train_reference import ClassifierConfig, train_classifier
 from vq4dit.rgb_reference import REGIONS, RGB_ASSETS_DIR, rgb_patches_dataset, rgb_patches_split
