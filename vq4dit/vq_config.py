@@ -55,7 +55,7 @@ class VQConfig:
             divided by the power of two nearest their geometric mean). The layer is bit-identical;
             ``weight`` makes ``lr_codebook`` move a codeword as far in weight space as it does without
             row scales (``scaled`` moves it 10-50x less: the codebooks hardly train). Opt-in: measured
-            better on some suite cells and worse on one (docs/quality.md).
+            better on some suite cells, worse on others (docs/quality.md).
         kmeans_metric: (None: the recipe decides) ``euclidean`` or ``activation``: k-means and the candidate search
             weigh every input dimension j by the layer's input second moment E[x_j^2] on the
             calibration trajectories (the diagonal of the output-error metric, as GPTVQ / VPTQ
