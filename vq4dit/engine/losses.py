@@ -76,21 +76,16 @@ def block_losses(
     family = family_of(teacher)
     teacher_blocks, student_blocks = family.blocks(teacher), family.blocks(student)
     teaching_inputs = block_inputs == "teacher"
-    if teaching_inputs and owned_blocks is not None:
-        return _owned_block_losses(family, teacher, student_blocks, batch, owned_blocks)
-    with torch.no_grad(), capture_blocks(teacher_blocks, record_inputs=teaching_inputs) as (t_out, t_in):
-        teacher_final = family.forward(teacher, batch)
-    device = teacher_final.device
     if teaching_inputs:
-        s_out = [block(*args, **kwargs) for block, (args, kwargs) in zip(student_blocks, t_in)]
-        final_mse = torch.tensor(float("nan"), device=device)
-    else:
-        with capture_blocks(student_blocks) as (s_out, _):
-            student_final = family.forward(student, batch)
-        output = student_final if output_grad else student_final.detach()
-        final_mse = F.mse_loss(output.float(), teacher_final.float())
-    zero = torch.zeros((), device=device)
-    block_mse = torch.stack([zero if s is None else block_output_mse(s, tt) for s, tt in zip(s_out, t_out)])
+        owned = range(len(student_blocks)) if owned_blocks is None else owned_blocks
+        return _owned_block_losses(family, teacher, student_blocks, batch, owned)
+    with torch.no_grad(), capture_blocks(teacher_blocks) as (t_out, _):
+        teacher_final = family.forward(teacher, batch)
+    with capture_blocks(student_blocks) as (s_out, _):
+        student_final = family.forward(student, batch)
+    output = student_final if output_grad else student_final.detach()
+    final_mse = F.mse_loss(output.float(), teacher_final.float())
+    block_mse = torch.stack([block_output_mse(s, tt) for s, tt in zip(s_out, t_out)])
     return block_mse, final_mse
 
 
