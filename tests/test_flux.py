@@ -33,11 +33,11 @@ from vq4dit.trajectories import TrajectoryPlan, cached_items
 TOKENS, JOINT, POOLED, SIDE = 5, 12, 10, 8  # T5-like context, pooled CLIP, latent side (16 tokens of 2x2)
 
 
-def tiny_flux(guidance_embeds: bool = True) -> FluxTransformer2DModel:
-    """A random FLUX.1 (dev: ``guidance_embeds``; schnell: not) with 1 double and 1 single block, 2
-    heads of 8, ``in_channels`` 16 (4 latent channels x 2 x 2) and ``sample_size`` 8 in its config."""
+def tiny_flux(guidance_embeds: bool = True, double: int = 1, single: int = 1) -> FluxTransformer2DModel:
+    """A random FLUX.1 (dev: ``guidance_embeds``; schnell: not) with ``double`` double and ``single``
+    single blocks, 2 heads of 8, ``in_channels`` 16 (4 latent channels x 2 x 2) and ``sample_size`` 8."""
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+    model = FluxTransformer2DModel(in_channels=16, num_layers=double, num_single_layers=single, attention_head_dim=8,
                                    num_attention_heads=2, joint_attention_dim=JOINT, pooled_projection_dim=POOLED,
                                    guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4)).eval()
     model.register_to_config(sample_size=SIDE)  # diffusers keeps (and saves) it; the family reads it

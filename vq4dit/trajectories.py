@@ -181,24 +181,36 @@ class ShuffledBatches(IterableDataset):
     """Yields batches of this rank's items (``(x, t, y)``; text items: dicts with the negative
     prompt, :mod:`vq4dit.families.conditioning`) in an order seeded by (seed, epoch).
 
+    ``fixed``: the items are grouped into batches once (seeded by ``seed``) and only the batches'
+    order changes with the epoch: every epoch yields the same batches (recorded window inputs find
+    them again, :mod:`vq4dit.engine.window_inputs`).
+
     An ``IterableDataset`` so Lightning does not add a ``DistributedSampler`` on top of the
     per-rank sharding done at generation time.
     """
 
-    def __init__(self, items: dict[str, torch.Tensor], batch_size: int, seed: int, shuffle: bool, epoch_fn) -> None:
+    def __init__(self, items: dict[str, torch.Tensor], batch_size: int, seed: int, shuffle: bool, epoch_fn,
+                 fixed: bool = False) -> None:
         self.items, self.batch_size, self.seed, self.shuffle, self.epoch_fn = items, batch_size, seed, shuffle, epoch_fn
+        self.fixed = fixed
 
     def __len__(self) -> int:
         return -(-self.items["t"].numel() // self.batch_size)
 
+    def _order(self, count: int, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(count)
+        return torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + 104729 * epoch))
+
     def __iter__(self):
         count, conditioning = self.items["t"].numel(), conditioning_of(self.items)
-        if self.shuffle:
-            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + 104729 * self.epoch_fn()))
+        if self.fixed:  # the epoch-0 grouping, the batches in an epoch-seeded order
+            groups = self._order(count, 0).split(self.batch_size)
+            batches = [groups[i] for i in self._order(len(groups), self.epoch_fn() + 1)]
         else:
-            order = torch.arange(count)
-        for start in range(0, count, self.batch_size):
-            yield conditioning.batch(self.items, order[start : start + self.batch_size])
+            batches = self._order(count, self.epoch_fn()).split(self.batch_size)
+        for indices in batches:
+            yield conditioning.batch(self.items, indices)
 
 
 class EvaluationBatches(IterableDataset):

@@ -81,6 +81,7 @@ class Calibrator(WindowSteps):
         self.allocation_check: dict | None = None  # set by build(): the allocated vs uniform start (probe.check_allocation)
         self.phase_seconds: dict[str, float] = {}  # set by build(): wall seconds per preparation phase
         self.window = None if self.config.window_blocks is None else BlockWindow.for_student(student, self.config.window_blocks)
+        self.window_inputs = self.window_store(self.config)
         self.update_codebook_trainability()
 
     @classmethod
@@ -190,7 +191,7 @@ class Calibrator(WindowSteps):
         owned = self.spread.owned_blocks if self.spread is not None else self.window.blocks if self.window else None
         output_grad = self.config.output_weight > 0 and torch.is_grad_enabled()
         return block_losses(self.teacher, self.student, self.model_batch(batch), block_inputs=self.config.block_inputs,
-                            owned_blocks=owned, output_grad=output_grad)
+                            owned_blocks=owned, output_grad=output_grad, start_inputs=self.recorded_inputs(batch))
 
     def ratio_terms(self) -> dict[str, torch.Tensor]:
         """The ratio regulariser of every soft layer this rank calibrates."""

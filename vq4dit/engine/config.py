@@ -18,6 +18,7 @@ Regularizer = Literal["official", "paper"]
 CodebookTraining = Literal["after_hardening", "simultaneous"]
 OptimizerName = Literal["rmsprop", "adam"]
 TeacherDtype = Literal["float32", "bfloat16"]
+WindowInputs = Literal["recompute", "memory", "disk"]
 
 
 def check_choice(name: str, value: object, literal: object) -> None:
@@ -55,6 +56,13 @@ class CalibrationConfig:
             calibrated at a time from the teacher's block inputs (needs ``block_inputs="teacher"``); the
             other blocks are outside the optimizer, a finished window is hardened (``callbacks.BlockWindows``
             moves the window on).
+        window_inputs: (``window_blocks`` only) where the teacher's input of the window's first block
+            comes from: ``recompute`` (the teacher runs from the model's input, through every block
+            before the window, every step), ``memory`` or ``disk`` (recorded once per training batch
+            when the window starts, kept in host RAM or in files, :mod:`vq4dit.engine.window_inputs`:
+            the teacher's blocks run once per batch over the whole run; same result).
+        window_inputs_dir: the folder of ``window_inputs="disk"`` (``train.py``: default
+            ``<default_root_dir>/window_inputs``).
     """
 
     block_inputs: BlockInputs = "student"
@@ -71,6 +79,8 @@ class CalibrationConfig:
     teacher_dtype: TeacherDtype = "float32"
     output_weight: float | None = recipe_field(0.0)
     window_blocks: int | None = None
+    window_inputs: WindowInputs = "recompute"
+    window_inputs_dir: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("block_inputs", self.block_inputs, BlockInputs)
@@ -94,6 +104,10 @@ class CalibrationConfig:
             if self.block_inputs != "teacher":
                 raise ValueError("window_blocks needs block_inputs='teacher' (a window's blocks are calibrated from the "
                                  f"teacher's block inputs), got block_inputs={self.block_inputs!r}")
+        check_choice("window_inputs", self.window_inputs, WindowInputs)
+        if self.window_inputs != "recompute" and self.window_blocks is None:
+            raise ValueError(f"window_inputs={self.window_inputs!r} needs window_blocks (it records the inputs "
+                             "of each window's first block)")
         if not isinstance(self.gate_window, int) or self.gate_window < 1:
             raise ValueError(f"gate_window must be >= 1, got {self.gate_window}")
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families import Batch, ClassLabels, capture_blocks, family_of
+from .window_inputs import BlockCall, StopForward, teacher_from
 
 
 @dataclass
@@ -60,6 +61,7 @@ def block_losses(
     block_inputs: str = "student",
     owned_blocks: Container[int] | None = None,
     output_grad: bool = False,
+    start_inputs: tuple[int, BlockCall] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block MSE ``[L]`` between teacher and student block outputs, and the final-output MSE.
 
@@ -78,7 +80,7 @@ def block_losses(
     teaching_inputs = block_inputs == "teacher"
     if teaching_inputs:
         owned = range(len(student_blocks)) if owned_blocks is None else owned_blocks
-        return _owned_block_losses(family, teacher, student_blocks, batch, owned)
+        return _owned_block_losses(family, teacher, student_blocks, batch, owned, start_inputs)
     with torch.no_grad(), capture_blocks(teacher_blocks) as (t_out, _):
         teacher_final = family.forward(teacher, batch)
     with capture_blocks(student_blocks) as (s_out, _):
@@ -89,12 +91,9 @@ def block_losses(
     return block_mse, final_mse
 
 
-class _StopForward(Exception):
-    """Raised by a hook after the last block a loss needs: the rest of the forward is not run."""
-
-
 def _owned_block_losses(family, teacher: nn.Module, student_blocks: list[nn.Module], batch: Batch,
-                        owned_blocks: Container[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                        owned_blocks: Container[int], start_inputs: tuple[int, BlockCall] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_losses` with teacher inputs for ``owned_blocks`` only (0 for the others, NaN output MSE)."""
     teacher_blocks = family.blocks(teacher)
     owned = [index for index in range(len(teacher_blocks)) if index in owned_blocks]
@@ -102,13 +101,17 @@ def _owned_block_losses(family, teacher: nn.Module, student_blocks: list[nn.Modu
     t_out, t_in = [None] * len(teacher_blocks), [None] * len(teacher_blocks)
     if owned:
         def stop(_module, _args, _output):
-            raise _StopForward
+            raise StopForward
 
-        with torch.no_grad(), capture_blocks([teacher_blocks[i] for i in owned], record_inputs=True) as (out, inp):
+        start, call = start_inputs or (0, None)
+        if call is not None and owned[0] < start:
+            raise ValueError(f"recorded inputs of block {start} cannot compute block {owned[0]}")
+        with torch.no_grad(), teacher_from(family, teacher, start, call), \
+                capture_blocks([teacher_blocks[i] for i in owned], record_inputs=True) as (out, inp):
             handle = teacher_blocks[owned[-1]].register_forward_hook(stop)  # after capture_blocks' own hook
             try:
                 family.forward(teacher, batch)
-            except _StopForward:
+            except StopForward:
                 pass
             finally:
                 handle.remove()

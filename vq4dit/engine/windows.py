@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from ..distributed import layer_blocks
+from ..families import family_of
 from ..layers import VQLinear, replace_in_optimizer_
 from ..models import block_modules
+from .window_inputs import BlockCall, WindowInputs
 
 
 class BlockWindow:
@@ -176,8 +178,36 @@ class WindowSteps:
     None without ``window_blocks``): the blocks a step computes, their placement, moving on."""
 
     window: BlockWindow | None
+    window_inputs: WindowInputs | None  # the recorded inputs of the window's first block (window_inputs memory / disk)
     teacher: nn.Module
     student: nn.Module
+
+    @staticmethod
+    def window_store(config) -> WindowInputs | None:
+        """The store of a :class:`vq4dit.engine.CalibrationConfig`'s ``window_inputs`` (None: recompute)."""
+        if config.window_blocks is None or config.window_inputs == "recompute":
+            return None
+        return WindowInputs(config.window_inputs, config.window_inputs_dir)
+
+    def recorded_inputs(self, batch) -> tuple[int, BlockCall] | None:
+        """``(s, (args, kwargs))``: the teacher's recorded input of the window's first block ``s`` for
+        ``batch`` (B items, before the unconditional copies), None when it was not recorded."""
+        store, window = self.window_inputs, self.window
+        if store is None or window is None or window.done or store.start == 0 or store.start != window.blocks.start:
+            return None
+        call = store.get(batch, next(self.teacher.parameters()).device)
+        return None if call is None else (store.start, call)
+
+    def record_window_inputs_(self, batches: Iterable, count: int | None = None, progress: bool = False) -> str | None:
+        """Record the teacher's input of the current window's first block for every training batch
+        of ``batches`` (each on the teacher's device, as a step gets it; ``count`` of them), from the
+        previous window's recording where there is one (:meth:`WindowInputs.record_`). Returns the
+        line to log; None when there is nothing to record (recompute, window 0, recorded already, done)."""
+        store, window = self.window_inputs, self.window
+        if store is None or window is None or window.done or window.blocks.start in (0, store.start):
+            return None
+        pairs = ((batch, self.model_batch(batch)) for batch in batches)
+        return store.record_(family_of(self.teacher), self.teacher, pairs, window.blocks.start, count, progress)
 
     def calibrated_blocks(self, num_blocks: int) -> list[int]:
         """The blocks whose MSE a step computes (all of ``num_blocks`` unless under a window)."""
@@ -230,6 +260,8 @@ class WindowSteps:
     def finish_windows_(self, device: torch.device | str) -> None:
         """End block-by-block calibration (the run stopped): every window counts as done, every
         block goes to ``device``. Soft rows of windows never reached stay for the final argmax."""
+        if self.window_inputs is not None:
+            self.window_inputs.clear_()  # the last window's recording (its files)
         if self.window is not None:
             self.window.index = self.window.num_windows
             self.update_codebook_trainability()

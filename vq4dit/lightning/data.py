@@ -226,13 +226,16 @@ class CalibrationDataModule(pl.LightningDataModule):
                                           prompts=self.prompts)
 
     # ------------------------------------------------------------------------------ dataloaders
-    def _loader(self, items, shuffle: bool) -> DataLoader:
+    def _loader(self, items, shuffle: bool, fixed: bool = False) -> DataLoader:
         epoch_fn = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
-        dataset = ShuffledBatches(items, self.hparams.batch_size, self.hparams.seed, shuffle, epoch_fn)
+        dataset = ShuffledBatches(items, self.hparams.batch_size, self.hparams.seed, shuffle, epoch_fn, fixed)
         return DataLoader(dataset, batch_size=None, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_items, self.hparams.shuffle)
+        """The training batches; the same batches every epoch (in a new order) when the module asks
+        for ``fixed_batches`` (recorded window inputs)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return self._loader(self.train_items, self.hparams.shuffle, bool(getattr(module, "fixed_batches", False)))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_items, False) if self.val_items is not None else []

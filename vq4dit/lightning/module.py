@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from ..distributed import BlockSpread, ddp_ignored
@@ -98,6 +101,11 @@ class CalibrationModule(pl.LightningModule):
         return not self.settings["spread_blocks"]
 
     @property
+    def fixed_batches(self) -> bool:
+        """Whether the data module must repeat the same training batches every epoch (recorded window inputs find them by content)."""
+        return self.calibration.window_inputs != "recompute"
+
+    @property
     def student_offloaded(self) -> bool:
         """Whether student blocks live on the CPU now (``offload_blocks``): no whole-student forward
         on the device until the windows end (``callbacks.SampleImages`` waits for the end)."""
@@ -130,7 +138,7 @@ class CalibrationModule(pl.LightningModule):
                 raise ValueError("model.quantized is for test / predict / validate (model.evaluation.quantized); "
                                  "resume a calibration with --ckpt_path")
             self.student = load_packed_student(self.quantized, self.teacher, self.device)
-            hard = dataclasses.replace(self.calibration, window_blocks=None)  # a packed model: every block at once
+            hard = dataclasses.replace(self.calibration, window_blocks=None, window_inputs="recompute")  # every block at once
             self.engine = Calibrator(self.teacher, self.student, hard, guidance_scale=self.data_settings.guidance_scale)
             return
         if self.settings["evaluation"].model == "fp" and stage in ("test", "predict"):
@@ -138,8 +146,12 @@ class CalibrationModule(pl.LightningModule):
         layers, allocate = self.layer_selection, self.allocation.enabled
         if self._trainer is not None:
             self.check_processes(self.trainer.world_size)
+        calibration = self.calibration
+        if calibration.window_inputs == "disk" and calibration.window_inputs_dir is None and self._trainer is not None:
+            folder = str(Path(self.trainer.default_root_dir) / "window_inputs")
+            calibration = dataclasses.replace(calibration, window_inputs_dir=folder)
         self.engine = Calibrator.build(
-            self.teacher, self.vq_config, self.calibration, include=layers.include, exclude=layers.exclude,
+            self.teacher, self.vq_config, calibration, include=layers.include, exclude=layers.exclude,
             overrides=layers.overrides, filter_fn=layers.linear_filter(self.teacher),
             guidance_scale=self.data_settings.guidance_scale,
             progress=self.global_rank == 0 if self._trainer else True, items=self.data_settings.train_items,
@@ -212,6 +224,7 @@ class CalibrationModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self.engine.place_(self.device)  # a resumed window's blocks (and only they) on the device
+        self.record_window_inputs_()  # a resumed window's recorded inputs
 
     def on_train_end(self) -> None:
         self.engine.finish_windows_(self.device)  # after the callbacks' (FinalAssignment's argmax): all on the device
@@ -219,7 +232,23 @@ class CalibrationModule(pl.LightningModule):
     def advance_window_(self) -> int:
         """Harden the window's layers and move on to the next window (``callbacks.BlockWindows``
         decides when). Returns the number of rows finalised."""
-        return self.engine.advance_window_(self.trainer.optimizers[0] if self.trainer.optimizers else None, self.device)
+        rows = self.engine.advance_window_(self.trainer.optimizers[0] if self.trainer.optimizers else None, self.device)
+        self.record_window_inputs_()
+        return rows
+
+    def record_window_inputs_(self) -> None:
+        """Record the teacher's input of the window's first block for every training batch
+        (``calibration.window_inputs`` memory / disk; under the steps' precision context), and say so."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.engine.window_inputs is None or datamodule is None:
+            return
+        loader = datamodule.train_dataloader()
+        batches = (move_data_to_device(batch, self.device) for batch in loader)
+        progress = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+        with self.trainer.precision_plugin.train_step_context():
+            line = self.engine.record_window_inputs_(batches, len(loader.dataset), progress=progress)
+        if line is not None:
+            (rank_zero_warn if self.engine.window_inputs.stopped else rank_zero_info)(line)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.engine.update_codebook_trainability()
