@@ -5,6 +5,12 @@ once per batch, a full disk falls back to recomputing with one warning line, res
 
 import copy
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +189,8 @@ def test_a_windowed_fit_on_recorded_inputs_exports_and_resumes_as_one_run(tmp_pa
                                                                          recwarn, small_disk):  # noqa: F811
     """``train.py fit`` of the tiny DiT in windows of 1 with recorded inputs: memory and disk export
     the same model; a full disk warns once and exports it too; stopped in window 2 and resumed, it
-    records again and exports it too."""
+    records again and exports it too; killed with SIGKILL once its recording is on disk, resumed
+    from its last checkpoint, it exports it too and leaves no recording behind."""
     caplog.set_level(logging.INFO)
     runs = {"memory": ["--model.calibration.window_inputs=memory"],
             "disk": ["--model.calibration.window_inputs=disk"],
@@ -208,7 +215,20 @@ def test_a_windowed_fit_on_recorded_inputs_exports_and_resumes_as_one_run(tmp_pa
                                                            *runs["memory"]))
     assert code == 0 and not error_lines(err), err
     assert caplog.text.count("block 1's inputs of 16 batches recorded") == 2  # the first run's and the resumed one's
-    packed = {name: packed_tensors(tmp_path / name / "packed") for name in (*runs, "cut")}
-    for name in ("disk", "full", "cut"):
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "train.py", *windowed_fit(killed, "--trainer.max_epochs=6", *runs["disk"])],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not list((killed / "window_inputs").glob("block_001/*.pt")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it recorded"
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)  # while recording, or in the window that uses the recording
+    assert process.wait() == -signal.SIGKILL and list(killed.rglob("*.pt"))
+    code, err = run_main(monkeypatch, capsys, windowed_fit(killed, "--trainer.max_epochs=6", "--ckpt_path=last", *runs["disk"]))
+    assert code == 0 and not error_lines(err), err
+    assert not list(killed.rglob("*.pt")) and not list((killed / "window_inputs").iterdir())  # nothing left behind
+    packed = {name: packed_tensors(tmp_path / name / "packed") for name in (*runs, "cut", "killed")}
+    for name in ("disk", "full", "cut", "killed"):
         assert packed[name].keys() == packed["memory"].keys(), name
         assert all(torch.equal(packed[name][k], packed["memory"][k]) for k in packed["memory"]), name
