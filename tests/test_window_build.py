@@ -100,3 +100,25 @@ def test_the_module_builds_window_by_window_only_with_offload(monkeypatch):
         module.configure_model()
         assert module.engine.window.offload == offload and len(module.engine.layers) > 0
     assert seen == [1]
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_statistics_items_bound_the_builds_teacher_passes(windowed):
+    """``statistics_items``: the statistics of the build use that many items (batches of 8) in the
+    one-pass build and in the windowed one; the default takes all of 12 (2 batches)."""
+    teacher, items = sd3_setup(12)
+    seen = []
+    handle = block_modules(teacher)[0].register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+        kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        for most, rows in ((4, [8]), (1024, [16, 8])):  # model rows: the items and their negative copies
+            seen.clear()
+            config = CalibrationConfig(block_inputs="teacher", window_blocks=1 if windowed else None, statistics_items=most)
+            Calibrator.build(teacher, QUALITY, config, guidance_scale=4.0, items=items, progress=False,
+                             offload_blocks=windowed)
+            passes = 3 if windowed else 1  # windowed: one statistics pass per window (each reaches block 0)
+            assert seen == rows * passes, (most, seen)
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="statistics_items must be an integer >= 1"):
+        CalibrationConfig(statistics_items=0)

@@ -124,10 +124,11 @@ class Calibrator(WindowSteps):
         probing = bit_allocation and allocation is None
         if probing and items is None:
             raise ValueError("activation-aware k-means, error feedback and bit allocation need calibration items")
-        phases = Phases(preparation_steps(selected, items, probing, allocation_config), progress)
-        by_window = offload_blocks and config.window_blocks is not None and not probing
+        by_window, most = offload_blocks and config.window_blocks is not None and not probing, config.statistics_items
+        phases = Phases(preparation_steps(selected, items, probing, allocation_config, most), progress)
         try:
-            moments = None if by_window else gather_statistics(teacher, selected, items, guidance_scale, probing, phases)
+            moments = None if by_window else gather_statistics(teacher, selected, items, guidance_scale, probing, phases,
+                                                               max_items=most)
             measured, built = None, {}
             if probing:
                 measured, built = probe_allocation(teacher, selected, moments, items, guidance_scale, bit_budget,
@@ -139,7 +140,7 @@ class Calibrator(WindowSteps):
                 selected = select_layers(teacher, vq_config, filter_fn, include=include, exclude=exclude, overrides=overrides)
             if by_window:
                 layers, moments, _ = build_by_window(teacher, selected, items, guidance_scale, config.window_blocks,
-                                                     phases, uniform, allocation_config)
+                                                     phases, uniform, allocation_config, max_items=most)
             else:
                 layers = build_layers(selected, moments, phases, built, uniform, allocation_config)
         finally:
@@ -151,8 +152,7 @@ class Calibrator(WindowSteps):
         # the activation statistics used (E[x^2]; not the full matrices), for baselines of the same layers
         engine.input_moments = None if moments is None else {name: m.without_full() for name, m in moments.items()}
         engine.allocation = None if allocation is None else {name: dict(fields) for name, fields in allocation.items()}
-        engine.allocation_report = None if measured is None else measured.format()  # None when uniform or reused
-        engine.allocation_check = None if measured is None else measured.check
+        engine.allocation_report, engine.allocation_check = (None, None) if measured is None else (measured.format(), measured.check)
         engine.phase_seconds = phases.seconds
         if config.teacher_dtype != "float32":
             cast_teacher_(teacher, getattr(torch, config.teacher_dtype))

@@ -63,6 +63,9 @@ class CalibrationConfig:
             the teacher's blocks run once per batch over the whole run; same result).
         window_inputs_dir: the folder of ``window_inputs="disk"`` (``train.py``: default
             ``<default_root_dir>/window_inputs``).
+        statistics_items: the calibration items (at most; evenly strided over all of them) whose
+            activations give the input statistics of the student build (activation-aware k-means,
+            error feedback's ``E[x x^T]``); the build's teacher passes cost in proportion.
     """
 
     block_inputs: BlockInputs = "student"
@@ -81,6 +84,7 @@ class CalibrationConfig:
     window_blocks: int | None = None
     window_inputs: WindowInputs = "recompute"
     window_inputs_dir: str | None = None
+    statistics_items: int = 1024
 
     def __post_init__(self) -> None:
         check_choice("block_inputs", self.block_inputs, BlockInputs)
@@ -108,6 +112,8 @@ class CalibrationConfig:
         if self.window_inputs != "recompute" and self.window_blocks is None:
             raise ValueError(f"window_inputs={self.window_inputs!r} needs window_blocks (it records the inputs "
                              "of each window's first block)")
+        if isinstance(self.statistics_items, bool) or not isinstance(self.statistics_items, int) or self.statistics_items < 1:
+            raise ValueError(f"statistics_items must be an integer >= 1, got {self.statistics_items!r}")
         if not isinstance(self.gate_window, int) or self.gate_window < 1:
             raise ValueError(f"gate_window must be >= 1, got {self.gate_window}")
 

@@ -66,11 +66,13 @@ class Phases:
         self.bar.close()
 
 
-def preparation_steps(selected: Selected, items: dict | None, allocate: bool, config: AllocationConfig) -> int:
-    """Progress-bar steps of :func:`gather_statistics`, :func:`probe_allocation` and :func:`build_layers`."""
+def preparation_steps(selected: Selected, items: dict | None, allocate: bool, config: AllocationConfig,
+                      max_items: int = 1024) -> int:
+    """Progress-bar steps of :func:`gather_statistics` (on ``max_items`` items at most),
+    :func:`probe_allocation` and :func:`build_layers`."""
     steps = len(selected)  # the student's layers
     if items is not None and any(allocate or c.kmeans_metric == "activation" or c.error_feedback for _, _, c in selected):
-        steps += len(strided_items(items["t"].numel(), 1024).split(8))  # statistics_batches' batches
+        steps += len(strided_items(items["t"].numel(), max_items).split(8))  # statistics_batches' batches
     if allocate:
         steps += sum(len(allocation_options(c, m.out_features, m.in_features, config.span)) for _, m, c in selected)
         steps += len(selected) + 2  # the gain forwards (+ reference) and the check
@@ -78,10 +80,12 @@ def preparation_steps(selected: Selected, items: dict | None, allocate: bool, co
 
 
 def gather_statistics(teacher: nn.Module, selected: Selected, items: dict | None, guidance_scale: float,
-                      allocate: bool, phases: Phases, stop_after: nn.Module | None = None) -> dict[str, InputMoments] | None:
+                      allocate: bool, phases: Phases, stop_after: nn.Module | None = None,
+                      max_items: int = 1024) -> dict[str, InputMoments] | None:
     """Input second moments per layer: ``E[x^2] [in]`` for activation-aware k-means, and the full
     ``E[x x^T] [in, in]`` for error feedback and for every layer when allocating; None when none is needed.
-    ``stop_after``: the module after which the teacher's forward may stop (:func:`input_second_moments`)."""
+    ``stop_after``: the module after which the teacher's forward may stop (:func:`input_second_moments`);
+    ``max_items``: the items used at most (evenly strided, :func:`statistics_batches`)."""
     aware = [name for name, _, c in selected if allocate or c.kmeans_metric == "activation" or c.error_feedback]
     if not aware:
         return None
@@ -89,7 +93,7 @@ def gather_statistics(teacher: nn.Module, selected: Selected, items: dict | None
         raise ValueError("activation-aware k-means, error feedback and bit allocation need calibration items")
     full = {name for name, _, c in selected if allocate or c.error_feedback}
     with phases.phase("statistics"):
-        return input_second_moments(teacher, aware, statistics_batches(items, guidance_scale), full=full,
+        return input_second_moments(teacher, aware, statistics_batches(items, guidance_scale, max_items=max_items), full=full,
                                     on_batch=phases.step, stop_after=stop_after)
 
 

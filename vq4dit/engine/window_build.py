@@ -64,7 +64,7 @@ class BuildLedger:
 
 def build_by_window(teacher: nn.Module, selected: Selected, items: dict | None, guidance_scale: float, size: int,
                     phases: Phases, uniform: Mapping[str, VQConfig] = {}, config: AllocationConfig | None = None,
-                    park_device: torch.device | str = "cpu",
+                    park_device: torch.device | str = "cpu", max_items: int = 1024,
                     ) -> tuple[dict[str, VQLinear], dict[str, InputMoments] | None, BuildLedger]:
     """:func:`vq4dit.engine.probe.build_layers` of ``selected`` a window of ``size`` blocks at a time
     (see the module): the layers outside window 0 move to ``park_device`` right after they are built.
@@ -77,7 +77,7 @@ def build_by_window(teacher: nn.Module, selected: Selected, items: dict | None, 
     ledger, park_device = BuildLedger(device), torch.device(park_device)
     layers: dict[str, VQLinear] = {}
     diagonals: dict[str, InputMoments] = {}
-    per_pass, passes = 0 if items is None else len(statistics_batches(items, guidance_scale)), 0
+    per_pass, passes = 0 if items is None else len(statistics_batches(items, guidance_scale, max_items=max_items)), 0
     for window in sorted(set(windows.values())):
         group = [entry for entry in selected if windows[entry[0]] == window]
         inside = all(placed[name] is not None for name, _, _ in group)  # else a layer may follow the blocks
@@ -86,7 +86,8 @@ def build_by_window(teacher: nn.Module, selected: Selected, items: dict | None, 
         if needs:  # preparation_steps counted one statistics pass
             phases.bar.total += per_pass if passes else 0
             passes += 1
-        moments = gather_statistics(teacher, group, items, guidance_scale, False, phases, stop_after=last)
+        moments = gather_statistics(teacher, group, items, guidance_scale, False, phases, stop_after=last,
+                                    max_items=max_items)
         for entry in group:
             name = entry[0]
             layer = build_layers([entry], moments, phases, {}, uniform, config)[name]
