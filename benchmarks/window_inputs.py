@@ -53,7 +53,7 @@ def run(config: str, mode: str, window_blocks: int, steps: int, tmp: Path) -> di
     """One windowed ``train.py fit``: loop seconds, teacher block forwards, the packed tensors."""
     callbacks = ("--trainer.callbacks=[{class_path: callbacks.CandidatePruning, init_args: {every_n_steps: 1, "
                  "harden_threshold: 0.99, prune_floor: 0.01}}, {class_path: callbacks.CalibrationStop, "
-                 "init_args: {max_steps: 1000000}}]")
+                 "init_args: {max_steps: 1000000, patience: 1000000}}]")
     args = fit_args(tmp, [config], callbacks, "--model.calibration.block_inputs=teacher",
                     f"--model.calibration.window_blocks={window_blocks}", f"--model.calibration.window_inputs={mode}",
                     f"--block_windows.max_steps={steps}", "--block_windows.min_codebook_steps=1000000",

@@ -164,6 +164,9 @@ def test_only_the_window_trains_and_finished_windows_are_hard_and_freed():
             if index == 0 and window == 0:  # optimizer state scales with the window, not the model (1 of 2 blocks)
                 assert 0 < state_elements(optimizer) < 0.6 * state_elements(full_optimizer)
         finished = [layer for name, layer in engine.layers.items() if engine.window.owns_layer(name)]
+        later = [name for name in engine.layers if not engine.window.owns_layer(name)]
+        # the stop rule and the hard fraction see every layer: the later windows' rows are still soft
+        assert all(engine.soft_counts()[name][0] == engine.layers[name].num_subvectors for name in later if window == 0)
         engine.advance_window_(optimizer, "cpu")
         assert all(l.is_hard and l.candidate_logits.numel() == 0 and l.candidates.numel() == 0 for l in finished)
         assert not {id(p) for l in finished for p in l.parameters()} & {id(p) for p in optimizer.state}

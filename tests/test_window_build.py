@@ -10,6 +10,7 @@ import torch
 from tests.test_allocation import QUALITY
 from tests.test_mmdit import SD35, sd3_embeddings, tiny_sd3
 from tests.test_spread_blocks import packed_tensors
+from tests.test_trust_disk import small_disk  # noqa: F401  (a fixture)
 from vq4dit import save_quantized
 from vq4dit.engine import CalibrationConfig, Calibrator
 from vq4dit.engine import calibrator as calibrator_module
@@ -32,17 +33,27 @@ def sd3_setup(count: int = 12):
     return tiny_sd3(num_layers=3, **SD35), items
 
 
-@pytest.mark.parametrize("allocated", [False, True])
-def test_the_windowed_build_is_bit_identical_to_the_one_pass_build(tmp_path, allocated):
+@pytest.mark.parametrize("allocated, inputs", [(False, "recompute"), (True, "recompute"), (False, "memory"),
+                                               (False, "disk")])
+def test_the_windowed_build_is_bit_identical_to_the_one_pass_build(tmp_path, allocated, inputs):
     """Every layer's start (codebook, codes, candidates, ratio logits, row scales, bias), the
     activation statistics kept, and the packed export after the argmax: bit for bit; also with a
-    reused allocation (a resume: layers built as the probe builds them, k = 8 and 32 beside 16)."""
+    reused allocation (a resume: layers built as the probe builds them, k = 8 and 32 beside 16), and
+    with the statistics passes chained through recorded window inputs (then block 0 runs once per
+    statistics batch, not once per window, and no recording is left)."""
     teacher, items = sd3_setup()
     names = [name for name, _, _ in select_layers(teacher, QUALITY, None)]
     allocation = {names[1]: {"codebook_size": 32}, names[-1]: {"codebook_size": 8}} if allocated else None
     build = dict(items=items, guidance_scale=4.0, progress=False, allocation=allocation)
     one_pass = Calibrator.build(teacher, QUALITY, WINDOWED, **build)
-    windowed = Calibrator.build(teacher, QUALITY, WINDOWED, offload_blocks=True, **build)
+    chained = CalibrationConfig(block_inputs="teacher", window_blocks=1, window_inputs=inputs,
+                                window_inputs_dir=str(tmp_path / "inputs") if inputs == "disk" else None)
+    first = []
+    handle = block_modules(teacher)[0].register_forward_hook(lambda *_: first.append(1))
+    windowed = Calibrator.build(teacher, QUALITY, chained, offload_blocks=True, **build)
+    handle.remove()
+    assert len(first) == (2 if inputs != "recompute" else 3 * 2)  # 2 statistics batches; 3 windows
+    assert not list(tmp_path.rglob("*.pt"))
     if allocated:
         assert windowed.layers[names[1]].codebook.shape[0] == 32 and windowed.layers[names[-1]].codebook.shape[0] == 8
     assert one_pass.layers.keys() == windowed.layers.keys() and len(windowed.layers) > 20
@@ -122,3 +133,21 @@ def test_statistics_items_bound_the_builds_teacher_passes(windowed):
         handle.remove()
     with pytest.raises(ValueError, match="statistics_items must be an integer >= 1"):
         CalibrationConfig(statistics_items=0)
+
+
+def test_a_chained_build_on_a_full_disk_falls_back_and_builds_the_same_layers(small_disk, caplog):  # noqa: F811
+    from tests.test_window_inputs import fill
+
+    caplog.set_level(logging.INFO)
+    teacher, items = sd3_setup()
+    build = dict(items=items, guidance_scale=4.0, progress=False, offload_blocks=True)
+    plain = Calibrator.build(teacher, QUALITY, WINDOWED, **build)
+    fill(small_disk)
+    config = CalibrationConfig(block_inputs="teacher", window_blocks=1, window_inputs="disk",
+                               window_inputs_dir=str(small_disk / "inputs"))
+    chained = Calibrator.build(teacher, QUALITY, config, **build)
+    assert "student build: window inputs: recording stopped (cannot write" in caplog.text
+    assert "no space left on device" in caplog.text and not list(small_disk.rglob("*.pt"))
+    for name, layer in plain.layers.items():
+        mine, theirs = chained.layers[name].state_dict(), layer.state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), name

@@ -140,7 +140,8 @@ class Calibrator(WindowSteps):
                 selected = select_layers(teacher, vq_config, filter_fn, include=include, exclude=exclude, overrides=overrides)
             if by_window:
                 layers, moments, _ = build_by_window(teacher, selected, items, guidance_scale, config.window_blocks,
-                                                     phases, uniform, allocation_config, max_items=most)
+                                                     phases, uniform, allocation_config, max_items=most,
+                                                     chain=cls.window_store(config))
             else:
                 layers = build_layers(selected, moments, phases, built, uniform, allocation_config)
         finally:
@@ -350,9 +351,9 @@ class Calibrator(WindowSteps):
 
     # ----------------------------------------------------------------------- global statistics
     def soft_counts(self) -> dict[str, tuple[int, int]]:
-        """Per layer: (soft rows, soft rows x candidate columns), as the layer's owner has them.
-        A collective under a spread: every rank calls it at the same point."""
-        owned = self.owned_layers()
+        """Per layer: (soft rows, soft rows x candidate columns), as the layer's owner has them (every
+        layer under a window: the later windows' rows are soft). A collective under a spread."""
+        owned = self.layers if self.spread is None else {n: l for n, l in self.layers.items() if self.spread.owns_layer(n)}
         device = next(iter(self.layers.values())).codes.device
         local = torch.tensor(
             [[l.num_soft, l.num_soft * l.active_candidates] if n in owned else [0, 0] for n, l in self.layers.items()],

@@ -81,11 +81,12 @@ def preparation_steps(selected: Selected, items: dict | None, allocate: bool, co
 
 def gather_statistics(teacher: nn.Module, selected: Selected, items: dict | None, guidance_scale: float,
                       allocate: bool, phases: Phases, stop_after: nn.Module | None = None,
-                      max_items: int = 1024) -> dict[str, InputMoments] | None:
+                      max_items: int = 1024, forward=None) -> dict[str, InputMoments] | None:
     """Input second moments per layer: ``E[x^2] [in]`` for activation-aware k-means, and the full
     ``E[x x^T] [in, in]`` for error feedback and for every layer when allocating; None when none is needed.
     ``stop_after``: the module after which the teacher's forward may stop (:func:`input_second_moments`);
-    ``max_items``: the items used at most (evenly strided, :func:`statistics_batches`)."""
+    ``max_items``: the items used at most (evenly strided, :func:`statistics_batches`); ``forward``:
+    how a model batch runs (:func:`input_second_moments`)."""
     aware = [name for name, _, c in selected if allocate or c.kmeans_metric == "activation" or c.error_feedback]
     if not aware:
         return None
@@ -94,7 +95,7 @@ def gather_statistics(teacher: nn.Module, selected: Selected, items: dict | None
     full = {name for name, _, c in selected if allocate or c.error_feedback}
     with phases.phase("statistics"):
         return input_second_moments(teacher, aware, statistics_batches(items, guidance_scale, max_items=max_items), full=full,
-                                    on_batch=phases.step, stop_after=stop_after)
+                                    on_batch=phases.step, stop_after=stop_after, forward=forward)
 
 
 def build_layers(selected: Selected, moments: Mapping[str, InputMoments] | None, phases: Phases,

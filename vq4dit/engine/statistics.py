@@ -45,12 +45,14 @@ def _stop(_module, _args, _output) -> None:
 @torch.no_grad()
 def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: Container[str] = (),
                          on_batch: Callable[[], object] | None = None,
-                         stop_after: nn.Module | None = None) -> dict[str, InputMoments]:
+                         stop_after: nn.Module | None = None,
+                         forward: Callable[[Batch], object] | None = None) -> dict[str, InputMoments]:
     """The input second moments of ``model``'s Linear layers ``names`` over model ``batches``
     (every token of every item counts once): ``E[x_j^2]``
     ``[in]``, and for the layers in ``full`` also the whole ``E[x x^T]`` ``[in, in]`` (error feedback).
     ``on_batch`` is called after every batch (a progress bar); ``stop_after``: a module after whose
-    forward the model's forward stops (every layer of ``names`` runs before it)."""
+    forward the model's forward stops (every layer of ``names`` runs before it); ``forward``: how a
+    batch runs (default: the model on it; the windowed build's runs from recorded block inputs)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -68,7 +70,7 @@ def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: 
     try:
         for batch in batches:
             try:
-                call_model(model, batch, device)
+                call_model(model, batch, device) if forward is None else forward(batch)
             except _StopForward:
                 pass
             if on_batch is not None:

@@ -115,10 +115,10 @@ def teacher_from(family, model: nn.Module, start: int, call: BlockCall | None) -
 
 
 def record_block_input(family, model: nn.Module, batch: Any, target: int, start: int = 0,
-                       call: BlockCall | None = None) -> BlockCall:
+                       call: BlockCall | None = None, device: torch.device | str | None = None) -> BlockCall:
     """The arguments block ``target`` receives when ``model`` runs on the model batch ``batch``
     (no grad; the forward stops before block ``target``), starting at block ``start`` with ``call``
-    (:func:`teacher_from`) when given."""
+    (:func:`teacher_from`) when given; ``device``: where the batch goes first (None: where it is)."""
     recorded: list[BlockCall] = []
 
     def keep(_module, args, kwargs):
@@ -128,7 +128,7 @@ def record_block_input(family, model: nn.Module, batch: Any, target: int, start:
     handle = family.blocks(model)[target].register_forward_pre_hook(keep, with_kwargs=True)
     try:
         with torch.no_grad(), teacher_from(family, model, start, call):
-            family.forward(model, batch)
+            family.forward(model, batch, device)
     except StopForward:
         pass
     finally:
@@ -153,6 +153,7 @@ class WindowInputs:
             raise ValueError("window_inputs='disk' needs a folder (window_inputs_dir)")
         self.mode, self.folder = mode, None if folder is None else Path(folder)
         self.start, self.entries, self.hits, self.nbytes = 0, {}, 0, 0
+        self._pending, self._target, self._count, self._total = {}, 0, None, 0  # a recording under way
         self.stopped: str | None = None  # why recording stopped (the run recomputes from then on)
 
     def _file(self, start: int, key: str) -> Path:
@@ -184,47 +185,67 @@ class WindowInputs:
         """Record block ``target``'s input for every ``(batch, model_batch)`` of ``batches`` (the
         key is the batch's, the forward the model batch's), from the current recording where there
         is one; each batch's previous recording is deleted once its new one is written (one
-        recording at a time). Returns the line to log: what was
-        recorded, or why recording stopped (it then stays off: the run recomputes)."""
+        recording at a time). Returns the line to log: what was recorded, or why recording stopped
+        (it then stays off: the run recomputes)."""
         from tqdm.auto import tqdm
 
         if self.stopped:
             return f"window inputs: not recorded ({self.stopped})"
-        if self.mode == "disk" and self.start == 0 and self.folder.is_dir():  # an earlier run's leftovers
-            for stale in self.folder.glob("block_[0-9][0-9][0-9]"):
-                shutil.rmtree(stale, ignore_errors=True)
-        entries, total, device = {}, 0, next(teacher.parameters()).device
+        self.begin_(target, count)
         try:
             for batch, model_batch in tqdm(batches, total=count, desc=f"recording block {target}'s inputs",
                                            unit="batch", disable=not progress, leave=False):
-                key = batch_key(batch)
-                previous = self.start if self.start and key in self.entries else 0
-                call = self._load(key, device) if previous else None
-                found = record_block_input(family, teacher, model_batch, target, previous, call)
-                found = map_tensors(found, lambda t: t.detach().to("cpu", copy=True))
-                if not entries:  # the previous recording's room is freed as this one is written
-                    self._check_room(nbytes_of(found) * (count or 1) - self.nbytes, target)
-                if self.mode == "disk":
-                    with atomic_path(self._file(target, key)) as tmp:
-                        torch.save(found, tmp)
-                    entries[key] = None
-                else:
-                    entries[key] = found
-                if previous:  # at most one recording (and one batch) at a time
-                    self.entries.pop(key)
-                    if self.mode == "disk":
-                        self._file(previous, key).unlink(missing_ok=True)
-                total += nbytes_of(found)
+                self.record_one_(family, teacher, batch, model_batch)
         except (WriteError, MemoryError) as err:
-            self.clear_()
+            return self.abort_(err)
+        return self.commit_()
+
+    # a recording batch by batch (the student build records while it gathers its statistics)
+    def begin_(self, target: int, count: int | None) -> None:
+        """Start recording block ``target``'s inputs of ``count`` batches (an earlier run's files go)."""
+        if self.mode == "disk" and self.start == 0 and self.folder.is_dir():  # an earlier run's leftovers
+            for stale in self.folder.glob("block_[0-9][0-9][0-9]"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self._pending, self._target, self._count, self._total = {}, target, count, 0
+
+    def record_one_(self, family, teacher: nn.Module, batch: Any, model_batch: Any) -> None:
+        """Record one batch (from its current recording where there is one); raises ``WriteError`` /
+        ``MemoryError`` when the recording does not fit (:meth:`abort_` then)."""
+        key, target, device = batch_key(batch), self._target, next(teacher.parameters()).device
+        previous = self.start if self.start and key in self.entries else 0
+        call = self._load(key, device) if previous else None
+        found = record_block_input(family, teacher, model_batch, target, previous, call, device)
+        found = map_tensors(found, lambda t: t.detach().to("cpu", copy=True))
+        if not self._pending:  # the previous recording's room is freed as this one is written
+            self._check_room(nbytes_of(found) * (self._count or 1) - self.nbytes, target)
+        if self.mode == "disk":
+            with atomic_path(self._file(target, key)) as tmp:
+                torch.save(found, tmp)
+            self._pending[key] = None
+        else:
+            self._pending[key] = found
+        if previous:  # at most one recording (and one batch) at a time
+            self.entries.pop(key)
             if self.mode == "disk":
-                shutil.rmtree(self.folder / f"block_{target:03d}", ignore_errors=True)
-            self.stopped = f"{err}; the teacher runs from the model's input every step from here on"
-            return f"window inputs: recording stopped ({self.stopped})"
+                self._file(previous, key).unlink(missing_ok=True)
+        self._total += nbytes_of(found)
+
+    def commit_(self) -> str:
+        """The recording started by :meth:`begin_` is the current one; returns the line to log."""
+        entries, target, total = self._pending, self._target, self._total
         self.clear_()
-        self.start, self.entries, self.nbytes = target, entries, total
+        self.start, self.entries, self.nbytes, self._pending = target, entries, total, {}
         where = "host RAM" if self.mode == "memory" else str(self.folder / f"block_{target:03d}")
         return f"window inputs: block {target}'s inputs of {len(entries)} batches recorded ({total / 2**30:.2f} GiB, {where})"
+
+    def abort_(self, err: Exception) -> str:
+        """Drop every recording after ``err`` (a recording that does not fit); recording stays off."""
+        self.clear_()
+        if self.mode == "disk":
+            shutil.rmtree(self.folder / f"block_{self._target:03d}", ignore_errors=True)
+        self._pending = {}
+        self.stopped = f"{err}; the teacher runs from the model's input every step from here on"
+        return f"window inputs: recording stopped ({self.stopped})"
 
     def _check_room(self, nbytes: int, target: int) -> None:
         if self.mode == "disk":
