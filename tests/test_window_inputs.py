@@ -232,3 +232,24 @@ def test_a_windowed_fit_on_recorded_inputs_exports_and_resumes_as_one_run(tmp_pa
     for name in ("disk", "full", "cut", "killed"):
         assert packed[name].keys() == packed["memory"].keys(), name
         assert all(torch.equal(packed[name][k], packed["memory"][k]) for k in packed["memory"]), name
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "deleted"])
+def test_a_recording_file_that_goes_bad_is_recomputed_with_one_warning(tmp_path, damage):
+    teacher = tiny_flux(double=2, single=2)
+    batches = [flux_batch(2, seed) for seed in range(3)]
+    config = CalibrationConfig(block_inputs="teacher", window_blocks=1, window_inputs="disk",
+                               window_inputs_dir=str(tmp_path / "inputs"))
+    engine = Calibrator.build(teacher, TINY_VQ, config, guidance_scale=3.5, progress=False)
+    engine.window.index = 1
+    assert "recorded" in engine.record_window_inputs_(batches, len(batches))
+    expected = engine.block_losses(batches[0])[0]
+    first = next((tmp_path / "inputs").rglob("*.pt"))  # damaged behind the run's back
+    if damage == "deleted":
+        first.unlink()
+    else:
+        first.write_bytes(b"\x80\x02garbage" if damage == "garbage" else first.read_bytes()[: first.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="window inputs: cannot read .* the teacher runs from the model's input"):
+        got = [engine.block_losses(batch)[0] for batch in batches]
+    assert all(torch.equal(g, e) for g, e in zip(got, [expected])) and engine.window_inputs.stopped
+    assert not list((tmp_path / "inputs").rglob("*.pt"))

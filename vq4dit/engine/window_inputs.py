@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -166,8 +167,17 @@ class WindowInputs:
         key = batch_key(batch)
         if key not in self.entries:
             return None
+        try:
+            call = self._load(key, device)
+        except Exception as err:  # noqa: BLE001  (gone, truncated, garbage: torch.load raises OSError,
+            # RuntimeError, EOFError, UnpicklingError, IndexError...): recompute from here on
+            self.clear_()
+            self.stopped = f"cannot read {self._file(self.start, key)}: {err}".splitlines()[0]
+            warnings.warn(f"window inputs: {self.stopped}; the teacher runs from the model's input every step "
+                          "from here on", stacklevel=2)
+            return None
         self.hits += 1
-        return self._load(key, device)
+        return call
 
     def _load(self, key: str, device: torch.device | str) -> BlockCall:
         if self.mode == "memory":
