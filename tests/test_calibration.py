@@ -1,5 +1,7 @@
 """End-to-end calibration through the real CLI on the tiny model (CPU, a few seconds each)."""
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -10,6 +12,7 @@ from vq4dit.engine import block_losses, build_student, with_null_labels
 from vq4dit.lightning import CalibrationModule
 from vq4dit.export import load_quantized
 from vq4dit.sampling import SamplerConfig, sample
+from vq4dit.trajectories import cached_items, generate_items
 
 
 # The random tiny preset keeps these tests fast; k=16, d=2 = 2 bits per weight on its small layers.
@@ -190,8 +193,20 @@ def test_ddp_two_processes_matches_single_process_quality(tmp_path):
 
 
 def test_bf16_mixed_fit(tmp_path):
-    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=2", "--trainer.precision=bf16-mixed"))
+    """A bf16-mixed fit calibrates and exports; its teacher sampled the trajectories under bf16
+    autocast (as the steps compute), so they differ from a float32 run's and are cached apart."""
+    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs=2", "--trainer.precision=bf16-mixed",
+                            f"--data.cache_dir={tmp_path / 'cache'}"))
     assert cli.trainer.precision == "bf16-mixed"
+    plan = cli.datamodule.trajectory_plan(cli.model.teacher)
+    assert plan.autocast == "bfloat16"
+    fp32 = generate_items(cli.model.teacher.float(), [0, 1], dataclasses.replace(plan, autocast=None), progress=False)
+    bf16 = generate_items(cli.model.teacher.float(), [0, 1], plan, progress=False)
+    assert fp32["x"].dtype == bf16["x"].dtype == torch.float32 and not torch.equal(fp32["x"], bf16["x"])
+    assert torch.equal(bf16["x"], cli.datamodule.train_items["x"])  # the fit's trajectories: the bf16 ones
+    cached = cached_items(cli.model.teacher, [0, 1], dataclasses.replace(plan, autocast=None), str(tmp_path / "cache"),
+                          progress=False)
+    assert torch.equal(cached["x"], fp32["x"]) and len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
     assert all(layer.is_hard for layer in cli.model.engine.layers.values())
     assert (tmp_path / "packed" / "diffusion_pytorch_model.safetensors").exists()
 

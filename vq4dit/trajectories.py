@@ -12,6 +12,7 @@ prompts and noise seeds, a pure function of ``(seed, index)``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +45,8 @@ class TrajectoryPlan:
         sampler: the sampling schedule (sampler, steps, guidance).
         prompts_digest: the sha256 of the prompt-embeddings file (text models; None: class labels):
             sample ``c`` of trajectory ``i`` uses prompt ``(i * classes_per_trajectory + c) % N``.
+        autocast: the dtype the teacher samples in under ``torch.autocast`` (``bfloat16``,
+            ``float16``; None: float32), as the run computes (``trainer.precision`` bf16-mixed, 16-mixed).
     """
 
     seed: int
@@ -51,6 +54,7 @@ class TrajectoryPlan:
     num_classes: int
     sampler: SamplerConfig
     prompts_digest: str | None = None
+    autocast: str | None = None
 
     def labels_and_seeds(self, index: int) -> tuple[list[int], list[int]]:
         """Labels (prompt indices for text) and noise seeds of trajectory ``index``."""
@@ -94,11 +98,13 @@ def generate_items(
         seeds += traj_seeds
     xs, ts, ys = [], [], []
     starts = range(0, len(labels), samples_per_call)
+    device = next(teacher.parameters()).device.type
     for start in tqdm(starts, desc="teacher trajectories", disable=not progress, unit="batch"):
         batch_labels = torch.tensor(labels[start : start + samples_per_call])
         condition = batch_labels if prompts is None else prompt_condition(prompts, batch_labels)
-        _, trajectory = sample_conditioned(family, teacher, condition, seeds[start : start + samples_per_call],
-                                           plan.sampler, record_trajectory=True)
+        with torch.autocast(device, getattr(torch, plan.autocast)) if plan.autocast else contextlib.nullcontext():
+            _, trajectory = sample_conditioned(family, teacher, condition, seeds[start : start + samples_per_call],
+                                               plan.sampler, record_trajectory=True)
         for x_t, t in trajectory:
             xs.append(x_t.float())
             ts.append(t)
@@ -143,7 +149,7 @@ def cached_items(
     if not cache_dir:
         return generate_items(teacher, indices, plan, progress=progress, prompts=prompts)
     weights = fingerprint() if fingerprint is not None else weights_fingerprint(teacher)
-    record = {k: v for k, v in asdict(plan).items() if k != "prompts_digest" or v is not None}  # DiT keys as before
+    record = {k: v for k, v in asdict(plan).items() if k not in ("prompts_digest", "autocast") or v is not None}  # as before
     key = json.dumps({"weights": weights, "plan": record, "indices": indices}, sort_keys=True, default=str)
     path = Path(cache_dir) / f"trajectories-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.exists():

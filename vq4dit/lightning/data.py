@@ -186,11 +186,17 @@ class CalibrationDataModule(pl.LightningDataModule):
         return self.hparams.num_classes
 
     def trajectory_plan(self, teacher) -> TrajectoryPlan:
+        """The trajectories' plan; the teacher samples as the run computes: under bf16 (fp16) autocast
+        with ``trainer.precision`` bf16-mixed (16-mixed), in float32 otherwise."""
         hp = self.hparams
+        precision = str(getattr(self.trainer, "precision", "32-true"))
+        autocast = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}.get(precision)
         if self.prompts is not None:  # N prompts, cycled
             count = self.prompts["prompt_embeds"].shape[0]
-            return TrajectoryPlan(hp.seed, hp.classes_per_trajectory, count, self.sampler_config, self.prompts_digest)
-        return TrajectoryPlan(hp.seed, hp.classes_per_trajectory, self.num_classes_of(teacher), self.sampler_config)
+            return TrajectoryPlan(hp.seed, hp.classes_per_trajectory, count, self.sampler_config, self.prompts_digest,
+                                  autocast)
+        return TrajectoryPlan(hp.seed, hp.classes_per_trajectory, self.num_classes_of(teacher), self.sampler_config,
+                              autocast=autocast)
 
     def setup(self, stage: str) -> None:
         module = self.trainer.lightning_module
