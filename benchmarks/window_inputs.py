@@ -5,8 +5,8 @@ window inputs recorded once per batch in host RAM and on disk.
 Every run is ``train.py fit`` with the model's config, ``block_inputs: teacher``, windows of ``K``
 blocks and exactly ``--steps`` steps per window (``BlockWindows`` with its codebook rule off, so every
 mode takes the same steps), no sample grids or checkpoints. Per run: the seconds of the training loop
-(from ``on_train_start`` to ``on_train_end``: the steps, and the recording passes where there are any;
-the trajectories and the student build are the same in every mode and not counted), the teacher's
+(from ``on_train_start`` to ``on_train_end``: the steps, validation, and the recording passes where
+there are any, also shown apart; the trajectories and the student build are not counted), the teacher's
 block forwards in that loop, and whether the packed model equals the memory run's (the recorded modes
 use fixed batches; ``recompute`` regroups the items every epoch, so its model differs by the batches).
 
@@ -63,7 +63,7 @@ def run(config: str, mode: str, window_blocks: int, steps: int, tmp: Path) -> di
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     blocks = len(block_modules(cli.model.teacher))
-    return {"seconds": probe.seconds, "forwards": probe.forwards, "steps": cli.trainer.global_step, "blocks": blocks,
+    return {"seconds": probe.seconds, "recording": probe.recording, "forwards": probe.forwards, "steps": cli.trainer.global_step, "blocks": blocks,
             "packed": load_file(str(tmp / "packed" / "diffusion_pytorch_model.safetensors"))}
 
 
@@ -90,12 +90,14 @@ def main(argv: list[str] | None = None) -> None:
                     "yes" if r["packed"].keys() == memory["packed"].keys()
                     and all(torch.equal(r["packed"][k], memory["packed"][k]) for k in memory["packed"]) else "NO")
                 speed = f"{base['seconds'] / r['seconds']:.2f}x" if base else "-"
+                steps_s = r["seconds"] - r["recording"]
                 rows.append([config, f"{size} of {r['blocks']}", mode, r["steps"], f"{r['seconds']:.1f}",
-                             f"{1000 * r['seconds'] / r['steps']:.0f}", speed, r["forwards"], same])
+                             f"{r['recording']:.1f}", f"{1000 * steps_s / r['steps']:.0f}", speed, r["forwards"], same])
     print(machine_line())
     print(f"`python -m benchmarks.window_inputs --configs {' '.join(args.configs)} --window-blocks "
           f"{' '.join(map(str, args.window_blocks))} --steps {args.steps}`\n")
-    print(markdown_table(["config", "window (blocks)", "teacher inputs", "steps", "loop s", "ms / step",
+    print(markdown_table(["config", "window (blocks)", "teacher inputs", "steps", "loop s", "of it recording s",
+                          "ms / step (loop less recording)",
                           "speed-up vs recompute", "teacher block forwards", "packed model = memory run's"], rows))
 
 
