@@ -31,16 +31,26 @@ from vq4dit.models import block_modules
 
 
 class LoopProbe(pl.Callback):
-    """Seconds of the training loop and the teacher's block forwards in it."""
+    """Seconds of the training loop, of its recording passes, and the teacher's block forwards in it."""
 
     def __init__(self) -> None:
-        self.seconds, self.forwards, self.handles, self.start = 0.0, 0, [], 0.0
+        self.seconds, self.recording, self.forwards, self.handles, self.start = 0.0, 0.0, 0, [], 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
         def count(*_):
             self.forwards += 1
 
         self.handles = [b.register_forward_hook(count) for b in block_modules(pl_module.teacher)]  # blocks that ran
+        engine, record = pl_module.engine, pl_module.engine.record_window_inputs_
+
+        def timed_record(*args, **kwargs):  # the recording passes, timed apart from the steps
+            begin = time.perf_counter()
+            try:
+                return record(*args, **kwargs)
+            finally:
+                self.recording += time.perf_counter() - begin
+
+        engine.record_window_inputs_ = timed_record
         self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
