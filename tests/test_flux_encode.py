@@ -61,13 +61,15 @@ def folder(tmp_path_factory):
 
 def assert_file_is(path, pipe: FluxPipeline, **options) -> dict[str, torch.Tensor]:
     """The file at ``path`` is ``pipe.encode_prompt(PROMPTS, **options)``'s embeddings and pooled
-    embeddings (within 1e-5) with an all-ones mask, and nothing else."""
+    embeddings (within 1e-4) with an all-ones mask, and nothing else."""
     embeds, pooled, text_ids = pipe.encode_prompt(PROMPTS, None, **options)
     prompts = load_prompt_embeds(path)
     assert set(prompts) == set(DISTILLED_KEYS)
     for key, tensor in (("prompt_embeds", embeds), ("pooled_prompt_embeds", pooled)):
         assert prompts[key].shape == tensor.shape, key
-        torch.testing.assert_close(prompts[key], tensor.float(), rtol=1e-5, atol=1e-5, msg=key)
+        # float32 either way; the kernels may differ by batch layout (2e-5 seen on one of 18,432 values, AMD EPYC):
+        # any other encoder or key is off by O(1)
+        torch.testing.assert_close(prompts[key], tensor.float(), rtol=1e-4, atol=1e-4, msg=key)
     mask = prompts["prompt_attention_mask"]
     assert mask.shape == embeds.shape[:2] and bool((mask == 1).all()) and text_ids.shape == (embeds.shape[1], 3)
     return prompts
