@@ -301,9 +301,8 @@ class Calibrator(WindowSteps):
         self.update_codebook_trainability()
 
     def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
-        """A CPU copy of every VQ layer's state (codebook, codes, soft rows, candidates, ratio logits,
-        bias, row scales): :meth:`restore_` returns the student to it. Identical on every rank
-        when taken before the first step."""
+        """A CPU copy of every VQ layer's state (codebook, codes, soft rows, candidates, ratio logits, bias,
+        row scales): :meth:`restore_` returns the student to it. Identical on every rank before step 1."""
         return {name: {k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
                 for name, layer in self.layers.items()}
 
@@ -316,8 +315,7 @@ class Calibrator(WindowSteps):
         return self.finalize_()
 
     def finalize_(self) -> int:
-        """Argmax for every soft row of every layer (all ranks hold every block: call
-        :meth:`share_` first under a spread). Returns the number of rows finalised."""
+        """Argmax for every soft row of every layer (under a spread: :meth:`share_` first); the rows finalised."""
         count = finalize_model_(self.student)
         self.update_codebook_trainability()
         return count
