@@ -183,6 +183,11 @@ def test_window_inputs_need_windows_and_say_so_before_any_work(tmp_path, monkeyp
                                                            "--model.calibration.window_inputs=disk"))
     assert code != 0 and len(error_lines(err)) == 1 and "needs window_blocks" in error_lines(err)[0], err
     assert "teacher trajectories" not in err
+    (tmp_path / "a_file").write_text("x")  # a folder below a file: refused before the trajectories, not at window 2
+    code, err = run_main(monkeypatch, capsys, windowed_fit(tmp_path, "--model.calibration.window_inputs=disk",
+                                                           f"--model.calibration.window_inputs_dir={tmp_path / 'a_file' / 'in'}"))
+    assert code != 0 and len(error_lines(err)) == 1 and "calibration.window_inputs_dir" in error_lines(err)[0], err
+    assert "not writable" in error_lines(err)[0] and "teacher trajectories" not in err
 
 
 def test_a_windowed_fit_on_recorded_inputs_exports_and_resumes_as_one_run(tmp_path, monkeypatch, capsys, caplog,

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..families import Batch, call_model, conditioning_of
 from ..layers import InputMoments
+from .window_inputs import StopForward
 
 
 def statistics_batches(items: dict[str, torch.Tensor], guidance_scale: float, batch_size: int = 8,
@@ -34,12 +35,8 @@ def item_batches(items: dict[str, torch.Tensor], index: torch.Tensor, guidance_s
     return [conditioning.guided(conditioning.batch(items, chunk), guidance_scale) for chunk in index.split(batch_size)]
 
 
-class _StopForward(Exception):
-    """Raised after ``stop_after``'s forward: the rest of the model's forward is not needed."""
-
-
 def _stop(_module, _args, _output) -> None:
-    raise _StopForward
+    raise StopForward
 
 
 @torch.no_grad()
@@ -71,7 +68,7 @@ def input_second_moments(model: nn.Module, names: Iterable[str], batches, full: 
         for batch in batches:
             try:
                 call_model(model, batch, device) if forward is None else forward(batch)
-            except _StopForward:
+            except StopForward:
                 pass
             if on_batch is not None:
                 on_batch()

@@ -59,6 +59,8 @@ def check_module_settings(module) -> None:
                          "runs in one process); use one of them")
     if settings["offload_blocks"] and calibration.window_blocks is None:
         raise ValueError("offload_blocks needs calibration.window_blocks (only blocks outside the window go to the CPU)")
+    if calibration.window_inputs == "disk" and calibration.window_inputs_dir is not None:
+        check_writable_dir(calibration.window_inputs_dir, "calibration.window_inputs_dir")
     if settings["export"].dir is not None:
         check_export_dir(settings["export"].dir)
     evaluation = module.evaluation
