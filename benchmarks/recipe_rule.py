@@ -17,7 +17,8 @@ Rows (``--recipes``): ``paper`` (``--model.recipe paper``), ``default`` (the def
 ``no-rowscale`` / ``no-aware`` / ``no-feedback`` / ``no-confident`` (the default with that one lever off),
 ``+alloc`` (the default plus bit allocation, opt-in), ``+units`` (the default with the codebook in
 the weight's units, opt-in), ``+lr3x`` / ``+lr10x`` (the default with 3x / 10x ``lr_codebook``:
-a codebook step between the default's and ``+units``'), ``fp-modulation`` (the default with an MMDiT's modulation Linears
+a codebook step between the default's and ``+units``'), ``scales-3e-5`` / ``frozen-scales`` (the
+default with ``lr_row_scale`` 3e-5 / 0: the row scales' own step), ``fp-modulation`` (the default with an MMDiT's modulation Linears
 ``norm1.linear`` / ``norm1_context.linear`` kept FP: the SD3 family's ``quantize_modulation`` option
 off; SD3 models only). The default runs with every ``--seeds`` value
 (calibration seed: k-means, trajectories); other rows with the first seed. Every run calibrates
@@ -57,6 +58,8 @@ RECIPES = {
     "+units": ["--model.vq.codebook_units=weight"],
     "+lr3x": ["--model.calibration.lr_codebook=3e-4"],
     "+lr10x": ["--model.calibration.lr_codebook=1e-3"],
+    "frozen-scales": ["--model.calibration.lr_row_scale=0"],
+    "scales-3e-5": ["--model.calibration.lr_row_scale=3e-5"],
     "fp-modulation": ['--model.layers.options={"quantize_modulation": false}'],
 }
 

@@ -106,8 +106,32 @@ def test_codebooks_train_once_their_layer_is_hard():
     assert smoother.make_optimizer().defaults["alpha"] == 0.99
 
 
+@pytest.mark.parametrize("lr_row_scale", [0.0, None])
+def test_row_scales_train_at_their_own_rate(lr_row_scale):
+    """``lr_row_scale=0`` keeps the row scales at their start (the rows' RMS) while the codebooks
+    train; None trains them at ``lr_codebook`` (the earlier default)."""
+    torch.manual_seed(0)
+    teacher = load_dit("tiny")
+    engine = Calibrator.build(teacher, TINY_VQ.with_overrides(row_scale=True),
+                              CalibrationConfig(lr_row_scale=lr_row_scale), progress=False)
+    engine.finalize_()  # every layer hard: codebooks and scales train
+    start = {n: (l.codebook.detach().clone(), l.row_scales.detach().clone()) for n, l in engine.layers.items()}
+    items = generate_items(teacher, [0, 1], TrajectoryPlan(0, 2, 1000, SAMPLER), progress=False)
+    optimizer = engine.make_optimizer()
+    for step, batch in enumerate(ShuffledBatches(items, batch_size=4, seed=0, shuffle=True, epoch_fn=lambda: 0)):
+        engine.update_codebook_trainability()
+        engine.step_loss(batch, step).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for name, layer in engine.layers.items():
+        codebook, scales = start[name]
+        assert not torch.equal(layer.codebook, codebook), name
+        assert torch.equal(layer.row_scales, scales) == (lr_row_scale == 0.0), name
+
+
 @pytest.mark.parametrize(
-    "field, value", [("block_inputs", "both"), ("optimizer", "sgd"), ("lr_logits", -1.0), ("gate_window", 0),
+    "field, value", [("block_inputs", "both"), ("optimizer", "sgd"), ("lr_logits", -1.0), ("lr_row_scale", -1e-4),
+                     ("gate_window", 0),
                      ("regularizer_weight", float("nan")), ("rmsprop_alpha", 1.0)],
 )
 def test_invalid_calibration_config(field, value):

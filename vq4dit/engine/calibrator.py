@@ -250,8 +250,8 @@ class Calibrator(WindowSteps):
             {"params": [l.bias for l in layers if l.bias is not None], "lr": c.lr_bias, "name": "biases"},
             {"params": [l.candidate_logits for l in layers], "lr": c.lr_logits, "name": "ratio_logits"},
         ]
-        scales = [l.row_scales for l in layers if l.row_scales is not None]
-        return groups + ([{"params": scales, "lr": c.lr_codebook, "name": "row_scales"}] if scales else [])
+        scales, lr = [l.row_scales for l in layers if l.row_scales is not None], c.lr_row_scale
+        return groups + ([{"params": scales, "lr": c.lr_codebook if lr is None else lr, "name": "row_scales"}] if scales else [])
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """RMSprop (``config.rmsprop_alpha``, eps 1e-8) or Adam over :meth:`param_groups`."""

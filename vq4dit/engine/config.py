@@ -47,6 +47,10 @@ class CalibrationConfig:
         lr_codebook: learning rate of the codebooks.
         lr_bias: learning rate of the quantized layers' biases.
         lr_logits: learning rate of the ratio logits.
+        lr_row_scale: learning rate of the row scales (``vq.row_scale``; None: ``lr_codebook``); 0
+            keeps them at their start, the rows' RMS. RMSprop moves a scale by about this much per
+            step whatever its size (docs/quality.md, "The row scales' step": 3e-5 is better at 3
+            bits on two of the suite's models, worse at the digits paper preset).
         teacher_dtype: dtype of the frozen teacher once the student is built (k-means and the
             trajectories use float32).
         output_weight: (None: the recipe decides) weight of an output-level term, the MSE of the final noise
@@ -79,6 +83,7 @@ class CalibrationConfig:
     lr_codebook: float = 1e-4
     lr_bias: float = 1e-4
     lr_logits: float = 5e-2
+    lr_row_scale: float | None = None
     teacher_dtype: TeacherDtype = "float32"
     output_weight: float | None = recipe_field(0.0)
     window_blocks: int | None = None
@@ -92,10 +97,10 @@ class CalibrationConfig:
         check_choice("codebook_training", self.codebook_training, CodebookTraining)
         check_choice("optimizer", self.optimizer, OptimizerName)
         check_choice("teacher_dtype", self.teacher_dtype, TeacherDtype)
-        for name in ("lr_codebook", "lr_bias", "lr_logits", "regularizer_weight", "output_weight"):
+        for name in ("lr_codebook", "lr_bias", "lr_logits", "lr_row_scale", "regularizer_weight", "output_weight"):
             value = getattr(self, name)
-            if name == "output_weight" and value is None:
-                continue  # the recipe decides
+            if name in ("output_weight", "lr_row_scale") and value is None:
+                continue  # the recipe decides / lr_codebook
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if (self.output_weight or 0) > 0 and self.block_inputs != "student":
