@@ -109,7 +109,7 @@ def test_codebooks_train_once_their_layer_is_hard():
 @pytest.mark.parametrize("lr_row_scale", [0.0, None])
 def test_row_scales_train_at_their_own_rate(lr_row_scale):
     """``lr_row_scale=0`` keeps the row scales at their start (the rows' RMS) while the codebooks
-    train; None trains them at ``lr_codebook`` (the earlier default)."""
+    train; None (the default) trains them at ``lr_codebook``."""
     torch.manual_seed(0)
     teacher = load_dit("tiny")
     engine = Calibrator.build(teacher, TINY_VQ.with_overrides(row_scale=True),
