@@ -129,6 +129,15 @@ def test_row_scales_train_at_their_own_rate(lr_row_scale):
         assert torch.equal(layer.row_scales, scales) == (lr_row_scale == 0.0), name
 
 
+def test_a_row_scale_rate_without_row_scales_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from tests.test_calibration import fit_args
+    from tests.test_trust import error_lines, run_main
+
+    code, err = run_main(monkeypatch, capsys, fit_args(tmp_path, "--model.recipe=paper", "--model.calibration.lr_row_scale=3e-5"))
+    assert code != 0 and len(error_lines(err)) == 1 and "lr_row_scale needs vq.row_scale" in error_lines(err)[0], err
+    assert "teacher trajectories" not in err  # refused before any heavy work
+
+
 @pytest.mark.parametrize(
     "field, value", [("block_inputs", "both"), ("optimizer", "sgd"), ("lr_logits", -1.0), ("lr_row_scale", -1e-4),
                      ("gate_window", 0),

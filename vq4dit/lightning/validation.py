@@ -59,6 +59,9 @@ def check_module_settings(module) -> None:
                          "runs in one process); use one of them")
     if settings["offload_blocks"] and calibration.window_blocks is None:
         raise ValueError("offload_blocks needs calibration.window_blocks (only blocks outside the window go to the CPU)")
+    if calibration.lr_row_scale is not None and not module.vq_config.row_scale:
+        raise ValueError("calibration.lr_row_scale needs vq.row_scale (this recipe has no row scales to train); "
+                         "drop one of them")
     if calibration.window_inputs == "disk" and calibration.window_inputs_dir is not None:
         check_writable_dir(calibration.window_inputs_dir, "calibration.window_inputs_dir")
     if settings["export"].dir is not None:
