@@ -85,6 +85,7 @@ def test_nan_teacher_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
         ("--data.cache_dir={tmp}/a_file/cache", "cache_dir"),
         ("--trainer.callbacks=[{{class_path: callbacks.CalibrationStop, init_args: {{patience: 0}}}}]",
          "CalibrationStop.patience=0 is out of range: allowed [1, inf)"),
+        ("--calibration_report.every_n_steps=-5", "CalibrationReport.every_n_steps=-5 is out of range: allowed [0, inf)"),
     ],
 )
 def test_mistakes_knowable_at_start_fail_at_start(tmp_path, monkeypatch, capsys, override, message):
