@@ -9,6 +9,7 @@ soft row at its argmax) and at its end (the exported, hard model).
 import pytest
 
 from callbacks import CalibrationReport
+from callbacks.calibration_report import spread_indices
 from tests.test_calibration import fit_args
 from train import cli_main
 
@@ -158,6 +159,17 @@ def test_a_calibration_that_ends_worse_than_a_check_exports_the_best_check(tmp_p
     for name, layer in packed.items():
         assert layer.is_hard and torch.equal(layer.codes.long(), student[name].codes.long())
         assert torch.equal(layer.codebook, student[name].codebook)
+    # the measured batches cover the trajectory, from its noisiest step to its last (the items are in sampling order)
+    loader = list(cli.datamodule.val_dataloader())
+    picked = torch.cat([b["t"] if isinstance(b, dict) else b[1] for i, b in enumerate(loader)
+                        if i in spread_indices(len(loader), report.max_batches)])
+    every = torch.cat([b["t"] if isinstance(b, dict) else b[1] for b in loader])
+    assert len(loader) > report.max_batches and picked.max() == every.max() and picked.min() == every.min()
+
+
+def test_spread_indices():
+    assert spread_indices(50, 4) == {0, 16, 33, 49}
+    assert spread_indices(3, 4) == {0, 1, 2} and spread_indices(10, 1) == {0} and spread_indices(0, 4) == set()
 
 
 def test_a_resumed_calibration_keeps_the_best_check_of_the_first_run(tmp_path):
