@@ -66,6 +66,7 @@ class CalibrationReport(pl.Callback):
         self._snapshot: dict | None = None  # the best state (CPU)
         self.checks: list[tuple[int, dict[str, float]]] = []  # (step, validation error) of every check
         self._checked_step = -1
+        self._batches: list | None = None  # the measured validation batches (CPU)
 
     @property
     def kept_start(self) -> bool:
@@ -73,10 +74,12 @@ class CalibrationReport(pl.Callback):
         return self.kept_step == 0
 
     def _measure(self, trainer: pl.Trainer, pl_module) -> dict[str, float] | None:
-        datamodule = getattr(trainer, "datamodule", None)
-        loader = datamodule.val_dataloader() if datamodule is not None and hasattr(datamodule, "val_dataloader") else []
-        picked = spread_indices(len(loader), self.max_batches)
-        batches = [trainer.strategy.batch_to_device(b) for i, b in enumerate(loader) if i in picked]
+        if self._batches is None:  # picked once: the validation items do not change during a fit
+            datamodule = getattr(trainer, "datamodule", None)
+            loader = datamodule.val_dataloader() if datamodule is not None and hasattr(datamodule, "val_dataloader") else []
+            picked = spread_indices(len(loader), self.max_batches)
+            self._batches = [b for i, b in enumerate(loader) if i in picked]
+        batches = [trainer.strategy.batch_to_device(b) for b in self._batches]
         if not batches or getattr(pl_module, "engine", None) is None:
             return None
         values = pl_module.validation_error(batches)
@@ -86,6 +89,7 @@ class CalibrationReport(pl.Callback):
         return values
 
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        self._batches = None  # this fit's validation items
         if stage == "fit" and self.keep_best:  # a resume: the module copies the student it builds
             pl_module.keep_built_start = True
 
@@ -150,10 +154,10 @@ class CalibrationReport(pl.Callback):
             self.kept = kept = self._measure(trainer, pl_module)
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"report/{k}_kept": v for k, v in kept.items()}, step=trainer.global_step)
+            state = "the start" if self.best_step == 0 else f"the student of step {self.best_step}"
             rank_zero_info(
-                f"calibration report: calibration ended worse than {moment} ({judged} {worse:.3f}x): "
-                f"{'the start' if self.best_step == 0 else f'the student of step {self.best_step}'} was kept (validation output MSE {kept['output_mse']:.4g}, "
-                f"block MSE {kept['block_mse']:.4g}); it is the model exported"
+                f"calibration report: calibration ended worse than {moment} ({judged} {worse:.3f}x): {state} was kept "
+                f"(validation output MSE {kept['output_mse']:.4g}, block MSE {kept['block_mse']:.4g}); it is the model exported"
             )
             return
         rank_zero_warn(
